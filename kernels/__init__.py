@@ -1,0 +1,1 @@
+"""Triton kernels over the paged KV pool, each with a pure-torch reference."""

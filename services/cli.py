@@ -1,0 +1,5 @@
+"""The `pagedserve` command."""
+from __future__ import annotations
+
+def main() -> None:
+    print("pagedserve")
