@@ -1,0 +1,154 @@
+"""gRPC plumbing shared by every service: servers with health and reflection, error mapping.
+
+Servicers stay thin: they convert protobuf to dataclasses, call the core, and let
+`grpc_errors` turn a `PagedServeError` into its status code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import signal
+from collections.abc import Callable, Iterable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pagedserve.common.errors import PagedServeError, Unavailable
+
+log = logging.getLogger(__name__)
+
+# Large enough for a long prompt's token ids and a 256-sequence step.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 30_000),
+]
+
+
+def _status(err: PagedServeError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
+
+
+def grpc_errors(method: Callable) -> Callable:
+    """Decorate an async servicer method (unary or async generator) so that a
+    `PagedServeError` aborts the call with its status code and message."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except PagedServeError as err:
+                await context.abort(_status(err), err.message)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    async def unary_wrapper(self, request, context):
+        try:
+            return await method(self, request, context)
+        except PagedServeError as err:
+            await context.abort(_status(err), err.message)
+
+    return unary_wrapper
+
+
+def error_from_rpc(err: grpc.RpcError, service: str) -> PagedServeError:
+    """Map a failed downstream call to the error this service should answer with."""
+    from pagedserve.common import errors
+
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return Unavailable(f"{service} is unavailable: {details}")
+    by_name = {
+        "INVALID_ARGUMENT": errors.InvalidArgument,
+        "NOT_FOUND": errors.NotFound,
+        "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
+        "FAILED_PRECONDITION": errors.FailedPrecondition,
+    }
+    cls = by_name.get(code.name, PagedServeError)
+    return cls(details or f"{service} failed with {code.name}")
+
+
+class GrpcServer:
+    """An asyncio gRPC server with the standard health service and reflection.
+
+    `add(add_fn, servicer, service_name)` registers a generated `add_*Servicer_to_server`;
+    every registered service and the overall server ("") report SERVING once `start()` ran.
+    """
+
+    def __init__(self, host: str, port: int, *, max_workers_hint: int = 0) -> None:
+        self.host = host
+        self.port = port
+        self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._service_names: list[str] = []
+        self.bound_port = 0
+
+    def add(self, add_fn: Callable, servicer: object, service_name: str) -> None:
+        add_fn(servicer, self.server)
+        self._service_names.append(service_name)
+
+    async def set_serving(self, serving: bool = True) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self._service_names]:
+            res = self.health.set(name, status)
+            if inspect.isawaitable(res):
+                await res
+
+    async def start(self) -> int:
+        names = [
+            *self._service_names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ]
+        reflection.enable_server_reflection(names, self.server)
+        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        if self.bound_port == 0:
+            raise OSError(f"could not bind gRPC port {self.host}:{self.port}")
+        await self.server.start()
+        await self.set_serving(True)
+        return self.bound_port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.set_serving(False)
+        await self.server.stop(grace)
+
+
+async def run_until_signal(stop: Callable[[], object], on_started: Callable[[], None] | None = None) -> None:
+    """Wait for SIGINT/SIGTERM, then await `stop()`. Used by every service's entry point."""
+    loop = asyncio.get_running_loop()
+    done = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, done.set)
+    if on_started is not None:
+        on_started()
+    await done.wait()
+    res = stop()
+    if inspect.isawaitable(res):
+        await res
+
+
+def health_check(address: str, service: str = "", timeout: float = 1.0) -> bool:
+    """True when the server at `address` reports SERVING for `service` (blocking)."""
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            return reply.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def full_names(services: Iterable[str]) -> list[str]:
+    return [f"pagedserve.v1.{s}" for s in services]

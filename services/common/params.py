@@ -1,0 +1,124 @@
+"""Sampling parameters: the one Python form of `pagedserve.v1.SamplingParams`.
+
+Every service validates with `SamplingParams.validate`, so a bad value gets the same
+message (naming the field and the limit) whether it came over gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pagedserve.common.errors import InvalidArgument
+
+MAX_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    """How to pick each next token; defaults match what OpenAI-style clients expect."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0  # in (0, 1]
+    top_k: int = 0  # 0 or -1: disabled
+    min_p: float = 0.0  # in [0, 1]
+    repetition_penalty: float = 1.0  # > 0; 1 disables
+    presence_penalty: float = 0.0  # in [-2, 2]
+    frequency_penalty: float = 0.0  # in [-2, 2]
+    seed: int | None = None
+    n: int = 1
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: no logprobs; k: sampled token + top k
+    min_tokens: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise `InvalidArgument` naming the first field that is out of range."""
+        if self.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}", field="max_tokens")
+        if not self.temperature >= 0.0:
+            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}", field="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
+        if self.top_k < -1:
+            raise InvalidArgument(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}", field="top_k")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidArgument(f"min_p must be in [0, 1], got {self.min_p}", field="min_p")
+        if not self.repetition_penalty > 0.0:
+            raise InvalidArgument(
+                f"repetition_penalty must be > 0, got {self.repetition_penalty}", field="repetition_penalty"
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidArgument(f"{name} must be in [-2, 2], got {value}", field=name)
+        if self.n < 1:
+            raise InvalidArgument(f"n must be >= 1, got {self.n}", field="n")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument(
+                f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", field="logprobs"
+            )
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise InvalidArgument(
+                f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
+                field="min_tokens",
+            )
+        if vocab_size is not None:
+            for tid in self.stop_token_ids:
+                if not 0 <= tid < vocab_size:
+                    raise InvalidArgument(
+                        f"stop_token_ids: {tid} is outside the vocabulary [0, {vocab_size})",
+                        field="stop_token_ids",
+                    )
+        if self.top_k > 0 and vocab_size is not None and self.top_k > vocab_size:
+            raise InvalidArgument(
+                f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
+            )
+
+    @classmethod
+    def from_proto(cls, msg) -> SamplingParams:  # msg: pagedserve.v1.SamplingParams
+        """Proto to dataclass; unset optional fields take their non-zero defaults."""
+        return cls(
+            max_tokens=msg.max_tokens if msg.max_tokens else 16,
+            temperature=msg.temperature if msg.HasField("temperature") else 1.0,
+            top_p=msg.top_p if msg.HasField("top_p") else 1.0,
+            top_k=msg.top_k,
+            min_p=msg.min_p,
+            repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+            presence_penalty=msg.presence_penalty,
+            frequency_penalty=msg.frequency_penalty,
+            seed=msg.seed if msg.HasField("seed") else None,
+            n=msg.n if msg.n else 1,
+            stop_token_ids=list(msg.stop_token_ids),
+            ignore_eos=msg.ignore_eos,
+            logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+            min_tokens=msg.min_tokens,
+        )
+
+    def to_proto(self):
+        """Dataclass to `pagedserve.v1.SamplingParams` (every field set explicitly)."""
+        from pagedserve.v1 import common_pb2
+
+        msg = common_pb2.SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            n=self.n,
+            stop_token_ids=self.stop_token_ids,
+            ignore_eos=self.ignore_eos,
+            min_tokens=self.min_tokens,
+        )
+        if self.seed is not None:
+            msg.seed = self.seed
+        if self.logprobs is not None:
+            msg.logprobs = self.logprobs
+        return msg

@@ -1,0 +1,252 @@
+"""The scheduler -> executor step, as dataclasses (the core's form of executor.proto).
+
+One `StepInput` per model forward. A request's prompt, parameters and block table go once,
+in a `NewRequestData`; after that, `CachedRequestData` carries only the blocks appended to
+its table and how many tokens to compute. The executor keeps each request's tokens between
+steps and appends every token it samples, so the scheduler never sends generated ids back.
+
+Sampling rule: a sequence gets a token in `StepOutput.sampled` exactly when, after the step,
+`num_computed_tokens == len(prompt) + len(outputs)` (its scheduled tokens reached the end of
+what is known); a chunk in the middle of a prompt samples nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from pagedserve.common.params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A sequence the executor has not seen, or must re-learn (preemption, executor restart)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]  # generated before this (re)start, appended after the prompt
+    sampling: SamplingParams
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # leading tokens already in the pool (prefix-cache hit)
+    num_scheduled_tokens: int  # tokens to compute now, starting at num_computed_tokens
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A sequence the executor holds: only what changed since the last step."""
+
+    request_id: str
+    new_block_ids: list[int]  # appended to the block table
+    num_scheduled_tokens: int
+    num_computed_tokens: int  # what the scheduler believes is computed before this step
+
+
+@dataclass(slots=True)
+class StepInput:
+    step_id: int
+    epoch: str  # the executor epoch the scheduler believes in; "" skips the check
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    finished_request_ids: list[str] = field(default_factory=list)  # applied before the forward
+    block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(r.num_scheduled_tokens for r in self.new_requests) + sum(
+            r.num_scheduled_tokens for r in self.cached_requests
+        )
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # best first
+
+
+@dataclass(slots=True)
+class SampledToken:
+    request_id: str
+    token_id: int
+    logprobs: TokenLogprobs | None = None
+
+
+@dataclass(slots=True)
+class StepOutput:
+    epoch: str
+    sampled: list[SampledToken] = field(default_factory=list)
+    execute_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorInfo:
+    model: str
+    architecture: str
+    dtype: str
+    vocab_size: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    epoch: str
+    eos_token_ids: tuple[int, ...]
+    attention_backend: str
+    device: str
+
+
+class ExecutorClient(Protocol):
+    """How a scheduler reaches an executor: over gRPC, or in-process in tests."""
+
+    async def info(self) -> ExecutorInfo: ...
+
+    async def execute_step(self, step: StepInput) -> StepOutput:
+        """Run one step. Raises `FailedPrecondition` on an epoch mismatch, `InvalidArgument`
+        for a malformed step (executor state then untouched), `Unavailable` when unreachable."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+# --- proto conversion (the wire edge) -------------------------------------------------
+
+
+def logprobs_to_proto(lp: TokenLogprobs):
+    from pagedserve.v1 import common_pb2
+
+    return common_pb2.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+    )
+
+
+def logprobs_from_proto(msg) -> TokenLogprobs:
+    return TokenLogprobs(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
+
+
+def step_to_proto(step: StepInput):
+    from pagedserve.v1 import executor_pb2
+
+    return executor_pb2.ExecuteStepRequest(
+        step_id=step.step_id,
+        epoch=step.epoch,
+        new_requests=[
+            executor_pb2.NewRequest(
+                request_id=r.request_id,
+                prompt_token_ids=r.prompt_token_ids,
+                output_token_ids=r.output_token_ids,
+                sampling=r.sampling.to_proto(),
+                block_ids=r.block_ids,
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+            )
+            for r in step.new_requests
+        ],
+        cached_requests=[
+            executor_pb2.CachedRequest(
+                request_id=r.request_id,
+                new_block_ids=r.new_block_ids,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_computed_tokens=r.num_computed_tokens,
+            )
+            for r in step.cached_requests
+        ],
+        finished_request_ids=step.finished_request_ids,
+        block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.block_copies],
+        total_num_scheduled_tokens=step.total_num_scheduled_tokens,
+    )
+
+
+def step_from_proto(msg) -> tuple[StepInput, int]:
+    """Returns the step and the total_num_scheduled_tokens the sender claimed (to be checked)."""
+    step = StepInput(
+        step_id=msg.step_id,
+        epoch=msg.epoch,
+        new_requests=[
+            NewRequestData(
+                request_id=r.request_id,
+                prompt_token_ids=list(r.prompt_token_ids),
+                output_token_ids=list(r.output_token_ids),
+                sampling=SamplingParams.from_proto(r.sampling),
+                block_ids=list(r.block_ids),
+                num_computed_tokens=r.num_computed_tokens,
+                num_scheduled_tokens=r.num_scheduled_tokens,
+            )
+            for r in msg.new_requests
+        ],
+        cached_requests=[
+            CachedRequestData(
+                request_id=r.request_id,
+                new_block_ids=list(r.new_block_ids),
+                num_scheduled_tokens=r.num_scheduled_tokens,
+                num_computed_tokens=r.num_computed_tokens,
+            )
+            for r in msg.cached_requests
+        ],
+        finished_request_ids=list(msg.finished_request_ids),
+        block_copies=[(c.src, c.dst) for c in msg.block_copies],
+    )
+    return step, msg.total_num_scheduled_tokens
+
+
+def output_to_proto(out: StepOutput):
+    from pagedserve.v1 import executor_pb2
+
+    return executor_pb2.ExecuteStepResponse(
+        epoch=out.epoch,
+        sampled=[
+            executor_pb2.SampledToken(
+                request_id=s.request_id,
+                token_id=s.token_id,
+                logprob=logprobs_to_proto(s.logprobs) if s.logprobs is not None else None,
+            )
+            for s in out.sampled
+        ],
+        execute_seconds=out.execute_seconds,
+    )
+
+
+def output_from_proto(msg) -> StepOutput:
+    return StepOutput(
+        epoch=msg.epoch,
+        sampled=[
+            SampledToken(
+                s.request_id, s.token_id, logprobs_from_proto(s.logprob) if s.HasField("logprob") else None
+            )
+            for s in msg.sampled
+        ],
+        execute_seconds=msg.execute_seconds,
+    )
+
+
+def info_to_proto(info: ExecutorInfo):
+    from pagedserve.v1 import executor_pb2
+
+    return executor_pb2.ExecutorInfoResponse(
+        model=info.model,
+        architecture=info.architecture,
+        dtype=info.dtype,
+        vocab_size=info.vocab_size,
+        max_model_len=info.max_model_len,
+        num_blocks=info.num_blocks,
+        block_size=info.block_size,
+        epoch=info.epoch,
+        eos_token_ids=list(info.eos_token_ids),
+        attention_backend=info.attention_backend,
+        device=info.device,
+    )
+
+
+def info_from_proto(msg) -> ExecutorInfo:
+    return ExecutorInfo(
+        model=msg.model,
+        architecture=msg.architecture,
+        dtype=msg.dtype,
+        vocab_size=msg.vocab_size,
+        max_model_len=msg.max_model_len,
+        num_blocks=msg.num_blocks,
+        block_size=msg.block_size,
+        epoch=msg.epoch,
+        eos_token_ids=tuple(msg.eos_token_ids),
+        attention_backend=msg.attention_backend,
+        device=msg.device,
+    )

@@ -1,0 +1,41 @@
+"""Fixtures shared by every test package.
+
+Redis: a real server for the whole session — a testcontainers container when a Docker
+daemon answers, otherwise a local `redis-server` on a free port. A test that needs Redis
+and cannot get one fails with the reason; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pagedserve.common.models import BUNDLED_MODEL
+from pagedserve.common.redis_harness import RedisServer, RedisUnavailable
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    try:
+        server = RedisServer().start()
+    except RedisUnavailable as exc:
+        pytest.fail(f"these tests need a real Redis: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server) -> str:
+    """URL of a Redis emptied before the test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def bundled_model_path() -> str:
+    if not (BUNDLED_MODEL / "config.json").exists():
+        pytest.fail(f"the bundled model is missing at {BUNDLED_MODEL}")
+    return str(BUNDLED_MODEL)
