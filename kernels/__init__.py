@@ -1,1 +1,36 @@
-"""Triton kernels over the paged KV pool, each with a pure-torch reference."""
+"""Operations over the paged KV pool: Triton kernels, their pure-torch references, and the
+vectorized torch backend used on CPU.
+
+Importing this package never requires triton to import: the torch backend and the backend
+selector always load; the Triton kernels and references are exported only when triton is usable.
+"""
+
+from __future__ import annotations
+
+from .backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
+from .torch_backend import copy_blocks_torch, paged_attention_torch, reshape_and_cache_torch
+
+__all__ = [
+    "BACKEND_NAMES",
+    "AttentionBackend",
+    "get_attention_backend",
+    "copy_blocks_torch",
+    "paged_attention_torch",
+    "reshape_and_cache_torch",
+]
+
+try:
+    from .copy_blocks import copy_blocks, copy_blocks_ref
+    from .paged_attention import paged_attention, paged_attention_ref
+    from .reshape_and_cache import reshape_and_cache, reshape_and_cache_ref
+except ImportError:  # triton missing or broken: the torch backend still works
+    pass
+else:
+    __all__ += [
+        "copy_blocks",
+        "copy_blocks_ref",
+        "paged_attention",
+        "paged_attention_ref",
+        "reshape_and_cache",
+        "reshape_and_cache_ref",
+    ]

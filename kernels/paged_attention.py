@@ -1,0 +1,258 @@
+"""Causal attention over the paged KV pool: prefill, chunked prefill and decode in one launch.
+
+Layouts:
+    query, out      [num_tokens, num_heads, head_dim]   every scheduled sequence's new tokens back to back
+    k_cache/v_cache [num_blocks, block_size, num_kv_heads, head_dim]; slot = block_id * block_size + offset
+    block_table     [num_seqs, max_blocks]  int32; row s lists sequence s's blocks in order; entries past
+                    cdiv(seq_lens[s], block_size) are padding (any value) and are never read
+    seq_lens        [num_seqs]              int32, context length INCLUDING the new tokens
+    cu_seqlens_q    [num_seqs + 1]          int32, sequence s's new tokens are query[cu[s]:cu[s+1]]
+
+The new tokens of sequence s are the last q_len = cu[s+1] - cu[s] positions of its context, so query
+i of s sits at absolute position seq_lens[s] - q_len + i and attends to positions 0..that position.
+Their keys and values must already be in the pool (`reshape_and_cache` runs first).
+GQA: query head h reads KV head h // (num_heads // num_kv_heads); any integer ratio works.
+
+Kernel: one program per (tile of BLOCK_Q query tokens of one sequence, KV head). The tile's rows are
+the BLOCK_Q tokens times the QUERIES_PER_KV query heads sharing that KV head (padded to BLOCK_M), so
+each K/V tile is loaded once for the whole group. A program finds its sequence by binary search over
+cu_seqlens_q (no host sync), walks the context TILE_N positions at a time gathering K/V through the
+block table, and keeps an online softmax in fp32. Block ids and token indices are widened to int64
+before they meet a stride, so pools past 2^31 elements do not overflow.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._checks import check_paged_attention
+from .backends import is_triton_interpreted
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _find_seq_idx(
+    cu_seqlens_q_ptr,  # [num_seqs + 1]
+    q_block,
+    num_seqs,
+    BLOCK_Q: tl.constexpr,
+):
+    # Sequence s owns the q blocks starting at cu[s] // BLOCK_Q + s: an upper bound of the blocks
+    # used by the sequences before it, so every sequence has room for cdiv(q_len, BLOCK_Q) blocks.
+    left = 0
+    right = num_seqs
+    while left < right:
+        mid = (left + right) // 2
+        first_block = tl.load(cu_seqlens_q_ptr + mid) // BLOCK_Q + mid
+        if first_block <= q_block:
+            left = mid + 1
+        else:
+            right = mid
+    return left - 1
+
+
+@triton.jit
+def _paged_attention_kernel(
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    query_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    block_table_ptr,  # [num_seqs, max_blocks]
+    seq_lens_ptr,  # [num_seqs]
+    cu_seqlens_q_ptr,  # [num_seqs + 1]
+    qk_scale,  # softmax scale * log2(e)
+    num_seqs: tl.int32,
+    stride_q_t: tl.int64,
+    stride_q_h: tl.int64,
+    stride_o_t: tl.int64,
+    stride_o_h: tl.int64,
+    stride_k_b: tl.int64,
+    stride_k_s: tl.int64,
+    stride_k_h: tl.int64,
+    stride_v_b: tl.int64,
+    stride_v_s: tl.int64,
+    stride_v_h: tl.int64,
+    stride_bt_s: tl.int64,
+    stride_bt_b: tl.int64,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_PADDED: tl.constexpr,  # next power of two >= max(HEAD_DIM, 16)
+    QUERIES_PER_KV: tl.constexpr,  # num_heads // num_kv_heads
+    BLOCK_SIZE: tl.constexpr,  # positions per KV-pool block
+    BLOCK_Q: tl.constexpr,  # query tokens per program
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_Q * QUERIES_PER_KV, padded to a power of two
+    TILE_N: tl.constexpr,  # context positions per iteration
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 (no tf32 rounding), else the default
+    DOT_IN_FP32: tl.constexpr,  # upcast dot operands: the interpreter cannot multiply bf16 (triton#11584)
+):
+    q_block = tl.program_id(0)
+    kv_head = tl.program_id(1)
+
+    seq = _find_seq_idx(cu_seqlens_q_ptr, q_block, num_seqs, BLOCK_Q)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    first_q = (q_block - (q_start // BLOCK_Q + seq)) * BLOCK_Q  # first local query of this tile
+    if first_q >= q_len:
+        return  # spare program: the grid is an upper bound on the tiles needed
+    context_len = tl.load(seq_lens_ptr + seq) - q_len  # positions before the new tokens
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM_PADDED)
+    q_local = first_q + offs_m // QUERIES_PER_KV  # [M]
+    head = kv_head * QUERIES_PER_KV + offs_m % QUERIES_PER_KV  # [M]
+    row_valid = (offs_m < BLOCK_Q * QUERIES_PER_KV) & (q_local < q_len)  # [M]
+    d_valid = offs_d < HEAD_DIM  # [D]
+    token = (q_start + q_local).to(tl.int64)  # [M]
+    q_pos = context_len + q_local  # [M] absolute position of each row's query
+
+    q_offs = token[:, None] * stride_q_t + head[:, None] * stride_q_h + offs_d[None, :]
+    q = tl.load(query_ptr + q_offs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)  # [M, D]
+    if DOT_IN_FP32:
+        q = q.to(tl.float32)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PADDED], dtype=tl.float32)
+
+    # No row of this tile sees past its last query, so neither the context beyond it nor the
+    # block-table entries beyond it (which may be padding) are read.
+    kv_end = context_len + tl.minimum(first_q + BLOCK_Q, q_len)
+    block_table_row = block_table_ptr + seq.to(tl.int64) * stride_bt_s
+    kv_head_off = kv_head.to(tl.int64)
+    for start_n in range(0, kv_end, TILE_N):
+        kv_pos = start_n + tl.arange(0, TILE_N)  # [N]
+        kv_valid = kv_pos < kv_end
+        block_id = tl.load(block_table_row + (kv_pos // BLOCK_SIZE) * stride_bt_b, mask=kv_valid, other=0)
+        block_id = block_id.to(tl.int64)
+        in_block = kv_pos % BLOCK_SIZE
+
+        k_offs = block_id[None, :] * stride_k_b + in_block[None, :] * stride_k_s + kv_head_off * stride_k_h
+        k = tl.load(
+            k_cache_ptr + k_offs + offs_d[:, None], mask=d_valid[:, None] & kv_valid[None, :], other=0.0
+        )  # [D, N]
+        if DOT_IN_FP32:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [M, N], log2 domain
+        visible = (kv_pos[None, :] <= q_pos[:, None]) & kv_valid[None, :] & row_valid[:, None]
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        p = tl.exp2(s - m_safe[:, None])  # [M, N]
+        alpha = tl.exp2(m_i - m_safe)  # [M]
+        l_i = l_i * alpha + tl.sum(p, 1)
+
+        v_offs = block_id[:, None] * stride_v_b + in_block[:, None] * stride_v_s + kv_head_off * stride_v_h
+        v = tl.load(
+            v_cache_ptr + v_offs + offs_d[None, :], mask=kv_valid[:, None] & d_valid[None, :], other=0.0
+        )  # [N, D]
+        p = p.to(v.dtype)  # the P @ V product runs in the cache dtype, as in flash attention
+        if DOT_IN_FP32:
+            p = p.to(tl.float32)
+            v = v.to(tl.float32)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    o_offs = token[:, None] * stride_o_t + head[:, None] * stride_o_h + offs_d[None, :]
+    tl.store(out_ptr + o_offs, acc.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & d_valid[None, :])
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of each sequence's new tokens over its paged context (Triton); returns `out`."""
+    dims = check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
+    if dims.head_dim > 256:
+        raise ValueError(
+            f"query (shape {tuple(query.shape)}): head_dim {dims.head_dim} > 256 is not supported"
+        )
+    if out is None:
+        out = torch.empty_like(query)
+    if dims.num_tokens == 0 or dims.num_seqs == 0:
+        return out
+
+    queries_per_kv = dims.num_heads // dims.num_kv_heads
+    block_m = max(16, triton.next_power_of_2(queries_per_kv))
+    block_q = block_m // queries_per_kv
+    head_dim_padded = max(16, triton.next_power_of_2(dims.head_dim))
+    # Sequence s's tiles start at cu[s] // block_q + s (see _find_seq_idx), so this many suffice.
+    grid = (dims.num_tokens // block_q + dims.num_seqs, dims.num_kv_heads)
+    _paged_attention_kernel[grid](
+        out,
+        query,
+        k_cache,
+        v_cache,
+        block_table,
+        seq_lens,
+        cu_seqlens_q,
+        scale * LOG2E,
+        dims.num_seqs,
+        query.stride(0),
+        query.stride(1),
+        out.stride(0),
+        out.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        block_table.stride(0),
+        block_table.stride(1),
+        HEAD_DIM=dims.head_dim,
+        HEAD_DIM_PADDED=head_dim_padded,
+        QUERIES_PER_KV=queries_per_kv,
+        BLOCK_SIZE=dims.block_size,
+        BLOCK_Q=block_q,
+        BLOCK_M=block_m,
+        TILE_N=64 if head_dim_padded <= 128 else 32,
+        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        DOT_IN_FP32=query.dtype == torch.bfloat16 and is_triton_interpreted(),
+        num_warps=4,
+        num_stages=2,
+    )
+    return out
+
+
+def paged_attention_ref(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reference: one sequence at a time, in fp32, with an explicit softmax."""
+    dims = check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
+    if out is None:
+        out = torch.empty_like(query)
+    group = dims.num_heads // dims.num_kv_heads
+    cu = cu_seqlens_q.tolist()
+    for seq, seq_len in enumerate(seq_lens.tolist()):
+        q_start, q_end = cu[seq], cu[seq + 1]
+        q_len = q_end - q_start
+        if q_len == 0:
+            continue
+        num_blocks = -(-seq_len // dims.block_size)
+        blocks = block_table[seq, :num_blocks].long()
+        k = k_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        v = v_cache[blocks].flatten(0, 1)[:seq_len].float().repeat_interleave(group, dim=1)  # [L, H, D]
+        q = query[q_start:q_end].float()  # [q_len, H, D]
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [H, q_len, L]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=query.device)
+        causal = torch.arange(seq_len, device=query.device)[None, :] <= q_pos[:, None]  # [q_len, L]
+        probs = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        out[q_start:q_end] = torch.einsum("hqk,khd->qhd", probs, v).to(out.dtype)
+    return out
