@@ -1,0 +1,200 @@
+"""The executor's core: per-request state between steps, and one `execute_step` per forward.
+
+A step is applied as one transaction. `plan_step` checks all of it against the current state and
+builds what the forward needs without changing anything; a malformed step raises `InvalidArgument`
+(an epoch mismatch `FailedPrecondition`) and leaves the pool and every request state as they were.
+Only then are the block copies made, the forward run and the tokens sampled; the request states are
+committed last, so a forward that fails for another reason (out of memory) leaves them untouched too.
+
+Order within a step, as the protocol states: finished ids are dropped and block copies made first,
+then new requests join, then cached ones advance. A sequence samples exactly when its scheduled
+tokens reach the end of its known tokens (see `pagedserve.common.step`), and the sampled token is
+appended to its tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+
+import torch
+
+from pagedserve.common.errors import FailedPrecondition
+from pagedserve.common.step import ExecutorInfo, SampledToken, StepInput, StepOutput
+from pagedserve.executor import kv_pool, sampler
+from pagedserve.executor.config import (
+    DEFAULT_CPU_KV_CACHE_MEMORY,
+    DEFAULT_MAX_MODEL_LEN_CAP,
+    DEFAULT_MIN_BATCHED_TOKENS,
+    ExecutorConfig,
+)
+from pagedserve.executor.kv_pool import KVPool
+from pagedserve.executor.model_runner import ModelRunner, ScheduledSeq
+from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLimits:
+    max_model_len: int
+    max_num_batched_tokens: int
+
+
+class ExecutorEngine:
+    """Holds the model runner, the KV pool and every request's state; thread-safe (one step at a time)."""
+
+    def __init__(self, runner: ModelRunner, pool: KVPool, limits: EngineLimits) -> None:
+        self.runner = runner
+        self.pool = pool
+        self.limits = limits
+        self.epoch = uuid.uuid4().hex  # a new pool: the scheduler must recompute whatever it placed before
+        self.requests: dict[str, RequestState] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config: ExecutorConfig) -> ExecutorEngine:
+        """Loads the model, sizes and allocates the pool, and self-checks the attention."""
+        config.validate()
+        torch.manual_seed(config.seed)
+        device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runner = ModelRunner.load(
+            config.model_path, dtype=config.dtype, device=device, attention_backend=config.attention_backend
+        )
+        limits = resolve_limits(runner, config.max_model_len, config.max_num_batched_tokens)
+        runner.self_check(config.block_size)
+        spec = runner.kv_cache_spec(config.block_size)
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif config.kv_cache_memory is not None:
+            num_blocks = kv_pool.num_blocks_from_memory(spec, config.kv_cache_memory)
+        elif device.type == "cuda":
+            peak = runner.profile_peak_memory(
+                limits.max_num_batched_tokens, limits.max_model_len, config.block_size
+            )
+            total = torch.cuda.mem_get_info(device)[1]
+            num_blocks = kv_pool.num_blocks_from_gpu_utilization(
+                spec, total, peak, config.gpu_memory_utilization
+            )
+            log.info(
+                "profiled peak memory %s at %d tokens",
+                kv_pool.format_bytes(peak),
+                limits.max_num_batched_tokens,
+            )
+        else:
+            num_blocks = kv_pool.num_blocks_from_memory(spec, DEFAULT_CPU_KV_CACHE_MEMORY)
+        kv_pool.check_fits(spec, num_blocks, limits.max_model_len)
+        pool = KVPool(spec, num_blocks, device)
+        log.info(
+            "model %s (%s, %s) on %s with the %s attention backend",
+            runner.name,
+            runner.architecture,
+            str(runner.dtype).removeprefix("torch."),
+            device,
+            runner.backend.name,
+        )
+        log.info(pool.describe(limits.max_model_len))
+        return cls(runner, pool, limits)
+
+    def info(self) -> ExecutorInfo:
+        return ExecutorInfo(
+            model=self.runner.name,
+            architecture=self.runner.architecture,
+            dtype=str(self.runner.dtype).removeprefix("torch."),
+            vocab_size=self.runner.vocab_size,
+            max_model_len=self.limits.max_model_len,
+            num_blocks=self.pool.num_blocks,
+            block_size=self.pool.block_size,
+            epoch=self.epoch,
+            eos_token_ids=self.runner.eos_token_ids,
+            attention_backend=self.runner.backend.name,
+            device=str(self.runner.device),
+        )
+
+    def execute_step(self, step: StepInput, claimed_total_tokens: int | None = None) -> StepOutput:
+        """Runs one step; `claimed_total_tokens` is the sender's total_num_scheduled_tokens, when it sent one."""
+        with self._lock:
+            start = time.perf_counter()
+            if step.epoch and step.epoch != self.epoch:
+                raise FailedPrecondition(
+                    f"step {step.step_id}: epoch {step.epoch!r} is not this executor's epoch {self.epoch!r} "
+                    "(the executor restarted and its KV pool is gone; recompute running requests)"
+                )
+            plan = plan_step(
+                step,
+                self.requests,
+                num_blocks=self.pool.num_blocks,
+                block_size=self.pool.block_size,
+                vocab_size=self.runner.vocab_size,
+                max_model_len=self.limits.max_model_len,
+                max_num_batched_tokens=self.limits.max_num_batched_tokens,
+                claimed_total_tokens=claimed_total_tokens,
+            )
+            sampled = self._run(plan)
+            self._commit(plan, sampled)
+            return StepOutput(epoch=self.epoch, sampled=sampled, execute_seconds=time.perf_counter() - start)
+
+    def _run(self, plan: StepPlan) -> list[SampledToken]:
+        if plan.block_copies:
+            mapping = torch.tensor(plan.block_copies, dtype=torch.int64, device=self.pool.device)  # [n, 2]
+            self.runner.backend.copy_blocks(self.pool.k_caches, self.pool.v_caches, mapping)
+        if not plan.scheduled:
+            return []
+        seqs = [
+            ScheduledSeq(s.state.token_ids, s.block_ids, s.state.num_computed_tokens, s.num_tokens, s.samples)
+            for s in plan.scheduled
+        ]
+        logits = self.runner.execute(seqs, self.pool)  # [N, V]
+        sampling = [s.state for s in plan.scheduled if s.samples]
+        if not sampling:
+            return []
+        results = sampler.sample(
+            logits,
+            [r.sampling for r in sampling],
+            [r.prompt_token_ids for r in sampling],
+            [r.output_token_ids for r in sampling],
+            self.runner.eos_token_ids,
+        )
+        return [
+            SampledToken(r.request_id, token_id, logprobs)
+            for r, (token_id, logprobs) in zip(sampling, results, strict=True)
+        ]
+
+    def _commit(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
+        for request_id in plan.finished:
+            del self.requests[request_id]
+        for s in plan.scheduled:
+            self.requests[s.state.request_id] = s.state
+            s.state.block_ids = s.block_ids
+            s.state.num_computed_tokens += s.num_tokens
+        for token in sampled:
+            state = self.requests[token.request_id]
+            state.token_ids.append(token.token_id)
+            state.output_token_ids.append(token.token_id)
+
+
+def resolve_limits(
+    runner: ModelRunner, max_model_len: int | None, max_num_batched_tokens: int | None
+) -> EngineLimits:
+    """max_model_len defaults to the model's max_position_embeddings (capped) and may not exceed it,
+    nor the model's sliding window, which the kernels do not implement: below it the window never bites."""
+    model_max = runner.max_position_embeddings
+    window = runner.sliding_window
+    if max_model_len is None:
+        max_model_len = min(x for x in (model_max, window, DEFAULT_MAX_MODEL_LEN_CAP) if x is not None)
+    if model_max is not None and max_model_len > model_max:
+        raise ValueError(
+            f"--max-model-len={max_model_len} exceeds the model's max_position_embeddings={model_max}"
+        )
+    if window is not None and max_model_len > window:
+        raise ValueError(
+            f"--max-model-len={max_model_len} exceeds the model's sliding window of {window} tokens; "
+            "pagedserve's kernels do not implement sliding-window attention, so max_model_len must be "
+            f"<= {window} (where the window never applies)"
+        )
+    if max_num_batched_tokens is None:
+        max_num_batched_tokens = max(max_model_len, DEFAULT_MIN_BATCHED_TOKENS)
+    return EngineLimits(max_model_len, max_num_batched_tokens)
