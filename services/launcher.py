@@ -1,0 +1,434 @@
+"""`pagedserve up`: Redis and every service as local processes, started and stopped together.
+
+Start order follows the dependencies: the executor and the tokenizer, then the scheduler
+(which needs the executor and Redis), then the gateway (which needs the tokenizer and the
+scheduler). A tier must report SERVING on the standard gRPC health service before the next
+one starts. A service whose module is not there is skipped, and so is every service that
+needs it; the launcher says which, so `up` works with whatever part of the stack exists.
+
+A child that exits, during start-up or later, stops the rest: the launcher prints its
+name, how it exited and the last lines of its stderr, and exits 1. SIGINT, SIGTERM or
+SIGHUP stop every child — SIGTERM to its process group, SIGKILL after `--stop-timeout` —
+gateway first, Redis last; a second Ctrl-C skips the wait.
+
+Exit status: 0 when stopped by a signal once ready; 1 when a service failed or was not
+SERVING in time; 128 + the signal when stopped during start-up; 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import NamedTuple, TextIO
+
+from pagedserve.cli import SUBCOMMANDS
+from pagedserve.common.grpc_utils import health_check
+from pagedserve.common.models import default_model
+from pagedserve.common.process import ChildProcess, signal_name, stop_all, write_line
+from pagedserve.common.redis_harness import RedisServer, RedisUnavailable
+
+READY = "pagedserve up: ready"
+# How a service is run: the same interpreter, so the same environment, as the launcher.
+PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+@dataclass(frozen=True, slots=True)
+class LauncherConfig:
+    """Everything `pagedserve up` needs; None means "the service's own default"."""
+
+    model: str
+    host: str = "127.0.0.1"
+    http_port: int = 8000
+    grpc_port: int = 50051
+    tokenizer_port: int = 50052
+    scheduler_port: int = 50053
+    executor_port: int = 50054
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    max_model_len: int | None = None
+    max_queued_requests: int | None = None
+    attention_backend: str | None = None
+    dtype: str | None = None
+    redis_url: str | None = None  # None: start a throwaway Redis
+    startup_timeout: float = 300.0  # seconds for the whole stack to report SERVING
+    stop_timeout: float = 10.0  # seconds each tier gets between SIGTERM and SIGKILL
+    log_dir: str | None = None  # None: children's output goes to the terminal, prefixed
+
+    def __post_init__(self) -> None:
+        if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
+            raise ValueError("give --num-kv-blocks or --kv-cache-memory, not both")
+        ports = [self.http_port, self.grpc_port, self.tokenizer_port, self.scheduler_port, self.executor_port]
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"the five ports must differ, got {ports}")
+        if self.startup_timeout <= 0 or self.stop_timeout < 0:
+            raise ValueError("--startup-timeout must be > 0 and --stop-timeout >= 0")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+    @property
+    def connect_host(self) -> str:
+        """Where the launcher and the services reach each other: loopback for a wildcard bind."""
+        return "127.0.0.1" if self.host in _WILDCARD_HOSTS else self.host
+
+
+class ServiceSpec(NamedTuple):
+    name: str
+    command: tuple[str, ...]  # PAGEDSERVE + (subcommand, flags...)
+    health_address: str  # host:port answering grpc.health.v1
+    ports: tuple[int, ...]  # every port it binds, checked free before anything starts
+    needs: tuple[str, ...]  # services that must be SERVING first
+    tier: int  # start order: every service of tier n is SERVING before tier n + 1 starts
+
+
+class Plan(NamedTuple):
+    specs: list[ServiceSpec]
+    skipped: dict[str, str]  # name -> why
+
+
+def hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def module_available(service: str) -> bool:
+    """True when the module behind `pagedserve <service>` exists (it is not imported)."""
+    try:
+        return importlib.util.find_spec(SUBCOMMANDS[service][0]) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _opt(flag: str, value: object) -> tuple[str, ...]:
+    return () if value is None else (flag, str(value))
+
+
+def plan(config: LauncherConfig, redis_url: str, available=module_available) -> Plan:
+    """The services to start, in order, and those skipped (module missing, or a need skipped)."""
+    host, near = config.host, config.connect_host
+    executor_address = hostport(near, config.executor_port)
+    tokenizer_address = hostport(near, config.tokenizer_port)
+    scheduler_address = hostport(near, config.scheduler_port)
+    model = ("--model", config.model)
+    batching = (
+        *_opt("--max-model-len", config.max_model_len),
+        *_opt("--max-num-batched-tokens", config.max_num_batched_tokens),
+    )
+    wanted = [
+        ("executor", (), (config.executor_port,),
+         ("--host", host, "--port", str(config.executor_port), *model,
+          "--block-size", str(config.block_size),
+          *_opt("--num-kv-blocks", config.num_kv_blocks), *_opt("--kv-cache-memory", config.kv_cache_memory),
+          *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend))),
+        ("tokenizer", (), (config.tokenizer_port,),
+         ("--host", host, "--port", str(config.tokenizer_port), *model)),
+        ("scheduler", ("executor",), (config.scheduler_port,),
+         ("--host", host, "--port", str(config.scheduler_port), "--executor", executor_address,
+          "--redis-url", redis_url, *_opt("--max-num-seqs", config.max_num_seqs), *batching,
+          *_opt("--max-queued-requests", config.max_queued_requests))),
+        ("gateway", ("tokenizer", "scheduler"), (config.grpc_port, config.http_port),
+         ("--host", host, "--grpc-port", str(config.grpc_port), "--http-port", str(config.http_port),
+          "--tokenizer", tokenizer_address, "--scheduler", scheduler_address, *model,
+          *_opt("--max-queued-requests", config.max_queued_requests))),
+    ]  # fmt: skip
+    specs: list[ServiceSpec] = []
+    skipped: dict[str, str] = {}
+    tiers: dict[str, int] = {}
+    for name, needs, ports, flags in wanted:
+        missing = [n for n in needs if n in skipped]
+        if not available(name):
+            skipped[name] = f"module {SUBCOMMANDS[name][0]} not found"
+        elif missing:
+            skipped[name] = f"needs {', '.join(missing)}"
+        else:
+            tiers[name] = 1 + max((tiers[n] for n in needs), default=-1)
+            address = hostport(near, ports[0])
+            specs.append(ServiceSpec(name, (*PAGEDSERVE, name, *flags), address, ports, needs, tiers[name]))
+    return Plan(specs, skipped)
+
+
+def ports_in_use(host: str, ports: list[int]) -> list[int]:
+    """The ports among `ports` that something already listens on at `host`.
+
+    SO_REUSEADDR lets a port in TIME_WAIT pass; without SO_REUSEPORT a listener fails the
+    bind. This matters: gRPC servers set SO_REUSEPORT, so a second one would share the port
+    with a stale one instead of failing, and a health check could answer from the wrong process.
+    """
+    busy = []
+    for port in ports:
+        family, kind, proto, _, address = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind(address)
+            except OSError:
+                busy.append(port)
+    return busy
+
+
+class Launcher:
+    """Runs a plan's services as child processes; `request_stop` (from a signal handler
+    or another thread) ends `serve`/`run`, which always stop every child before returning."""
+
+    def __init__(
+        self, config: LauncherConfig, *, out: TextIO | None = None, err: TextIO | None = None
+    ) -> None:
+        self.config = config
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.children: dict[str, tuple[ServiceSpec, ChildProcess]] = {}
+        self.stop_signal = 0
+        self._stop = threading.Event()
+        self._hurry = threading.Event()
+        self._launched = time.monotonic()
+
+    def say(self, message: str, *, error: bool = False) -> None:
+        write_line(self.err if error else self.out, f"pagedserve up: {message}")
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """First call: stop cleanly. Second call: stop without waiting for the grace period."""
+        if self._stop.is_set():
+            self._hurry.set()
+            return
+        self.stop_signal = signum
+        self._stop.set()
+
+    def run(self) -> int:
+        """Start Redis (unless a URL was given) and the planned services; wait; stop all."""
+        redis = None
+        redis_url = self.config.redis_url
+        if redis_url is None:
+            self.say("starting Redis")
+            try:
+                redis = RedisServer().start()
+            except RedisUnavailable as exc:
+                self.say(f"cannot start Redis: {exc}", error=True)
+                return 1
+            redis_url = redis.url
+        try:
+            specs, skipped = plan(self.config, redis_url)
+            redis_note = f"({redis.kind})" if redis is not None else "(given with --redis-url)"
+            return self.serve(specs, skipped, extra_endpoints=[("redis", f"{redis_url} {redis_note}")])
+        finally:
+            if redis is not None:
+                self.say("stopping Redis")
+                redis.stop()
+
+    def serve(
+        self,
+        specs: list[ServiceSpec],
+        skipped: dict[str, str] | None = None,
+        extra_endpoints: list[tuple[str, str]] | None = None,
+    ) -> int:
+        """Start `specs` tier by tier, print the endpoints once all are SERVING, and wait
+        for a stop request or a child's exit. Every child is stopped before this returns."""
+        for name, why in (skipped or {}).items():
+            self.say(f"skipping {name}: {why}")
+        try:
+            code = self._start(specs, self._launched + self.config.startup_timeout)
+            if code is not None:
+                return code
+            self._print_endpoints(specs, skipped or {}, extra_endpoints or [])
+            self.say(f"ready in {time.monotonic() - self._launched:.1f}s; Ctrl-C stops everything")
+            return self._watch()
+        finally:
+            self._stop_children()
+
+    def _start(self, specs: list[ServiceSpec], deadline: float) -> int | None:
+        busy = ports_in_use(self.config.host, [p for spec in specs for p in spec.ports])
+        if busy:
+            self.say(f"port(s) {', '.join(map(str, busy))} already in use on {self.config.host}", error=True)
+            return 1
+        for tier in sorted({spec.tier for spec in specs}):
+            pending = [spec for spec in specs if spec.tier == tier]
+            for spec in pending:
+                self._spawn(spec)
+            while pending:
+                if self._stop.is_set():
+                    self.say("interrupted during start-up; stopping")
+                    return 128 + self.stop_signal
+                if self._report_exited(during="during start-up"):
+                    return 1
+                for spec in [s for s in pending if health_check(s.health_address, timeout=1.0)]:
+                    pid = self.children[spec.name][1].pid
+                    self.say(f"{spec.name} is serving at {spec.health_address} (pid {pid})")
+                    pending.remove(spec)
+                if pending and time.monotonic() > deadline:
+                    for spec in pending:
+                        self.say(
+                            f"{spec.name} did not report SERVING at {spec.health_address} "
+                            f"within --startup-timeout {self.config.startup_timeout:g}s",
+                            error=True,
+                        )
+                        self._print_tail(spec.name)
+                    return 1
+                if pending:
+                    self._stop.wait(0.25)
+        return None
+
+    def _spawn(self, spec: ServiceSpec) -> None:
+        log_path = Path(self.config.log_dir) / f"{spec.name}.log" if self.config.log_dir else None
+        width = max(len(name) for name in ("executor", "tokenizer", "scheduler", "gateway"))
+        child = ChildProcess(
+            spec.name,
+            spec.command,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log_path=log_path,
+            prefix=f"{spec.name:<{width}} | ",
+            out=self.out,
+            err=self.err,
+        ).start()
+        self.children[spec.name] = (spec, child)
+        where = f", log {log_path}" if log_path else ""
+        self.say(f"started {spec.name} (pid {child.pid}{where})")
+
+    def _report_exited(self, during: str) -> bool:
+        """If a child has exited, say which, how, and its last stderr lines; True if one had."""
+        for name, (_, child) in self.children.items():
+            code = child.poll()
+            if code is not None:
+                self.say(f"{name} {signal_name(code)} {during}; stopping the rest", error=True)
+                self._print_tail(name)
+                return True
+        return False
+
+    def _print_tail(self, name: str) -> None:
+        tail = self.children[name][1].stderr_tail()
+        if not tail:
+            self.say(f"{name} wrote nothing to stderr", error=True)
+            return
+        self.say(f"last {len(tail)} lines of {name}'s stderr:", error=True)
+        for line in tail:
+            write_line(self.err, f"    {line}")
+
+    def _print_endpoints(
+        self, specs: list[ServiceSpec], skipped: dict[str, str], extra: list[tuple[str, str]]
+    ) -> None:
+        near = self.config.connect_host
+        rows = []
+        if "gateway" in self.children:
+            rows.append(("HTTP", f"http://{hostport(near, self.config.http_port)}"))
+            rows.append(("gRPC", hostport(near, self.config.grpc_port)))
+        for spec in specs:
+            rows.append((spec.name, f"{spec.health_address} (pid {self.children[spec.name][1].pid})"))
+        rows.extend(extra)
+        for name, why in skipped.items():
+            rows.append((name, f"skipped: {why}"))
+        if self.config.log_dir:
+            rows.append(("logs", self.config.log_dir))
+        self.say("endpoints")
+        for label, value in rows:
+            write_line(self.out, f"    {label:<10} {value}")
+
+    def _watch(self) -> int:
+        while not self._stop.wait(0.5):
+            if self._report_exited(during="while serving"):
+                return 1
+        return 0
+
+    def _stop_children(self) -> None:
+        if not self.children:
+            return
+        # Reverse start order, a tier at a time: the gateway stops taking requests before
+        # the scheduler and executor it relies on go away.
+        for tier in sorted({spec.tier for spec, _ in self.children.values()}, reverse=True):
+            members = [(spec, child) for spec, child in self.children.values() if spec.tier == tier]
+            running = [spec.name for spec, child in members if child.poll() is None]
+            if running:
+                self.say(f"stopping {', '.join(running)}")
+            stop_all([child for _, child in members], self.config.stop_timeout, self._hurry)
+        for _, child in self.children.values():
+            child.close()
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_bytes(text: str) -> int:
+    """'4294967296', '4g' or '4GiB' (binary), '4GB' (decimal) -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
+    if match is None or (match[3] and not match[2]):
+        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 4294967296, 4GiB, 512MB)")
+    number, prefix, binary, b = match.groups()
+    base = 1000 if prefix and b and not binary else 1024
+    value = int(float(number) * base ** " kmgt".index(prefix or " "))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text!r}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = LauncherConfig.__dataclass_fields__
+    parser.add_argument(
+        "--model", default=default_model(), help="local path or hub id (default: %(default)s)"
+    )
+    where = parser.add_argument_group("addresses")
+    where.add_argument(
+        "--host", default=d["host"].default, help="interface every service binds (default: %(default)s)"
+    )
+    for flag, what in [
+        ("http-port", "the gateway's HTTP"),
+        ("grpc-port", "the gateway's gRPC"),
+        ("tokenizer-port", "the tokenizer"),
+        ("scheduler-port", "the scheduler"),
+        ("executor-port", "the executor"),
+    ]:
+        default = d[flag.replace("-", "_")].default
+        where.add_argument(
+            f"--{flag}", type=int, default=default, help=f"port of {what} (default: %(default)s)"
+        )
+    where.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    kv = parser.add_argument_group("KV cache and batching (unset: the service's default)")
+    kv.add_argument(
+        "--block-size", type=_positive_int, default=d["block_size"].default, help="tokens per KV block"
+    )
+    pool = kv.add_mutually_exclusive_group()
+    pool.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="blocks in the KV pool")
+    pool.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size, e.g. 2GiB")
+    kv.add_argument("--max-num-seqs", type=_positive_int, default=None)
+    kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
+    kv.add_argument("--max-model-len", type=_positive_int, default=None)
+    kv.add_argument("--max-queued-requests", type=_positive_int, default=None)
+    kv.add_argument("--attention-backend", choices=["torch", "triton"], default=None)
+    kv.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16")
+    run = parser.add_argument_group("running")
+    run.add_argument("--startup-timeout", type=float, default=d["startup_timeout"].default,
+                     help="seconds for every service to report SERVING (default: %(default)s)")  # fmt: skip
+    run.add_argument("--stop-timeout", type=float, default=d["stop_timeout"].default,
+                     help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")  # fmt: skip
+    run.add_argument("--log-dir", default=None, help="write each service's output to DIR/<service>.log")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        config = LauncherConfig.from_args(args)
+    except ValueError as exc:
+        print(f"pagedserve up: {exc}", file=sys.stderr)
+        return 2
+    launcher = Launcher(config)
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {
+        sig: signal.signal(sig, lambda signum, _frame: launcher.request_stop(signum)) for sig in stop_signals
+    }
+    try:
+        return launcher.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
