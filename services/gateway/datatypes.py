@@ -1,0 +1,199 @@
+"""The gateway core's dataclasses: a validated request, and what it streams back.
+
+The gRPC servicer and the HTTP layer convert to and from these at the edge; the engine
+(`engine.py`) sees nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from pagedserve.common.params import SamplingParams
+
+
+class FinishReason(IntEnum):
+    """Why a choice ended; the values match `pagedserve.v1.FinishReason`."""
+
+    NONE = 0  # still running
+    STOP = 1  # EOS, a stop token id, or a stop string
+    LENGTH = 2  # max_tokens or max_model_len
+    ABORT = 3  # cancelled by the client or a service
+
+    @property
+    def openai_name(self) -> str | None:
+        return None if self is FinishReason.NONE else self.name.lower()
+
+
+class PromptKind(IntEnum):
+    TEXT = 1
+    TOKEN_IDS = 2
+    CHAT = 3
+
+
+@dataclass(slots=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(slots=True)
+class Prompt:
+    """Exactly one of text, token ids or chat messages, as `kind` says."""
+
+    kind: PromptKind
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    messages: list[ChatMessage] = field(default_factory=list)
+    add_special_tokens: bool = True  # text only
+    add_generation_prompt: bool = True  # chat only
+
+    @property
+    def is_empty(self) -> bool:
+        if self.kind is PromptKind.TEXT:
+            return self.text == ""
+        if self.kind is PromptKind.TOKEN_IDS:
+            return not self.token_ids
+        return not self.messages
+
+
+@dataclass(slots=True)
+class GenerationRequest:
+    """One request as the engine takes it, from gRPC or HTTP."""
+
+    prompt: Prompt
+    sampling: SamplingParams
+    model: str = ""  # "" means the served model
+    stop: list[str] = field(default_factory=list)
+    request_id: str = ""  # "" gets a generated id
+    skip_special_tokens: bool = True
+    priority: int = 0
+    # True when the client gave no max_tokens and wants the rest of the context (chat).
+    max_tokens_to_fill: bool = False
+    # Resolve token strings for logprobs (the HTTP API shows tokens as text, gRPC as ids).
+    logprob_token_strings: bool = False
+
+
+@dataclass(slots=True)
+class TopLogprob:
+    token_id: int
+    logprob: float
+    token: str | None = None  # set when the request asked for token strings
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = field(default_factory=list)
+    token: str | None = None
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    """New output for one choice; `finish_reason` is set on its last delta."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # summed over choices, as returned to the client
+    cached_prompt_tokens: int = 0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One message of a generation stream; `usage` is set on the last one only."""
+
+    request_id: str
+    choices: list[ChoiceDelta] = field(default_factory=list)
+    usage: Usage | None = None
+    prompt_token_ids: list[int] | None = None  # on the first message only
+
+
+@dataclass(slots=True)
+class ModelInfo:
+    name: str
+    max_model_len: int
+
+
+@dataclass(slots=True, frozen=True)
+class TokenizerInfo:
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    has_chat_template: bool
+    max_input_bytes: int
+
+
+@dataclass(slots=True)
+class SchedulerUpdate:
+    """One Submit stream message, as the engine sees it."""
+
+    choices: list[ChoiceTokens]
+    usage: Usage | None
+    cached_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class ChoiceTokens:
+    index: int
+    token_ids: list[int]
+    logprobs: list[TokenLogprob]
+    finish_reason: FinishReason
+
+
+@dataclass(slots=True)
+class DetokenizeItem:
+    """New ids for one sequence on the shared Detokenize stream (see tokenizer.proto)."""
+
+    key: str
+    token_ids: list[int]
+    prompt_token_ids: list[int] = field(default_factory=list)
+    finish: bool = False
+    skip_special_tokens: bool = True
+
+
+@dataclass(slots=True)
+class CompletedChoice:
+    """A choice with all its deltas joined (the unary form)."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+
+
+@dataclass(slots=True)
+class CompletedRequest:
+    request_id: str
+    choices: list[CompletedChoice]
+    usage: Usage
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, request_id: str, n: int) -> CompletedRequest:
+        return cls(request_id, [CompletedChoice(index=i) for i in range(n)], Usage())
+
+    def add(self, output: RequestOutput) -> None:
+        if output.prompt_token_ids is not None:
+            self.prompt_token_ids = output.prompt_token_ids
+        for delta in output.choices:
+            choice = self.choices[delta.index]
+            choice.text += delta.text
+            choice.token_ids.extend(delta.token_ids)
+            choice.logprobs.extend(delta.logprobs)
+            if delta.finish_reason is not FinishReason.NONE:
+                choice.finish_reason = delta.finish_reason
+        if output.usage is not None:
+            self.usage = output.usage

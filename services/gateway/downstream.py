@@ -1,0 +1,223 @@
+"""The gateway's clients for the tokenizer and scheduler services.
+
+Adapters at the edge: they speak protobuf and grpc, and hand the engine dataclasses and
+`PagedServeError`s that name the service ("scheduler at host:port is unavailable: ...").
+Every unary call has a deadline, and no call waits for a connection that is down
+(gRPC's fail-fast default), so a dead service is reported at once instead of hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pagedserve.common.grpc_utils import CHANNEL_OPTIONS, error_from_rpc
+from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.datatypes import (
+    ChoiceTokens,
+    FinishReason,
+    Prompt,
+    PromptKind,
+    SchedulerUpdate,
+    TokenizerInfo,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from pagedserve.gateway.detokenize import DetokenizeStream
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+
+async def _check_health(channel: grpc.aio.Channel, timeout: float) -> bool:
+    try:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=timeout
+        )
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+class TokenizerClient:
+    """Encode, Info and the shared Detokenize stream of one tokenizer service."""
+
+    def __init__(self, address: str, timeout: float, detokenize_timeout: float) -> None:
+        self.service = f"tokenizer at {address}"
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
+        self.detokenizer = DetokenizeStream(self.stub, self.service, detokenize_timeout)
+
+    async def info(self) -> TokenizerInfo:
+        try:
+            reply = await self.stub.Info(tokenizer_pb2.TokenizerInfoRequest(), timeout=self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.service) from None
+        return TokenizerInfo(
+            vocab_size=reply.vocab_size,
+            eos_token_ids=tuple(reply.eos_token_ids),
+            has_chat_template=reply.has_chat_template,
+            max_input_bytes=reply.max_input_bytes,
+        )
+
+    async def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids for a text or chat prompt."""
+        if prompt.kind is PromptKind.TEXT:
+            request = tokenizer_pb2.EncodeRequest(
+                text=prompt.text, add_special_tokens=prompt.add_special_tokens
+            )
+        else:
+            request = tokenizer_pb2.EncodeRequest(
+                chat=tokenizer_pb2.ChatMessages(
+                    messages=[
+                        tokenizer_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt.messages
+                    ],
+                    add_generation_prompt=prompt.add_generation_prompt,
+                )
+            )
+        try:
+            reply = await self.stub.Encode(request, timeout=self.timeout * 10)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.service) from None
+        return list(reply.token_ids)
+
+    async def ready(self) -> bool:
+        return await _check_health(self.channel, self.timeout)
+
+    async def close(self) -> None:
+        await self.detokenizer.close()
+        await self.channel.close()
+
+
+@dataclass(slots=True)
+class SchedulerStats:
+    """`StatsResponse` as a dataclass (same field names)."""
+
+    blocks_total: int = 0
+    blocks_used: int = 0
+    blocks_cached: int = 0
+    blocks_free: int = 0
+    requests_running: int = 0
+    requests_waiting: int = 0
+    preemptions_total: int = 0
+    prefix_cache_hit_tokens: int = 0
+    prefix_cache_query_tokens: int = 0
+    generated_tokens_total: int = 0
+    steps_total: int = 0
+    block_size: int = 0
+    max_model_len: int = 0
+    model: str = ""
+    kv_utilization: float = 0.0
+    eos_token_ids: list[int] = field(default_factory=list)
+    vocab_size: int = 0
+
+
+class SubmitStream:
+    """The updates of one Submit call; `cancel()` ends it from our side."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall, service: str) -> None:
+        self._call = call
+        self._service = service
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[SchedulerUpdate]:
+        try:
+            async for msg in self._call:
+                yield _update_from_proto(msg)
+        except grpc.RpcError as err:
+            if err.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
+                return
+            raise error_from_rpc(err, self._service) from None
+
+
+class SchedulerClient:
+    """Submit, Abort and Stats of one scheduler service."""
+
+    def __init__(self, address: str, timeout: float) -> None:
+        self.service = f"scheduler at {address}"
+        self.timeout = timeout
+        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
+    ) -> SubmitStream:
+        call = self.stub.Submit(
+            scheduler_pb2.SubmitRequest(
+                request_id=request_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling=sampling.to_proto(),
+                priority=priority,
+            )
+        )
+        return SubmitStream(call, self.service)
+
+    async def abort(self, request_id: str) -> bool:
+        try:
+            reply = await self.stub.Abort(
+                scheduler_pb2.AbortRequest(request_id=request_id), timeout=self.timeout
+            )
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.service) from None
+        return reply.found
+
+    async def stats(self, timeout: float | None = None) -> SchedulerStats:
+        try:
+            reply = await self.stub.Stats(scheduler_pb2.StatsRequest(), timeout=timeout or self.timeout)
+        except grpc.RpcError as err:
+            raise error_from_rpc(err, self.service) from None
+        stats = SchedulerStats()
+        for name in SchedulerStats.__dataclass_fields__:
+            value = getattr(reply, name)
+            setattr(stats, name, list(value) if name == "eos_token_ids" else value)
+        return stats
+
+    async def ready(self) -> bool:
+        return await _check_health(self.channel, self.timeout)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+def _logprobs_from_proto(items) -> list[TokenLogprob]:
+    return [
+        TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+        )
+        for lp in items
+    ]
+
+
+def _update_from_proto(msg: scheduler_pb2.SubmitResponse) -> SchedulerUpdate:
+    usage = None
+    if msg.HasField("usage"):
+        usage = Usage(
+            prompt_tokens=msg.usage.prompt_tokens,
+            completion_tokens=msg.usage.completion_tokens,
+            cached_prompt_tokens=msg.usage.cached_prompt_tokens,
+        )
+    return SchedulerUpdate(
+        choices=[
+            ChoiceTokens(
+                index=c.index,
+                token_ids=list(c.token_ids),
+                logprobs=_logprobs_from_proto(c.logprobs),
+                finish_reason=FinishReason(c.finish_reason),
+            )
+            for c in msg.choices
+        ],
+        usage=usage,
+        cached_prompt_tokens=msg.cached_prompt_tokens,
+    )
+
+
+async def close_all(*clients: TokenizerClient | SchedulerClient) -> None:
+    await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)

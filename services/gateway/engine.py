@@ -1,0 +1,392 @@
+"""The gateway's core: one request's life from validation to the last text delta.
+
+    1. admit (RESOURCE_EXHAUSTED when this gateway already has `max_queued_requests` in flight);
+    2. validate: served model, non-empty prompt, sampling params, prompt + max_tokens <= max_model_len;
+    3. tokenize (or take the client's ids, checked against the vocabulary);
+    4. open one Submit stream to the scheduler; each message holds a step's tokens for every choice;
+    5. detokenize those tokens incrementally on the gateway's shared Detokenize stream;
+    6. apply stop strings per choice, holding back text that may begin one;
+    7. yield `RequestOutput`s; the last carries usage;
+    8. on any early end (client gone, stop string, error, timeout) abort the request in the scheduler.
+
+The engine sees downstream services only through `TokenizerClient` / `SchedulerClient`-shaped
+objects that return dataclasses and raise `PagedServeError`; it never touches protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+
+from pagedserve.common.errors import InvalidArgument, NotFound, PagedServeError, ResourceExhausted
+from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.config import GatewayConfig
+from pagedserve.gateway.datatypes import (
+    ChoiceDelta,
+    DetokenizeItem,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    PromptKind,
+    RequestOutput,
+    SchedulerUpdate,
+    TokenizerInfo,
+    TokenLogprob,
+    Usage,
+)
+from pagedserve.gateway.stop import StopMatcher
+
+log = logging.getLogger(__name__)
+
+# Prompt ids sent to seed a choice's detokenizer: it decodes only the last few (5 kept ids) as
+# context, and special tokens at the end of a chat prompt are skipped before counting.
+_DETOKENIZE_CONTEXT = 32
+_PROMPT_FIELD = {PromptKind.TEXT: "prompt", PromptKind.TOKEN_IDS: "prompt", PromptKind.CHAT: "messages"}
+
+
+class RequestTimeout(PagedServeError):
+    """The request ran past the gateway's --request-timeout."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 504
+
+
+@dataclass(slots=True)
+class _Choice:
+    index: int
+    key: str  # the sequence's key on the Detokenize stream
+    matcher: StopMatcher
+    started: bool = False  # the Detokenize stream has seen this key
+    finished: bool = False  # its last delta was produced
+    released: bool = False  # the Detokenize stream was told to forget it (finish=True sent)
+    num_tokens: int = 0  # tokens returned to the client
+    finished_in_scheduler: bool = False  # the scheduler sent its finish reason (its blocks are freed)
+
+
+class Engine:
+    """Runs requests through tokenizer and scheduler; shared by the gRPC and HTTP front ends."""
+
+    def __init__(self, config: GatewayConfig, tokenizer, scheduler, metrics=None) -> None:
+        self.config = config
+        self.served_model_name = config.served_model_name
+        self.tokenizer = tokenizer
+        self.scheduler = scheduler
+        self.metrics = metrics
+        self._in_flight: set[str] = set()
+        self._tokenizer_info: TokenizerInfo | None = None
+        self._max_model_len = 0
+        self._background: set[asyncio.Task] = set()
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    async def tokenizer_info(self) -> TokenizerInfo:
+        if self._tokenizer_info is None:
+            self._tokenizer_info = await self.tokenizer.info()
+        return self._tokenizer_info
+
+    async def max_model_len(self) -> int:
+        if not self._max_model_len:
+            self.note_stats(await self.scheduler.stats())
+        return self._max_model_len
+
+    def note_stats(self, stats) -> None:
+        """Remember the scheduler's limits from any Stats answer (e.g. a /metrics scrape)."""
+        if stats.max_model_len:
+            self._max_model_len = stats.max_model_len
+
+    async def list_models(self) -> list[ModelInfo]:
+        try:
+            max_len = await self.max_model_len()
+        except PagedServeError:
+            max_len = self._max_model_len
+        return [ModelInfo(name=self.served_model_name, max_model_len=max_len)]
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
+        """Stream a request's output. Closing the iterator early aborts the request."""
+        if len(self._in_flight) >= self.config.max_queued_requests:
+            raise ResourceExhausted(
+                f"the gateway queue is full ({self.config.max_queued_requests} requests in flight); retry later"
+            )
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self._in_flight:
+            raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
+        self._in_flight.add(request_id)
+        try:
+            prompt_ids, sampling = await self.prepare(request)
+            run = _Run(self, request, request_id, prompt_ids, sampling)
+            async for output in run.outputs():
+                yield output
+        finally:
+            self._in_flight.discard(request_id)
+
+    async def prepare(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
+        """Validate and tokenize; raise `InvalidArgument`/`NotFound` before anything is allocated."""
+        if request.model and request.model != self.served_model_name:
+            raise NotFound(
+                f"model '{request.model}' is not served here; the served model is '{self.served_model_name}'",
+                field="model",
+            )
+        prompt = request.prompt
+        field = _PROMPT_FIELD[prompt.kind]
+        if prompt.is_empty:
+            raise InvalidArgument(f"{field} must not be empty", field=field)
+        if any(s == "" for s in request.stop):
+            raise InvalidArgument("stop strings must not be empty", field="stop")
+        sampling = request.sampling
+        if not request.max_tokens_to_fill:
+            sampling.validate()
+        info = await self.tokenizer_info()
+        max_len = await self.max_model_len()
+
+        if prompt.kind is PromptKind.TOKEN_IDS:
+            prompt_ids = list(prompt.token_ids)
+            bad = next((t for t in prompt_ids if not 0 <= t < info.vocab_size), None)
+            if bad is not None:
+                raise InvalidArgument(
+                    f"prompt token id {bad} is outside the vocabulary [0, {info.vocab_size})", field="prompt"
+                )
+        else:
+            if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
+                raise InvalidArgument("the served model has no chat template", field="messages")
+            size = len(prompt.text.encode()) + sum(len(m.content.encode()) for m in prompt.messages)
+            if info.max_input_bytes and size > info.max_input_bytes:
+                raise InvalidArgument(
+                    f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
+                )
+            prompt_ids = await self.tokenizer.encode(prompt)
+            if not prompt_ids:
+                raise InvalidArgument(f"{field} encodes to no tokens", field=field)
+
+        if request.max_tokens_to_fill:
+            sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
+        sampling.validate(info.vocab_size)
+        if len(prompt_ids) + sampling.max_tokens > max_len:
+            raise InvalidArgument(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = "
+                f"{len(prompt_ids) + sampling.max_tokens} tokens is more than max_model_len={max_len}",
+                field="max_tokens",
+            )
+        return prompt_ids, sampling
+
+    def spawn(self, coro) -> None:
+        """Run cleanup that must finish even when the caller's task is being cancelled."""
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def close_later(self, outputs: AsyncIterator[RequestOutput]) -> None:
+        """Close a `generate` iterator from a fresh task (safe inside a cancelled scope)."""
+        self.spawn(_aclose_quietly(outputs))
+
+    async def abort_quietly(self, request_id: str) -> None:
+        try:
+            await self.scheduler.abort(request_id)
+        except PagedServeError as err:
+            log.info("abort of %s not delivered: %s", request_id, err.message)
+
+    async def drain(self) -> None:
+        """Wait for pending aborts (shutdown)."""
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+
+
+class _Run:
+    """One request's state between Submit and its last output."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        request: GenerationRequest,
+        request_id: str,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+    ) -> None:
+        self.engine = engine
+        self.request = request
+        self.request_id = request_id
+        self.prompt_ids = prompt_ids
+        self.sampling = sampling
+        self.choices = [
+            _Choice(index=i, key=f"{request_id}/{i}", matcher=StopMatcher(request.stop))
+            for i in range(sampling.n)
+        ]
+        self.cached_prompt_tokens = 0
+        self.detokenizer = engine.tokenizer.detokenizer
+        self.generation = 0
+        self.num_lookups = 0  # keys used for token-string lookups on the Detokenize stream
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        engine = self.engine
+        started = time.monotonic()
+        deadline = started + engine.config.request_timeout if engine.config.request_timeout else None
+        last_time: float | None = None
+        self.generation = self.detokenizer.begin()
+        stream = engine.scheduler.submit(
+            self.request_id, self.prompt_ids, self.sampling, self.request.priority
+        )
+        updates = aiter(stream)
+        done_in_scheduler = False
+        first = True
+        try:
+            while not all(c.finished for c in self.choices):
+                try:
+                    update = await self._next(updates, deadline)
+                except StopAsyncIteration:
+                    break
+                if update.cached_prompt_tokens:
+                    self.cached_prompt_tokens = update.cached_prompt_tokens
+                if update.usage is not None:
+                    self.cached_prompt_tokens = update.usage.cached_prompt_tokens or self.cached_prompt_tokens
+                    done_in_scheduler = True
+                for ct in update.choices:
+                    if ct.finish_reason is not FinishReason.NONE:
+                        self.choices[ct.index].finished_in_scheduler = True
+                done_in_scheduler = done_in_scheduler or all(c.finished_in_scheduler for c in self.choices)
+                deltas = await self._deltas(update)
+                now = time.monotonic()
+                if engine.metrics is not None and any(d.token_ids for d in deltas):
+                    if last_time is None:
+                        engine.metrics.observe_first_token(now - started)
+                    else:
+                        per_choice = max(len(d.token_ids) for d in deltas)
+                        engine.metrics.observe_token_interval((now - last_time) / per_choice)
+                    last_time = now
+                if deltas:
+                    finished = all(c.finished for c in self.choices)
+                    yield RequestOutput(
+                        request_id=self.request_id,
+                        choices=deltas,
+                        usage=self._usage() if finished else None,
+                        prompt_token_ids=self.prompt_ids if first else None,
+                    )
+                    first = False
+            if not all(c.finished for c in self.choices):
+                # The scheduler ended the stream without finishing every choice: report them aborted.
+                deltas = await self._finish_rest(FinishReason.ABORT)
+                yield RequestOutput(
+                    request_id=self.request_id,
+                    choices=deltas,
+                    usage=self._usage(),
+                    prompt_token_ids=self.prompt_ids if first else None,
+                )
+        finally:
+            stream.cancel()
+            self.detokenizer.release(
+                [c.key for c in self.choices if c.started and not c.released], self.generation
+            )
+            if not done_in_scheduler:
+                engine.spawn(engine.abort_quietly(self.request_id))
+
+    async def _next(self, updates: AsyncIterator[SchedulerUpdate], deadline: float | None) -> SchedulerUpdate:
+        if deadline is None:
+            return await anext(updates)
+        remaining = deadline - time.monotonic()
+        try:
+            return await asyncio.wait_for(anext(updates), max(remaining, 0.0))
+        except TimeoutError:
+            raise RequestTimeout(
+                f"request {self.request_id} took longer than --request-timeout={self.engine.config.request_timeout}s"
+            ) from None
+
+    async def _deltas(self, update: SchedulerUpdate) -> list[ChoiceDelta]:
+        """Detokenize one step's tokens for every live choice (one batch) and apply stop strings."""
+        live = [(self.choices[ct.index], ct) for ct in update.choices if not self.choices[ct.index].finished]
+        items = []
+        for choice, ct in live:
+            finishing = ct.finish_reason is not FinishReason.NONE
+            items.append(
+                DetokenizeItem(
+                    key=choice.key,
+                    token_ids=ct.token_ids,
+                    prompt_token_ids=[] if choice.started else self.prompt_ids[-_DETOKENIZE_CONTEXT:],
+                    finish=finishing,
+                    skip_special_tokens=self.request.skip_special_tokens,
+                )
+            )
+            choice.started = True
+            choice.released = choice.released or finishing
+        lookups = self._token_string_items([lp for _, ct in live for lp in ct.logprobs])
+        if not items:
+            return []
+        texts = await self.detokenizer.detokenize(items + lookups, self.generation)
+        token_strings = iter(texts[len(items) :])
+        deltas = []
+        for (choice, ct), text in zip(live, texts, strict=False):
+            result = choice.matcher.feed(text)
+            delta = ChoiceDelta(
+                index=choice.index, text=result.text, token_ids=ct.token_ids, logprobs=ct.logprobs
+            )
+            if lookups:
+                _fill_token_strings(delta.logprobs, token_strings)
+            if result.stopped:
+                delta.finish_reason = FinishReason.STOP
+                choice.finished = True
+            elif ct.finish_reason is not FinishReason.NONE:
+                delta.text += choice.matcher.flush()
+                delta.finish_reason = ct.finish_reason
+                choice.finished = True
+            choice.num_tokens += len(ct.token_ids)
+            deltas.append(delta)
+        return deltas
+
+    def _token_string_items(self, logprobs: list[TokenLogprob]) -> list[DetokenizeItem]:
+        """One single-token sequence per id to show as text in logprobs (HTTP only)."""
+        if not self.request.logprob_token_strings or not logprobs:
+            return []
+        items = []
+        for lp in logprobs:
+            for token_id in [lp.token_id, *(t.token_id for t in lp.top)]:
+                self.num_lookups += 1
+                items.append(
+                    DetokenizeItem(
+                        key=f"{self.request_id}/t{self.num_lookups}",
+                        token_ids=[token_id],
+                        finish=True,
+                        skip_special_tokens=False,
+                    )
+                )
+        return items
+
+    async def _finish_rest(self, reason: FinishReason) -> list[ChoiceDelta]:
+        deltas = []
+        for choice in self.choices:
+            if choice.finished:
+                continue
+            text = ""
+            if choice.started and not choice.released:
+                (text,) = await self.detokenizer.detokenize(
+                    [DetokenizeItem(key=choice.key, token_ids=[], finish=True)], self.generation
+                )
+                choice.released = True
+            result = choice.matcher.feed(text)
+            text = result.text + choice.matcher.flush()
+            choice.finished = True
+            deltas.append(ChoiceDelta(index=choice.index, text=text, finish_reason=reason))
+        return deltas
+
+    def _usage(self) -> Usage:
+        return Usage(
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=sum(c.num_tokens for c in self.choices),
+            cached_prompt_tokens=self.cached_prompt_tokens,
+        )
+
+
+def _fill_token_strings(logprobs: list[TokenLogprob], strings) -> None:
+    for lp in logprobs:
+        lp.token = next(strings)
+        for top in lp.top:
+            top.token = next(strings)
+
+
+async def _aclose_quietly(outputs) -> None:
+    try:
+        await outputs.aclose()
+    except (RuntimeError, PagedServeError) as err:  # still running elsewhere, or failed while closing
+        log.debug("closing a generation stream: %s", err)

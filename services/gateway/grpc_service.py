@@ -1,0 +1,143 @@
+"""The public gRPC API (`pagedserve.v1.Gateway`): protobuf in, engine dataclasses, protobuf out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.grpc_utils import grpc_errors
+from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.datatypes import (
+    ChatMessage,
+    CompletedRequest,
+    GenerationRequest,
+    Prompt,
+    PromptKind,
+    RequestOutput,
+    TokenLogprob,
+    Usage,
+)
+from pagedserve.gateway.engine import Engine
+from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
+    kind = msg.WhichOneof("input")
+    if kind == "text":
+        add_special = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
+        prompt = Prompt(PromptKind.TEXT, text=msg.text, add_special_tokens=add_special)
+    elif kind == "token_ids":
+        prompt = Prompt(PromptKind.TOKEN_IDS, token_ids=list(msg.token_ids.ids))
+    elif kind == "chat":
+        prompt = Prompt(
+            PromptKind.CHAT,
+            messages=[ChatMessage(role=m.role, content=m.content) for m in msg.chat.messages],
+            add_generation_prompt=msg.chat.add_generation_prompt,
+        )
+    else:
+        raise InvalidArgument("input must be set: text, token_ids or chat", field="input")
+    return GenerationRequest(
+        prompt=prompt,
+        sampling=SamplingParams.from_proto(msg.sampling),
+        model=msg.model,
+        stop=list(msg.stop),
+        request_id=msg.request_id,
+        skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
+        priority=msg.priority,
+    )
+
+
+def _logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[common_pb2.TokenLogprob]:
+    return [
+        common_pb2.TokenLogprob(
+            token_id=lp.token_id,
+            logprob=lp.logprob,
+            top=[common_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+        )
+        for lp in logprobs
+    ]
+
+
+def _usage_to_proto(usage: Usage) -> common_pb2.Usage:
+    return common_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        cached_prompt_tokens=usage.cached_prompt_tokens,
+    )
+
+
+def output_to_proto(output: RequestOutput, model: str) -> gateway_pb2.GenerateResponse:
+    msg = gateway_pb2.GenerateResponse(
+        request_id=output.request_id,
+        model=model,
+        choices=[
+            gateway_pb2.ChoiceDelta(
+                index=d.index,
+                text=d.text,
+                token_ids=d.token_ids,
+                logprobs=_logprobs_to_proto(d.logprobs),
+                finish_reason=int(d.finish_reason),
+            )
+            for d in output.choices
+        ],
+    )
+    if output.usage is not None:
+        msg.usage.CopyFrom(_usage_to_proto(output.usage))
+    return msg
+
+
+def result_to_proto(result: CompletedRequest, model: str) -> gateway_pb2.GenerateResult:
+    return gateway_pb2.GenerateResult(
+        request_id=result.request_id,
+        model=model,
+        usage=_usage_to_proto(result.usage),
+        choices=[
+            gateway_pb2.Choice(
+                index=c.index,
+                text=c.text,
+                token_ids=c.token_ids,
+                logprobs=_logprobs_to_proto(c.logprobs),
+                finish_reason=int(c.finish_reason),
+            )
+            for c in result.choices
+        ],
+    )
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    """Thin: convert, run through the engine, convert back. A cancelled call aborts the request."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @grpc_errors
+    async def Generate(self, request, context) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        outputs = self.engine.generate(request_from_proto(request))
+        model = self.engine.served_model_name
+        try:
+            async for output in outputs:
+                yield output_to_proto(output, model)
+        finally:
+            self.engine.close_later(outputs)
+
+    @grpc_errors
+    async def GenerateUnary(self, request, context) -> gateway_pb2.GenerateResult:
+        generation = request_from_proto(request)
+        outputs = self.engine.generate(generation)
+        result: CompletedRequest | None = None
+        try:
+            async for output in outputs:
+                if result is None:
+                    result = CompletedRequest.start(output.request_id, generation.sampling.n)
+                result.add(output)
+        finally:
+            self.engine.close_later(outputs)
+        assert result is not None, "generate() always yields at least one output"
+        return result_to_proto(result, self.engine.served_model_name)
+
+    @grpc_errors
+    async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
+        models = await self.engine.list_models()
+        return gateway_pb2.ListModelsResponse(
+            models=[gateway_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len) for m in models]
+        )

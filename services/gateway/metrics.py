@@ -1,0 +1,102 @@
+"""Prometheus metrics of the gateway.
+
+Pool and queue numbers belong to the scheduler: they are mirrored from its `Stats` on each
+scrape (`update_from_stats`), gauges as gauges and its running totals as counters. Latency
+histograms are observed here, where a request's first token and token spacing are seen.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# (metric name, Stats field, help)
+_GAUGES = [
+    ("pagedserve_kv_blocks_total", "blocks_total", "KV blocks in the pool."),
+    ("pagedserve_kv_blocks_used", "blocks_used", "KV blocks referenced by at least one block table."),
+    ("pagedserve_kv_blocks_cached", "blocks_cached", "Unreferenced KV blocks holding cached prefixes."),
+    ("pagedserve_kv_blocks_free", "blocks_free", "KV blocks on the free list."),
+    ("pagedserve_requests_running", "requests_running", "Sequences running in the scheduler."),
+    ("pagedserve_requests_waiting", "requests_waiting", "Sequences waiting in the scheduler."),
+    ("pagedserve_kv_utilization", "kv_utilization", "Live tokens over allocated slots in the last step."),
+]
+_COUNTERS = [
+    (
+        "pagedserve_prefix_cache_hit_tokens",
+        "prefix_cache_hit_tokens",
+        "Prompt tokens served from the prefix cache.",
+    ),
+    (
+        "pagedserve_prefix_cache_query_tokens",
+        "prefix_cache_query_tokens",
+        "Prompt tokens looked up in the prefix cache.",
+    ),
+    ("pagedserve_preemptions", "preemptions_total", "Requests preempted for lack of KV blocks."),
+    ("pagedserve_generated_tokens", "generated_tokens_total", "Tokens generated."),
+    ("pagedserve_steps", "steps_total", "Scheduler steps run."),
+]
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _SchedulerCollector(Collector):
+    """Yields the last scheduler Stats seen; nothing until the first one arrives."""
+
+    def __init__(self) -> None:
+        self.stats = None
+        self.up = 0
+
+    def collect(self):
+        up = GaugeMetricFamily(
+            "pagedserve_scheduler_up", "1 when the last Stats call to the scheduler succeeded."
+        )
+        up.add_metric([], self.up)
+        yield up
+        if self.stats is None:
+            return
+        for name, attr, help_text in _GAUGES:
+            yield GaugeMetricFamily(name, help_text, value=getattr(self.stats, attr))
+        for name, attr, help_text in _COUNTERS:
+            yield CounterMetricFamily(name, help_text, value=getattr(self.stats, attr))
+
+
+class GatewayMetrics:
+    """A registry of its own, so tests and several gateways in one process never collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self._scheduler = _SchedulerCollector()
+        self.registry.register(self._scheduler)
+        self.time_to_first_token = Histogram(
+            "pagedserve_time_to_first_token_seconds",
+            "Seconds from a request's arrival at the gateway to its first token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.time_per_output_token = Histogram(
+            "pagedserve_time_per_output_token_seconds",
+            "Seconds between consecutive tokens of a request.",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.requests_in_flight = Gauge(
+            "pagedserve_gateway_requests_in_flight",
+            "Requests in flight through this gateway.",
+            registry=self.registry,
+        )
+
+    def observe_first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def observe_token_interval(self, seconds: float) -> None:
+        self.time_per_output_token.observe(seconds)
+
+    def update_from_stats(self, stats, up: bool) -> None:
+        self._scheduler.up = int(up)
+        if up:
+            self._scheduler.stats = stats
+
+    def render(self, in_flight: int) -> bytes:
+        self.requests_in_flight.set(in_flight)
+        return generate_latest(self.registry)

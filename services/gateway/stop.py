@@ -1,0 +1,63 @@
+"""Stop strings matched across token boundaries.
+
+Text arrives in pieces (one detokenized step at a time), so a stop string can start in one
+piece and end in another. `StopMatcher` holds back the shortest tail that could still grow
+into a stop string and releases it once it cannot; the text it returns never contains a
+stop string and always ends before the first one matched.
+
+Invariant: the released text never ends with a proper prefix of any stop string while more
+text may come, so a match always starts inside `held + piece` and only that is searched.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+
+class StopResult(NamedTuple):
+    text: str  # safe to show now
+    stopped: bool  # a stop string matched; `text` ends right before it and nothing more follows
+
+
+class StopMatcher:
+    """Per-choice stop-string state. With no stop strings, text passes straight through."""
+
+    __slots__ = ("stops", "held", "stopped")
+
+    def __init__(self, stops: list[str]) -> None:
+        if any(s == "" for s in stops):
+            raise ValueError("stop strings must not be empty")
+        self.stops = list(dict.fromkeys(stops))
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, piece: str) -> StopResult:
+        """Add newly detokenized text; return what can be shown now."""
+        if self.stopped:
+            return StopResult("", True)
+        if not self.stops:
+            return StopResult(piece, False)
+        text = self.held + piece
+        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
+        if first >= 0:
+            self.held = ""
+            self.stopped = True
+            return StopResult(text[:first], True)
+        keep = self._partial_tail(text)
+        self.held = text[len(text) - keep :] if keep else ""
+        return StopResult(text[: len(text) - keep], False)
+
+    def flush(self) -> str:
+        """The sequence ended without a match: release whatever was held back."""
+        text, self.held = self.held, ""
+        return "" if self.stopped else text
+
+    def _partial_tail(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+        best = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(text)), best, -1):
+                if text.endswith(stop[:length]):
+                    best = length
+                    break
+        return best

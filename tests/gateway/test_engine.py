@@ -1,0 +1,338 @@
+"""The engine's request life against in-process stand-ins for the tokenizer and scheduler.
+
+The stand-ins keep to the services' contracts (one Submit stream per request with all of a
+step's tokens per message; a Detokenize stream that answers items in order), so these tests
+pin what the gateway itself decides: validation before anything is submitted, stop strings,
+aborts on every early end, usage, and batching of detokenization per step. The same paths
+run against the real services in tests/e2e.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from pagedserve.common.errors import InvalidArgument, NotFound, ResourceExhausted
+from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.config import GatewayConfig
+from pagedserve.gateway.datatypes import (
+    ChatMessage,
+    ChoiceTokens,
+    CompletedRequest,
+    FinishReason,
+    GenerationRequest,
+    Prompt,
+    PromptKind,
+    SchedulerUpdate,
+    TokenizerInfo,
+    TokenLogprob,
+    TopLogprob,
+    Usage,
+)
+from pagedserve.gateway.downstream import SchedulerStats
+from pagedserve.gateway.engine import Engine
+
+EOS = 0
+BOS = 1
+MAX_MODEL_LEN = 64
+
+
+class FakeDetokenizer:
+    """Characters are their code points; records every batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list] = []
+        self.released: list[str] = []
+
+    def begin(self) -> int:
+        return 1
+
+    async def detokenize(self, items, generation: int) -> list[str]:
+        self.batches.append(items)
+        await asyncio.sleep(0)
+        return ["".join(chr(t) for t in item.token_ids if t not in (EOS, BOS)) for item in items]
+
+    def release(self, keys: list[str], generation: int) -> None:
+        self.released.extend(keys)
+
+
+class FakeTokenizer:
+    def __init__(self) -> None:
+        self.detokenizer = FakeDetokenizer()
+        self.encoded: list[Prompt] = []
+
+    async def info(self) -> TokenizerInfo:
+        return TokenizerInfo(
+            vocab_size=300, eos_token_ids=(EOS,), has_chat_template=True, max_input_bytes=1000
+        )
+
+    async def encode(self, prompt: Prompt) -> list[int]:
+        self.encoded.append(prompt)
+        text = prompt.text if prompt.kind is PromptKind.TEXT else "".join(m.content for m in prompt.messages)
+        return [BOS] + [ord(c) for c in text]
+
+
+class FakeStream:
+    def __init__(self, updates: list[SchedulerUpdate], gate: asyncio.Event | None) -> None:
+        self.updates = updates
+        self.gate = gate
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def __aiter__(self):
+        for i, update in enumerate(self.updates):
+            if i > 0 and self.gate is not None:
+                await self.gate.wait()
+            yield update
+
+
+class FakeScheduler:
+    """Each choice `i` produces the characters of `outputs[i]`, one per step, then LENGTH (or EOS)."""
+
+    def __init__(self, outputs: list[str], gate: asyncio.Event | None = None, end_with_eos: bool = False):
+        self.outputs = outputs
+        self.gate = gate
+        self.end_with_eos = end_with_eos
+        self.submitted: list[tuple[str, list[int], SamplingParams]] = []
+        self.aborted: list[str] = []
+        self.streams: list[FakeStream] = []
+
+    def submit(self, request_id, prompt_ids, sampling, priority) -> FakeStream:
+        self.submitted.append((request_id, prompt_ids, sampling))
+        want_lp = sampling.logprobs is not None
+        texts = [self.outputs[i % len(self.outputs)][: sampling.max_tokens] for i in range(sampling.n)]
+        updates = []
+        for step in range(max(len(t) for t in texts)):
+            choices = []
+            for i, text in enumerate(texts):
+                if step >= len(text):
+                    continue
+                last = step == len(text) - 1
+                token = EOS if last and self.end_with_eos else ord(text[step])
+                reason = FinishReason.NONE
+                if last:
+                    reason = FinishReason.STOP if self.end_with_eos else FinishReason.LENGTH
+                lps = [TokenLogprob(token, -0.25, [TopLogprob(token, -0.25)])] if want_lp else []
+                choices.append(ChoiceTokens(i, [token], lps, reason))
+            done = all(step >= len(t) - 1 for t in texts)
+            updates.append(
+                SchedulerUpdate(
+                    choices=choices,
+                    usage=Usage(len(prompt_ids), sum(map(len, texts)), 0) if done else None,
+                    cached_prompt_tokens=3 if step == 0 else 0,
+                )
+            )
+        stream = FakeStream(updates, self.gate)
+        self.streams.append(stream)
+        return stream
+
+    async def abort(self, request_id: str) -> bool:
+        self.aborted.append(request_id)
+        return True
+
+    async def stats(self, timeout=None) -> SchedulerStats:
+        return SchedulerStats(max_model_len=MAX_MODEL_LEN)
+
+
+def make_engine(scheduler: FakeScheduler, **config) -> tuple[Engine, FakeTokenizer]:
+    tokenizer = FakeTokenizer()
+    cfg = GatewayConfig(served_model_name="tiny-py", **config)
+    return Engine(cfg, tokenizer, scheduler), tokenizer
+
+
+def text_request(text: str, stop: list[str] | None = None, **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        prompt=Prompt(PromptKind.TEXT, text=text), sampling=SamplingParams(**sampling), stop=stop or []
+    )
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> CompletedRequest:
+    result = CompletedRequest.start("", request.sampling.n)
+    async for output in engine.generate(request):
+        result.request_id = output.request_id
+        result.add(output)
+    await asyncio.sleep(0.01)  # let background aborts run
+    return result
+
+
+def test_runs_to_length_with_usage_and_no_abort() -> None:
+    scheduler = FakeScheduler(["hello world"])
+    engine, tokenizer = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("hi", max_tokens=5)))
+    (choice,) = result.choices
+    assert choice.text == "hello" and choice.finish_reason is FinishReason.LENGTH
+    assert choice.token_ids == [ord(c) for c in "hello"]
+    assert result.usage == Usage(prompt_tokens=3, completion_tokens=5, cached_prompt_tokens=3)
+    assert result.prompt_token_ids == [BOS, ord("h"), ord("i")]
+    assert scheduler.aborted == [] and scheduler.streams[0].cancelled
+    first_item = tokenizer.detokenizer.batches[0][0]
+    assert first_item.prompt_token_ids == [BOS, ord("h"), ord("i")] and not first_item.finish
+    assert tokenizer.detokenizer.batches[-1][0].finish, "the last tokens flush the sequence"
+    assert engine.num_in_flight == 0
+
+
+def test_stop_string_across_tokens_cuts_text_and_aborts() -> None:
+    scheduler = FakeScheduler(["abc<end>tail after"])
+    engine, tokenizer = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", stop=["<end>"], max_tokens=30)))
+    (choice,) = result.choices
+    assert choice.text == "abc" and choice.finish_reason is FinishReason.STOP
+    assert len(choice.token_ids) == len("abc<end>"), "tokens up to the one completing the stop string"
+    assert result.usage.completion_tokens == len("abc<end>")
+    assert scheduler.aborted == [result.request_id]
+    assert tokenizer.detokenizer.released == [f"{result.request_id}/0"]
+
+
+def test_eos_finishes_with_stop_and_no_abort() -> None:
+    scheduler = FakeScheduler(["ab!"], end_with_eos=True)
+    engine, _ = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", max_tokens=30)))
+    assert result.choices[0].text == "ab" and result.choices[0].finish_reason is FinishReason.STOP
+    assert scheduler.aborted == []
+
+
+def test_n_choices_are_detokenized_in_one_batch_per_step() -> None:
+    scheduler = FakeScheduler(["aaaa", "bbbb", "cccc", "dddd"])
+    engine, tokenizer = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", n=4, max_tokens=4)))
+    assert [c.text for c in result.choices] == ["aaaa", "bbbb", "cccc", "dddd"]
+    assert result.usage.completion_tokens == 16
+    assert len(tokenizer.detokenizer.batches) == 4
+    assert all(len(batch) == 4 for batch in tokenizer.detokenizer.batches)
+    assert {item.key for item in tokenizer.detokenizer.batches[0]} == {
+        f"{result.request_id}/{i}" for i in range(4)
+    }
+
+
+def test_one_choice_stopped_early_others_continue() -> None:
+    scheduler = FakeScheduler(["x.yz", "abcd"])
+    engine, _ = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", stop=["."], n=2, max_tokens=4)))
+    assert [(c.text, c.finish_reason) for c in result.choices] == [
+        ("x", FinishReason.STOP),
+        ("abcd", FinishReason.LENGTH),
+    ]
+    assert result.usage.completion_tokens == 2 + 4
+
+
+def test_closing_the_stream_early_aborts_in_the_scheduler() -> None:
+    async def scenario() -> tuple[FakeScheduler, Engine]:
+        scheduler = FakeScheduler(["abcdefgh"], gate=asyncio.Event())
+        engine, _ = make_engine(scheduler)
+        outputs = engine.generate(text_request("p", max_tokens=8))
+        first = await anext(outputs)
+        assert first.choices[0].text == "a"
+        assert engine.num_in_flight == 1
+        await outputs.aclose()
+        await asyncio.sleep(0.01)
+        return scheduler, engine
+
+    scheduler, engine = asyncio.run(scenario())
+    assert len(scheduler.aborted) == 1 and scheduler.streams[0].cancelled
+    assert engine.num_in_flight == 0
+
+
+def test_queue_full_is_resource_exhausted_at_once() -> None:
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["abcdefgh"], gate=asyncio.Event())
+        engine, _ = make_engine(scheduler, max_queued_requests=2)
+        running = [engine.generate(text_request("p", max_tokens=8)) for _ in range(2)]
+        for outputs in running:
+            await anext(outputs)
+        with pytest.raises(ResourceExhausted, match="queue is full"):
+            await anext(engine.generate(text_request("p", max_tokens=8)))
+        assert len(scheduler.submitted) == 2
+        scheduler.gate.set()
+        for outputs in running:
+            async for _ in outputs:
+                pass
+        assert engine.num_in_flight == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("request_", "error", "field", "words"),
+    [
+        (
+            GenerationRequest(Prompt(PromptKind.TEXT, text="x"), SamplingParams(), model="gpt-9"),
+            NotFound,
+            "model",
+            "gpt-9",
+        ),
+        (text_request(""), InvalidArgument, "prompt", "empty"),
+        (GenerationRequest(Prompt(PromptKind.CHAT), SamplingParams()), InvalidArgument, "messages", "empty"),
+        (text_request("x", temperature=-1.0), InvalidArgument, "temperature", ">= 0"),
+        (text_request("x", top_p=1.5), InvalidArgument, "top_p", "(0, 1]"),
+        (text_request("x", n=0), InvalidArgument, "n", ">= 1"),
+        (text_request("x", max_tokens=0), InvalidArgument, "max_tokens", ">= 1"),
+        (
+            text_request("x", max_tokens=MAX_MODEL_LEN),
+            InvalidArgument,
+            "max_tokens",
+            f"max_model_len={MAX_MODEL_LEN}",
+        ),
+        (text_request("x", stop_token_ids=[300]), InvalidArgument, "stop_token_ids", "300"),
+        (
+            GenerationRequest(Prompt(PromptKind.TOKEN_IDS, token_ids=[1, 999]), SamplingParams()),
+            InvalidArgument,
+            "prompt",
+            "999",
+        ),
+        (text_request("x" * 2000), InvalidArgument, "prompt", "1000"),
+    ],
+)
+def test_bad_requests_fail_before_submit(request_, error, field: str, words: str) -> None:
+    scheduler = FakeScheduler(["abc"])
+    engine, _ = make_engine(scheduler)
+    with pytest.raises(error) as info:
+        asyncio.run(collect(engine, request_))
+    assert info.value.field == field and words in info.value.message
+    assert scheduler.submitted == [] and engine.num_in_flight == 0
+
+
+def test_chat_without_max_tokens_fills_the_context() -> None:
+    scheduler = FakeScheduler(["ok"])
+    engine, tokenizer = make_engine(scheduler)
+    request = GenerationRequest(
+        Prompt(PromptKind.CHAT, messages=[ChatMessage("user", "hey")]),
+        SamplingParams(max_tokens=1),
+        max_tokens_to_fill=True,
+    )
+    asyncio.run(collect(engine, request))
+    (_, prompt_ids, sampling) = scheduler.submitted[0]
+    assert sampling.max_tokens == MAX_MODEL_LEN - len(prompt_ids)
+    assert tokenizer.encoded[0].kind is PromptKind.CHAT
+
+
+def test_logprob_token_strings_ride_the_same_batch() -> None:
+    scheduler = FakeScheduler(["ab"])
+    engine, tokenizer = make_engine(scheduler)
+    request = text_request("p", max_tokens=2, logprobs=1)
+    request.logprob_token_strings = True
+    result = asyncio.run(collect(engine, request))
+    lps = result.choices[0].logprobs
+    assert [(lp.token_id, lp.token, lp.top[0].token) for lp in lps] == [(97, "a", "a"), (98, "b", "b")]
+    assert len(tokenizer.detokenizer.batches) == 2 and len(tokenizer.detokenizer.batches[0]) == 3
+
+
+def test_duplicate_request_id_in_flight_is_rejected() -> None:
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["abcd"], gate=asyncio.Event())
+        engine, _ = make_engine(scheduler)
+        first = engine.generate(
+            GenerationRequest(Prompt(PromptKind.TEXT, text="p"), SamplingParams(), request_id="r1")
+        )
+        await anext(first)
+        with pytest.raises(InvalidArgument, match="already in flight"):
+            await anext(
+                engine.generate(
+                    GenerationRequest(Prompt(PromptKind.TEXT, text="p"), SamplingParams(), request_id="r1")
+                )
+            )
+        await first.aclose()
+
+    asyncio.run(scenario())
