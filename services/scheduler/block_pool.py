@@ -1,0 +1,241 @@
+"""The block pool: KV block accounting for one executor pool, changed one step at a time.
+
+The scheduler never changes the pool one call at a time. It records a step's operations in
+a `StepOps` (frees, allocations, prefix-cache admissions, forks, copy-on-write, hash
+registrations, request-state writes) and hands them to `BlockPool.apply`, which runs them
+all, in order, atomically, and returns a `StepResult`: the block ids each allocation got and
+the pool's counts afterwards. With Redis behind it that is one script call: O(1) round
+trips per step whatever the batch size.
+
+Operations that can run out of blocks (`allocate`, `admit`, `cow`) check first and change
+nothing when the blocks are not there; they report `ok=False` (backpressure is a return
+value). The scheduler plans with local counts so that this does not happen, but a result is
+always checked.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from pagedserve.scheduler.hashing import token_str
+
+# Operation codes; an operation is a list `[code, request_id, *args]`, the form both pool
+# implementations interpret (the Redis one after JSON encoding, inside its Lua script).
+FREE, ALLOC, ADMIT, FORK, COW, REG, SAVE, UPD, DROP = (
+    "free",
+    "alloc",
+    "admit",
+    "fork",
+    "cow",
+    "reg",
+    "save",
+    "upd",
+    "drop",
+)
+
+
+class Allocation(NamedTuple):
+    ok: bool
+    block_ids: list[int]  # appended to the request's block table, in order
+
+
+class Admission(NamedTuple):
+    ok: bool
+    num_hit_blocks: int  # leading blocks served from the prefix cache
+    block_ids: list[int]  # the whole new block table: the hits, then fresh blocks
+
+
+class BlockCopy(NamedTuple):
+    ok: bool
+    src: int  # -1 when the last block was not shared (no copy needed)
+    dst: int
+
+
+class PoolCounts(NamedTuple):
+    num_free: int  # on the free list (no hash, no reference)
+    num_cached: int  # cached and evictable (a hash, no reference)
+    num_used: int  # referenced by at least one block table
+
+    @property
+    def num_total(self) -> int:
+        return self.num_free + self.num_cached + self.num_used
+
+    @property
+    def num_available(self) -> int:
+        """Blocks an allocation may take: free ones first, then evicted cached ones."""
+        return self.num_free + self.num_cached
+
+
+OpResult = Allocation | Admission | BlockCopy | None
+
+
+@dataclass(slots=True)
+class StepResult:
+    results: list[OpResult]  # one per operation, in order; None for operations with no answer
+    counts: PoolCounts
+
+    def __getitem__(self, handle: int) -> OpResult:
+        return self.results[handle]
+
+
+class StepOps:
+    """A step's operations, in the order they are to run. Methods that have an answer return
+    a handle: the index of that answer in `StepResult.results`."""
+
+    __slots__ = ("ops",)
+
+    def __init__(self) -> None:
+        self.ops: list[list] = []
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def _add(self, op: list) -> int:
+        self.ops.append(op)
+        return len(self.ops) - 1
+
+    def free(self, request_id: str) -> None:
+        """Drop the request's block table, last block first: each block's ref_cnt goes down;
+        one that reaches 0 becomes cached-evictable when it has a hash (the last blocks of the
+        table are then evicted first), or goes back on the free list otherwise."""
+        self._add([FREE, request_id])
+
+    def allocate(self, request_id: str, num_blocks: int) -> int:
+        """Append `num_blocks` blocks to the table: free list first, else evict the least
+        recently used cached block (dropping its hash). All or nothing."""
+        return self._add([ALLOC, request_id, num_blocks])
+
+    def admit(
+        self, request_id: str, chain: Sequence[tuple[str, str]], num_tokens: int, num_new_tokens: int
+    ) -> int:
+        """Give a request with no table its table: the longest run of `chain` (hash, token_str)
+        found in the cache, each hit confirmed against its stored tokens and parent hash (a hit
+        takes a reference; an evictable one leaves the LRU), then fresh blocks to cover
+        `min(num_tokens, hit_tokens + num_new_tokens)` tokens. All or nothing."""
+        return self._add([ADMIT, request_id, num_tokens, num_new_tokens, [list(c) for c in chain]])
+
+    def fork(self, parent_id: str, child_id: str) -> None:
+        """The child shares the parent's whole table; each block's ref_cnt goes up. A child
+        that already has a table is left as it is (a table never holds a block twice)."""
+        self._add([FORK, parent_id, child_id])
+
+    def cow(self, request_id: str) -> int:
+        """Copy-on-write of the last block: when it is shared, the request gets a fresh block
+        in its place and drops its reference on the old one; the answer's (src, dst) tells the
+        executor which block to copy."""
+        return self._add([COW, request_id])
+
+    def register(
+        self, request_id: str, block_index: int, block_hash: str, parent_hash: str, token_ids: Sequence[int]
+    ) -> None:
+        """Cache a block that became full under its chained hash. A block that already has a
+        hash, or a hash some other block holds, is left as it is."""
+        self._add([REG, request_id, block_index, block_hash, parent_hash, token_str(token_ids)])
+
+    def save(
+        self,
+        request_id: str,
+        *,
+        prompt_token_ids: Sequence[int],
+        params_json: str,
+        priority: int,
+        status: int,
+        num_computed_tokens: int,
+        output_token_ids: Sequence[int],
+    ) -> None:
+        """Write a request's whole state (first sight, or after the pool was reset)."""
+        self._add(
+            [
+                SAVE,
+                request_id,
+                token_str(prompt_token_ids),
+                params_json,
+                priority,
+                status,
+                num_computed_tokens,
+                _outputs_str(output_token_ids),
+            ]
+        )
+
+    def update(
+        self, request_id: str, status: int, num_computed_tokens: int, new_output_token_ids: Sequence[int]
+    ) -> None:
+        """Write a request's progress: status, computed tokens, and the outputs made since the last write."""
+        self._add([UPD, request_id, status, num_computed_tokens, _outputs_str(new_output_token_ids)])
+
+    def drop(self, request_id: str) -> None:
+        """Forget a request: free its table (if any) and delete its state."""
+        self._add([DROP, request_id])
+
+    def encode(self) -> str:
+        return json.dumps(self.ops, separators=(",", ":"))
+
+
+def _outputs_str(token_ids: Sequence[int]) -> str:
+    # Outputs are stored as "1,2,3," so that a step's new tokens are one APPEND.
+    return "".join(f"{t}," for t in token_ids)
+
+
+def parse_outputs(stored: str) -> list[int]:
+    return [int(t) for t in stored.split(",") if t]
+
+
+class BlockPool(ABC):
+    """KV block accounting for one executor pool of `num_blocks` blocks of `block_size` tokens.
+
+    Invariants, true after every `apply`, `init` and `reset` (`check()` verifies them):
+    - every block is exactly one of: free (on the free list, no hash), used (ref_cnt > 0), or
+      cached-evictable (ref_cnt == 0, has a hash, in the LRU);
+    - a block's ref_cnt equals the number of block-table entries pointing at it;
+    - num_free + num_used + num_cached == num_blocks;
+    - the hash map and each block's hash agree one to one; a hash maps to exactly one block.
+    """
+
+    num_blocks: int
+    block_size: int
+
+    @abstractmethod
+    def init(self, num_blocks: int, block_size: int, epoch: str, model: str) -> bool:
+        """Make the pool match an executor. When the stored pool has the same geometry, epoch
+        and model, its cached blocks are kept and every leftover table is freed (a scheduler
+        restart); otherwise it is reset. Returns whether the cache was kept."""
+
+    @abstractmethod
+    def reset(self, epoch: str | None = None) -> PoolCounts:
+        """Drop everything: tables, request state, cached hashes; every block free
+        (e.g. the executor restarted and its pool is gone)."""
+
+    @abstractmethod
+    def apply(self, ops: StepOps) -> StepResult:
+        """Run a step's operations in order, atomically, in one round trip."""
+
+    @abstractmethod
+    def counts(self) -> PoolCounts: ...
+
+    @abstractmethod
+    def check(self) -> list[str]:
+        """Every broken invariant, one line each; empty when the pool is consistent."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections, if any."""
+
+
+def decode_result(op: list, raw) -> OpResult:
+    """Turn one raw answer (lists and ints, as the Lua script encodes them) into its NamedTuple."""
+    code = op[0]
+    if code == ALLOC:
+        return Allocation(bool(raw[0]), _int_list(raw[1]))
+    if code == ADMIT:
+        return Admission(bool(raw[0]), int(raw[1]), _int_list(raw[2]))
+    if code == COW:
+        return BlockCopy(bool(raw[0]), int(raw[1]), int(raw[2]))
+    return None
+
+
+def _int_list(raw) -> list[int]:
+    # Lua's cjson encodes an empty table as {}.
+    return [int(b) for b in raw] if isinstance(raw, list) else []

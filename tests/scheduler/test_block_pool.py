@@ -1,0 +1,210 @@
+"""Block pool operations, against both implementations (in memory, and Redis via Lua)."""
+
+from __future__ import annotations
+
+from pagedserve.scheduler.block_pool import Admission, Allocation, BlockCopy, PoolCounts, StepOps
+from pagedserve.scheduler.hashing import ROOT_HASH, block_hash, token_str
+
+SALT = b"test"
+
+
+def step(pool, build):
+    ops = StepOps()
+    build(ops)
+    return pool.apply(ops)
+
+
+def chain_of(tokens: list[int], block_size: int) -> list[tuple[str, str, str, list[int]]]:
+    """(hash, parent, token_str, tokens) of each full block of `tokens`."""
+    out, parent = [], ROOT_HASH
+    for i in range(len(tokens) // block_size):
+        blk = tokens[i * block_size : (i + 1) * block_size]
+        h = block_hash(parent, blk, SALT)
+        out.append((h, parent, token_str(blk), blk))
+        parent = h
+    return out
+
+
+def register_all(ops: StepOps, rid: str, tokens: list[int], block_size: int) -> None:
+    for i, (h, parent, _, blk) in enumerate(chain_of(tokens, block_size)):
+        ops.register(rid, i, h, parent, blk)
+
+
+def test_allocate_takes_free_blocks_in_order(pool_factory):
+    pool = pool_factory(num_blocks=8)
+    res = step(pool, lambda o: (o.allocate("a", 3), o.allocate("b", 2)))
+    assert res.results == [Allocation(True, [0, 1, 2]), Allocation(True, [3, 4])]
+    assert res.counts == PoolCounts(num_free=3, num_cached=0, num_used=5)
+    res = step(pool, lambda o: o.allocate("a", 1))
+    assert res[0] == Allocation(True, [5])
+
+
+def test_allocate_is_all_or_nothing(pool_factory):
+    pool = pool_factory(num_blocks=4)
+    res = step(pool, lambda o: (o.allocate("a", 3), o.allocate("b", 2), o.allocate("c", 1)))
+    assert res.results == [Allocation(True, [0, 1, 2]), Allocation(False, []), Allocation(True, [3])]
+    assert res.counts == PoolCounts(0, 0, 4)
+
+
+def test_free_returns_unhashed_blocks_to_the_free_list_tail(pool_factory):
+    pool = pool_factory(num_blocks=6)
+    step(pool, lambda o: (o.allocate("a", 2), o.allocate("b", 2)))
+    res = step(pool, lambda o: o.free("a"))
+    assert res.counts == PoolCounts(4, 0, 2)
+    # the free list is [4, 5] then a's blocks last block first: [1, 0]
+    res = step(pool, lambda o: o.allocate("c", 4))
+    assert res[0] == Allocation(True, [4, 5, 1, 0])
+
+
+def test_free_caches_hashed_blocks_and_evicts_the_tail_first(pool_factory):
+    pool = pool_factory(num_blocks=4, block_size=2)
+    tokens = [1, 2, 3, 4, 5, 6]
+    step(pool, lambda o: (o.allocate("a", 3), register_all(o, "a", tokens, 2)))
+    res = step(pool, lambda o: o.free("a"))
+    assert res.counts == PoolCounts(num_free=1, num_cached=3, num_used=0)
+    # one free block, then LRU eviction: block 2 (a's last) before block 1 before block 0
+    res = step(pool, lambda o: o.allocate("b", 3))
+    assert res[0] == Allocation(True, [3, 2, 1])
+    assert res.counts == PoolCounts(0, 1, 3)
+    # evicted hashes are dropped: only the first block can still hit
+    chain = [(h, ts) for h, _, ts, _ in chain_of(tokens, 2)]
+    step(pool, lambda o: o.free("b"))  # unhashed blocks: back on the free list
+    res = step(pool, lambda o: o.admit("c", chain, 6, 6))
+    assert res[0] == Admission(True, 1, [0, 1, 2])  # b freed last block first: [1, 2, 3]
+
+
+def test_admit_hits_confirmed_chain_and_touches_lru(pool_factory):
+    pool = pool_factory(num_blocks=8, block_size=2)
+    tokens = [7, 8, 9, 10, 11, 12, 13]
+    chain = chain_of(tokens, 2)
+    step(pool, lambda o: (o.allocate("a", 4), register_all(o, "a", tokens, 2)))
+    step(pool, lambda o: o.free("a"))  # blocks 0..2 cached, 3 free
+    assert pool.counts() == PoolCounts(5, 3, 0)
+    pairs = [(h, ts) for h, _, ts, _ in chain]
+    res = step(pool, lambda o: o.admit("b", pairs, len(tokens), 100))
+    assert res[0] == Admission(True, 3, [0, 1, 2, 4])  # 3 hits; 7 tokens need 4 blocks
+    assert res.counts == PoolCounts(num_free=4, num_cached=0, num_used=4)  # touched: out of the LRU
+    # a second request hitting blocks already in use shares them (ref_cnt 2)
+    res = step(pool, lambda o: o.admit("c", pairs[:2], len(tokens), 1))
+    assert res[0] == Admission(True, 2, [0, 1, 5])  # 4 hit tokens + 1 new token
+    assert res.counts == PoolCounts(3, 0, 5)
+    res = step(pool, lambda o: (o.free("b"), o.free("c")))
+    assert res.counts == PoolCounts(num_free=5, num_cached=3, num_used=0)
+
+
+def test_admit_stops_at_first_miss_and_confirms_tokens(pool_factory):
+    pool = pool_factory(num_blocks=8, block_size=2)
+    tokens = [1, 2, 3, 4, 5, 6]
+    step(pool, lambda o: (o.allocate("a", 3), register_all(o, "a", tokens, 2)))
+    chain = [(h, ts) for h, _, ts, _ in chain_of(tokens, 2)]
+    # a chain whose second block's tokens differ from what is stored under that hash
+    forged = [chain[0], (chain[1][0], token_str([9, 9])), chain[2]]
+    res = step(pool, lambda o: o.admit("b", forged, 6, 6))
+    assert res[0].num_hit_blocks == 1
+    # the right hash with the wrong parent position is not a hit either
+    res = step(pool, lambda o: o.admit("c", [chain[1]], 6, 6))
+    assert res[0].num_hit_blocks == 0
+
+
+def test_admit_is_all_or_nothing(pool_factory):
+    pool = pool_factory(num_blocks=4, block_size=2)
+    tokens = [1, 2, 3, 4]
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2)))
+    step(pool, lambda o: o.free("a"))
+    step(pool, lambda o: o.allocate("x", 2))  # takes the 2 free blocks; the 2 cached remain
+    pairs = [(h, ts) for h, _, ts, _ in chain_of(tokens, 2)]
+    res = step(pool, lambda o: o.admit("b", pairs, 10, 10))  # 2 hits + 3 fresh > 2 available
+    assert res[0] == Admission(False, 0, [])
+    assert res.counts == PoolCounts(0, 2, 2)
+    res = step(pool, lambda o: o.admit("b", pairs, 4, 10))
+    assert res[0] == Admission(True, 2, [0, 1])
+
+
+def test_fork_shares_the_table_and_free_keeps_shared_blocks(pool_factory):
+    pool = pool_factory(num_blocks=8)
+    step(pool, lambda o: o.allocate("p", 3))
+    res = step(pool, lambda o: (o.fork("p", "c1"), o.fork("p", "c2"), o.free("p")))
+    assert res.counts == PoolCounts(5, 0, 3)
+    res = step(pool, lambda o: o.free("c1"))
+    assert res.counts == PoolCounts(5, 0, 3)
+    res = step(pool, lambda o: o.free("c2"))
+    assert res.counts == PoolCounts(8, 0, 0)
+
+
+def test_cow_copies_only_a_shared_last_block(pool_factory):
+    pool = pool_factory(num_blocks=8)
+    step(pool, lambda o: o.allocate("p", 2))
+    res = step(pool, lambda o: (o.fork("p", "c0"), o.fork("p", "c1"), o.fork("p", "c2"), o.free("p")))
+    res = step(pool, lambda o: (o.cow("c0"), o.cow("c1"), o.cow("c2")))
+    # the first two children get copies; the last one is then the only owner and writes in place
+    assert res.results == [BlockCopy(True, 1, 2), BlockCopy(True, 1, 3), BlockCopy(True, -1, -1)]
+    assert res.counts == PoolCounts(4, 0, 4)
+    res = step(pool, lambda o: (o.allocate("c0", 1), o.free("c1")))
+    assert res[0] == Allocation(True, [4])
+    assert res.counts == PoolCounts(4, 0, 4)  # c1's own block 3 freed; block 0 still shared
+
+
+def test_cow_fails_cleanly_without_a_free_block(pool_factory):
+    pool = pool_factory(num_blocks=2)
+    step(pool, lambda o: (o.allocate("p", 2), o.fork("p", "c")))
+    res = step(pool, lambda o: o.cow("c"))
+    assert res[0] == BlockCopy(False, -1, -1)
+    assert res.counts == PoolCounts(0, 0, 2)
+
+
+def test_register_keeps_the_first_block_for_a_hash(pool_factory):
+    pool = pool_factory(num_blocks=8, block_size=2)
+    tokens = [5, 6, 7, 8]
+    # two requests computed the same prefix at once: only the first block is cached
+    step(pool, lambda o: (o.allocate("a", 2), o.allocate("b", 2)))
+    step(pool, lambda o: (register_all(o, "a", tokens, 2), register_all(o, "b", tokens, 2)))
+    res = step(pool, lambda o: (o.free("a"), o.free("b")))
+    assert res.counts == PoolCounts(num_free=6, num_cached=2, num_used=0)
+
+
+def test_state_ops_write_request_records(pool_factory):
+    pool = pool_factory()
+    res = step(
+        pool,
+        lambda o: (
+            o.save(
+                "r",
+                prompt_token_ids=[1, 2],
+                params_json="{}",
+                priority=3,
+                status=1,
+                num_computed_tokens=0,
+                output_token_ids=[],
+            ),
+            o.allocate("r", 1),
+            o.update("r", 2, 2, [42]),
+            o.update("r", 2, 3, [43, 44]),
+        ),
+    )
+    assert res[1].ok
+    if hasattr(pool, "outputs"):
+        assert pool.outputs["r"] == "42,43,44,"
+        assert pool.states["r"]["num_computed_tokens"] == "3"
+    else:
+        assert pool.client.get(pool.keys.out("r")) == b"42,43,44,"
+        assert pool.client.hget(pool.keys.req("r"), "num_computed_tokens") == b"3"
+        assert pool.client.sismember(pool.keys.key("reqs"), "r")
+    step(pool, lambda o: o.drop("r"))
+    assert pool.counts() == PoolCounts(8, 0, 0)
+
+
+def test_reset_and_init(pool_factory):
+    pool = pool_factory(num_blocks=6, block_size=2)
+    tokens = [1, 2, 3, 4]
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2), o.allocate("b", 1)))
+    # same executor (geometry, epoch, model): tables freed, the cache kept
+    assert pool.init(6, 2, "epoch-0", "model") is True
+    assert pool.counts() == PoolCounts(num_free=4, num_cached=2, num_used=0)
+    # a new epoch: everything dropped
+    assert pool.init(6, 2, "epoch-1", "model") is False
+    assert pool.counts() == PoolCounts(6, 0, 0)
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2)))
+    assert pool.reset() == PoolCounts(6, 0, 0)
+    pairs = [(h, ts) for h, _, ts, _ in chain_of(tokens, 2)]
+    res = step(pool, lambda o: o.admit("c", pairs, 4, 4))
+    assert res[0] == Admission(True, 0, [0, 1])
