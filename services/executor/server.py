@@ -1,0 +1,121 @@
+"""`pagedserve executor`: load the model, allocate the KV pool, serve `pagedserve.v1.Executor`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import re
+
+from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
+from pagedserve.common.logs import setup_logging
+from pagedserve.common.models import default_model
+from pagedserve.executor.config import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    DEFAULT_PORT,
+    ExecutorConfig,
+)
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.servicer import SERVICE_NAME, ExecutorServicer
+from pagedserve.kernels.backends import BACKEND_NAMES
+from pagedserve.v1 import executor_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1073741824', '512MiB', '4GB', '2g' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 1073741824, 512MiB, 4GB)")
+    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, help=f"local path or hub id (default: {default_model()})")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE, help="tokens per KV block")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--num-kv-blocks", type=int, default=None, help="blocks in the KV pool")
+    size.add_argument(
+        "--kv-cache-memory", type=parse_bytes, default=None, help="bytes for the KV pool (e.g. 2GiB)"
+    )
+    parser.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=DEFAULT_GPU_MEMORY_UTILIZATION,
+        help="CUDA: fraction of device memory for weights, activations and the pool (when no size is given)",
+    )
+    parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output (default: the model's, capped)",
+    )
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="most tokens in one step")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--attention-backend",
+        default=None,
+        choices=list(BACKEND_NAMES),
+        help="default: triton on CUDA, else torch",
+    )
+    parser.add_argument(
+        "--device", default=None, help="e.g. cpu, cuda, cuda:1 (default: cuda when available)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the generator shared by unseeded requests"
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
+    return ExecutorConfig(
+        model=args.model or default_model(),
+        host=args.host,
+        port=args.port,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory=args.kv_cache_memory,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        device=args.device,
+        seed=args.seed,
+    )
+
+
+async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServer:
+    """Starts serving `engine`; returns the server (its `bound_port` is the port in use)."""
+    server = GrpcServer(host, port)
+    server.add(executor_pb2_grpc.add_ExecutorServicer_to_server, ExecutorServicer(engine), SERVICE_NAME)
+    await server.start()
+    return server
+
+
+async def serve(config: ExecutorConfig) -> None:
+    engine = ExecutorEngine.from_config(config)
+    server = await start_server(engine, config.host, config.port)
+    log.info("executor serving on %s:%d (epoch %s)", config.host, server.bound_port, engine.epoch)
+    await run_until_signal(server.stop)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging("executor")
+    try:
+        config = config_from_args(args)
+        config.validate()
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    try:
+        asyncio.run(serve(config))
+    except ValueError as e:  # a model or pool that cannot work: say why, no traceback
+        log.error("%s", e)
+        return 1
+    return 0
