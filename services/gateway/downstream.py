@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.datatypes import (
@@ -30,6 +31,23 @@ from pagedserve.gateway.datatypes import (
 )
 from pagedserve.gateway.detokenize import DetokenizeStream
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
+
+
+# Reconnect quickly after a downstream restart: gRPC's default backoff grows to 120 s, during
+# which fail-fast calls keep failing even though the service is back.
+DOWNSTREAM_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+def _raise_if_down(channel: grpc.aio.Channel, service: str) -> None:
+    """Fail before allocating anything when the channel already knows the service is down."""
+    state = channel.get_state(try_to_connect=True)
+    if state in (grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN):
+        raise Unavailable(f"{service} is unavailable (connection state {state.name})")
 
 
 async def _check_health(channel: grpc.aio.Channel, timeout: float) -> bool:
@@ -48,7 +66,7 @@ class TokenizerClient:
     def __init__(self, address: str, timeout: float, detokenize_timeout: float) -> None:
         self.service = f"tokenizer at {address}"
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=DOWNSTREAM_CHANNEL_OPTIONS)
         self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
         self.detokenizer = DetokenizeStream(self.stub, self.service, detokenize_timeout)
 
@@ -84,6 +102,9 @@ class TokenizerClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.service) from None
         return list(reply.token_ids)
+
+    def check_connected(self) -> None:
+        _raise_if_down(self.channel, self.service)
 
     async def ready(self) -> bool:
         return await _check_health(self.channel, self.timeout)
@@ -142,7 +163,7 @@ class SchedulerClient:
     def __init__(self, address: str, timeout: float) -> None:
         self.service = f"scheduler at {address}"
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(address, options=DOWNSTREAM_CHANNEL_OPTIONS)
         self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
 
     def submit(

@@ -119,6 +119,8 @@ class Engine:
         self._in_flight.add(request_id)
         try:
             prompt_ids, sampling = await self.prepare(request)
+            # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
+            self.tokenizer.check_connected()
             run = _Run(self, request, request_id, prompt_ids, sampling)
             async for output in run.outputs():
                 yield output

@@ -62,6 +62,9 @@ class FakeTokenizer:
         self.detokenizer = FakeDetokenizer()
         self.encoded: list[Prompt] = []
 
+    def check_connected(self) -> None:
+        pass
+
     async def info(self) -> TokenizerInfo:
         return TokenizerInfo(
             vocab_size=300, eos_token_ids=(EOS,), has_chat_template=True, max_input_bytes=1000
