@@ -32,7 +32,6 @@ from pagedserve.gateway.datatypes import (
 from pagedserve.gateway.detokenize import DetokenizeStream
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
-
 # Reconnect quickly after a downstream restart: gRPC's default backoff grows to 120 s, during
 # which fail-fast calls keep failing even though the service is back.
 DOWNSTREAM_CHANNEL_OPTIONS = [
