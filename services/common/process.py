@@ -108,7 +108,8 @@ class ChildProcess:
     def _pump(self, stream: IO[bytes], is_err: bool) -> None:
         with stream:
             for raw in iter(stream.readline, b""):
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                # A progress bar redraws itself with \r: keep only its last state.
+                line = raw.decode("utf-8", "replace").rstrip("\r\n").rsplit("\r", 1)[-1]
                 if is_err:
                     self._tail.append(line)
                 self._emit(line, is_err)

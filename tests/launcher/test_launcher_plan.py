@@ -1,0 +1,196 @@
+"""What `pagedserve up` would start: flags to config, config to each service's command line
+(checked against the service's own parser once the service exists), and what is skipped."""
+
+from __future__ import annotations
+
+import argparse
+import socket
+
+import pytest
+
+from pagedserve.cli import SUBCOMMANDS, build_parser
+from pagedserve.common.models import default_model
+from pagedserve.launcher import (
+    PAGEDSERVE,
+    LauncherConfig,
+    module_available,
+    parse_bytes,
+    plan,
+    ports_in_use,
+)
+
+SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
+EVERY_OPTION = dict(
+    model="/models/m",
+    num_kv_blocks=64,
+    max_num_seqs=8,
+    max_num_batched_tokens=512,
+    max_model_len=256,
+    max_queued_requests=32,
+    attention_backend="torch",
+    dtype="float32",
+)
+
+
+def parse_up(*argv: str) -> argparse.Namespace:
+    return build_parser("up").parse_args(["up", *argv])
+
+
+def flags(command: tuple[str, ...]) -> dict[str, str]:
+    """`--flag value` pairs of a command line after the subcommand."""
+    rest = command[len(PAGEDSERVE) + 1 :]
+    return dict(zip(rest[::2], rest[1::2], strict=True))
+
+
+def test_flag_defaults_are_the_config_defaults():
+    assert LauncherConfig.from_args(parse_up()) == LauncherConfig(model=default_model())
+
+
+def test_flags_reach_the_config():
+    args = parse_up(
+        "--host", "0.0.0.0", "--http-port", "9000", "--kv-cache-memory", "2GiB", "--max-num-seqs", "4"
+    )
+    config = LauncherConfig.from_args(args)
+    assert (config.host, config.http_port, config.kv_cache_memory, config.max_num_seqs) == (
+        "0.0.0.0",
+        9000,
+        2 << 30,
+        4,
+    )
+    assert config.connect_host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--num-kv-blocks", "8", "--kv-cache-memory", "1GiB"],
+        ["--num-kv-blocks", "0"],
+        ["--kv-cache-memory", "lots"],
+        ["--attention-backend", "cuda"],
+    ],
+)
+def test_bad_flags_are_refused(argv):
+    with pytest.raises(SystemExit):
+        parse_up(*argv)
+
+
+def test_config_refuses_contradictions():
+    with pytest.raises(ValueError, match="not both"):
+        LauncherConfig(model="m", num_kv_blocks=8, kv_cache_memory=1 << 30)
+    with pytest.raises(ValueError, match="ports must differ"):
+        LauncherConfig(model="m", tokenizer_port=50053)
+
+
+def test_plan_orders_and_wires_every_service():
+    config = LauncherConfig(**EVERY_OPTION)
+    specs, skipped = plan(config, "redis://127.0.0.1:6390/0", available=lambda name: True)
+    assert skipped == {}
+    assert [(s.name, s.tier) for s in specs] == [
+        ("executor", 0),
+        ("tokenizer", 0),
+        ("scheduler", 1),
+        ("gateway", 2),
+    ]
+    by_name = {s.name: s for s in specs}
+    assert all(s.command[: len(PAGEDSERVE) + 1] == (*PAGEDSERVE, s.name) for s in specs)
+    assert flags(by_name["executor"].command) == {
+        "--host": "127.0.0.1",
+        "--port": "50054",
+        "--model": "/models/m",
+        "--block-size": "16",
+        "--num-kv-blocks": "64",
+        "--max-model-len": "256",
+        "--max-num-batched-tokens": "512",
+        "--dtype": "float32",
+        "--attention-backend": "torch",
+    }
+    assert flags(by_name["scheduler"].command) == {
+        "--host": "127.0.0.1",
+        "--port": "50053",
+        "--executor": "127.0.0.1:50054",
+        "--redis-url": "redis://127.0.0.1:6390/0",
+        "--max-num-seqs": "8",
+        "--max-model-len": "256",
+        "--max-num-batched-tokens": "512",
+        "--max-queued-requests": "32",
+    }
+    assert flags(by_name["gateway"].command) == {
+        "--host": "127.0.0.1",
+        "--grpc-port": "50051",
+        "--http-port": "8000",
+        "--tokenizer": "127.0.0.1:50052",
+        "--scheduler": "127.0.0.1:50053",
+        "--model": "/models/m",
+        "--max-queued-requests": "32",
+    }
+    assert flags(by_name["tokenizer"].command) == {
+        "--host": "127.0.0.1",
+        "--port": "50052",
+        "--model": "/models/m",
+    }
+    assert by_name["gateway"].health_address == "127.0.0.1:50051"
+    assert by_name["gateway"].ports == (50051, 8000)
+
+
+def test_unset_options_are_left_to_the_services():
+    specs, _ = plan(
+        LauncherConfig(model="m", kv_cache_memory=1 << 30), "redis://r", available=lambda name: True
+    )
+    executor = flags(specs[0].command)
+    assert executor["--kv-cache-memory"] == str(1 << 30)
+    assert not {"--num-kv-blocks", "--dtype", "--max-model-len", "--attention-backend"} & executor.keys()
+
+
+def test_missing_service_skips_what_needs_it():
+    specs, skipped = plan(LauncherConfig(model="m"), "redis://r", available=lambda name: name != "executor")
+    assert [s.name for s in specs] == ["tokenizer"]
+    assert skipped == {
+        "executor": "module pagedserve.executor.server not found",
+        "scheduler": "needs executor",
+        "gateway": "needs scheduler",
+    }
+
+
+def test_wildcard_host_is_reached_through_loopback():
+    specs, _ = plan(LauncherConfig(model="m", host="0.0.0.0"), "redis://r", available=lambda name: True)
+    gateway = flags(specs[-1].command)
+    assert gateway["--host"] == "0.0.0.0" and gateway["--tokenizer"] == "127.0.0.1:50052"
+    assert specs[-1].health_address == "127.0.0.1:50051"
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_command_is_accepted_by_the_services_own_parser(service):
+    if not module_available(service):
+        pytest.skip(f"{SUBCOMMANDS[service][0]} does not exist yet")
+    specs, _ = plan(LauncherConfig(**EVERY_OPTION), "redis://127.0.0.1:6390/0", available=lambda name: True)
+    (spec,) = [s for s in specs if s.name == service]
+    argv = list(spec.command[len(PAGEDSERVE) :])
+    try:
+        build_parser(service).parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"`pagedserve {' '.join(argv)}` is refused by {service}'s parser (exit {exc.code})")
+    # --kv-cache-memory is the other branch of the pool-size choice.
+    if service == "executor":
+        specs, _ = plan(
+            LauncherConfig(model="m", kv_cache_memory=1 << 30), "redis://r", available=lambda n: True
+        )
+        build_parser(service).parse_args(list(specs[0].command[len(PAGEDSERVE) :]))
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("4096", 4096), ("4k", 4096), ("4KiB", 4096), ("4kb", 4000), ("1.5g", 3 << 29), ("2GB", 2 * 10**9)],
+)
+def test_parse_bytes(text, value):
+    assert parse_bytes(text) == value
+
+
+def test_ports_in_use_sees_a_listener_only():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        busy = sock.getsockname()[1]
+        with socket.socket() as other:
+            other.bind(("127.0.0.1", 0))
+            free = other.getsockname()[1]
+        assert ports_in_use("127.0.0.1", [busy, free]) == [busy]
