@@ -1,0 +1,191 @@
+"""The delta protocol beyond plain runs: prefix-cache hits, copy-on-write, recompute after
+preemption, housekeeping steps, sampling with logprobs; and how an engine is built (pool sizing,
+max_model_len, models that cannot work)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from executor_harness import GREEDY, VOCAB, make_prompts, reference_greedy, save_tiny_model, tiny_config
+
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.kv_pool import KVCacheSpec, check_fits, num_blocks_from_memory
+from pagedserve.executor.model_runner import ModelRunner, UnsupportedModel
+from pagedserve.kernels.backends import get_attention_backend
+
+
+def decode(engine: ExecutorEngine, request_id: str, steps: int, new_blocks: dict[int, int]) -> list[int]:
+    """`steps` decode steps of one request; new_blocks maps a computed-token count to a block to append."""
+    tokens = []
+    for _ in range(steps):
+        computed = engine.requests[request_id].num_computed_tokens
+        blocks = [new_blocks[computed]] if computed in new_blocks else []
+        step = StepInput(
+            0, engine.epoch, cached_requests=[CachedRequestData(request_id, blocks, 1, computed)]
+        )
+        tokens.append(engine.execute_step(step).sampled[0].token_id)
+    return tokens
+
+
+def test_prefix_hit_and_copy_on_write(tiny_model_dir, make_engine) -> None:
+    """'b' shares 'a''s two full blocks (a prefix-cache hit) and a copy of its partial third block,
+    then diverges; both continue exactly as `generate` would."""
+    path = tiny_model_dir("llama")
+    (shared,) = make_prompts((20,), VOCAB, seed=5)
+    prompt_a = shared
+    prompt_b = shared + [11, 12, 13]
+    expected_a, expected_b = reference_greedy(path, [prompt_a, prompt_b], 6)
+    engine = make_engine(path, block_size=8, num_kv_blocks=32)
+
+    step = StepInput(
+        0, engine.epoch, new_requests=[NewRequestData("a", prompt_a, [], GREEDY, [3, 7, 1], 0, 20)]
+    )
+    got_a = [engine.execute_step(step).sampled[0].token_id]
+    # 'a' now has 20 tokens of KV in blocks 3, 7 and 1 (4 of 8 slots used). 'b' reuses 3 and 7 as they
+    # are, and block 1 through a copy into 12, because it will write past token 20 where 'a' writes too.
+    step = StepInput(
+        1,
+        engine.epoch,
+        new_requests=[NewRequestData("b", prompt_b, [], GREEDY, [3, 7, 12], 20, 3)],
+        cached_requests=[CachedRequestData("a", [], 1, 20)],
+        block_copies=[(1, 12)],
+    )
+    out = {s.request_id: s.token_id for s in engine.execute_step(step).sampled}
+    got_a.append(out["a"])
+    got_b = [out["b"]]
+    got_a += decode(engine, "a", 4, {24: 10})
+    got_b += decode(engine, "b", 5, {24: 9})
+    assert got_a == expected_a
+    assert got_b == expected_b
+
+
+def test_recompute_after_preemption_continues_the_same(tiny_model_dir, make_engine) -> None:
+    """A request dropped mid-generation and re-sent with its outputs (into other blocks) goes on
+    with the same tokens; a finished id the executor never held is ignored."""
+    path = tiny_model_dir("gpt2")
+    (prompt,) = make_prompts((13,), VOCAB, seed=6)
+    (expected,) = reference_greedy(path, [prompt], 10)
+    engine = make_engine(path, block_size=8, num_kv_blocks=32)
+    step = StepInput(0, engine.epoch, new_requests=[NewRequestData("r", prompt, [], GREEDY, [0, 1], 0, 13)])
+    got = [engine.execute_step(step).sampled[0].token_id]
+    got += decode(engine, "r", 4, {16: 2})
+    # Preempted: dropped in a housekeeping step (no tokens scheduled), then recomputed elsewhere.
+    out = engine.execute_step(StepInput(5, engine.epoch, finished_request_ids=["r", "never-seen"]))
+    assert out.sampled == [] and not engine.requests
+    known = prompt + got
+    step = StepInput(
+        6, engine.epoch, new_requests=[NewRequestData("r", prompt, got, GREEDY, [9, 8, 15], 0, len(known))]
+    )
+    got.append(engine.execute_step(step).sampled[0].token_id)
+    assert engine.requests["r"].output_token_ids == got
+    got += decode(engine, "r", 4, {})
+    assert got == expected
+
+
+def test_resend_in_the_same_step_as_its_finish(tiny_model_dir, make_engine) -> None:
+    engine = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
+    new = NewRequestData("r", [5, 6, 7], [], GREEDY, [4], 0, 3)
+    first = engine.execute_step(StepInput(0, engine.epoch, new_requests=[new])).sampled[0].token_id
+    again = engine.execute_step(StepInput(1, engine.epoch, new_requests=[new], finished_request_ids=["r"]))
+    assert again.sampled[0].token_id == first
+    assert engine.requests["r"].token_ids == [5, 6, 7, first]
+
+
+def test_logprobs_and_seeded_sampling_go_through_the_sampler(tiny_model_dir, make_engine) -> None:
+    engine = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
+    seeded = SamplingParams(temperature=1.0, seed=42, logprobs=3)
+    step = StepInput(
+        0,
+        engine.epoch,
+        new_requests=[
+            NewRequestData("g", [5, 6, 7], [], SamplingParams(temperature=0.0, logprobs=2), [0], 0, 3),
+            NewRequestData("s", [5, 6, 7], [], seeded, [1], 0, 3),
+            NewRequestData("t", [9, 9, 9, 9, 9], [], GREEDY, [2], 0, 2),  # mid-prompt chunk: no token
+        ],
+    )
+    out = {s.request_id: s for s in engine.execute_step(step).sampled}
+    assert sorted(out) == ["g", "s"]
+    greedy = out["g"].logprobs
+    assert greedy is not None and len(greedy.top) == 2 and greedy.top[0][0] == out["g"].token_id
+    assert greedy.logprob == pytest.approx(greedy.top[0][1]) and greedy.logprob < 0
+    assert out["s"].logprobs is not None and len(out["s"].logprobs.top) == 3
+    # The same seed at the same output length picks the same token, whatever the batch.
+    other = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
+    alone = StepInput(0, other.epoch, new_requests=[NewRequestData("s", [5, 6, 7], [], seeded, [7], 0, 3)])
+    assert other.execute_step(alone).sampled[0].token_id == out["s"].token_id
+
+
+def test_info_describes_model_and_pool(tiny_model_dir, make_engine) -> None:
+    path = tiny_model_dir("mistral")
+    engine = make_engine(path, block_size=8, num_kv_blocks=40)
+    info = engine.info()
+    assert info.model == str(path)
+    assert (info.architecture, info.dtype, info.vocab_size) == ("MistralForCausalLM", "float32", VOCAB)
+    assert (info.num_blocks, info.block_size, info.eos_token_ids) == (40, 8, (2,))
+    assert (info.attention_backend, info.device) == ("torch", "cpu")
+    assert info.max_model_len == 128, "capped at the sliding window, which the kernels do not implement"
+    assert len(info.epoch) == 32 and make_engine(path).info().epoch != info.epoch
+    k = engine.pool.k_caches
+    assert len(k) == 2 and k[0].shape == (40, 8, 2, 16) and k[0].dtype == torch.float32
+
+
+def test_max_model_len_limits(tiny_model_dir, make_engine) -> None:
+    assert make_engine(tiny_model_dir("llama")).info().max_model_len == 256  # max_position_embeddings
+    assert make_engine(tiny_model_dir("llama"), max_model_len=100).info().max_model_len == 100
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=256"):
+        make_engine(tiny_model_dir("llama"), max_model_len=300)
+    with pytest.raises(ValueError, match="exceeds the model's sliding window of 128 tokens"):
+        make_engine(tiny_model_dir("mistral"), max_model_len=200)
+
+
+def test_pool_sizing_and_startup_log(tiny_model_dir, make_engine, caplog) -> None:
+    path = tiny_model_dir("llama")
+    # 2 layers x K,V x 16 tokens x 2 KV heads x 16 dims x 4 bytes = 8 KiB per block.
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32, block_size=16)
+    assert spec.bytes_per_block == 8192
+    assert num_blocks_from_memory(spec, 100_000) == 12
+    with caplog.at_level(logging.INFO, logger="pagedserve.executor.engine"):
+        engine = make_engine(
+            path, block_size=16, num_kv_blocks=None, kv_cache_memory=100_000, max_model_len=96
+        )
+    assert engine.pool.num_blocks == 12
+    line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("KV pool:"))
+    assert "12 blocks x 16 tokens = 192 tokens, 96.0 KiB" in line
+    assert "max concurrency at max_model_len=96: 2.00x" in line
+    # Too small for one sequence of max_model_len: the message says what would fit.
+    with pytest.raises(ValueError) as err:
+        make_engine(path, block_size=16, num_kv_blocks=None, kv_cache_memory=40_000, max_model_len=96)
+    message = str(err.value)
+    assert "4 blocks (64 tokens" in message and "needs 6 blocks" in message
+    assert "--num-kv-blocks >= 6" in message and "--kv-cache-memory >= 49152" in message
+    assert "--max-model-len to at most 64" in message
+    check_fits(spec, 6, 96)
+
+
+@pytest.mark.parametrize(
+    ("config_name", "kwargs"),
+    [
+        ("OpenAIGPTConfig", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
+        ("BloomConfig", dict(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB)),
+    ],
+)
+def test_architectures_without_the_attention_interface_fail_fast(config_name, kwargs) -> None:
+    import transformers
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_name)(**kwargs))
+    with pytest.raises(UnsupportedModel, match="does not route attention through AttentionInterface"):
+        ModelRunner.from_model(model, get_attention_backend("torch", "cpu"))
+
+
+def test_the_probe_maps_layers_and_layout(tmp_path) -> None:
+    path = save_tiny_model("qwen2", tmp_path / "qwen2")
+    runner = ModelRunner.load(str(path), device="cpu", attention_backend="torch")
+    config = tiny_config("qwen2")
+    assert (runner.num_layers, runner.num_heads, runner.num_kv_heads, runner.head_dim) == (2, 4, 1, 16)
+    assert runner.sliding_window is None and not config.use_sliding_window
+    runner.self_check(block_size=4)
