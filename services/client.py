@@ -158,6 +158,7 @@ def build_request(
     if prompt is not None:
         msg.text = prompt
     elif token_ids is not None:
+        msg.token_ids.SetInParent()  # set even when empty, so the gateway says "empty", not "missing"
         msg.token_ids.ids.extend(token_ids)
     else:
         msg.chat.CopyFrom(

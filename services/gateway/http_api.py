@@ -188,7 +188,7 @@ async def _sse(
         output: RequestOutput | None = first
         usage = None
         while output is not None:
-            for chunk in formatter.deltas(output.choices):
+            for chunk in formatter.deltas(output.choices, output.prompt_token_ids):
                 yield sse_event(chunk)
             usage = output.usage or usage
             output = await anext(outputs, None)

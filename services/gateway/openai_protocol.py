@@ -3,7 +3,8 @@
 Parsing is strict about types and ranges (a bad field is a 400 naming it, in OpenAI's error
 shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besides OpenAI's
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority.
+stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority, and
+return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ApiCall:
     chat: bool
     stream: bool = False
     include_usage: bool = False
+    return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
 
 
 # ---- field readers: each names the field in its error ----
@@ -183,6 +185,7 @@ def parse_completion(body: dict) -> ApiCall:
         chat=False,
         stream=stream,
         include_usage=_stream_options(body, stream),
+        return_token_ids=_bool(body, "return_token_ids", False),
     )
 
 
@@ -217,7 +220,13 @@ def parse_chat(body: dict) -> ApiCall:
     request = _request(body, prompt, sampling)
     request.max_tokens_to_fill = max_tokens is None
     stream = _bool(body, "stream", False)
-    return ApiCall(request=request, chat=True, stream=stream, include_usage=_stream_options(body, stream))
+    return ApiCall(
+        request=request,
+        chat=True,
+        stream=stream,
+        include_usage=_stream_options(body, stream),
+        return_token_ids=_bool(body, "return_token_ids", False),
+    )
 
 
 def _chat_message(message, position: int) -> ChatMessage:
@@ -335,6 +344,9 @@ def full_response(
         else:
             choice["text"] = c.text
             choice["logprobs"] = completion_logprobs_json(c.logprobs, 0) if want_logprobs else None
+        if call.return_token_ids:
+            choice["token_ids"] = c.token_ids
+            choice["prompt_token_ids"] = result.prompt_token_ids
         choices.append(choice)
     return {
         "id": response_id,
@@ -389,10 +401,15 @@ class ChunkFormatter:
             )
         ]
 
-    def deltas(self, deltas: list[ChoiceDelta]) -> list[dict]:
+    def deltas(self, deltas: list[ChoiceDelta], prompt_token_ids: list[int] | None = None) -> list[dict]:
         choices = []
         for d in deltas:
-            if not d.text and d.finish_reason is FinishReason.NONE and not d.logprobs:
+            if (
+                not d.text
+                and d.finish_reason is FinishReason.NONE
+                and not d.logprobs
+                and not self.call.return_token_ids
+            ):
                 continue  # nothing a client could see yet (e.g. held-back text)
             choice: dict = {"index": d.index}
             if self.call.chat:
@@ -408,6 +425,10 @@ class ChunkFormatter:
                 else:
                     choice["logprobs"] = None
             choice["finish_reason"] = d.finish_reason.openai_name
+            if self.call.return_token_ids:
+                choice["token_ids"] = d.token_ids
+                if prompt_token_ids is not None:
+                    choice["prompt_token_ids"] = prompt_token_ids
             choices.append(choice)
         return [self._chunk(choices)] if choices else []
 

@@ -1,0 +1,273 @@
+"""The end-to-end harness: the four services as separate processes, and reference outputs.
+
+`Stack` runs `pagedserve executor | tokenizer | scheduler | gateway` on free ports, waits for
+each to report SERVING on the standard gRPC health service, and stops every process group,
+failing if any process outlives it. `Stack.assert_clean()` waits for the pool to be idle (no
+running or waiting request, no referenced block) and runs `pagedserve fsck` on it.
+
+Kept out of conftest.py so that test modules can import it by a unique name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from pagedserve.common.grpc_utils import health_check
+from pagedserve.common.process import ChildProcess, stop_all
+from pagedserve.common.redis_harness import free_port
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
+STARTUP_TIMEOUT_S = 180.0  # the executor loads torch and the model on two busy cores
+IDLE_TIMEOUT_S = 10.0
+BLOCK_SIZE = 16
+NUM_KV_BLOCKS = 512
+MAX_MODEL_LEN = 384  # keeps "fill the context" answers short on CPU
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "PAGEDSERVE_LOG_LEVEL": "INFO",
+    "PYTHONUNBUFFERED": "1",
+}
+
+
+@dataclass(slots=True)
+class Service:
+    name: str
+    command: list[str]
+    address: str  # host:port of its gRPC server (the health check target)
+    child: ChildProcess | None = None
+
+
+@dataclass
+class Stack:
+    """One executor, tokenizer, scheduler and gateway, each its own process (group)."""
+
+    model: str
+    redis_url: str
+    log_dir: Path
+    num_kv_blocks: int = NUM_KV_BLOCKS
+    max_queued_requests: int = 1024
+    host: str = "127.0.0.1"
+    services: dict[str, Service] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ports = {name: free_port() for name in ("executor", "tokenizer", "scheduler", "grpc", "http")}
+        self.executor_address = f"{self.host}:{ports['executor']}"
+        self.tokenizer_address = f"{self.host}:{ports['tokenizer']}"
+        self.scheduler_address = f"{self.host}:{ports['scheduler']}"
+        self.grpc_address = f"{self.host}:{ports['grpc']}"
+        self.http_url = f"http://{self.host}:{ports['http']}"
+        self.pool_id = f"e2e-{ports['executor']}"
+        model = ("--model", self.model)
+        commands = {
+            "executor": [
+                "--host", self.host, "--port", str(ports["executor"]), *model,
+                "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(self.num_kv_blocks),
+                "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+            ],
+            "tokenizer": ["--host", self.host, "--port", str(ports["tokenizer"]), *model],
+            "scheduler": [
+                "--host", self.host, "--port", str(ports["scheduler"]),
+                "--executor", self.executor_address, "--redis-url", self.redis_url,
+                "--pool-id", self.pool_id,
+            ],
+            "gateway": self.gateway_flags(ports["grpc"], ports["http"], self.max_queued_requests),
+        }  # fmt: skip
+        addresses = {
+            "executor": self.executor_address,
+            "tokenizer": self.tokenizer_address,
+            "scheduler": self.scheduler_address,
+            "gateway": self.grpc_address,
+        }
+        for name, flags in commands.items():
+            self.services[name] = Service(name, [*PAGEDSERVE, name, *flags], addresses[name])
+
+    def gateway_flags(self, grpc_port: int, http_port: int, max_queued_requests: int) -> list[str]:
+        return [
+            "--host", self.host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
+            "--tokenizer", self.tokenizer_address, "--scheduler", self.scheduler_address,
+            "--model", self.model, "--max-queued-requests", str(max_queued_requests),
+        ]  # fmt: skip
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def start(self) -> Stack:
+        """Start in dependency order, independent services together; wait for SERVING."""
+        try:
+            for tier in (("executor", "tokenizer"), ("scheduler",), ("gateway",)):
+                for name in tier:
+                    self._spawn(name)
+                for name in tier:
+                    self.wait_serving(name)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _spawn(self, name: str) -> None:
+        service = self.services[name]
+        service.child = ChildProcess(
+            name, service.command, env=ENV, log_path=self.log_dir / f"{name}.log"
+        ).start()
+
+    def wait_serving(self, name: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        service = self.services[name]
+        deadline = time.monotonic() + timeout
+        while not health_check(service.address, timeout=1.0):
+            code = service.child.poll() if service.child else None
+            if code is not None:
+                pytest.fail(f"{name} exited with {code} during start-up:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not report SERVING within {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(0.1)
+
+    def log_tail(self, name: str, lines: int = 40) -> str:
+        path = self.log_dir / f"{name}.log"
+        if not path.exists():
+            return "(no log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+    def kill(self, name: str) -> None:
+        """SIGKILL a service's whole process group (a crash, not a shutdown)."""
+        child = self.services[name].child
+        assert child is not None and child.proc is not None
+        child.signal_group(signal.SIGKILL)
+        child.proc.wait(timeout=10)
+        child.close()
+
+    def restart(self, name: str) -> None:
+        self._spawn(name)
+        self.wait_serving(name)
+
+    def stop(self) -> None:
+        """Stop every service (gateway first) and check that no process of any group survives."""
+        children = [s.child for s in reversed(list(self.services.values())) if s.child is not None]
+        stop_all(children, grace=10.0)
+        survivors = []
+        for child in children:
+            child.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.pid, 0)
+                survivors.append(child.name)
+        for service in self.services.values():
+            service.child = None
+        assert not survivors, f"processes left behind by {survivors}"
+
+    @contextlib.contextmanager
+    def extra_gateway(self, **flags: int) -> Iterator[tuple[str, str]]:
+        """A second gateway on the same tokenizer and scheduler; yields (grpc address, http url)."""
+        grpc_port, http_port = free_port(), free_port()
+        name = f"gateway-{grpc_port}"
+        service = Service(
+            name,
+            [
+                *PAGEDSERVE,
+                "gateway",
+                *self.gateway_flags(grpc_port, http_port, flags.get("max_queued_requests", 1024)),
+            ],
+            f"{self.host}:{grpc_port}",
+        )
+        self.services[name] = service
+        try:
+            self._spawn(name)
+            self.wait_serving(name)
+            yield service.address, f"http://{self.host}:{http_port}"
+        finally:
+            if service.child is not None:
+                stop_all([service.child], grace=5.0)
+                service.child.close()
+            del self.services[name]
+
+    # -- observation -------------------------------------------------------------------
+
+    def stats(self, timeout: float = 5.0) -> scheduler_pb2.StatsResponse:
+        with grpc.insecure_channel(self.scheduler_address) as channel:
+            return scheduler_pb2_grpc.SchedulerStub(channel).Stats(
+                scheduler_pb2.StatsRequest(), timeout=timeout
+            )
+
+    def wait_idle(self, timeout: float = IDLE_TIMEOUT_S) -> scheduler_pb2.StatsResponse:
+        """Stats once nothing runs, waits or holds a block; fails with the last Stats otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            stats = self.stats()
+            if stats.requests_running == 0 and stats.requests_waiting == 0 and stats.blocks_used == 0:
+                return stats
+            if time.monotonic() > deadline:
+                pytest.fail(f"the pool is not idle {timeout}s after the test:\n{stats}")
+            time.sleep(0.05)
+
+    def fsck(self) -> list[str]:
+        import redis
+
+        from pagedserve.scheduler.fsck import fsck
+
+        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            return fsck(client, self.pool_id)
+        finally:
+            client.close()
+
+    def assert_clean(self) -> None:
+        self.wait_idle()
+        problems = self.fsck()
+        assert not problems, "fsck:\n" + "\n".join(problems)
+
+
+LIVE_STACKS: list[Stack] = []
+
+
+@contextlib.contextmanager
+def running_stack(model: str, redis_url: str, **kwargs) -> Iterator[Stack]:
+    """A started stack, stopped (and checked for orphans) on exit; logs kept on failure."""
+    log_dir = Path(tempfile.mkdtemp(prefix="pagedserve-e2e-"))
+    stack = Stack(model=model, redis_url=redis_url, log_dir=log_dir, **kwargs).start()
+    LIVE_STACKS.append(stack)
+    try:
+        yield stack
+    finally:
+        LIVE_STACKS.remove(stack)
+        stack.stop()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of an unlabelled sample `name` in Prometheus text."""
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """transformers' greedy `generate`, one unpadded prompt at a time, never stopping at EOS."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    outputs = []
+    with torch.no_grad():
+        for ids in prompts:
+            prompt = torch.tensor([ids])  # [1, P]
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            outputs.append(out[0, len(ids) :].tolist())
+    return outputs

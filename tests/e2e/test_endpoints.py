@@ -1,0 +1,52 @@
+"""The gateway's other endpoints: models, health, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+import httpx
+from e2e_harness import MAX_MODEL_LEN, NUM_KV_BLOCKS, Stack, metric
+
+from pagedserve.client import Client
+from pagedserve.common.models import served_model_name
+
+METRICS = [
+    "pagedserve_kv_blocks_total",
+    "pagedserve_kv_blocks_used",
+    "pagedserve_kv_blocks_cached",
+    "pagedserve_requests_running",
+    "pagedserve_requests_waiting",
+    "pagedserve_prefix_cache_hit_tokens_total",
+    "pagedserve_prefix_cache_query_tokens_total",
+    "pagedserve_preemptions_total",
+    "pagedserve_generated_tokens_total",
+]
+
+
+def test_models_health_ready(stack: Stack, http: httpx.Client) -> None:
+    name = served_model_name(stack.model)
+    models = http.get("/v1/models").json()
+    assert models["object"] == "list"
+    assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(name, MAX_MODEL_LEN)]
+    with Client(stack.grpc_address, timeout=10) as client:
+        assert [(m.id, m.max_model_len) for m in client.models()] == [(name, MAX_MODEL_LEN)]
+    assert http.get("/health").json() == {"status": "ok"}
+    ready = http.get("/ready")
+    assert ready.status_code == 200 and ready.json() == {"tokenizer": True, "scheduler": True}
+
+
+def test_metrics_mirror_stats_and_time_requests(stack: Stack, http: httpx.Client) -> None:
+    before = http.get("/metrics").text
+    generated = metric(before, "pagedserve_generated_tokens_total")
+    ttft = metric(before, "pagedserve_time_to_first_token_seconds_count")
+    code = "def area(width, height):\n    \"\"\"Return the area of a rectangle.\"\"\"\n    return width * height\n\n\n"
+    prompt = {"prompt": code * 2, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    for _ in range(2):  # the second run hits the prefix cache (the prompt spans full blocks)
+        assert http.post("/v1/completions", json=prompt).status_code == 200
+    text = http.get("/metrics").text
+    for name in METRICS:
+        metric(text, name)
+    assert metric(text, "pagedserve_kv_blocks_total") == NUM_KV_BLOCKS
+    assert metric(text, "pagedserve_generated_tokens_total") >= generated + 16
+    assert metric(text, "pagedserve_prefix_cache_hit_tokens_total") > 0
+    assert metric(text, "pagedserve_time_to_first_token_seconds_count") == ttft + 2
+    assert metric(text, "pagedserve_time_per_output_token_seconds_count") > 0
+    assert metric(text, "pagedserve_scheduler_up") == 1

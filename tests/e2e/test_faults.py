@@ -1,0 +1,161 @@
+"""Cancellation, back-pressure and dead services, with real processes.
+
+A client that goes away frees its blocks within 2 s; a full gateway queue answers
+RESOURCE_EXHAUSTED / 429 at once without disturbing running requests; a killed tokenizer or
+scheduler makes the gateway answer UNAVAILABLE naming it, quickly, while /health stays 200,
+and the gateway recovers when the service comes back.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from e2e_harness import Stack, running_stack
+
+from pagedserve.client import Client
+from pagedserve.common import errors
+
+FREED_WITHIN_S = 2.0
+QUICK_S = 2.0
+LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}
+
+
+def _seconds_until_idle(stack: Stack, limit: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < limit + 3:
+        stats = stack.stats()
+        if stats.blocks_used == 0 and stats.requests_running == 0 and stats.requests_waiting == 0:
+            return time.monotonic() - start
+        time.sleep(0.02)
+    pytest.fail(f"blocks not freed: {stack.stats()}")
+
+
+def _wait_running(stack: Stack, count: int = 1) -> None:
+    deadline = time.monotonic() + 60
+    while stack.stats().requests_running < count:
+        assert time.monotonic() < deadline, "request never started running"
+        time.sleep(0.02)
+
+
+def test_sse_client_drop_frees_blocks(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.http_url, timeout=60) as http:
+        with http.stream("POST", "/v1/completions", json={"prompt": "def ", "stream": True, **LONG}) as reply:
+            events = 0
+            for line in reply.iter_lines():
+                events += line.startswith("data:")
+                if events == 3:
+                    break
+            assert stack.stats().blocks_used > 0
+    assert _seconds_until_idle(stack, FREED_WITHIN_S) <= FREED_WITHIN_S
+
+
+def test_grpc_stream_closed_mid_way_frees_blocks(stack: Stack) -> None:
+    with Client(stack.grpc_address, timeout=60) as client:
+        stream = client.stream("class ", **LONG)
+        for _, _delta in zip(range(3), stream, strict=False):
+            pass
+        assert stack.stats().blocks_used > 0
+        stream.close()
+    assert _seconds_until_idle(stack, FREED_WITHIN_S) <= FREED_WITHIN_S
+
+
+def test_http_client_gone_before_a_whole_answer_frees_blocks(stack: Stack) -> None:
+    def long_request() -> None:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{stack.http_url}/v1/completions", json={"prompt": "import ", **LONG}, timeout=1.0)
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    _wait_running(stack)
+    thread.join()
+    assert _seconds_until_idle(stack, FREED_WITHIN_S) <= FREED_WITHIN_S
+
+
+def test_full_queue_is_refused_at_once_and_running_requests_finish(stack: Stack) -> None:
+    with stack.extra_gateway(max_queued_requests=2) as (grpc_address, http_url):
+        with Client(grpc_address, timeout=120) as client:
+            streams = [client.stream("def ", max_tokens=40, ignore_eos=True) for _ in range(2)]
+            firsts = [next(s) for s in streams]  # both admitted and generating
+            assert all(f.choices for f in firsts)
+
+            start = time.monotonic()
+            with pytest.raises(errors.ResourceExhausted) as info:
+                client.generate("x", max_tokens=4)
+            assert time.monotonic() - start < QUICK_S
+            assert "queue is full" in info.value.message
+            reply = httpx.post(f"{http_url}/v1/completions", json={"prompt": "x"}, timeout=10)
+            assert reply.status_code == 429 and reply.json()["error"]["type"] == "rate_limit_error"
+            assert httpx.get(f"{http_url}/health").status_code == 200
+
+            for first, stream in zip(firsts, streams, strict=True):
+                tokens = sum(len(c.token_ids) for d in [first, *stream] for c in d.choices)
+                assert tokens == 40, "the running requests were not disturbed"
+            assert client.generate("x", max_tokens=4).choices[0].finish_reason, "room again"
+
+
+@pytest.fixture(scope="module")
+def fault_stack(bundled_model_path: str, fresh_redis_url):
+    """A stack of its own, since these tests kill its services."""
+    with running_stack(bundled_model_path, fresh_redis_url(), num_kv_blocks=128) as s:
+        yield s
+
+
+def _assert_unavailable_quickly(stack: Stack, service: str) -> None:
+    with Client(stack.grpc_address, timeout=30) as client:
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable) as info:
+            client.generate("def ", max_tokens=4)
+        assert time.monotonic() - start < QUICK_S
+        assert service in info.value.message
+    start = time.monotonic()
+    reply = httpx.post(
+        f"{stack.http_url}/v1/completions", json={"prompt": [1, 5, 6], "max_tokens": 4}, timeout=30
+    )
+    assert time.monotonic() - start < QUICK_S
+    assert reply.status_code == 503 and service in reply.json()["error"]["message"]
+    assert httpx.get(f"{stack.http_url}/health", timeout=5).status_code == 200
+    ready = httpx.get(f"{stack.http_url}/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()[service] is False
+
+
+def _assert_recovers(stack: Stack) -> None:
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{stack.http_url}/ready", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "gateway not ready again"
+        time.sleep(0.1)
+    with Client(stack.grpc_address, timeout=60) as client:
+        result = client.generate("def ", max_tokens=8, temperature=0, ignore_eos=True)
+    assert len(result.choices[0].token_ids) == 8
+
+
+def test_killed_tokenizer(fault_stack: Stack) -> None:
+    with Client(fault_stack.grpc_address, timeout=60) as client:
+        stream = client.stream("def ", **LONG)
+        next(stream)
+        fault_stack.kill("tokenizer")
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable) as info:
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < QUICK_S and "tokenizer" in info.value.message
+    _assert_unavailable_quickly(fault_stack, "tokenizer")
+    fault_stack.restart("tokenizer")
+    _assert_recovers(fault_stack)
+
+
+def test_killed_scheduler(fault_stack: Stack) -> None:
+    with Client(fault_stack.grpc_address, timeout=60) as client:
+        stream = client.stream("def ", **LONG)
+        next(stream)
+        fault_stack.kill("scheduler")
+        start = time.monotonic()
+        with pytest.raises(errors.Unavailable) as info:
+            for _ in stream:
+                pass
+        assert time.monotonic() - start < QUICK_S and "scheduler" in info.value.message
+    _assert_unavailable_quickly(fault_stack, "scheduler")
+    fault_stack.restart("scheduler")
+    _assert_recovers(fault_stack)
