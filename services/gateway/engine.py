@@ -121,7 +121,8 @@ class Engine:
             prompt_ids, sampling = await self.prepare(request)
             # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
             self.tokenizer.check_connected()
-            run = _Run(self, request, request_id, prompt_ids, sampling)
+            info = await self.tokenizer_info()  # cached by prepare()
+            run = _Run(self, request, request_id, prompt_ids, sampling, info.vocab_size)
             async for output in run.outputs():
                 yield output
         finally:
@@ -208,6 +209,7 @@ class _Run:
         request_id: str,
         prompt_ids: list[int],
         sampling: SamplingParams,
+        vocab_size: int,
     ) -> None:
         self.engine = engine
         self.request = request
@@ -222,6 +224,7 @@ class _Run:
         self.detokenizer = engine.tokenizer.detokenizer
         self.generation = 0
         self.num_lookups = 0  # keys used for token-string lookups on the Detokenize stream
+        self.vocab_size = vocab_size
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         engine = self.engine
@@ -305,7 +308,7 @@ class _Run:
             items.append(
                 DetokenizeItem(
                     key=choice.key,
-                    token_ids=ct.token_ids,
+                    token_ids=self._in_vocab(ct.token_ids),
                     prompt_token_ids=[] if choice.started else self.prompt_ids[-_DETOKENIZE_CONTEXT:],
                     finish=finishing,
                     skip_special_tokens=self.request.skip_special_tokens,
@@ -337,6 +340,14 @@ class _Run:
             deltas.append(delta)
         return deltas
 
+    def _in_vocab(self, token_ids: list[int]) -> list[int]:
+        """Ids the tokenizer knows. A model's embedding table may be larger than its tokenizer,
+        and one bad id would end the Detokenize stream that every request shares."""
+        vocab_size = self.vocab_size
+        if all(0 <= t < vocab_size for t in token_ids):
+            return token_ids
+        return [t for t in token_ids if 0 <= t < vocab_size]
+
     def _token_string_items(self, logprobs: list[TokenLogprob]) -> list[DetokenizeItem]:
         """One single-token sequence per id to show as text in logprobs (HTTP only)."""
         if not self.request.logprob_token_strings or not logprobs:
@@ -348,7 +359,7 @@ class _Run:
                 items.append(
                     DetokenizeItem(
                         key=f"{self.request_id}/t{self.num_lookups}",
-                        token_ids=[token_id],
+                        token_ids=self._in_vocab([token_id]),
                         finish=True,
                         skip_special_tokens=False,
                     )

@@ -339,3 +339,27 @@ def test_duplicate_request_id_in_flight_is_rejected() -> None:
         await first.aclose()
 
     asyncio.run(scenario())
+
+
+def test_request_timeout_aborts() -> None:
+    from pagedserve.gateway.engine import RequestTimeout
+
+    async def scenario() -> FakeScheduler:
+        scheduler = FakeScheduler(["abcdefgh"], gate=asyncio.Event())
+        engine, _ = make_engine(scheduler, request_timeout=0.05)
+        with pytest.raises(RequestTimeout, match="request-timeout"):
+            async for _ in engine.generate(text_request("p", max_tokens=8)):
+                pass
+        await asyncio.sleep(0.01)
+        assert engine.num_in_flight == 0
+        return scheduler
+
+    assert len(asyncio.run(scenario()).aborted) == 1
+
+
+def test_ids_outside_the_tokenizer_vocabulary_are_not_sent_to_the_detokenizer() -> None:
+    scheduler = FakeScheduler(["a\u0200b"])  # 0x200 = 512 >= the fake vocabulary of 300
+    engine, tokenizer = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", max_tokens=3)))
+    assert result.choices[0].token_ids == [97, 512, 98] and result.choices[0].text == "ab"
+    assert all(t < 300 for batch in tokenizer.detokenizer.batches for item in batch for t in item.token_ids)
