@@ -1,0 +1,179 @@
+"""Executor micro-benchmark: decode step time against batch size, and prefill throughput.
+
+    python -m pagedserve.bench.executor_bench [--model M] [--device cpu] [--quick]
+
+Drives `ExecutorEngine.execute_step` directly (no gRPC): the timed figure is what a scheduler's
+step costs on the executor — validation, input packing, the forward and sampling. Each backend
+gets its own engine; "triton" is measured only where it is usable for timing (a CUDA device; on
+CPU it runs only under the Triton interpreter). Prints markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+
+from pagedserve.common.models import default_model
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
+FULL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+QUICK_BATCH_SIZES = (1, 4, 16, 64)
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Bench:
+    """One engine; requests get consecutive blocks (the layout does not change the cost)."""
+
+    def __init__(self, engine: ExecutorEngine) -> None:
+        self.engine = engine
+        self.block_size = engine.pool.block_size
+        self.vocab = engine.runner.vocab_size
+        self.next_block = 0
+        self.step_id = 0
+        self.rng = random.Random(0)
+
+    def _step(self, **parts) -> float:
+        step = StepInput(self.step_id, self.engine.epoch, **parts)
+        self.step_id += 1
+        if self.engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        self.engine.execute_step(step)
+        if self.engine.runner.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def reset(self) -> None:
+        self._step(finished_request_ids=list(self.engine.requests))
+        self.next_block = 0
+
+    def prefill(self, num_seqs: int, prompt_len: int, total_len: int, max_tokens: int) -> float:
+        """Adds num_seqs requests with blocks for total_len tokens; prefills them in steps of at most
+        max_tokens tokens (whole prompts per step); returns the seconds spent."""
+        blocks_per_seq = cdiv(total_len, self.block_size)
+        seconds = 0.0
+        per_step = max(1, max_tokens // prompt_len)
+        for first in range(0, num_seqs, per_step):
+            new = []
+            for _ in range(first, min(first + per_step, num_seqs)):
+                blocks = list(range(self.next_block, self.next_block + blocks_per_seq))
+                self.next_block += blocks_per_seq
+                prompt = [self.rng.randrange(self.vocab) for _ in range(prompt_len)]
+                new.append(
+                    NewRequestData(
+                        f"r{len(self.engine.requests) + len(new)}", prompt, [], GREEDY, blocks, 0, prompt_len
+                    )
+                )
+            seconds += self._step(new_requests=new)
+        return seconds
+
+    def decode(self, num_steps: int) -> list[float]:
+        """One token for every held request per step; returns each step's seconds."""
+        times = []
+        for _ in range(num_steps):
+            cached = [
+                CachedRequestData(rid, [], 1, r.num_computed_tokens)
+                for rid, r in self.engine.requests.items()
+            ]
+            times.append(self._step(cached_requests=cached))
+        return times
+
+
+def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[list[str], list[str]]:
+    usable, notes = [], []
+    for name in requested:
+        if name == "triton" and device.type != "cuda":
+            notes.append("triton: not measured on CPU (it runs there only under the Triton interpreter)")
+        else:
+            usable.append(name)
+    return usable, notes
+
+
+def run(args: argparse.Namespace) -> str:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes)
+    decode_steps = 3 if args.quick else args.decode_steps
+    warmup = 1 if args.quick else 2
+    total_len = args.prompt_len + warmup + decode_steps
+    num_blocks = (
+        max(batch_sizes) * cdiv(total_len, args.block_size) + cdiv(args.prefill_len, args.block_size) + 1
+    )
+    backends, notes = usable_backends(args.backends, device)
+    lines = [
+        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
+        f"after {warmup} warm-up",
+        "",
+    ]
+    decode_rows: dict[str, dict[int, float]] = {}
+    prefill_rows: dict[str, float] = {}
+    for backend in backends:
+        config = ExecutorConfig(
+            model=args.model,
+            device=str(device),
+            attention_backend=backend,
+            dtype=args.dtype,
+            block_size=args.block_size,
+            num_kv_blocks=num_blocks,
+            max_num_batched_tokens=max(args.prefill_len, 8192),
+        )
+        bench = Bench(ExecutorEngine.from_config(config))
+        # Prefill: one sequence of prefill_len tokens, best of three.
+        prefill = []
+        for _ in range(1 if args.quick else 3):
+            prefill.append(bench.prefill(1, args.prefill_len, args.prefill_len + 1, args.prefill_len))
+            bench.reset()
+        prefill_rows[backend] = args.prefill_len / min(prefill)
+        decode_rows[backend] = {}
+        for batch in batch_sizes:
+            bench.prefill(batch, args.prompt_len, total_len, max_tokens=8192)
+            bench.decode(warmup)
+            decode_rows[backend][batch] = statistics.median(bench.decode(decode_steps))
+            bench.reset()
+            print(
+                f"{backend} batch {batch}: {decode_rows[backend][batch] * 1e3:.2f} ms/step", file=sys.stderr
+            )
+
+    lines.append("| batch | " + " | ".join(f"{b} ms/step | {b} tokens/s" for b in backends) + " |")
+    lines.append("|---:|" + "---:|---:|" * len(backends))
+    for batch in batch_sizes:
+        cells = [f"{decode_rows[b][batch] * 1e3:.2f} | {batch / decode_rows[b][batch]:.0f}" for b in backends]
+        lines.append(f"| {batch} | " + " | ".join(cells) + " |")
+    lines += ["", f"| prefill ({args.prefill_len} tokens, 1 sequence) | tokens/s |", "|---|---:|"]
+    lines += [f"| {b} | {prefill_rows[b]:.0f} |" for b in backends]
+    if notes:
+        lines += [""] + [f"- {n}" for n in notes]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=default_model())
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(FULL_BATCH_SIZES))
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=128, help="context of each decoding sequence")
+    parser.add_argument("--prefill-len", type=int, default=512)
+    parser.add_argument("--decode-steps", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
+    print(run(parser.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
