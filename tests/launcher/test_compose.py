@@ -1,0 +1,146 @@
+"""docker-compose.yml and the Dockerfile, checked without a Docker engine: the structure,
+each command against the service's own parser and against what `pagedserve up` runs, the
+ports, the health checks (each probe is run for real against a stand-in service), and the
+start order."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pagedserve.cli import SUBCOMMANDS, build_parser
+from pagedserve.common.models import REPO_ROOT
+from pagedserve.common.redis_harness import free_port
+from pagedserve.launcher import PAGEDSERVE, LauncherConfig, module_available, plan
+
+APP_SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
+COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+DEFAULTS = LauncherConfig(model="unused")
+LAUNCHER = {
+    spec.name: spec for spec in plan(DEFAULTS, "redis://redis:6379/0", available=lambda name: True).specs
+}
+FAKE = str(Path(__file__).with_name("fake_service.py"))
+
+
+def flags(argv: list[str]) -> dict[str, str]:
+    return dict(zip(argv[::2], argv[1::2], strict=True))
+
+
+def compose_flags(name: str) -> dict[str, str]:
+    return flags(SERVICES[name]["command"][2:])
+
+
+def launcher_flags(name: str) -> dict[str, str]:
+    return flags(list(LAUNCHER[name].command[len(PAGEDSERVE) + 1 :]))
+
+
+def test_services_and_images():
+    assert set(SERVICES) == {"redis", *APP_SERVICES}
+    assert SERVICES["redis"]["image"] == "redis:7-alpine"
+    images = {SERVICES[name]["image"] for name in APP_SERVICES}
+    assert len(images) == 1, f"one image for every service, got {images}"
+    assert all(SERVICES[name]["build"] == "." for name in APP_SERVICES)
+
+
+def test_only_the_gateway_is_published():
+    published = {name for name, service in SERVICES.items() if service.get("ports")}
+    assert published == {"gateway"}
+    assert sorted(SERVICES["gateway"]["ports"]) == sorted(
+        [f"{DEFAULTS.http_port}:{DEFAULTS.http_port}", f"{DEFAULTS.grpc_port}:{DEFAULTS.grpc_port}"]
+    )
+    assert COMPOSE["networks"]["backend"]["internal"] is True
+    assert SERVICES["redis"]["networks"] == ["backend"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_command_is_what_pagedserve_up_runs(name):
+    command = SERVICES[name]["command"]
+    assert command[:2] == ["pagedserve", name] and name in SUBCOMMANDS
+    ours, theirs = compose_flags(name), launcher_flags(name)
+    assert ours.keys() <= theirs.keys(), (
+        f"flags `pagedserve up` does not pass to {name}: {ours.keys() - theirs.keys()}"
+    )
+    assert ours["--host"] == "0.0.0.0"
+    if "--model" in theirs:
+        assert ours["--model"] == "${PAGEDSERVE_MODEL:-/app/models/tiny-py}"
+    for flag, value in ours.items():
+        if flag.endswith("port") or flag == "--block-size":
+            assert value == theirs[flag], f"{name} {flag}: compose {value}, pagedserve up {theirs[flag]}"
+        elif flag in ("--executor", "--tokenizer", "--scheduler"):
+            # The same port, reached by the service's name on the compose network.
+            assert value == f"{flag[2:]}:{theirs[flag].rsplit(':', 1)[1]}", (name, flag, value)
+    if name == "scheduler":
+        assert ours["--redis-url"] == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_command_is_accepted_by_the_services_own_parser(name):
+    if not module_available(name):
+        pytest.skip(f"{SUBCOMMANDS[name][0]} does not exist yet")
+    argv = SERVICES[name]["command"][1:]
+    try:
+        build_parser(name).parse_args(argv)
+    except SystemExit as exc:
+        pytest.fail(f"`pagedserve {' '.join(argv)}` is refused by {name}'s parser (exit {exc.code})")
+
+
+def test_every_service_has_a_health_check():
+    for name, service in SERVICES.items():
+        assert service["healthcheck"]["test"][0] == "CMD", name
+    assert SERVICES["redis"]["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+
+
+@pytest.mark.parametrize("name", APP_SERVICES)
+def test_health_probe_works(name):
+    """Run the compose probe here, pointed at a free port: it fails while nothing listens
+    and passes once a server there reports SERVING."""
+    test = SERVICES[name]["healthcheck"]["test"]
+    assert test[1:3] == ["python", "-c"]
+    probe = test[3]
+    assert f"'127.0.0.1:{LAUNCHER[name].health_address.rsplit(':', 1)[1]}'" in probe
+    port = free_port()
+    probe = re.sub(r"'127\.0\.0\.1:\d+'", f"'127.0.0.1:{port}'", probe)
+    assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 1
+    fake = subprocess.Popen([sys.executable, FAKE, "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert fake.stdout is not None and "fake serving" in fake.stdout.readline()
+        assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 0
+    finally:
+        fake.terminate()
+        fake.wait(10)
+
+
+def test_start_order_waits_for_health():
+    needs = {name: set(spec.needs) for name, spec in LAUNCHER.items()}
+    needs["scheduler"].add("redis")
+    for name in APP_SERVICES:
+        depends = SERVICES[name].get("depends_on", {})
+        assert set(depends) == needs[name], name
+        assert all(d["condition"] == "service_healthy" for d in depends.values()), name
+
+
+def test_model_comes_from_the_environment():
+    for name in APP_SERVICES:
+        assert SERVICES[name]["environment"]["PAGEDSERVE_MODEL"] == "${PAGEDSERVE_MODEL:-/app/models/tiny-py}"
+
+
+def test_dockerfile_builds_one_image_that_runs_pagedserve():
+    text = (REPO_ROOT / "Dockerfile").read_text()
+    assert re.search(r"^FROM python:3\.11-slim", text, re.M)
+    assert "download.pytorch.org/whl/cpu" in text
+    assert re.search(r"make (gen-stubs|protos)|grpc_tools", text)
+    assert re.search(r"pip install [^\n]*\.\s*$", text, re.M)
+    assert re.search(r"^COPY models/ ", text, re.M)
+    (cmd,) = re.findall(r"^CMD (\[.*\])$", text, re.M)
+    assert json.loads(cmd)[:2] == ["pagedserve", "up"]
+    ignored = {line.strip().rstrip("/") for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()}
+    assert {".venv", ".git"} <= ignored
+    needed = {"pyproject.toml", "README.md", "Makefile", "protos", "services", "kernels", "bench", "models"}
+    assert not needed & ignored
