@@ -44,10 +44,11 @@ class BlockHasher:
         self.salt = salt
         self.block_size = block_size
 
-    def extend(self, hashes: list[str], token_ids: Sequence[int], num_full_blocks: int) -> None:
-        """Append to `hashes` (the chain so far) until it covers `num_full_blocks` blocks of `token_ids`."""
+    def extend(self, hashes: list[str], new_token_ids: Sequence[int]) -> None:
+        """Append to `hashes` (the chain so far) the hash of every full block in `new_token_ids`,
+        the tokens that follow the blocks already hashed."""
         bs = self.block_size
-        for i in range(len(hashes), num_full_blocks):
-            parent = hashes[i - 1] if i else ROOT_HASH
+        for start in range(0, len(new_token_ids) - bs + 1, bs):
+            parent = hashes[-1] if hashes else ROOT_HASH
             # A global looked up at call time, so a test can force collisions by patching it.
-            hashes.append(block_hash(parent, token_ids[i * bs : (i + 1) * bs], self.salt))
+            hashes.append(block_hash(parent, new_token_ids[start : start + bs], self.salt))

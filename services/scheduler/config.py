@@ -1,0 +1,72 @@
+"""The scheduler's configuration: flags (`SchedulerConfig`) and the limits the policy runs under."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedserve.common.step import ExecutorInfo
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Built once from flags in `server.main` and passed down."""
+
+    redis_url: str
+    host: str = "0.0.0.0"
+    port: int = 50053
+    executor: str = "localhost:50054"
+    pool_id: str = ""  # "" means derived from the executor address
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_queued_requests: int = 1024
+    max_model_len: int | None = None  # None means the executor's
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerLimits:
+    """What the policy needs: the config's limits and the executor pool's geometry."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_queued_requests: int
+    max_model_len: int
+    num_blocks: int
+    block_size: int
+    eos_token_ids: frozenset[int]
+    vocab_size: int
+    model: str = ""
+
+    @classmethod
+    def from_info(
+        cls,
+        info: ExecutorInfo,
+        *,
+        max_num_seqs: int = 256,
+        max_num_batched_tokens: int = 2048,
+        max_queued_requests: int = 1024,
+        max_model_len: int | None = None,
+    ) -> SchedulerLimits:
+        """The executor's facts with the configured limits; max_model_len never exceeds the executor's."""
+        if max_num_seqs < 1 or max_num_batched_tokens < 1 or max_queued_requests < 1:
+            raise ValueError("max_num_seqs, max_num_batched_tokens and max_queued_requests must be >= 1")
+        return cls(
+            max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_queued_requests=max_queued_requests,
+            max_model_len=min(max_model_len or info.max_model_len, info.max_model_len),
+            num_blocks=info.num_blocks,
+            block_size=info.block_size,
+            eos_token_ids=frozenset(info.eos_token_ids),
+            vocab_size=info.vocab_size,
+            model=info.model,
+        )
+
+    @classmethod
+    def from_config(cls, config: SchedulerConfig, info: ExecutorInfo) -> SchedulerLimits:
+        return cls.from_info(
+            info,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_queued_requests=config.max_queued_requests,
+            max_model_len=config.max_model_len,
+        )

@@ -1,0 +1,122 @@
+"""What a request's stream carries, and the per-request buffer between the step loop and the client.
+
+The step loop never waits for a client: it merges each step's tokens into the request's
+`RequestStream`, and the client side takes whatever has piled up since its last message.
+A slow client therefore gets fewer, bigger messages; it never stalls the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from pagedserve.common.step import TokenLogprobs
+
+
+class FinishReason(IntEnum):
+    """Values match `pagedserve.v1.FinishReason`."""
+
+    NONE = 0
+    STOP = 1  # EOS or a stop token id
+    LENGTH = 2  # max_tokens or max_model_len
+    ABORT = 3
+
+
+@dataclass(slots=True)
+class ChoiceDelta:
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: FinishReason = FinishReason.NONE
+    stop_token_id: int = -1
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int  # summed over every choice
+    cached_prompt_tokens: int
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    """Everything new for one request since its last message."""
+
+    request_id: str
+    choices: list[ChoiceDelta]
+    usage: Usage | None = None  # set on the last message
+    cached_prompt_tokens: int | None = None  # set on the first message with tokens
+
+    @property
+    def finished(self) -> bool:
+        return self.usage is not None
+
+
+class RequestStream:
+    """The merge buffer of one request: `push_*` from the step loop, `get` from the client side."""
+
+    __slots__ = ("request_id", "_choices", "_usage", "_cached", "_cached_sent", "_event", "_done")
+
+    def __init__(self, request_id: str) -> None:
+        self.request_id = request_id
+        self._choices: dict[int, ChoiceDelta] = {}
+        self._usage: Usage | None = None
+        self._cached: int | None = None
+        self._cached_sent = False
+        self._event = asyncio.Event()
+        self._done = False  # the final delta was taken
+
+    def push(
+        self,
+        index: int,
+        token_ids: list[int],
+        logprobs: list[TokenLogprobs] | None = None,
+        finish_reason: FinishReason = FinishReason.NONE,
+        stop_token_id: int = -1,
+    ) -> None:
+        delta = self._choices.get(index)
+        if delta is None:
+            delta = self._choices[index] = ChoiceDelta(index)
+        delta.token_ids.extend(token_ids)
+        if logprobs:
+            delta.logprobs.extend(logprobs)
+        if finish_reason != FinishReason.NONE:
+            delta.finish_reason, delta.stop_token_id = finish_reason, stop_token_id
+        self._event.set()
+
+    def set_cached_prompt_tokens(self, num_tokens: int) -> None:
+        if self._cached is None and not self._cached_sent:
+            self._cached = num_tokens
+
+    def finish(self, usage: Usage) -> None:
+        self._usage = usage
+        self._event.set()
+
+    @property
+    def finished(self) -> bool:
+        return self._usage is not None
+
+    def take(self) -> RequestDelta | None:
+        """Everything pending, or None when nothing is."""
+        if self._done or (not self._choices and self._usage is None):
+            return None
+        choices = [self._choices[i] for i in sorted(self._choices)]
+        self._choices = {}
+        cached = None
+        if self._cached is not None and any(c.token_ids for c in choices):
+            cached, self._cached, self._cached_sent = self._cached, None, True
+        if self._usage is not None:
+            self._done = True
+        self._event.clear()
+        return RequestDelta(self.request_id, choices, self._usage, cached)
+
+    async def get(self) -> RequestDelta:
+        """Wait for the next delta (the last one has `finished`); never call again after it."""
+        while True:
+            delta = self.take()
+            if delta is not None:
+                return delta
+            if self._done:
+                raise RuntimeError(f"request {self.request_id}: stream already finished")
+            await self._event.wait()

@@ -1,0 +1,134 @@
+"""Requests and the sequences the scheduler runs for them.
+
+A `Request` is what a client submitted; a `Sequence` is what runs on the executor. A request
+with n == 1 has one sequence. A request with n > 1 first runs one prompt sequence that
+computes all but the last prompt token and samples nothing; then n choice sequences fork
+from it, sharing its blocks, and each computes the last prompt token itself (after a
+copy-on-write of the shared partial block) with its own seed.
+
+There is no prefill or decode phase: a sequence only has `num_computed_tokens`, and each step
+computes some of the tokens after it (the whole prompt, a chunk of it, or one new token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import TokenLogprobs
+from pagedserve.scheduler.output import FinishReason, RequestStream
+
+PROMPT_INDEX = -1  # choice index of the prompt sequence of an n > 1 request
+_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so distinct choice indices give distinct seeds
+_SEED_MASK = (1 << 63) - 1
+
+
+class SequenceStatus(IntEnum):
+    WAITING = 1  # queued, new or preempted: holds no blocks
+    RUNNING = 2  # holds a block table
+    FINISHED = 3  # stopped, or aborted
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index`: choice 0 keeps the request's seed, the others derive theirs."""
+    if seed is None or index == 0:
+        return seed
+    return (seed + index * _SEED_STRIDE) & _SEED_MASK
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    seq_id: str  # the executor's request id
+    request: Request
+    index: int  # choice index, or PROMPT_INDEX
+    sampling: SamplingParams  # n == 1, this choice's seed
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[str] = field(default_factory=list)  # chained hashes of the known full blocks
+    num_registered_blocks: int = 0  # leading full blocks known to the prefix cache
+    status: SequenceStatus = SequenceStatus.WAITING
+    in_executor: bool = False  # the executor holds its state (else it gets a NewRequestData)
+    saved: bool = False  # its state record exists in the pool
+    unsaved_token_ids: list[int] = field(default_factory=list)  # outputs not yet written to the pool
+    finish_reason: FinishReason = FinishReason.NONE
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def target_len(self) -> int:
+        """Tokens this sequence has to compute before it samples (the prompt sequence of an
+        n > 1 request stops one short of the prompt and never samples)."""
+        if self.index == PROMPT_INDEX:
+            return len(self.request.prompt_token_ids) - 1
+        return self.num_tokens
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens [start, end) of prompt + outputs."""
+        prompt = self.request.prompt_token_ids
+        if end <= len(prompt):
+            return prompt[start:end]
+        if start >= len(prompt):
+            return self.output_token_ids[start - len(prompt) : end - len(prompt)]
+        return prompt[start:] + self.output_token_ids[: end - len(prompt)]
+
+    def all_token_ids(self) -> list[int]:
+        return self.request.prompt_token_ids + self.output_token_ids
+
+    def check_stop(self, token_id: int, eos_token_ids: frozenset[int], max_model_len: int) -> bool:
+        """After `token_id` was appended: whether the sequence is done (sets finish_reason)."""
+        params = self.sampling
+        num_out = len(self.output_token_ids)
+        if num_out >= params.min_tokens:
+            if (not params.ignore_eos and token_id in eos_token_ids) or token_id in params.stop_token_ids:
+                self.finish_reason = FinishReason.STOP
+                return True
+        if num_out >= params.max_tokens or self.num_tokens >= max_model_len:
+            self.finish_reason = FinishReason.LENGTH
+            return True
+        return False
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    priority: int
+    arrival: int  # submission order, for first come, first served among equal priorities
+    stream: RequestStream
+    seqs: list[Sequence] = field(default_factory=list)  # live sequences (the prompt one, or the choices)
+    started: bool = False  # some sequence was admitted (the request left the queue)
+    cached_prompt_tokens: int | None = None  # prefix-cache hit of its first admission
+    completion_tokens: int = 0
+    num_choices_left: int = 0
+    aborted: bool = False
+
+    def choice(self, index: int) -> Sequence:
+        params = replace(self.sampling, n=1, seed=choice_seed(self.sampling.seed, index))
+        suffix = "" if self.sampling.n == 1 else f"#{index}"
+        return Sequence(f"{self.request_id}{suffix}", self, index, params)
+
+    def prompt_sequence(self) -> Sequence:
+        params = replace(self.sampling, n=1, max_tokens=1, min_tokens=0)
+        return Sequence(f"{self.request_id}#prompt", self, PROMPT_INDEX, params)
+
+    def initial_sequences(self) -> list[Sequence]:
+        """One sequence per choice, or the shared prompt sequence when n > 1 and there is a
+        prompt prefix to share (a one-token prompt has none)."""
+        n = self.sampling.n
+        self.num_choices_left = n
+        if n > 1 and len(self.prompt_token_ids) > 1:
+            return [self.prompt_sequence()]
+        return [self.choice(i) for i in range(n)]
+
+
+def logprobs_list(lp: TokenLogprobs | None) -> list[TokenLogprobs]:
+    return [lp] if lp is not None else []

@@ -1,0 +1,66 @@
+"""Driving a `SchedulerEngine` in tests: collect every stream, check the pool is clean at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from pagedserve.scheduler.engine import SchedulerEngine
+from pagedserve.scheduler.output import FinishReason, RequestStream, Usage
+
+
+@dataclass
+class Collected:
+    tokens: dict[int, list[int]] = field(default_factory=dict)
+    finish: dict[int, FinishReason] = field(default_factory=dict)
+    stop_token: dict[int, int] = field(default_factory=dict)
+    messages: int = 0
+    usage: Usage | None = None
+    cached_prompt_tokens: int | None = None
+
+
+async def drain(stream: RequestStream) -> Collected:
+    out = Collected()
+    while True:
+        delta = await stream.get()
+        out.messages += 1
+        if delta.cached_prompt_tokens is not None:
+            out.cached_prompt_tokens = delta.cached_prompt_tokens
+        for choice in delta.choices:
+            out.tokens.setdefault(choice.index, []).extend(choice.token_ids)
+            if choice.finish_reason != FinishReason.NONE:
+                out.finish[choice.index] = choice.finish_reason
+                out.stop_token[choice.index] = choice.stop_token_id
+        if delta.finished:
+            out.usage = delta.usage
+            return out
+
+
+async def run_all(
+    engine: SchedulerEngine, streams: list[RequestStream], timeout: float = 60.0
+) -> list[Collected]:
+    engine.start()
+    try:
+        return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), timeout)
+    finally:
+        await engine.stop()
+
+
+async def settle(engine: SchedulerEngine) -> None:
+    """Run the loop until the pool has learned everything (the last frees go with a step)."""
+    engine.start()
+    for _ in range(1000):
+        if not engine.scheduler.has_work():
+            break
+        await asyncio.sleep(0.005)
+    await engine.stop()
+
+
+def assert_pool_clean(engine: SchedulerEngine) -> None:
+    """fsck passes and every block is free or cached (no reference left)."""
+    pool = engine.scheduler.pool
+    assert pool.check() == []
+    counts = pool.counts()
+    assert counts.num_used == 0, counts
+    assert counts.num_total == pool.num_blocks
+    assert engine.scheduler.ref_cnt == {}
