@@ -50,6 +50,7 @@ class FakeExecutor:
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.steps: list[StepInput] = []
+        self.restart_before_step: int | None = None  # restart when this many steps have run
         self.restart()
 
     def restart(self) -> None:
@@ -74,6 +75,9 @@ class FakeExecutor:
         )
 
     async def execute_step(self, step: StepInput) -> StepOutput:
+        if self.restart_before_step is not None and len(self.steps) == self.restart_before_step:
+            self.restart_before_step = None
+            self.restart()
         if step.epoch and step.epoch != self.epoch:
             raise FailedPrecondition(f"epoch {step.epoch} is not {self.epoch}")
         plan = plan_step(
