@@ -77,7 +77,10 @@ class _Workspace(threading.local):
     def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         buf = self.buffers.get((device, dtype))
         if buf is None or buf.numel() < numel:
-            buf = torch.empty(numel, dtype=dtype, device=device)
+            # A normal tensor, even when first needed under inference_mode: an inference tensor
+            # could not be written by a later call made outside it.
+            with torch.inference_mode(False):
+                buf = torch.empty(numel, dtype=dtype, device=device)
             self.buffers[(device, dtype)] = buf
         return buf[:numel]
 
