@@ -12,6 +12,7 @@ greedy outputs are a pure function of the prompt, and `reference()` computes the
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from array import array
@@ -51,6 +52,7 @@ class FakeExecutor:
         self.max_model_len = max_model_len
         self.steps: list[StepInput] = []
         self.restart_before_step: int | None = None  # restart when this many steps have run
+        self.step_delay = 0.0  # seconds each step takes (a model forward)
         self.restart()
 
     def restart(self) -> None:
@@ -90,6 +92,8 @@ class FakeExecutor:
             max_num_batched_tokens=1 << 30,
         )
         self.steps.append(step)
+        if self.step_delay:
+            await asyncio.sleep(self.step_delay)
         bs = self.block_size
         for src, dst in plan.block_copies:
             self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs]

@@ -1,0 +1,99 @@
+"""The Scheduler gRPC service: protobuf in, the engine's calls, protobuf out.
+
+Submit streams a request's `RequestDelta`s. The step loop never waits for this stream: a
+client that reads slowly gets fewer, bigger messages. When the client goes away (cancels,
+disconnects) before the last message, the request is aborted and its blocks are freed at the
+next step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pagedserve.common.grpc_utils import grpc_errors
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import logprobs_to_proto
+from pagedserve.scheduler.engine import SchedulerEngine
+from pagedserve.scheduler.output import RequestDelta
+from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = "pagedserve.v1.Scheduler"
+
+
+def delta_to_proto(delta: RequestDelta) -> scheduler_pb2.SubmitResponse:
+    msg = scheduler_pb2.SubmitResponse(
+        request_id=delta.request_id,
+        choices=[
+            scheduler_pb2.ChoiceTokens(
+                index=c.index,
+                token_ids=c.token_ids,
+                logprobs=[logprobs_to_proto(lp) for lp in c.logprobs],
+                finish_reason=int(c.finish_reason),
+                stop_token_id=c.stop_token_id,
+            )
+            for c in delta.choices
+        ],
+    )
+    if delta.usage is not None:
+        msg.usage.CopyFrom(
+            common_pb2.Usage(
+                prompt_tokens=delta.usage.prompt_tokens,
+                completion_tokens=delta.usage.completion_tokens,
+                cached_prompt_tokens=delta.usage.cached_prompt_tokens,
+            )
+        )
+    if delta.cached_prompt_tokens is not None:
+        msg.cached_prompt_tokens = delta.cached_prompt_tokens
+    return msg
+
+
+class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, engine: SchedulerEngine) -> None:
+        self.engine = engine
+
+    @grpc_errors
+    async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
+        sampling = SamplingParams.from_proto(request.sampling)
+        stream = self.engine.submit(
+            request.request_id, list(request.prompt_token_ids), sampling, request.priority
+        )
+        finished = False
+        try:
+            while not finished:
+                delta = await stream.get()
+                finished = delta.finished
+                yield delta_to_proto(delta)
+        finally:
+            if not finished:  # the client went away (or the call was cancelled)
+                log.info("request %s: client gone, aborting", request.request_id)
+                self.engine.abort(request.request_id)
+
+    @grpc_errors
+    async def Abort(self, request: scheduler_pb2.AbortRequest, context) -> scheduler_pb2.AbortResponse:
+        return scheduler_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+
+    @grpc_errors
+    async def Stats(self, request: scheduler_pb2.StatsRequest, context) -> scheduler_pb2.StatsResponse:
+        sched = self.engine.scheduler
+        stats, counts, limits = sched.stats, sched.counts, sched.limits
+        return scheduler_pb2.StatsResponse(
+            blocks_total=counts.num_total,
+            blocks_used=counts.num_used,
+            blocks_cached=counts.num_cached,
+            blocks_free=counts.num_free,
+            requests_running=len(sched.running),
+            requests_waiting=sched.num_waiting_seqs(),
+            preemptions_total=stats.num_preemptions,
+            prefix_cache_hit_tokens=stats.prefix_hit_tokens,
+            prefix_cache_query_tokens=stats.prefix_query_tokens,
+            generated_tokens_total=stats.generated_tokens,
+            steps_total=stats.num_steps,
+            block_size=limits.block_size,
+            max_model_len=limits.max_model_len,
+            model=limits.model,
+            kv_utilization=stats.kv_utilization,
+            eos_token_ids=sorted(limits.eos_token_ids),
+            vocab_size=limits.vocab_size,
+        )
