@@ -248,36 +248,45 @@ class Launcher:
             self._stop_children()
 
     def _start(self, specs: list[ServiceSpec], deadline: float) -> int | None:
+        """Spawn each tier and wait for it; None once all serve, else the exit status."""
         busy = ports_in_use(self.config.host, [p for spec in specs for p in spec.ports])
         if busy:
             self.say(f"port(s) {', '.join(map(str, busy))} already in use on {self.config.host}", error=True)
             return 1
         for tier in sorted({spec.tier for spec in specs}):
-            pending = [spec for spec in specs if spec.tier == tier]
-            for spec in pending:
-                self._spawn(spec)
-            while pending:
-                if self._stop.is_set():
-                    self.say("interrupted during start-up; stopping")
-                    return 128 + self.stop_signal
-                if self._report_exited(during="during start-up"):
-                    return 1
-                for spec in [s for s in pending if health_check(s.health_address, timeout=1.0)]:
-                    pid = self.children[spec.name][1].pid
-                    self.say(f"{spec.name} is serving at {spec.health_address} (pid {pid})")
-                    pending.remove(spec)
-                if pending and time.monotonic() > deadline:
-                    for spec in pending:
-                        self.say(
-                            f"{spec.name} did not report SERVING at {spec.health_address} "
-                            f"within --startup-timeout {self.config.startup_timeout:g}s",
-                            error=True,
-                        )
-                        self._print_tail(spec.name)
-                    return 1
-                if pending:
-                    self._stop.wait(0.25)
+            members = [spec for spec in specs if spec.tier == tier]
+            if not self._stop.is_set():
+                for spec in members:
+                    self._spawn(spec)
+            code = self._wait_serving(members, deadline)
+            if code is not None:
+                return code
         return None
+
+    def _wait_serving(self, pending: list[ServiceSpec], deadline: float) -> int | None:
+        pending = list(pending)
+        while True:
+            if self._stop.is_set():
+                self.say("interrupted during start-up; stopping")
+                return 128 + self.stop_signal
+            if self._report_exited(during="during start-up"):
+                return 1
+            for spec in [s for s in pending if health_check(s.health_address, timeout=1.0)]:
+                pid = self.children[spec.name][1].pid
+                self.say(f"{spec.name} is serving at {spec.health_address} (pid {pid})")
+                pending.remove(spec)
+            if not pending:
+                return None
+            if time.monotonic() > deadline:
+                for spec in pending:
+                    self.say(
+                        f"{spec.name} did not report SERVING at {spec.health_address} "
+                        f"within --startup-timeout {self.config.startup_timeout:g}s",
+                        error=True,
+                    )
+                    self._print_tail(spec.name)
+                return 1
+            self._stop.wait(0.25)
 
     def _spawn(self, spec: ServiceSpec) -> None:
         log_path = Path(self.config.log_dir) / f"{spec.name}.log" if self.config.log_dir else None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -108,6 +109,15 @@ def test_child_never_serving_hits_the_startup_timeout():
     run = Run([fake("executor", "--mode", "hang")], startup_timeout=2.0)
     assert run.join() == 1
     assert "executor did not report SERVING" in run.err.getvalue(), run.output()
+    assert not [pid for pid in run.pids() if alive(pid)]
+
+
+def test_stop_during_startup_exits_128_plus_the_signal():
+    run = Run([fake("executor", "--mode", "hang")])
+    run.wait_for("started executor")
+    run.launcher.request_stop(signal.SIGINT)
+    assert run.join() == 128 + signal.SIGINT
+    assert "interrupted during start-up" in run.out.getvalue()
     assert not [pid for pid in run.pids() if alive(pid)]
 
 
