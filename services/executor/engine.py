@@ -31,8 +31,9 @@ from pagedserve.executor.config import (
     DEFAULT_MIN_BATCHED_TOKENS,
     ExecutorConfig,
 )
+from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
-from pagedserve.executor.model_runner import ModelRunner, ScheduledSeq
+from pagedserve.executor.model_runner import ModelRunner
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 
 log = logging.getLogger(__name__)

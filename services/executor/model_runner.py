@@ -16,188 +16,29 @@ its pool layer in call order, so models whose modules lack `layer_idx` work too.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.executor.attention import (
+    ATTN_IMPLEMENTATION,
+    LAYER_ATTR,
+    STEP_KWARG,
+    AttentionProbe,
+    StepMetadata,
+    register_attention,
+)
+from pagedserve.executor.inputs import ScheduledSeq, StepInputs, prepare_inputs
 from pagedserve.executor.kv_pool import KVCacheSpec, KVPool, cdiv
 from pagedserve.kernels.backends import AttentionBackend, get_attention_backend
 
 log = logging.getLogger(__name__)
 
-ATTN_IMPLEMENTATION = "pagedserve"
-STEP_KWARG = "pagedserve_step"  # the keyword that carries StepMetadata to the attention function
-LAYER_ATTR = "_pagedserve_layer"  # pool layer of an attention module, set by the probe
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-# Keyword arguments some architectures pass to the attention function that our kernels do not
-# implement; a non-None value means the model needs them (logit soft-capping, attention sinks).
-UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
 
 
 class UnsupportedModel(ValueError):
     """The model cannot run on pagedserve's attention; the message says why."""
-
-
-class ScheduledSeq(NamedTuple):
-    """One sequence's share of a step, as the engine hands it to `prepare_inputs`."""
-
-    token_ids: list[int]  # every known token (prompt + outputs); the step reads [start, start + num_tokens)
-    block_ids: list[int]  # the block table, covering at least start + num_tokens slots
-    start: int  # num_computed_tokens before the step
-    num_tokens: int  # num_scheduled_tokens
-    sample: bool  # whether a token is sampled after the last scheduled one
-
-
-@dataclass(slots=True)
-class StepMetadata:
-    """What every layer's attention needs for one forward; one object shared by all layers."""
-
-    slot_mapping: torch.Tensor  # [T] int64, pool slot each new token's K/V goes to
-    block_table: torch.Tensor  # [S, max_blocks] int32
-    seq_lens: torch.Tensor  # [S] int32, context length including the new tokens
-    cu_seqlens_q: torch.Tensor  # [S + 1] int32
-    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
-    v_caches: list[torch.Tensor]
-    backend: AttentionBackend
-
-
-class StepInputs(NamedTuple):
-    input_ids: torch.Tensor  # [T] int64
-    positions: torch.Tensor  # [T] int64
-    slot_mapping: torch.Tensor  # [T] int64
-    block_table: torch.Tensor  # [S, max_blocks] int32
-    seq_lens: torch.Tensor  # [S] int32
-    cu_seqlens_q: torch.Tensor  # [S + 1] int32
-    sample_indices: torch.Tensor  # [N] int64, flat token index of each sampled sequence's last token
-
-
-def prepare_inputs(seqs: list[ScheduledSeq], block_size: int, device: torch.device) -> StepInputs:
-    """Packs the scheduled tokens of all sequences back to back, in order."""
-    input_ids: list[int] = []
-    q_lens: list[int] = []
-    starts: list[int] = []
-    sample_indices: list[int] = []
-    max_blocks = 1
-    for seq in seqs:
-        end = seq.start + seq.num_tokens
-        input_ids.extend(seq.token_ids[seq.start : end])
-        q_lens.append(seq.num_tokens)
-        starts.append(seq.start)
-        if seq.sample:
-            sample_indices.append(len(input_ids) - 1)
-        max_blocks = max(max_blocks, cdiv(end, block_size))
-    # Only the blocks a sequence's context covers go in; the rest of each row is padding (never read).
-    block_table = torch.zeros((len(seqs), max_blocks), dtype=torch.int32)  # [S, max_blocks]
-    for row, seq in enumerate(seqs):
-        used = seq.block_ids[: cdiv(seq.start + seq.num_tokens, block_size)]
-        block_table[row, : len(used)] = torch.tensor(used, dtype=torch.int32)
-
-    q_lens_t = torch.tensor(q_lens, dtype=torch.int64)  # [S]
-    cu_seqlens_q = torch.zeros(len(seqs) + 1, dtype=torch.int64)  # [S + 1]
-    torch.cumsum(q_lens_t, 0, out=cu_seqlens_q[1:])
-    num_tokens = len(input_ids)
-    seq_of_token = torch.repeat_interleave(torch.arange(len(seqs)), q_lens_t)  # [T]
-    local = torch.arange(num_tokens) - cu_seqlens_q[seq_of_token]  # [T]
-    positions = torch.tensor(starts, dtype=torch.int64)[seq_of_token] + local  # [T]
-    slot_mapping = (
-        block_table[seq_of_token, positions // block_size].long() * block_size + positions % block_size
-    )  # [T]
-    seq_lens = torch.tensor(starts, dtype=torch.int64) + q_lens_t  # [S]
-
-    def to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return t.to(device=device, dtype=dtype, non_blocking=True)
-
-    return StepInputs(
-        input_ids=to(torch.tensor(input_ids, dtype=torch.int64), torch.int64),
-        positions=to(positions, torch.int64),
-        slot_mapping=to(slot_mapping, torch.int64),
-        block_table=to(block_table, torch.int32),
-        seq_lens=to(seq_lens, torch.int32),
-        cu_seqlens_q=to(cu_seqlens_q, torch.int32),
-        sample_indices=to(torch.tensor(sample_indices, dtype=torch.int64), torch.int64),
-    )
-
-
-@dataclass(slots=True)
-class _Probe:
-    """Passed instead of StepMetadata during the load-time probe: records each attention call."""
-
-    modules: list[nn.Module] = field(default_factory=list)
-    layouts: list[tuple[int, int, int, torch.dtype]] = field(default_factory=list)  # (H, Hkv, D, dtype)
-    sliding_windows: list[int | None] = field(default_factory=list)
-    unsupported: set[str] = field(default_factory=set)
-
-
-def _probe_attention(probe: _Probe, module, query, key, value, scaling, kwargs) -> torch.Tensor:
-    probe.modules.append(module)
-    probe.layouts.append((query.shape[1], key.shape[1], key.shape[3], key.dtype))
-    window = kwargs.get("sliding_window")
-    probe.sliding_windows.append(int(window) if window is not None and window > 0 else None)
-    probe.unsupported.update(k for k in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(k) is not None)
-    # Plain causal attention over the probe's one sequence, so later layers see sane values.
-    group = query.shape[1] // key.shape[1]
-    out = F.scaled_dot_product_attention(
-        query,
-        key.repeat_interleave(group, 1),
-        value.repeat_interleave(group, 1),
-        is_causal=True,
-        scale=scaling,
-    )  # [1, H, T, D]
-    return out.transpose(1, 2)  # [1, T, H, D]
-
-
-def pagedserve_attention(
-    module: nn.Module,
-    query: torch.Tensor,  # [1, H, T, D]
-    key: torch.Tensor,  # [1, Hkv, T, D]
-    value: torch.Tensor,  # [1, Hkv, T, D]
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """The attention function registered with transformers: returns ([1, T, H, D], None)."""
-    step = kwargs.get(STEP_KWARG)
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    if isinstance(step, _Probe):
-        return _probe_attention(step, module, query, key, value, scaling, kwargs), None
-    if step is None:
-        raise RuntimeError(
-            f"the '{ATTN_IMPLEMENTATION}' attention was called without step metadata; "
-            f"call the model through ModelRunner, which passes {STEP_KWARG}=..."
-        )
-    layer = getattr(module, LAYER_ATTR)
-    k_cache, v_cache = step.k_caches[layer], step.v_caches[layer]
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    step.backend.reshape_and_cache(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.slot_mapping
-    )
-    out = q.new_empty(q.shape)  # [T, H, D]
-    step.backend.paged_attention(
-        q, k_cache, v_cache, step.block_table, step.seq_lens, step.cu_seqlens_q, scaling, out=out
-    )
-    return out.unsqueeze(0), None  # [1, T, H, D]
-
-
-_registered = False
-
-
-def register_attention() -> None:
-    """Registers pagedserve's attention and its (absent) mask with transformers, once per process."""
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ATTN_IMPLEMENTATION, pagedserve_attention)
-    # The kernels apply causality and sequence boundaries from the metadata; no dense mask is built.
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lambda *args, **kwargs: None)
-    _registered = True
 
 
 def resolve_dtype(name: str, device: torch.device, model_dtype: torch.dtype | str | None) -> torch.dtype:
@@ -274,7 +115,7 @@ class ModelRunner:
     def _probe(self) -> tuple[int, int, int, int, int | None]:
         """One short forward recording every attention call; returns
         (num_layers, num_heads, num_kv_heads, head_dim, sliding_window or None)."""
-        probe = _Probe()
+        probe = AttentionProbe()
         ids = torch.zeros((1, 4), dtype=torch.int64, device=self.device)  # [1, 4]
         positions = torch.arange(4, device=self.device)[None]  # [1, 4]
         self.model(

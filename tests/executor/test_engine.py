@@ -189,3 +189,19 @@ def test_the_probe_maps_layers_and_layout(tmp_path) -> None:
     assert (runner.num_layers, runner.num_heads, runner.num_kv_heads, runner.head_dim) == (2, 4, 1, 16)
     assert runner.sliding_window is None and not config.use_sliding_window
     runner.self_check(block_size=4)
+
+
+def test_a_step_where_nothing_samples(tiny_model_dir, make_engine) -> None:
+    """Only mid-prompt chunks: the forward runs, no logits are kept, no token comes back."""
+    engine = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
+    prompt = list(range(3, 23))
+    new = [
+        NewRequestData("p", prompt, [], GREEDY, [6, 2, 5], 0, 9),
+        NewRequestData("q", prompt, [], GREEDY, [1], 0, 4),
+    ]
+    assert engine.execute_step(StepInput(0, engine.epoch, new_requests=new)).sampled == []
+    assert (engine.requests["p"].num_computed_tokens, engine.requests["q"].num_computed_tokens) == (9, 4)
+    rest = StepInput(1, engine.epoch, cached_requests=[CachedRequestData("p", [], 11, 9)])
+    (token,) = engine.execute_step(rest).sampled
+    (expected,) = reference_greedy(tiny_model_dir("llama"), [prompt], 1)
+    assert [token.token_id] == expected

@@ -1,0 +1,120 @@
+"""pagedserve's attention as transformers sees it: a function registered with `AttentionInterface`.
+
+transformers calls `pagedserve_attention` in every attention layer with query `[1, H, T, D]` and
+key/value `[1, Hkv, T, D]` for the step's flat batch of T tokens; the `StepMetadata` that
+`ModelRunner` passes to the model as the keyword `pagedserve_step` arrives in `**kwargs`. The function
+writes the new K/V into the layer's pool tensors (`reshape_and_cache`), attends over the pool through
+the block tables (`paged_attention`) and returns `[1, T, H, D]`. No dense mask is built: the kernels
+apply causality and sequence boundaries from the metadata, so the registered mask function returns None.
+
+An `AttentionProbe` in place of the metadata makes a load-time forward record every call instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedserve.kernels.backends import AttentionBackend
+
+ATTN_IMPLEMENTATION = "pagedserve"
+STEP_KWARG = "pagedserve_step"  # the keyword that carries StepMetadata to the attention function
+LAYER_ATTR = "_pagedserve_layer"  # pool layer of an attention module, set by the probe
+# Keyword arguments some architectures pass to the attention function that our kernels do not
+# implement; a non-None value means the model needs them (logit soft-capping, attention sinks).
+UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
+
+
+@dataclass(slots=True)
+class StepMetadata:
+    """What every layer's attention needs for one forward; one object shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] int64, pool slot each new token's K/V goes to
+    block_table: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32, context length including the new tokens
+    cu_seqlens_q: torch.Tensor  # [S + 1] int32
+    k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
+    v_caches: list[torch.Tensor]
+    backend: AttentionBackend
+
+
+@dataclass(slots=True)
+class AttentionProbe:
+    """Passed instead of StepMetadata during the load-time probe: records each attention call."""
+
+    modules: list[nn.Module] = field(default_factory=list)
+    layouts: list[tuple[int, int, int, torch.dtype]] = field(default_factory=list)  # (H, Hkv, D, dtype)
+    sliding_windows: list[int | None] = field(default_factory=list)
+    unsupported: set[str] = field(default_factory=set)
+
+
+def _probe_attention(probe: AttentionProbe, module, query, key, value, scaling, kwargs) -> torch.Tensor:
+    probe.modules.append(module)
+    probe.layouts.append((query.shape[1], key.shape[1], key.shape[3], key.dtype))
+    window = kwargs.get("sliding_window")
+    probe.sliding_windows.append(int(window) if window is not None and window > 0 else None)
+    probe.unsupported.update(k for k in UNSUPPORTED_ATTENTION_KWARGS if kwargs.get(k) is not None)
+    # Plain causal attention over the probe's one sequence, so later layers see sane values.
+    group = query.shape[1] // key.shape[1]
+    out = F.scaled_dot_product_attention(
+        query,
+        key.repeat_interleave(group, 1),
+        value.repeat_interleave(group, 1),
+        is_causal=True,
+        scale=scaling,
+    )  # [1, H, T, D]
+    return out.transpose(1, 2)  # [1, T, H, D]
+
+
+def pagedserve_attention(
+    module: nn.Module,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The attention function registered with transformers: returns ([1, T, H, D], None)."""
+    step = kwargs.get(STEP_KWARG)
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    if isinstance(step, AttentionProbe):
+        return _probe_attention(step, module, query, key, value, scaling, kwargs), None
+    if step is None:
+        raise RuntimeError(
+            f"the '{ATTN_IMPLEMENTATION}' attention was called without step metadata; "
+            f"call the model through ModelRunner, which passes {STEP_KWARG}=..."
+        )
+    layer = getattr(module, LAYER_ATTR)
+    k_cache, v_cache = step.k_caches[layer], step.v_caches[layer]
+    q = query[0].transpose(0, 1)  # [T, H, D]
+    step.backend.reshape_and_cache(
+        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.slot_mapping
+    )
+    out = q.new_empty(q.shape)  # [T, H, D]
+    step.backend.paged_attention(
+        q, k_cache, v_cache, step.block_table, step.seq_lens, step.cu_seqlens_q, scaling, out=out
+    )
+    return out.unsqueeze(0), None  # [1, T, H, D]
+
+
+_registered = False
+
+
+def register_attention() -> None:
+    """Registers pagedserve's attention and its (absent) mask with transformers, once per process."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, pagedserve_attention)
+    # The kernels apply causality and sequence boundaries from the metadata; no dense mask is built.
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, lambda *args, **kwargs: None)
+    _registered = True
