@@ -28,6 +28,11 @@ LAYER_ATTR = "_pagedserve_layer"  # pool layer of an attention module, set by th
 UNSUPPORTED_ATTENTION_KWARGS = ("softcap", "s_aux", "sinks")
 
 
+class MissingStepMetadata(RuntimeError):
+    """The attention function ran without the step's metadata: the model was called directly, or
+    its modules do not pass extra keyword arguments through to the attention function."""
+
+
 @dataclass(slots=True)
 class StepMetadata:
     """What every layer's attention needs for one forward; one object shared by all layers."""
@@ -86,7 +91,7 @@ def pagedserve_attention(
     if isinstance(step, AttentionProbe):
         return _probe_attention(step, module, query, key, value, scaling, kwargs), None
     if step is None:
-        raise RuntimeError(
+        raise MissingStepMetadata(
             f"the '{ATTN_IMPLEMENTATION}' attention was called without step metadata; "
             f"call the model through ModelRunner, which passes {STEP_KWARG}=..."
         )

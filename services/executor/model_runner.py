@@ -25,6 +25,7 @@ from pagedserve.executor.attention import (
     LAYER_ATTR,
     STEP_KWARG,
     AttentionProbe,
+    MissingStepMetadata,
     StepMetadata,
     register_attention,
 )
@@ -118,9 +119,19 @@ class ModelRunner:
         probe = AttentionProbe()
         ids = torch.zeros((1, 4), dtype=torch.int64, device=self.device)  # [1, 4]
         positions = torch.arange(4, device=self.device)[None]  # [1, 4]
-        self.model(
-            input_ids=ids, position_ids=positions, use_cache=False, logits_to_keep=1, **{STEP_KWARG: probe}
-        )
+        try:
+            self.model(
+                input_ids=ids,
+                position_ids=positions,
+                use_cache=False,
+                logits_to_keep=1,
+                **{STEP_KWARG: probe},
+            )
+        except MissingStepMetadata as e:
+            raise UnsupportedModel(
+                f"{self.architecture}: its attention layers do not pass the forward's keyword arguments "
+                "through to the attention function, so the step's metadata never reaches it"
+            ) from e
         if not probe.modules:
             raise UnsupportedModel(
                 f"{self.architecture}: the model never called the registered attention function; its "

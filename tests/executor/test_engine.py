@@ -205,3 +205,22 @@ def test_a_step_where_nothing_samples(tiny_model_dir, make_engine) -> None:
     (token,) = engine.execute_step(rest).sampled
     (expected,) = reference_greedy(tiny_model_dir("llama"), [prompt], 1)
     assert [token.token_id] == expected
+
+
+def test_architectures_that_need_more_than_the_kernels_do_fail_fast() -> None:
+    import transformers
+
+    def runner_for(config) -> ModelRunner:
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        return ModelRunner.from_model(model, get_attention_backend("torch", "cpu"))
+
+    dims = dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB
+    )
+    with pytest.raises(
+        UnsupportedModel, match="needs \\['softcap'\\], which pagedserve's kernels do not implement"
+    ):
+        runner_for(transformers.Gemma2Config(**dims, num_key_value_heads=1, head_dim=16))
+    with pytest.raises(UnsupportedModel, match="do not pass the forward's keyword arguments"):
+        runner_for(transformers.StableLmConfig(**dims, num_key_value_heads=2))
