@@ -7,10 +7,17 @@ and cannot get one fails with the reason; it is never skipped.
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from pagedserve.common.models import BUNDLED_MODEL
-from pagedserve.common.redis_harness import RedisServer, RedisUnavailable
+# Triton decides at import time whether to compile or interpret its kernels, so this must be
+# set before anything imports triton: on a machine without CUDA the kernels run interpreted.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from pagedserve.common.models import BUNDLED_MODEL  # noqa: E402
+from pagedserve.common.redis_harness import RedisServer, RedisUnavailable  # noqa: E402
 
 
 @pytest.fixture(scope="session")
