@@ -75,6 +75,29 @@ def plan_step(
             if not 0 <= b < num_blocks:
                 raise bad(f"{who}: block id {b} is outside the pool [0, {num_blocks})", "block_ids")
 
+    def schedule(who: str, state: RequestState, block_ids: list[int], num_tokens: int) -> ScheduledRequest:
+        start = state.num_computed_tokens
+        end = start + num_tokens
+        if num_tokens < 1:
+            raise bad(f"{who}: num_scheduled_tokens={num_tokens} must be >= 1", "num_scheduled_tokens")
+        if end > len(state.token_ids):
+            raise bad(
+                f"{who}: {start} computed + {num_tokens} scheduled tokens exceed the {len(state.token_ids)} "
+                "tokens known",
+                "num_scheduled_tokens",
+            )
+        if end > max_model_len:
+            raise bad(
+                f"{who}: {end} tokens would exceed max_model_len={max_model_len}", "num_scheduled_tokens"
+            )
+        if end > len(block_ids) * block_size:
+            raise bad(
+                f"{who}: {end} tokens need {-(-end // block_size)} blocks of {block_size} but the block table "
+                f"has {len(block_ids)}",
+                "block_ids",
+            )
+        return ScheduledRequest(state, block_ids, num_tokens, samples=end == len(state.token_ids))
+
     total = step.total_num_scheduled_tokens
     if claimed_total_tokens is not None and claimed_total_tokens != total:
         raise bad(
@@ -146,7 +169,7 @@ def plan_step(
             block_ids=list(r.block_ids),
             num_computed_tokens=r.num_computed_tokens,
         )
-        plan.scheduled.append(_schedule(who, state, state.block_ids, r.num_scheduled_tokens, block_size, bad))
+        plan.scheduled.append(schedule(who, state, state.block_ids, r.num_scheduled_tokens))
 
     for r in step.cached_requests:
         who = f"cached request {r.request_id!r}"
@@ -167,31 +190,10 @@ def plan_step(
         block_ids = [*state.block_ids, *r.new_block_ids]
         if r.new_block_ids and len(set(block_ids)) != len(block_ids):
             raise bad(f"{who}: new blocks {r.new_block_ids} repeat a block of its table", "new_block_ids")
-        plan.scheduled.append(_schedule(who, state, block_ids, r.num_scheduled_tokens, block_size, bad))
+        plan.scheduled.append(schedule(who, state, block_ids, r.num_scheduled_tokens))
 
     _check_no_shared_writes(plan, block_size, bad)
     return plan
-
-
-def _schedule(
-    who, state: RequestState, block_ids: list[int], num_tokens: int, block_size: int, bad
-) -> ScheduledRequest:
-    start = state.num_computed_tokens
-    end = start + num_tokens
-    if num_tokens < 1:
-        raise bad(f"{who}: num_scheduled_tokens={num_tokens} must be >= 1", "num_scheduled_tokens")
-    if end > len(state.token_ids):
-        raise bad(
-            f"{who}: {start} computed + {num_tokens} scheduled tokens exceed the {len(state.token_ids)} tokens known",
-            "num_scheduled_tokens",
-        )
-    if end > len(block_ids) * block_size:
-        raise bad(
-            f"{who}: {end} tokens need {-(-end // block_size)} blocks of {block_size} but the block table has "
-            f"{len(block_ids)}",
-            "block_ids",
-        )
-    return ScheduledRequest(state, block_ids, num_tokens, samples=end == len(state.token_ids))
 
 
 def _check_no_shared_writes(plan: StepPlan, block_size: int, bad) -> None:

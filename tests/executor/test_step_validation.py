@@ -206,3 +206,15 @@ def test_a_failing_forward_leaves_states_untouched(engine: ExecutorEngine, monke
     with pytest.raises(RuntimeError, match="simulated"):
         engine.execute_step(step_with(engine))
     assert engine.requests == states
+
+
+def test_a_held_request_may_not_grow_past_max_model_len() -> None:
+    from pagedserve.executor.step_plan import RequestState, plan_step
+
+    tokens = list(range(3, 68))  # 65 known tokens, 64 computed: the next one would be position 64
+    state = RequestState("x", tokens[:60], tokens[60:], tokens, GREEDY, list(range(9)), 64)
+    step = StepInput(3, "", cached_requests=[CachedRequestData("x", [], 1, 64)])
+    limits = dict(num_blocks=16, block_size=8, vocab_size=512, max_num_batched_tokens=64)
+    with pytest.raises(InvalidArgument, match="65 tokens would exceed max_model_len=64"):
+        plan_step(step, {"x": state}, max_model_len=64, **limits)
+    assert plan_step(step, {"x": state}, max_model_len=65, **limits).scheduled[0].samples
