@@ -25,10 +25,12 @@ def up_model(tmp_path_factory) -> str:
     tiny = ["--max-corpus-bytes", "300000", "--vocab-size", "300", "--hidden-size", "32", "--num-layers", "1",
             "--num-heads", "2", "--num-kv-heads", "1", "--intermediate-size", "64", "--steps", "1",
             "--batch-size", "1", "--seq-len", "16", "--max-chat-examples", "10"]  # fmt: skip
-    subprocess.run(
-        [sys.executable, str(REPO_ROOT / "models" / "train.py"), "--out", str(out), *tiny],
-        check=True,
-        capture_output=True,
-        timeout=300,
+    script = REPO_ROOT / "models" / "train.py"
+    if not script.exists():
+        pytest.fail(f"neither the bundled model ({BUNDLED_MODEL}) nor {script} to make a tiny one is there")
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(out), *tiny], capture_output=True, text=True, timeout=300
     )
+    if done.returncode != 0:
+        pytest.fail(f"{script} could not make a tiny model (exit {done.returncode}):\n{done.stderr[-3000:]}")
     return str(out)
