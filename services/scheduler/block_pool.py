@@ -25,7 +25,7 @@ from pagedserve.scheduler.hashing import token_str
 
 # Operation codes; an operation is a list `[code, request_id, *args]`, the form both pool
 # implementations interpret (the Redis one after JSON encoding, inside its Lua script).
-FREE, ALLOC, ADMIT, FORK, COW, REG, SAVE, UPD, DROP = (
+FREE, ALLOC, ADMIT, FORK, COW, REG, SAVE, DROP = (
     "free",
     "alloc",
     "admit",
@@ -33,9 +33,12 @@ FREE, ALLOC, ADMIT, FORK, COW, REG, SAVE, UPD, DROP = (
     "cow",
     "reg",
     "save",
-    "upd",
     "drop",
 )
+# Progress records (`StepOps.update`, one per running sequence per step) are the bulk of a
+# step, so they skip JSON: "rid US status US num_computed US outputs RS", parsed with one
+# pattern in Lua. Request ids never hold control characters (the scheduler refuses them).
+US, RS = "\x1f", "\x1e"
 
 
 class Allocation(NamedTuple):
@@ -86,13 +89,14 @@ class StepOps:
     """A step's operations, in the order they are to run. Methods that have an answer return
     a handle: the index of that answer in `StepResult.results`."""
 
-    __slots__ = ("ops",)
+    __slots__ = ("ops", "progress")
 
     def __init__(self) -> None:
         self.ops: list[list] = []
+        self.progress: list[str] = []  # update() records, applied before `ops`
 
     def __len__(self) -> int:
-        return len(self.ops)
+        return len(self.ops) + len(self.progress)
 
     def _add(self, op: list) -> int:
         self.ops.append(op)
@@ -164,24 +168,35 @@ class StepOps:
     def update(
         self, request_id: str, status: int, num_computed_tokens: int, new_output_token_ids: Sequence[int]
     ) -> None:
-        """Write a request's progress: status, computed tokens, and the outputs made since the last write."""
-        self._add([UPD, request_id, status, num_computed_tokens, _outputs_str(new_output_token_ids)])
+        """Write a request's progress: status, computed tokens, and the outputs made since the
+        last write. A step's progress writes run before its other operations: a request is
+        always saved a step before its first progress write, and a drop in the same step as a
+        progress write must win."""
+        self.progress.append(
+            f"{request_id}{US}{status}{US}{num_computed_tokens}{US}{_outputs_str(new_output_token_ids)}{RS}"
+        )
 
     def drop(self, request_id: str) -> None:
         """Forget a request: free its table (if any) and delete its state."""
         self._add([DROP, request_id])
 
-    def encode(self) -> str:
-        return json.dumps(self.ops, separators=(",", ":"))
+    def encode(self) -> tuple[str, str]:
+        """(the operations as JSON, the progress records)."""
+        return json.dumps(self.ops, separators=(",", ":")), "".join(self.progress)
 
 
 def _outputs_str(token_ids: Sequence[int]) -> str:
     # Outputs are stored as "1,2,3," so that a step's new tokens are one APPEND.
-    return "".join(f"{t}," for t in token_ids)
+    return ",".join(map(str, token_ids)) + "," if token_ids else ""
 
 
 def parse_outputs(stored: str) -> list[int]:
     return [int(t) for t in stored.split(",") if t]
+
+
+def parse_progress(records: str) -> list[tuple[str, str, str, str]]:
+    """(request_id, status, num_computed_tokens, outputs) of each progress record."""
+    return [tuple(rec.split(US)) for rec in records.split(RS) if rec]  # type: ignore[misc]
 
 
 class BlockPool(ABC):

@@ -18,7 +18,6 @@ from pagedserve.scheduler.block_pool import (
     FREE,
     REG,
     SAVE,
-    UPD,
     Admission,
     Allocation,
     BlockCopy,
@@ -27,6 +26,7 @@ from pagedserve.scheduler.block_pool import (
     PoolCounts,
     StepOps,
     StepResult,
+    parse_progress,
 )
 
 
@@ -77,6 +77,10 @@ class InMemoryBlockPool(BlockPool):
     # --- the step ----------------------------------------------------------------------
 
     def apply(self, ops: StepOps) -> StepResult:
+        for rid, status, ncomp, outs in parse_progress("".join(ops.progress)):
+            state = self.states.setdefault(rid, {})
+            state["status"], state["num_computed_tokens"] = status, ncomp
+            self.outputs[rid] = self.outputs.get(rid, "") + outs
         results: list[OpResult] = []
         for op in ops.ops:
             results.append(self._run(op))
@@ -106,10 +110,6 @@ class InMemoryBlockPool(BlockPool):
                 "num_computed_tokens": str(ncomp),
             }
             self.outputs[rid] = outs
-        elif code == UPD:
-            state = self.states.setdefault(rid, {})
-            state["status"], state["num_computed_tokens"] = str(op[2]), str(op[3])
-            self.outputs[rid] = self.outputs.get(rid, "") + op[4]
         elif code == DROP:
             self._free(rid)
             self.states.pop(rid, None)

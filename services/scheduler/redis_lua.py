@@ -117,6 +117,12 @@ tick = tonumber(info[2]) or 0
 local ops = cjson.decode(ARGV[1])
 local results = {}
 
+-- Progress records first (see block_pool.StepOps.update): "rid US status US ncomp US outputs RS".
+for rid, status, ncomp, outs in string.gmatch(ARGV[2], '([^\31]*)\31([^\31]*)\31([^\31]*)\31([^\30]*)\30') do
+  redis.call('HSET', P .. 'req:' .. rid, 'status', status, 'num_computed_tokens', ncomp)
+  if outs ~= '' then redis.call('APPEND', P .. 'out:' .. rid, outs) end
+end
+
 local function to_numbers(blocks)
   local out = {}
   for i = 1, #blocks do out[i] = tonumber(blocks[i]) end
@@ -226,10 +232,7 @@ for i = 1, #ops do
   local op = ops[i]
   local code, rid = op[1], op[2]
   local res = 0
-  if code == 'upd' then
-    redis.call('HSET', P .. 'req:' .. rid, 'status', op[3], 'num_computed_tokens', op[4])
-    if op[5] ~= '' then redis.call('APPEND', P .. 'out:' .. rid, op[5]) end
-  elseif code == 'alloc' then
+  if code == 'alloc' then
     res = op_alloc(rid, op[3])
   elseif code == 'reg' then
     op_reg(rid, op[3], op[4], op[5], op[6])

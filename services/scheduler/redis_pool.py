@@ -50,7 +50,8 @@ class RedisBlockPool(BlockPool):
         return self.counts()
 
     def apply(self, ops: StepOps) -> StepResult:
-        reply = json.loads(self._step(keys=[self.keys.meta], args=[ops.encode()]))
+        ops_json, progress = ops.encode()
+        reply = json.loads(self._step(keys=[self.keys.meta], args=[ops_json, progress]))
         raw = reply["r"] if isinstance(reply["r"], list) else []
         results = [decode_result(op, r) for op, r in zip(ops.ops, raw, strict=True)]
         return StepResult(results, PoolCounts(int(reply["f"]), int(reply["c"]), int(reply["u"])))

@@ -51,7 +51,6 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     in_executor: bool = False  # the executor holds its state (else it gets a NewRequestData)
     saved: bool = False  # its state record exists in the pool
-    unsaved_token_ids: list[int] = field(default_factory=list)  # outputs not yet written to the pool
     finish_reason: FinishReason = FinishReason.NONE
 
     @property

@@ -100,8 +100,10 @@ class Scheduler:
         """Queue a request; raises InvalidArgument when it can never run, ResourceExhausted
         when the queue is full. Nothing is allocated before it is admitted."""
         lim = self.limits
-        if not request_id:
-            raise InvalidArgument("request_id must be non-empty", field="request_id")
+        if not request_id or not request_id.isprintable():
+            raise InvalidArgument(
+                "request_id must be non-empty, printable text (no control characters)", field="request_id"
+            )
         if request_id in self.requests:
             raise InvalidArgument(f"request_id {request_id!r} is already in use", field="request_id")
         if not prompt_token_ids:
@@ -175,28 +177,31 @@ class Scheduler:
         self._aborts.clear()
         planned: list[_Planned] = []
         budget = self.limits.max_num_batched_tokens
+        max_seqs = self.limits.max_num_seqs
+        running = self.running
         preempted = False
         i = 0
-        while i < len(self.running) and budget > 0 and len(planned) < self.limits.max_num_seqs:
-            seq = self.running[i]
+        while i < len(running) and budget > 0 and len(planned) < max_seqs:
+            seq = running[i]
             num_tokens = min(seq.target_len - seq.num_computed_tokens, budget)
             if num_tokens <= 0:
                 i += 1
                 continue
-            while self._blocks_needed(seq, num_tokens) > self.num_available:
-                self._preempt(self.running[-1], ops)
+            new_blocks, cow = self._blocks_needed(seq, num_tokens)
+            while new_blocks + cow > self.num_available:
+                self._preempt(running[-1], ops)
                 preempted = True
                 if seq.status != SequenceStatus.RUNNING:
                     break
+                new_blocks, cow = self._blocks_needed(seq, num_tokens)  # a shared block may be its own now
             if seq.status != SequenceStatus.RUNNING:
                 break  # it was the newest left: everything after it is preempted too
             plan = _Planned(seq, num_tokens)
-            if self._needs_cow(seq):
+            if cow:
                 plan.cow = ops.cow(seq.seq_id)
-            new_blocks = cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table)
-            if new_blocks > 0:
+            if new_blocks:
                 plan.alloc = ops.allocate(seq.seq_id, new_blocks)
-            self.num_available -= self._blocks_needed(seq, num_tokens)
+            self.num_available -= new_blocks + cow
             budget -= num_tokens
             planned.append(plan)
             i += 1
@@ -209,17 +214,15 @@ class Scheduler:
         self.num_available = result.counts.num_available
         return self._build_step(planned, result)
 
-    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
-        new_blocks = cdiv(seq.num_computed_tokens + num_tokens, self.block_size) - len(seq.block_table)
-        return max(new_blocks, 0) + self._needs_cow(seq)
-
-    def _needs_cow(self, seq: Sequence) -> bool:
-        # The next token goes into the partial last block; another table shares it.
-        return (
-            seq.num_computed_tokens % self.block_size != 0
-            and bool(seq.block_table)
-            and self.ref_cnt.get(seq.block_table[-1], 0) > 1
-        )
+    def _blocks_needed(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
+        """(fresh blocks to append, 1 if the partial last block needs a copy-on-write else 0)."""
+        bs = self.block_size
+        computed = seq.num_computed_tokens
+        table = seq.block_table
+        new_blocks = (computed + num_tokens + bs - 1) // bs - len(table)
+        # The next token goes into the partial last block, which another table shares.
+        cow = computed % bs != 0 and bool(table) and self.ref_cnt.get(table[-1], 0) > 1
+        return (new_blocks if new_blocks > 0 else 0), int(cow)
 
     def _plan_admissions(self, ops: StepOps, planned: list[_Planned], budget: int) -> int:
         bs = self.block_size
@@ -344,11 +347,14 @@ class Scheduler:
         sampled = {s.request_id: s for s in output.sampled}
         eos, max_len = self.limits.eos_token_ids, self.limits.max_model_len
         forked: dict[int, list[Sequence]] = {}
+        bs = self.block_size
+        running_status = SequenceStatus.RUNNING
         for seq, num_tokens in step.seqs:
-            if seq.status != SequenceStatus.RUNNING:
+            if seq.status != running_status:
                 continue
             seq.num_computed_tokens += num_tokens
-            self._register_full_blocks(seq, ops)
+            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                self._register_full_blocks(seq, ops)
             if seq.index == PROMPT_INDEX:
                 if seq.num_computed_tokens >= seq.target_len:
                     forked[id(seq)] = self._fork_choices(seq, ops)
@@ -362,33 +368,35 @@ class Scheduler:
                 ops.update(seq.seq_id, SequenceStatus.RUNNING, seq.num_computed_tokens, ())
                 continue
             request = seq.request
-            seq.output_token_ids.append(token.token_id)
-            seq.unsaved_token_ids.append(token.token_id)
+            token_id = token.token_id
+            seq.output_token_ids.append(token_id)
             request.completion_tokens += 1
-            self.stats.generated_tokens += 1
-            done = seq.check_stop(token.token_id, eos, max_len)
+            done = seq.check_stop(token_id, eos, max_len)
             request.stream.push(
                 seq.index,
-                [token.token_id],
+                [token_id],
                 [token.logprobs] if token.logprobs is not None else None,
                 seq.finish_reason,
-                token.token_id if seq.finish_reason == FinishReason.STOP else -1,
+                token_id if seq.finish_reason == FinishReason.STOP else -1,
             )
             if done:
                 self._finish(seq, ops)
             else:
-                ops.update(seq.seq_id, SequenceStatus.RUNNING, seq.num_computed_tokens, seq.unsaved_token_ids)
-                seq.unsaved_token_ids = []
+                ops.update(seq.seq_id, running_status, seq.num_computed_tokens, (token_id,))
+        self.stats.generated_tokens += len(output.sampled)
         running: list[Sequence] = []
+        live = slots = 0
         for seq in self.running:
-            if id(seq) in forked:
+            if forked and id(seq) in forked:
                 running.extend(forked[id(seq)])
-            elif seq.status == SequenceStatus.RUNNING:
+            elif seq.status == running_status:
                 running.append(seq)
+        for seq in running:
+            live += seq.num_computed_tokens
+            slots += len(seq.block_table)
         self.running = running
         self.stats.num_steps += 1
-        slots = sum(len(s.block_table) for s in running) * self.block_size
-        self.stats.kv_utilization = sum(s.num_computed_tokens for s in running) / slots if slots else 0.0
+        self.stats.kv_utilization = live / (slots * bs) if slots else 0.0
 
     def _register_full_blocks(self, seq: Sequence, ops: StepOps) -> None:
         bs = self.block_size
@@ -465,8 +473,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
         seq.status = SequenceStatus.WAITING
-        ops.update(seq.seq_id, SequenceStatus.WAITING, 0, seq.unsaved_token_ids)
-        seq.unsaved_token_ids = []
+        ops.update(seq.seq_id, SequenceStatus.WAITING, 0, ())
         self.running.remove(seq)
         self.waiting_front.appendleft(seq)
         self.stats.num_preemptions += 1
@@ -494,7 +501,6 @@ class Scheduler:
         for request in self.requests.values():
             for seq in request.seqs:
                 if seq.status != SequenceStatus.FINISHED:
-                    seq.unsaved_token_ids = []
                     self._save(seq)
         self.stats.executor_restarts += 1
 

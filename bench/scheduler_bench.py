@@ -1,0 +1,229 @@
+"""Scheduler benchmark: KV utilization on a synthetic trace, and control-plane time per step.
+
+    python -m pagedserve.bench.scheduler_bench [--redis-url URL] [--quick]
+
+The executor is a no-op client (it samples a fixed token whenever the protocol says a token is
+due), so every figure is the scheduler's own: planning, the one Redis round trip of the step
+(a Lua script), and taking the step's tokens. Without --redis-url a throwaway local Redis is
+started. Prints markdown tables.
+
+- KV utilization: live tokens / allocated slots of the running sequences after each step,
+  averaged over the steps of a lognormal trace; beside it, the same live tokens over what a
+  contiguous allocator reserves (max_model_len slots per running sequence).
+- Control-plane time: steady decode steps at a fixed batch size; schedule() + update()
+  wall time (the Redis call included), p50 and p90, and Redis round trips per step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import ExecutorInfo, SampledToken, StepInput, StepOutput
+from pagedserve.scheduler.block_pool import BlockPool
+from pagedserve.scheduler.engine import SchedulerEngine
+
+SAMPLED_TOKEN = 7
+
+
+class NoOpExecutorClient:
+    """An `ExecutorClient` that runs no model: it tracks how many tokens each sequence knows
+    and has computed, and samples `SAMPLED_TOKEN` exactly when the step protocol says a token
+    is due (scheduled tokens reach the end of the known tokens)."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 8192, vocab_size: int = 32000):
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.vocab_size = vocab_size
+        self.epoch = uuid.uuid4().hex
+        self.known: dict[str, list[int]] = {}  # request id -> [tokens known, tokens computed]
+
+    async def info(self) -> ExecutorInfo:
+        return ExecutorInfo(
+            "noop", "NoOp", "float32", self.vocab_size, self.max_model_len, self.num_blocks,
+            self.block_size, self.epoch, (2,), "none", "cpu",
+        )  # fmt: skip
+
+    async def execute_step(self, step: StepInput) -> StepOutput:
+        known = self.known
+        for rid in step.finished_request_ids:
+            known.pop(rid, None)
+        sampled = []
+        for r in step.new_requests:
+            state = known[r.request_id] = [
+                len(r.prompt_token_ids) + len(r.output_token_ids),
+                r.num_computed_tokens + r.num_scheduled_tokens,
+            ]
+            if state[1] == state[0]:
+                state[0] += 1
+                sampled.append(SampledToken(r.request_id, SAMPLED_TOKEN))
+        for r in step.cached_requests:
+            state = known[r.request_id]
+            state[1] += r.num_scheduled_tokens
+            if state[1] == state[0]:
+                state[0] += 1
+                sampled.append(SampledToken(r.request_id, SAMPLED_TOKEN))
+        return StepOutput(self.epoch, sampled)
+
+    async def close(self) -> None:
+        return None
+
+
+def lognormal_trace(
+    num_requests: int, max_model_len: int, seed: int = 0, prompt_mu: float = 5.5, output_mu: float = 5.0
+) -> list[tuple[int, int]]:
+    """(prompt_len, output_len) pairs: lognormal (sigma 0.8; medians e^mu), clipped to max_model_len."""
+    rng = random.Random(seed)
+    trace = []
+    for _ in range(num_requests):
+        prompt = max(1, min(int(rng.lognormvariate(prompt_mu, 0.8)), max_model_len // 2))
+        output = max(1, min(int(rng.lognormvariate(output_mu, 0.8)), max_model_len - prompt))
+        trace.append((prompt, output))
+    return trace
+
+
+async def _engine(pool: BlockPool, num_blocks: int, block_size: int, **limits) -> SchedulerEngine:
+    executor = NoOpExecutorClient(num_blocks, block_size, max_model_len=limits.get("max_model_len") or 8192)
+    return await SchedulerEngine.connect(executor, pool, **limits)
+
+
+def _prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(3, 30000) for _ in range(n)]
+
+
+async def kv_utilization(pool: BlockPool, trace: Sequence[tuple[int, int]], *, num_blocks: int,
+                         block_size: int, max_model_len: int) -> dict[str, float]:  # fmt: skip
+    """Run the trace to the end; average the per-step figures over the steps."""
+    engine = await _engine(pool, num_blocks, block_size, max_model_len=max_model_len)
+    sched = engine.scheduler
+    rng = random.Random(1)
+    for i, (prompt, output) in enumerate(trace):
+        engine.submit(f"t{i}", _prompt(rng, prompt), SamplingParams(max_tokens=output, ignore_eos=True))
+    paged, contiguous = [], []
+    while sched.has_work():
+        if not await engine.step():
+            continue
+        running = sched.running
+        if not running:
+            continue
+        live = sum(s.num_computed_tokens for s in running)
+        paged.append(sched.stats.kv_utilization)
+        contiguous.append(live / (len(running) * max_model_len))
+    return {
+        "steps": len(paged),
+        "paged": statistics.fmean(paged),
+        "contiguous": statistics.fmean(contiguous),
+        "preemptions": sched.stats.num_preemptions,
+    }
+
+
+async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: int, num_blocks: int,
+                        count_round_trips) -> dict[str, float]:  # fmt: skip
+    """Steady decode at `batch` sequences: time of schedule() + update() per step."""
+    engine = await _engine(pool, num_blocks, block_size, max_num_seqs=max(batch, 1), max_model_len=8192)
+    sched = engine.scheduler
+    rng = random.Random(2)
+    for i in range(batch):
+        engine.submit(f"b{i}", _prompt(rng, 32 + i % 16), SamplingParams(max_tokens=4096, ignore_eos=True))
+    while len(sched.running) < batch or any(s.num_computed_tokens < s.num_tokens - 1 for s in sched.running):
+        await engine.step()
+    for _ in range(8):  # warm-up
+        await engine.step()
+    times, trips = [], []
+    for _ in range(steps):
+        before = count_round_trips()
+        await engine.step()
+        trips.append(count_round_trips() - before)
+        times.append(engine.control_seconds)
+    times.sort()
+    return {
+        "p50_ms": 1e3 * times[len(times) // 2],
+        "p90_ms": 1e3 * times[int(len(times) * 0.9)],
+        "round_trips": statistics.fmean(trips),
+    }
+
+
+class CountingRedis:
+    """Counts commands sent by one redis-py client (a pipeline counts once)."""
+
+    def __init__(self, client) -> None:
+        self.count = 0
+        original = client.execute_command
+
+        def counted(*args, **kwargs):
+            self.count += 1
+            return original(*args, **kwargs)
+
+        client.execute_command = counted
+
+
+def main(argv: list[str] | None = None) -> int:
+    import redis
+
+    from pagedserve.common.redis_harness import RedisServer
+    from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--redis-url", default=None, help="default: start a throwaway local redis-server")
+    parser.add_argument("--quick", action="store_true", help="fewer requests and steps")
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    args = parser.parse_args(argv)
+
+    server = None
+    url = args.redis_url
+    if url is None:
+        server = RedisServer(prefer_docker=False).start()
+        url = server.url
+    try:
+        client = redis.Redis.from_url(url)
+        counter = CountingRedis(client)
+        bs = args.block_size
+        num_requests = 200 if args.quick else 1000
+        trace = lognormal_trace(num_requests, args.max_model_len)
+        num_blocks = 4096
+        util = asyncio.run(
+            kv_utilization(RedisBlockPool(client, f"bench-util-{uuid.uuid4().hex[:8]}"), trace,
+                           num_blocks=num_blocks, block_size=bs, max_model_len=args.max_model_len)
+        )  # fmt: skip
+        mean_p = statistics.fmean(p for p, _ in trace)
+        mean_o = statistics.fmean(o for _, o in trace)
+        print(f"## KV utilization ({num_requests} requests, lognormal: mean prompt {mean_p:.0f}, "
+              f"mean output {mean_o:.0f} tokens; {num_blocks} blocks x {bs}; max_model_len {args.max_model_len})\n")  # fmt: skip
+        print("| allocator | live tokens / allocated slots (mean over steps) |")
+        print("|---|---|")
+        print(f"| paged (block_size {bs}) | {100 * util['paged']:.1f}% |")
+        print(f"| contiguous max_model_len reservation | {100 * util['contiguous']:.1f}% |")
+        print(f"\n{util['steps']} steps, {util['preemptions']} preemptions\n")
+
+        steps = 50 if args.quick else 200
+        print(
+            f"## Control-plane time per decode step (schedule + Redis + update; executor excluded; {steps} steps)\n"
+        )
+        print("| batch | p50 ms | p90 ms | Redis round trips / step |")
+        print("|---|---|---|---|")
+        for batch in (1, 16, 64, 256):
+            res = asyncio.run(
+                control_plane(RedisBlockPool(client, f"bench-cp-{uuid.uuid4().hex[:8]}"), batch, steps=steps,
+                              block_size=bs, num_blocks=16384, count_round_trips=lambda: counter.count)
+            )  # fmt: skip
+            print(f"| {batch} | {res['p50_ms']:.3f} | {res['p90_ms']:.3f} | {res['round_trips']:.2f} |")
+            sys.stdout.flush()
+    finally:
+        if server is not None:
+            server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
