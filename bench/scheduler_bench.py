@@ -21,7 +21,6 @@ import asyncio
 import random
 import statistics
 import sys
-import time
 import uuid
 from collections.abc import Sequence
 
