@@ -401,28 +401,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ]:
         default = d[flag.replace("-", "_")].default
         where.add_argument(
-            f"--{flag}", type=int, default=default, help=f"port of {what} (default: %(default)s)"
+            f"--{flag}",
+            type=int,
+            default=default,
+            metavar="PORT",
+            help=f"port of {what} (default: %(default)s)",
         )
-    where.add_argument("--redis-url", default=None, help="use this Redis instead of starting one")
+    where.add_argument(
+        "--redis-url", default=None, metavar="URL", help="use this Redis instead of starting one"
+    )
     kv = parser.add_argument_group("KV cache and batching (unset: the service's default)")
     kv.add_argument(
-        "--block-size", type=_positive_int, default=d["block_size"].default, help="tokens per KV block"
+        "--block-size",
+        type=_positive_int,
+        default=d["block_size"].default,
+        metavar="N",
+        help="tokens per KV block",
     )
     pool = kv.add_mutually_exclusive_group()
-    pool.add_argument("--num-kv-blocks", type=_positive_int, default=None, help="blocks in the KV pool")
-    pool.add_argument("--kv-cache-memory", type=parse_bytes, default=None, help="KV pool size, e.g. 2GiB")
-    kv.add_argument("--max-num-seqs", type=_positive_int, default=None)
-    kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None)
-    kv.add_argument("--max-model-len", type=_positive_int, default=None)
-    kv.add_argument("--max-queued-requests", type=_positive_int, default=None)
+    pool.add_argument(
+        "--num-kv-blocks", type=_positive_int, default=None, metavar="N", help="blocks in the KV pool"
+    )
+    pool.add_argument(
+        "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES", help="KV pool size, e.g. 2GiB"
+    )
+    kv.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--max-queued-requests", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--attention-backend", choices=["torch", "triton"], default=None)
     kv.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16")
     run = parser.add_argument_group("running")
-    run.add_argument("--startup-timeout", type=float, default=d["startup_timeout"].default,
+    run.add_argument("--startup-timeout", type=float, default=d["startup_timeout"].default, metavar="SECONDS",
                      help="seconds for every service to report SERVING (default: %(default)s)")  # fmt: skip
-    run.add_argument("--stop-timeout", type=float, default=d["stop_timeout"].default,
+    run.add_argument("--stop-timeout", type=float, default=d["stop_timeout"].default, metavar="SECONDS",
                      help="seconds between SIGTERM and SIGKILL when stopping (default: %(default)s)")  # fmt: skip
-    run.add_argument("--log-dir", default=None, help="write each service's output to DIR/<service>.log")
+    run.add_argument(
+        "--log-dir", default=None, metavar="DIR", help="write each service's output to DIR/<service>.log"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
