@@ -112,14 +112,19 @@ class SchedulerEngine:
             self._wake = asyncio.Event()
             self._task = asyncio.create_task(self.run(), name="scheduler-step-loop")
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 30.0) -> None:
+        """Stop at the next step boundary (a step in flight finishes and is taken in first)."""
         self._stopping = True
         self._wake.set()
-        if self._task is not None:
+        if self._task is None:
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), timeout)
+        except TimeoutError:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-            self._task = None
+        self._task = None
 
     async def run(self) -> None:
         while not self._stopping:
