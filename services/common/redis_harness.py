@@ -134,7 +134,10 @@ class RedisServer:
             "--logfile",
             os.path.join(self._dir, "redis.log"),
         ]
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own session: a terminal's Ctrl-C reaches the launcher, which stops Redis last.
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         try:
             _wait_ping("127.0.0.1", port, 10, self._proc)
         except RedisUnavailable:
