@@ -52,7 +52,7 @@ def test_bundled_model_matches_generate(num_chunks, bundled_model_path, make_eng
     prompts = [tokenizer(t)["input_ids"] for t in texts]
     assert len({len(p) for p in prompts}) > 4 and max(len(p) for p in prompts) > 32
     expected = _reference("bundled", bundled_model_path, prompts)
-    engine = make_engine(bundled_model_path, block_size=16, num_kv_blocks=96)
+    engine = make_engine(bundled_model_path, block_size=16, num_kv_blocks=64, max_model_len=512)
     got = StepDriver(engine, seed=num_chunks).run(prompts, MAX_NEW_TOKENS, num_chunks, stagger=num_chunks)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"bundled prompt {i}: {texts[i]!r}"
