@@ -1,0 +1,359 @@
+"""The tokenizer core: a Hugging Face tokenizer behind validation, chat rendering and
+incremental detokenization. No gRPC here; `servicer.py` is the edge.
+
+Every id that enters is checked against `[0, vocab_size)` where `vocab_size` is
+`len(tokenizer)` (base vocabulary plus added tokens); every text against a byte limit.
+Bad input raises `InvalidArgument` naming the field and the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from pagedserve.common.errors import InvalidArgument
+
+DEFAULT_MAX_INPUT_BYTES = 1 << 20
+# Prompt ids decoded before the first generated one (vLLM uses the same 5), so that a
+# SentencePiece decoder sees the generated text as a continuation, not a text start.
+PROMPT_CONTEXT_TOKENS = 5
+REPLACEMENT_CHAR = "\ufffd"
+
+
+@dataclass(frozen=True, slots=True)
+class ChatMessage:
+    """One turn of a conversation; the chat template decides which roles are valid."""
+
+    role: str
+    content: str
+
+
+class Encoding(NamedTuple):
+    token_ids: list[int]
+    # The exact text that was tokenized: the input itself, or the rendered chat template.
+    rendered_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServedTokenizer:
+    """A loaded tokenizer plus the facts about it that encoding and detokenizing need.
+
+    Invariants: `vocab_size == len(hf)`; `skipped_ids` are exactly the ids that
+    `hf.decode(..., skip_special_tokens=True)` drops; `byte_fallback_ids` are the 256
+    `<0xNN>` tokens when the vocabulary has all of them, else empty; `cleans_up_spaces` is
+    whether `hf.decode` applies transformers' `clean_up_tokenization` to its output.
+    """
+
+    hf: PreTrainedTokenizerBase
+    model: str
+    max_input_bytes: int
+    vocab_size: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    skipped_ids: frozenset[int]
+    byte_fallback_ids: frozenset[int]
+    cleans_up_spaces: bool
+
+    @classmethod
+    def load(cls, model: str, *, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> ServedTokenizer:
+        """Load `AutoTokenizer.from_pretrained(model)` (a local folder or a hub id)."""
+        return cls.wrap(AutoTokenizer.from_pretrained(model), model=model, max_input_bytes=max_input_bytes)
+
+    @classmethod
+    def wrap(
+        cls, hf: PreTrainedTokenizerBase, *, model: str, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    ) -> ServedTokenizer:
+        """Serve an already loaded tokenizer; `model` is only its name."""
+        if max_input_bytes < 1:
+            raise InvalidArgument(
+                f"max_input_bytes must be >= 1, got {max_input_bytes}", field="max_input_bytes"
+            )
+        vocab = hf.get_vocab()
+        byte_ids = [vocab.get(f"<0x{b:02X}>") for b in range(256)]
+        return cls(
+            hf=hf,
+            model=model,
+            max_input_bytes=max_input_bytes,
+            vocab_size=len(hf),
+            bos_token_id=hf.bos_token_id,
+            eos_token_ids=_eos_token_ids(hf, model),
+            skipped_ids=_skipped_ids(hf),
+            byte_fallback_ids=frozenset(byte_ids) if None not in byte_ids else frozenset(),  # type: ignore[arg-type]
+            cleans_up_spaces=_cleans_up_spaces(hf),
+        )
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.hf, "chat_template", None))
+
+    # -- validation ---------------------------------------------------------------------
+
+    def check_text(self, text: str, field: str = "text") -> None:
+        """Non-empty, valid UTF-8 and at most `max_input_bytes` bytes."""
+        if not text:
+            raise InvalidArgument(f"{field} is empty", field=field)
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError as exc:
+            raise InvalidArgument(f"{field} is not valid UTF-8: {exc.reason}", field=field) from None
+        if size > self.max_input_bytes:
+            raise InvalidArgument(
+                f"{field} is {size} bytes, over the limit of {self.max_input_bytes} bytes", field=field
+            )
+
+    def check_token_ids(
+        self, token_ids: Sequence[int], field: str = "token_ids", *, allow_empty: bool = False
+    ) -> None:
+        """Every id in `[0, vocab_size)`; the message names the first bad id and the vocabulary size."""
+        if not token_ids:
+            if allow_empty:
+                return
+            raise InvalidArgument(f"{field} is empty", field=field)
+        if min(token_ids) >= 0 and max(token_ids) < self.vocab_size:
+            return
+        index, bad = next((i, t) for i, t in enumerate(token_ids) if not 0 <= t < self.vocab_size)
+        raise InvalidArgument(
+            f"{field}[{index}] = {bad} is outside the vocabulary: ids must be in [0, {self.vocab_size})",
+            field=field,
+        )
+
+    # -- encode / decode ----------------------------------------------------------------
+
+    def encode(
+        self,
+        source: str | Sequence[ChatMessage],
+        *,
+        add_special_tokens: bool = False,
+        add_generation_prompt: bool = True,
+    ) -> Encoding:
+        """Token ids of plain text, or of a conversation rendered with the chat template.
+
+        For text, `add_special_tokens` adds what the tokenizer's post-processor adds (e.g. BOS);
+        for chat it is ignored, since the template writes every special token itself.
+        """
+        if isinstance(source, str):
+            self.check_text(source)
+            return Encoding(self.hf.encode(source, add_special_tokens=add_special_tokens), source)
+        rendered = self.render_chat(source, add_generation_prompt=add_generation_prompt)
+        return Encoding(self.hf.encode(rendered, add_special_tokens=False), rendered)
+
+    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
+        """The conversation as text, through the tokenizer's chat template."""
+        if not self.has_chat_template:
+            raise InvalidArgument(
+                f"the tokenizer of {self.model} has no chat template: send text instead of chat messages",
+                field="chat",
+            )
+        if not messages:
+            raise InvalidArgument("chat.messages is empty", field="chat.messages")
+        content_bytes = 0
+        for i, message in enumerate(messages):
+            if not message.role:
+                raise InvalidArgument(f"chat.messages[{i}].role is empty", field="chat.messages.role")
+            content_bytes += len(message.content.encode("utf-8", errors="replace"))
+        if content_bytes > self.max_input_bytes:  # before rendering a huge conversation
+            raise InvalidArgument(
+                f"chat is {content_bytes} bytes, over the limit of {self.max_input_bytes} bytes", field="chat"
+            )
+        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        try:
+            rendered = self.hf.apply_chat_template(
+                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except Exception as exc:  # jinja2 errors, including the template's raise_exception()
+            raise InvalidArgument(f"the chat template rejected the messages: {exc}", field="chat") from None
+        self.check_text(rendered, field="chat")
+        return rendered
+
+    def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = False) -> str:
+        """Exactly `hf.decode(token_ids, skip_special_tokens=...)`, after validation."""
+        self.check_token_ids(token_ids)
+        return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(
+        self, prompt_token_ids: Sequence[int] = (), *, skip_special_tokens: bool = False
+    ) -> IncrementalDetokenizer:
+        """A fresh incremental detokenizer for one sequence (see `IncrementalDetokenizer`)."""
+        return IncrementalDetokenizer.start(self, prompt_token_ids, skip_special_tokens=skip_special_tokens)
+
+    def decode_raw(self, token_ids: list[int], skip_special_tokens: bool) -> str:
+        """`hf.decode` without transformers' space clean-up, which the detokenizer applies itself."""
+        return self.hf.decode(
+            token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
+        )
+
+
+@dataclass(slots=True)
+class IncrementalDetokenizer:
+    """Turns one sequence's generated ids into text deltas that never change (vLLM's scheme).
+
+    `window` holds the ids from the prefix offset on (the older ids are dropped, so memory and
+    work per token are O(window), not O(length)); `window[:read_offset]` is already emitted
+    and decodes to `prefix_text`. Each step decodes the whole window and emits what goes
+    beyond `prefix_text`, then slides the window to start at the old read offset. Decoding
+    a few earlier ids with the new ones is what makes a SentencePiece `▁word` come out as
+    ` word` and a character split over several byte tokens come out whole.
+
+    Text is held back, and the offsets stay put, while it may still change:
+    - it ends in U+FFFD: a byte-level token ended inside a multi-byte character;
+    - the last id is a `<0xNN>` byte-fallback token: a run of those decodes all-or-nothing
+      (one U+FFFD per byte unless the whole run is valid UTF-8), so a later byte can turn
+      text already decoded from the run into U+FFFDs;
+    - transformers' `clean_up_tokenization` is on and the text ends within 3 characters of a
+      space: a later token can complete a pattern such as `" ."` or `" n't"`.
+
+    Invariant (checked on random ids for byte-level BPE, SentencePiece with byte fallback,
+    Unigram with the clean-up, and the bundled tokenizer): after `finish()`, the deltas joined equal
+    `hf.decode(generated_ids, skip_special_tokens=...)` when there is no prompt; with a
+    prompt they equal `decode(prompt + generated)[len(decode(prompt)):]`, the text the
+    generated ids add (for byte-level BPE the same thing; for SentencePiece it keeps the
+    leading space of a first `▁word`). A prompt whose last token leaves a character
+    unfinished gives no context. Since deltas only ever extend the final text, a delta
+    holds a U+FFFD only where the final decode has one.
+    """
+
+    tokenizer: ServedTokenizer
+    skip_special_tokens: bool
+    window: list[int] = field(default_factory=list)
+    read_offset: int = 0
+    prefix_text: str = ""
+    held_clean_text: str = ""  # decoded but held for the space clean-up; empty when that is off
+    finished: bool = False
+
+    @classmethod
+    def start(
+        cls, tokenizer: ServedTokenizer, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool
+    ) -> IncrementalDetokenizer:
+        tokenizer.check_token_ids(prompt_token_ids, "prompt_token_ids", allow_empty=True)
+        detok = cls(tokenizer, skip_special_tokens)
+        context = detok._prompt_context(prompt_token_ids)
+        if context:
+            detok.window = context
+            detok.read_offset = len(context)
+            detok.prefix_text = detok._decode(context)
+        return detok
+
+    def add(self, token_ids: Sequence[int]) -> str:
+        """Append newly generated ids; return the text that became final (possibly "")."""
+        if self.finished:
+            raise InvalidArgument("the sequence already finished", field="token_ids")
+        self.tokenizer.check_token_ids(token_ids, allow_empty=True)
+        new_ids = self._kept(token_ids)
+        if not new_ids:
+            return ""
+        self.window.extend(new_ids)
+        if new_ids[-1] in self.tokenizer.byte_fallback_ids:
+            return ""  # the byte run may go on; decoding now would be wasted work
+        return self._emit(final=False)
+
+    def finish(self) -> str:
+        """Flush all held text; the sequence takes no more ids afterwards."""
+        if self.finished:
+            return ""
+        text = self._emit(final=True) if self.read_offset < len(self.window) else ""
+        text += self._clean_up("", final=True)
+        self.finished = True
+        return text
+
+    def _emit(self, final: bool) -> str:
+        new_text = self._decode(self.window)
+        if not final and new_text.endswith(REPLACEMENT_CHAR):
+            return ""
+        delta = new_text[len(self.prefix_text) :]
+        # Slide: the ids emitted just now become the next step's prefix.
+        self.window = self.window[self.read_offset :]
+        self.read_offset = len(self.window)
+        self.prefix_text = self._decode(self.window) if not final else ""
+        return self._clean_up(delta, final)
+
+    def _clean_up(self, delta: str, final: bool) -> str:
+        """Apply `clean_up_tokenization` to text that no later token can change.
+
+        Its patterns start with a space and are at most 4 characters long, so text that does
+        not end within 3 characters of a space can be cleaned on its own: no match spans the cut.
+        """
+        if not self.tokenizer.cleans_up_spaces:
+            return delta
+        text = self.held_clean_text + delta
+        cut = len(text)
+        if not final:
+            while cut > 0:
+                start = max(0, cut - 3)
+                space = text.rfind(" ", start, cut)
+                if space < 0:
+                    break
+                cut = space
+        self.held_clean_text = text[cut:]
+        return self.tokenizer.hf.clean_up_tokenization(text[:cut])
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode_raw(token_ids, self.skip_special_tokens)
+
+    def _kept(self, token_ids: Iterable[int]) -> list[int]:
+        # Dropping skipped ids up front is what decode does too (they never reach the
+        # decoder), and it keeps a window from starting with ids that decode to nothing.
+        if not self.skip_special_tokens:
+            return list(token_ids)
+        skipped = self.tokenizer.skipped_ids
+        return [t for t in token_ids if t not in skipped]
+
+    def _prompt_context(self, prompt_token_ids: Sequence[int]) -> list[int]:
+        """The last few prompt ids to decode before the generated ones, or [] when the
+        prompt's tail could still change with more ids (its text ends mid-character)."""
+        tail: list[int] = []
+        for token in reversed(prompt_token_ids):  # the last kept ids, plus the one before them
+            if not (self.skip_special_tokens and token in self.tokenizer.skipped_ids):
+                tail.append(token)
+                if len(tail) > PROMPT_CONTEXT_TOKENS:
+                    break
+        tail.reverse()
+        byte_ids = self.tokenizer.byte_fallback_ids
+        if tail and tail[-1] in byte_ids:
+            return []
+        # Start outside a run of byte tokens, which decodes differently when cut.
+        start = max(0, len(tail) - PROMPT_CONTEXT_TOKENS)
+        while 0 < start < len(tail) and tail[start - 1] in byte_ids and tail[start] in byte_ids:
+            start += 1
+        context = tail[start:]
+        if context and self._decode(context).endswith(REPLACEMENT_CHAR):
+            return []
+        return context
+
+
+def _skipped_ids(hf: PreTrainedTokenizerBase) -> frozenset[int]:
+    """Ids that `decode(..., skip_special_tokens=True)` drops, found by asking decode itself."""
+    candidates = set(hf.all_special_ids) | set(getattr(hf, "added_tokens_decoder", {}))
+    return frozenset(
+        t
+        for t in candidates
+        if 0 <= t < len(hf) and hf.decode([t], skip_special_tokens=True) == "" and hf.decode([t]) != ""
+    )
+
+
+def _cleans_up_spaces(hf: PreTrainedTokenizerBase) -> bool:
+    """Whether `hf.decode` runs `clean_up_tokenization` (transformers skips it for BPE models
+    even when the flag is set), found by decoding a probe both ways."""
+    if not getattr(hf, "clean_up_tokenization_spaces", False):
+        return False
+    probe = hf.encode("a . b , c", add_special_tokens=False)
+    return hf.decode(probe) != hf.decode(probe, clean_up_tokenization_spaces=False)
+
+
+def _eos_token_ids(hf: PreTrainedTokenizerBase, model: str) -> tuple[int, ...]:
+    """The tokenizer's EOS, then any other end ids in a local `generation_config.json`."""
+    ids: list[int] = [] if hf.eos_token_id is None else [hf.eos_token_id]
+    config = Path(model) / "generation_config.json"
+    if config.is_file():
+        try:
+            eos = json.loads(config.read_text()).get("eos_token_id")
+        except (OSError, ValueError):
+            eos = None
+        for token in [eos] if isinstance(eos, int) else eos if isinstance(eos, list) else []:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
+    return tuple(ids)
