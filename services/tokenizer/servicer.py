@@ -112,9 +112,5 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
 
 
 def add_generation_prompt(chat: pb.ChatMessages) -> bool:
-    """The proto documents "default true via the service", which needs field presence: with
-    `optional bool` an unset field means true. The field is a plain proto3 bool today, where
-    unset and false look alike, so until it gains `optional` the value is taken as sent."""
-    if chat.DESCRIPTOR.fields_by_name["add_generation_prompt"].has_presence:
-        return chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
-    return chat.add_generation_prompt
+    """`add_generation_prompt` is an `optional bool`: unset means true, so a chat is answered."""
+    return chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True
