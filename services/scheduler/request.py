@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from pagedserve.common.params import SamplingParams
-from pagedserve.common.step import TokenLogprobs
+from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher
 from pagedserve.scheduler.output import FinishReason, RequestStream
 
 PROMPT_INDEX = -1  # choice index of the prompt sequence of an n > 1 request
@@ -78,8 +78,22 @@ class Sequence:
             return self.output_token_ids[start - len(prompt) : end - len(prompt)]
         return prompt[start:] + self.output_token_ids[: end - len(prompt)]
 
-    def all_token_ids(self) -> list[int]:
-        return self.request.prompt_token_ids + self.output_token_ids
+    def take_full_blocks(self, hasher: BlockHasher) -> list[tuple[int, str, str, list[int]]]:
+        """(index, hash, parent hash, token ids) of each block that became full since the last
+        call, to be registered in the prefix cache; they count as registered from now on."""
+        bs = hasher.block_size
+        full = self.num_computed_tokens // bs
+        if full <= self.num_registered_blocks:
+            return []
+        hashes = self.block_hashes
+        if len(hashes) < full:
+            hasher.extend(hashes, self.token_ids(len(hashes) * bs, full * bs))
+        blocks = [
+            (j, hashes[j], hashes[j - 1] if j else ROOT_HASH, self.token_ids(j * bs, (j + 1) * bs))
+            for j in range(self.num_registered_blocks, full)
+        ]
+        self.num_registered_blocks = full
+        return blocks
 
     def check_stop(self, token_id: int, eos_token_ids: frozenset[int], max_model_len: int) -> bool:
         """After `token_id` was appended: whether the sequence is done (sets finish_reason)."""
@@ -119,6 +133,18 @@ class Request:
         params = replace(self.sampling, n=1, max_tokens=1, min_tokens=0)
         return Sequence(f"{self.request_id}#prompt", self, PROMPT_INDEX, params)
 
+    def fork_choices(self, parent: Sequence) -> list[Sequence]:
+        """The n choices, each sharing the prompt sequence's blocks and progress."""
+        children = [self.choice(i) for i in range(self.sampling.n)]
+        for child in children:
+            child.block_table = list(parent.block_table)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.block_hashes = list(parent.block_hashes)
+            child.num_registered_blocks = parent.num_registered_blocks
+            child.status = SequenceStatus.RUNNING
+        self.seqs = children
+        return children
+
     def initial_sequences(self) -> list[Sequence]:
         """One sequence per choice, or the shared prompt sequence when n > 1 and there is a
         prompt prefix to share (a one-token prompt has none)."""
@@ -127,7 +153,3 @@ class Request:
         if n > 1 and len(self.prompt_token_ids) > 1:
             return [self.prompt_sequence()]
         return [self.choice(i) for i in range(n)]
-
-
-def logprobs_list(lp: TokenLogprobs | None) -> list[TokenLogprobs]:
-    return [lp] if lp is not None else []

@@ -21,22 +21,23 @@ No grpc and no redis here: the pool and the executor are passed in.
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import itertools
 import json
 import logging
-from collections import deque
 from dataclasses import dataclass
 from typing import NamedTuple
 
 from pagedserve.common.errors import InvalidArgument, ResourceExhausted
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput, StepOutput
+from pagedserve.scheduler.admission import check_admissible
 from pagedserve.scheduler.block_pool import BlockPool, PoolCounts, StepOps
 from pagedserve.scheduler.config import SchedulerLimits
-from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher, model_salt, token_str
+from pagedserve.scheduler.hashing import BlockHasher, model_salt, token_str
+from pagedserve.scheduler.ledger import BlockLedger
 from pagedserve.scheduler.output import FinishReason, RequestStream, Usage
 from pagedserve.scheduler.request import PROMPT_INDEX, Request, Sequence, SequenceStatus
+from pagedserve.scheduler.waiting import WaitQueue
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +80,10 @@ class Scheduler:
         self.hasher = BlockHasher(model_salt(limits.model, limits.block_size), limits.block_size)
         self.requests: dict[str, Request] = {}
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
-        self.waiting_front: deque[Sequence] = deque()  # preempted or re-queued, ahead of the heap
-        self.waiting_heap: list[tuple[int, int, int, Sequence]] = []  # (priority, arrival, n, seq)
+        self.waiting = WaitQueue()
         self.num_queued = 0  # requests not started yet
-        self.ref_cnt: dict[int, int] = {}  # mirror of the pool's ref counts (only > 0)
-        self.counts = PoolCounts(limits.num_blocks, 0, 0)
-        self.num_available = limits.num_blocks
+        self.ledger = BlockLedger(limits.num_blocks)  # planning counts (see ledger.py)
+        self.counts = PoolCounts(limits.num_blocks, 0, 0)  # the pool's, after the last step
         self.stats = SchedulerStats()
         self._ops = StepOps()  # queued for the next apply
         self._finished_ids: list[str] = []  # the executor should forget these
@@ -100,34 +99,9 @@ class Scheduler:
         """Queue a request; raises InvalidArgument when it can never run, ResourceExhausted
         when the queue is full. Nothing is allocated before it is admitted."""
         lim = self.limits
-        if not request_id or not request_id.isprintable():
-            raise InvalidArgument(
-                "request_id must be non-empty, printable text (no control characters)", field="request_id"
-            )
+        check_admissible(lim, request_id, prompt_token_ids, sampling)
         if request_id in self.requests:
             raise InvalidArgument(f"request_id {request_id!r} is already in use", field="request_id")
-        if not prompt_token_ids:
-            raise InvalidArgument("prompt_token_ids must be non-empty", field="prompt_token_ids")
-        sampling.validate(lim.vocab_size)
-        bad = next((t for t in prompt_token_ids if not 0 <= t < lim.vocab_size), None)
-        if bad is not None:
-            raise InvalidArgument(
-                f"prompt_token_ids: {bad} is outside the vocabulary [0, {lim.vocab_size})",
-                field="prompt_token_ids",
-            )
-        total = len(prompt_token_ids) + sampling.max_tokens
-        if total > lim.max_model_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
-                f"exceeds max_model_len={lim.max_model_len}",
-                field="max_tokens",
-            )
-        if cdiv(total, self.block_size) > lim.num_blocks:
-            raise InvalidArgument(
-                f"prompt + max_tokens = {total} tokens needs {cdiv(total, self.block_size)} KV blocks of "
-                f"{self.block_size} tokens; the pool has {lim.num_blocks}",
-                field="max_tokens",
-            )
         if self.num_queued >= lim.max_queued_requests:
             raise ResourceExhausted(
                 f"the scheduler queue is full ({lim.max_queued_requests} requests waiting)"
@@ -144,7 +118,7 @@ class Scheduler:
         self.requests[request_id] = request
         self.num_queued += 1
         for seq in request.seqs:
-            heapq.heappush(self.waiting_heap, (priority, request.arrival, seq.index, seq))
+            self.waiting.push(seq)
             self._save(seq)
         return request.stream
 
@@ -158,14 +132,7 @@ class Scheduler:
         return True
 
     def has_work(self) -> bool:
-        return bool(
-            self.running or self.num_waiting_seqs() or self._aborts or len(self._ops) or self._finished_ids
-        )
-
-    def num_waiting_seqs(self) -> int:
-        return sum(s.status == SequenceStatus.WAITING for s in self.waiting_front) + sum(
-            e[3].status == SequenceStatus.WAITING for e in self.waiting_heap
-        )
+        return bool(self.running or self.waiting or self._aborts or len(self._ops) or self._finished_ids)
 
     # --- planning ----------------------------------------------------------------------
 
@@ -179,6 +146,7 @@ class Scheduler:
         budget = self.limits.max_num_batched_tokens
         max_seqs = self.limits.max_num_seqs
         running = self.running
+        ledger = self.ledger
         preempted = False
         i = 0
         while i < len(running) and budget > 0 and len(planned) < max_seqs:
@@ -188,7 +156,7 @@ class Scheduler:
                 i += 1
                 continue
             new_blocks, cow = self._blocks_needed(seq, num_tokens)
-            while new_blocks + cow > self.num_available:
+            while new_blocks + cow > ledger.num_available:
                 self._preempt(running[-1], ops)
                 preempted = True
                 if seq.status != SequenceStatus.RUNNING:
@@ -201,7 +169,7 @@ class Scheduler:
                 plan.cow = ops.cow(seq.seq_id)
             if new_blocks:
                 plan.alloc = ops.allocate(seq.seq_id, new_blocks)
-            self.num_available -= new_blocks + cow
+            ledger.num_available -= new_blocks + cow
             budget -= num_tokens
             planned.append(plan)
             i += 1
@@ -211,7 +179,7 @@ class Scheduler:
             return self._build_step([], None)
         result = self.pool.apply(ops)
         self.counts = result.counts
-        self.num_available = result.counts.num_available
+        self.ledger.num_available = result.counts.num_available
         return self._build_step(planned, result)
 
     def _blocks_needed(self, seq: Sequence, num_tokens: int) -> tuple[int, int]:
@@ -221,13 +189,14 @@ class Scheduler:
         table = seq.block_table
         new_blocks = (computed + num_tokens + bs - 1) // bs - len(table)
         # The next token goes into the partial last block, which another table shares.
-        cow = computed % bs != 0 and bool(table) and self.ref_cnt.get(table[-1], 0) > 1
+        cow = computed % bs != 0 and bool(table) and self.ledger.shared(table[-1])
         return (new_blocks if new_blocks > 0 else 0), int(cow)
 
     def _plan_admissions(self, ops: StepOps, planned: list[_Planned], budget: int) -> int:
         bs = self.block_size
+        ledger = self.ledger
         while budget > 0 and len(self.running) < self.limits.max_num_seqs:
-            seq = self._peek_waiting()
+            seq = self.waiting.peek()
             if seq is None:
                 break
             target = seq.target_len
@@ -238,35 +207,20 @@ class Scheduler:
                 self.hasher.extend(seq.block_hashes, seq.token_ids(start, num_full * bs))
             chunk = min(target, budget)
             k = num_full
-            if cdiv(target, bs) > self.num_available:
+            if cdiv(target, bs) > ledger.num_available:
                 # Every hit may come out of the LRU: pass only as many as the blocks left allow.
-                k = min(k, max(0, (self.num_available * bs - chunk) // bs))
+                k = min(k, max(0, (ledger.num_available * bs - chunk) // bs))
             worst = cdiv(min(target, k * bs + chunk), bs)
-            if worst > self.num_available:
+            if worst > ledger.num_available:
                 break
             chain = [(seq.block_hashes[j], token_str(seq.token_ids(j * bs, (j + 1) * bs))) for j in range(k)]
             planned.append(_Planned(seq, chunk, admit=ops.admit(seq.seq_id, chain, target, chunk)))
-            self._pop_waiting()
+            self.waiting.pop()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            self.num_available -= worst
+            ledger.num_available -= worst
             budget -= chunk
         return budget
-
-    def _peek_waiting(self) -> Sequence | None:
-        while self.waiting_front and self.waiting_front[0].status != SequenceStatus.WAITING:
-            self.waiting_front.popleft()
-        if self.waiting_front:
-            return self.waiting_front[0]
-        while self.waiting_heap and self.waiting_heap[0][3].status != SequenceStatus.WAITING:
-            heapq.heappop(self.waiting_heap)
-        return self.waiting_heap[0][3] if self.waiting_heap else None
-
-    def _pop_waiting(self) -> None:
-        if self.waiting_front:
-            self.waiting_front.popleft()
-        else:
-            heapq.heappop(self.waiting_heap)
 
     def _build_step(self, planned: list[_Planned], result) -> ScheduledStep:
         bs = self.block_size
@@ -283,10 +237,10 @@ class Scheduler:
                     log.warning("admission of %s refused by the pool; re-queued", seq.seq_id)
                     self.running.remove(seq)
                     seq.status = SequenceStatus.WAITING
-                    self.waiting_front.appendleft(seq)
+                    self.waiting.push_front(seq)
                     continue
                 seq.block_table = list(adm.block_ids)
-                self._ref_up(adm.block_ids)
+                self.ledger.ref_up(adm.block_ids)
                 hit = adm.num_hit_blocks * bs
                 seq.num_computed_tokens = hit
                 seq.num_registered_blocks = adm.num_hit_blocks
@@ -300,14 +254,14 @@ class Scheduler:
                 alloc = result[plan.alloc] if plan.alloc >= 0 else None
                 if copy is not None and copy.src >= 0:
                     seq.block_table[-1] = copy.dst
-                    self._ref_down(copy.src)
-                    self._ref_up([copy.dst])
+                    self.ledger.ref_down(copy.src)
+                    self.ledger.ref_up([copy.dst])
                     copies.append((copy.src, copy.dst))
                     if seq.in_executor:  # its table changed in place: send it whole again
                         self._forget(seq)
                 if alloc is not None and alloc.ok:
                     seq.block_table.extend(alloc.block_ids)
-                    self._ref_up(alloc.block_ids)
+                    self.ledger.ref_up(alloc.block_ids)
                     new_ids = alloc.block_ids
                 if (copy is not None and not copy.ok) or (alloc is not None and not alloc.ok):
                     # The pool disagreed with the plan; recompute from a clean table.
@@ -399,32 +353,17 @@ class Scheduler:
         self.stats.kv_utilization = live / (slots * bs) if slots else 0.0
 
     def _register_full_blocks(self, seq: Sequence, ops: StepOps) -> None:
-        bs = self.block_size
-        full = seq.num_computed_tokens // bs
-        if full <= seq.num_registered_blocks:
-            return
-        if len(seq.block_hashes) < full:
-            start = len(seq.block_hashes) * bs
-            self.hasher.extend(seq.block_hashes, seq.token_ids(start, full * bs))
-        for j in range(seq.num_registered_blocks, full):
-            parent = seq.block_hashes[j - 1] if j else ROOT_HASH
-            ops.register(seq.seq_id, j, seq.block_hashes[j], parent, seq.token_ids(j * bs, (j + 1) * bs))
-        seq.num_registered_blocks = full
+        for index, block_hash, parent_hash, token_ids in seq.take_full_blocks(self.hasher):
+            ops.register(seq.seq_id, index, block_hash, parent_hash, token_ids)
 
     def _fork_choices(self, parent: Sequence, ops: StepOps) -> list[Sequence]:
         """The prompt sequence is done: n choices share its blocks from here on."""
         request = parent.request
-        children = [request.choice(i) for i in range(request.sampling.n)]
+        children = request.fork_choices(parent)
         for child in children:
-            child.block_table = list(parent.block_table)
-            child.num_computed_tokens = parent.num_computed_tokens
-            child.block_hashes = list(parent.block_hashes)
-            child.num_registered_blocks = parent.num_registered_blocks
-            child.status = SequenceStatus.RUNNING
             ops.fork(parent.seq_id, child.seq_id)
-            self._ref_up(child.block_table)
+            self.ledger.ref_up(child.block_table)
             self._save(child, ops)
-        request.seqs = children
         parent.status = SequenceStatus.FINISHED
         self._release(parent)
         ops.drop(parent.seq_id)
@@ -434,6 +373,8 @@ class Scheduler:
     def _finish(self, seq: Sequence, ops: StepOps) -> None:
         """The sequence stopped (or was aborted): free its blocks, forget it; close the request
         when it was the last choice."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.discard(seq)
         seq.status = SequenceStatus.FINISHED
         self._release(seq)
         ops.drop(seq.seq_id)
@@ -475,7 +416,7 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         ops.update(seq.seq_id, SequenceStatus.WAITING, 0, ())
         self.running.remove(seq)
-        self.waiting_front.appendleft(seq)
+        self.waiting.push_front(seq)
         self.stats.num_preemptions += 1
 
     # --- executor loss -----------------------------------------------------------------
@@ -487,16 +428,15 @@ class Scheduler:
         self.epoch = epoch
         self._ops = StepOps()
         self._finished_ids.clear()
-        self.ref_cnt.clear()
+        self.ledger.reset(self.limits.num_blocks)
         self.counts = PoolCounts(self.limits.num_blocks, 0, 0)
-        self.num_available = self.limits.num_blocks
         for seq in self.running:
             seq.block_table = []
             seq.num_computed_tokens = 0
             seq.num_registered_blocks = 0
             seq.in_executor = False
             seq.status = SequenceStatus.WAITING
-        self.waiting_front.extendleft(reversed(self.running))
+        self.waiting.extend_front(self.running)
         self.running = []
         for request in self.requests.values():
             for seq in request.seqs:
@@ -538,20 +478,6 @@ class Scheduler:
             self._finished_ids.append(seq.seq_id)
             seq.in_executor = False
 
-    def _ref_up(self, blocks: list[int]) -> None:
-        ref = self.ref_cnt
-        for b in blocks:
-            ref[b] = ref.get(b, 0) + 1
-
-    def _ref_down(self, block: int) -> None:
-        left = self.ref_cnt[block] - 1
-        if left:
-            self.ref_cnt[block] = left
-        else:
-            del self.ref_cnt[block]
-            self.num_available += 1
-
     def _release(self, seq: Sequence) -> None:
-        for block in seq.block_table:
-            self._ref_down(block)
+        self.ledger.release(seq.block_table)
         seq.block_table = []

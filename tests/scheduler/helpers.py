@@ -63,4 +63,4 @@ def assert_pool_clean(engine: SchedulerEngine) -> None:
     counts = pool.counts()
     assert counts.num_used == 0, counts
     assert counts.num_total == pool.num_blocks
-    assert engine.scheduler.ref_cnt == {}
+    assert engine.scheduler.ledger.ref_cnt == {}

@@ -1,0 +1,47 @@
+"""Admission control: a request that can never run is refused up front, with the limits,
+before anything is queued or allocated."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.params import SamplingParams
+from pagedserve.scheduler.config import SchedulerLimits
+
+
+def check_admissible(
+    limits: SchedulerLimits, request_id: str, prompt_token_ids: Sequence[int], sampling: SamplingParams
+) -> None:
+    """Raise InvalidArgument (naming the field and the limit) unless the request could run.
+
+    Each sequence must fit on its own: prompt + max_tokens within max_model_len and within
+    the pool's blocks (n > 1 choices that do not fit together take turns, by preemption)."""
+    if not request_id or not request_id.isprintable():
+        raise InvalidArgument(
+            "request_id must be non-empty, printable text (no control characters)", field="request_id"
+        )
+    if not prompt_token_ids:
+        raise InvalidArgument("prompt_token_ids must be non-empty", field="prompt_token_ids")
+    sampling.validate(limits.vocab_size)
+    bad = next((t for t in prompt_token_ids if not 0 <= t < limits.vocab_size), None)
+    if bad is not None:
+        raise InvalidArgument(
+            f"prompt_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})",
+            field="prompt_token_ids",
+        )
+    total = len(prompt_token_ids) + sampling.max_tokens
+    if total > limits.max_model_len:
+        raise InvalidArgument(
+            f"prompt ({len(prompt_token_ids)} tokens) + max_tokens ({sampling.max_tokens}) = {total} "
+            f"exceeds max_model_len={limits.max_model_len}",
+            field="max_tokens",
+        )
+    bs = limits.block_size
+    needed = -(-total // bs)
+    if needed > limits.num_blocks:
+        raise InvalidArgument(
+            f"prompt + max_tokens = {total} tokens needs {needed} KV blocks of {bs} tokens; "
+            f"the pool has {limits.num_blocks}",
+            field="max_tokens",
+        )
