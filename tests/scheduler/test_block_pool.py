@@ -208,3 +208,29 @@ def test_reset_and_init(pool_factory):
     pairs = [(h, ts) for h, _, ts, _ in chain_of(tokens, 2)]
     res = step(pool, lambda o: o.admit("c", pairs, 4, 4))
     assert res[0] == Admission(True, 0, [0, 1])
+
+
+def test_fsck_reports_each_broken_invariant(redis_client, redis_url, capsys):
+    from argparse import Namespace
+
+    from pagedserve.scheduler import fsck as fsck_cli
+    from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+    pool = RedisBlockPool(redis_client, "broken")
+    pool.init(6, 2, "e", "m")
+    tokens = [1, 2, 3, 4]
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2)))
+    assert fsck_cli.main(Namespace(redis_url=redis_url, pool="broken")) == 0
+    keys = pool.keys
+    redis_client.hset(keys.key("ref"), "0", 2)  # a reference no table holds
+    redis_client.rpush(keys.key("free"), "1")  # a used block also on the free list
+    redis_client.rpush(keys.table("ghost"), "5")  # a table of an unknown request, block 5 unreferenced
+    problems = fsck_cli.fsck(redis_client, "broken")
+    assert "block 0: ref_cnt 2 but 1 block-table entries" in problems
+    assert "block 1: is free+used (must be exactly one)" in problems
+    assert "block 1: on the free list with a hash" in problems
+    assert "block 5: ref_cnt 0 but 1 block-table entries" in problems
+    assert "request ghost: has a block table but is not in the request set" in problems
+    assert any(p.startswith("free 5 + used 2 + cached 0 = 7 != 6") for p in problems)
+    assert fsck_cli.main(Namespace(redis_url=redis_url, pool="broken")) == 1
+    assert "problem(s)" in capsys.readouterr().out
