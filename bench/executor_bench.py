@@ -11,6 +11,7 @@ CPU it runs only under the Triton interpreter). Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import sys
@@ -103,6 +104,8 @@ def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[lis
 
 
 def run(args: argparse.Namespace) -> str:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes)
     decode_steps = 3 if args.quick else args.decode_steps
@@ -113,7 +116,8 @@ def run(args: argparse.Namespace) -> str:
     )
     backends, notes = usable_backends(args.backends, device)
     lines = [
-        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start), "
         f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
         f"after {warmup} warm-up",
         "",
@@ -170,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="context of each decoding sequence")
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     print(run(parser.parse_args(argv)))
     return 0
