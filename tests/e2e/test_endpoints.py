@@ -37,7 +37,9 @@ def test_metrics_mirror_stats_and_time_requests(stack: Stack, http: httpx.Client
     before = http.get("/metrics").text
     generated = metric(before, "pagedserve_generated_tokens_total")
     ttft = metric(before, "pagedserve_time_to_first_token_seconds_count")
-    code = "def area(width, height):\n    \"\"\"Return the area of a rectangle.\"\"\"\n    return width * height\n\n\n"
+    code = (
+        'def area(width, height):\n    """Return the area of a rectangle."""\n    return width * height\n\n\n'
+    )
     prompt = {"prompt": code * 2, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
     for _ in range(2):  # the second run hits the prefix cache (the prompt spans full blocks)
         assert http.post("/v1/completions", json=prompt).status_code == 200
