@@ -15,8 +15,8 @@ def check_admissible(
 ) -> None:
     """Raise InvalidArgument (naming the field and the limit) unless the request could run.
 
-    Each sequence must fit on its own: prompt + max_tokens within max_model_len and within
-    the pool's blocks (n > 1 choices that do not fit together take turns, by preemption)."""
+    prompt + max_tokens must fit max_model_len, and the whole request must fit the pool at
+    once: with n > 1 choices, the prompt's full blocks are shared and each choice needs the rest."""
     if not request_id or not request_id.isprintable():
         raise InvalidArgument(
             "request_id must be non-empty, printable text (no control characters)", field="request_id"
@@ -38,10 +38,14 @@ def check_admissible(
             field="max_tokens",
         )
     bs = limits.block_size
-    needed = -(-total // bs)
+    per_sequence = -(-total // bs)
+    n = sampling.n
+    shared = (len(prompt_token_ids) - 1) // bs if n > 1 else 0  # full blocks of the shared prompt
+    needed = shared + n * (per_sequence - shared)
     if needed > limits.num_blocks:
+        choices = f" for each of n={n} choices" if n > 1 else ""
         raise InvalidArgument(
-            f"prompt + max_tokens = {total} tokens needs {needed} KV blocks of {bs} tokens; "
+            f"prompt + max_tokens = {total} tokens{choices} needs {needed} KV blocks of {bs} tokens; "
             f"the pool has {limits.num_blocks}",
-            field="max_tokens",
+            field="n" if n > 1 and per_sequence <= limits.num_blocks else "max_tokens",
         )

@@ -205,17 +205,20 @@ def test_admission_refuses_what_can_never_fit(build):
         engine.submit("long", list(range(3, 60)), greedy(10))
     with pytest.raises(InvalidArgument, match="needs 10 KV blocks of 4 tokens; the pool has 8"):
         engine.submit("big", list(range(3, 30)), greedy(10))
+    # three choices of 4 blocks each sharing 2 full prompt blocks: 2 + 3 * 2 = 8 fit, 4 choices do not
+    with pytest.raises(InvalidArgument, match="for each of n=4 choices needs 10 KV blocks of 4 tokens"):
+        engine.submit("n4", list(range(3, 12)), greedy(7, n=4))
     with pytest.raises(InvalidArgument, match="max_tokens"):
         engine.submit("bad", [5], SamplingParams(max_tokens=0))
     with pytest.raises(InvalidArgument, match="vocabulary"):
         engine.submit("oov", [VOCAB + 5], greedy(1))
     assert sched.requests == {} and len(sched._ops) == 0
-    engine.submit("q1", [5, 6], greedy(1))
+    engine.submit("n3", list(range(3, 12)), greedy(7, n=3))
     engine.submit("q2", [5, 6], greedy(1))
     with pytest.raises(ResourceExhausted):
         engine.submit("q3", [5, 6], greedy(1))
     with pytest.raises(InvalidArgument, match="already in use"):
-        engine.submit("q1", [5, 6], greedy(1))
+        engine.submit("n3", [5, 6], greedy(1))
 
 
 def test_priority_orders_the_queue(build):
