@@ -20,3 +20,6 @@ class GatewayConfig:
     request_timeout: float | None = None  # seconds a request may take end to end; None: no limit
     connect_timeout: float = 3.0  # seconds for a downstream unary call (Encode, Info, Stats, Abort)
     detokenize_timeout: float = 30.0  # seconds to wait for one Detokenize answer before giving up
+    stall_probe_interval: float = (
+        5.0  # seconds without a Submit message before checking the scheduler is alive
+    )

@@ -289,15 +289,27 @@ class _Run:
                 engine.spawn(engine.abort_quietly(self.request_id))
 
     async def _next(self, updates: AsyncIterator[SchedulerUpdate], deadline: float | None) -> SchedulerUpdate:
-        if deadline is None:
-            return await anext(updates)
-        remaining = deadline - time.monotonic()
+        """The next Submit message. While none comes, probe the scheduler every `stall_probe_interval`
+        seconds: a wait in its queue is normal, a scheduler that stopped answering is Unavailable.
+        Past `deadline` (--request-timeout) the request fails with RequestTimeout."""
+        config = self.engine.config
+        pending = asyncio.ensure_future(anext(updates))
         try:
-            return await asyncio.wait_for(anext(updates), max(remaining, 0.0))
-        except TimeoutError:
-            raise RequestTimeout(
-                f"request {self.request_id} took longer than --request-timeout={self.engine.config.request_timeout}s"
-            ) from None
+            while True:
+                wait = config.stall_probe_interval
+                if deadline is not None:
+                    wait = min(wait, deadline - time.monotonic())
+                done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
+                if done:
+                    return pending.result()
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RequestTimeout(
+                        f"request {self.request_id} took longer than --request-timeout={config.request_timeout}s"
+                    )
+                await self.engine.scheduler.stats()  # raises Unavailable when the scheduler is gone
+        finally:
+            if not pending.done():
+                pending.cancel()
 
     async def _deltas(self, update: SchedulerUpdate) -> list[ChoiceDelta]:
         """Detokenize one step's tokens for every live choice (one batch) and apply stop strings."""

@@ -1,6 +1,7 @@
 """End-to-end fixtures: the four services as separate processes on a real Redis.
 
-`stack` (session) is the bundled model's stack (see `e2e_harness.Stack`). After every e2e
+`stack` (session) is the bundled model's stack (see `e2e_harness.Stack`); service logs are
+under pytest's temporary directory (`stack-logs*`, kept for the last three runs). After every e2e
 test, each stack still running must be idle again (no running or waiting request, no
 referenced block) and `pagedserve fsck` must find its pool consistent. Test modules import
 helpers from `e2e_harness` (`running_stack`, `metric`, `hf_greedy`).
@@ -27,8 +28,9 @@ def _redis_db_url(redis_server, db: int) -> str:
 
 
 @pytest.fixture(scope="session")
-def stack(redis_server, bundled_model_path: str) -> Iterator[Stack]:
-    with running_stack(bundled_model_path, _redis_db_url(redis_server, 1)) as s:
+def stack(redis_server, bundled_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    logs = tmp_path_factory.mktemp("stack-logs")
+    with running_stack(bundled_model_path, _redis_db_url(redis_server, 1), logs) as s:
         yield s
 
 

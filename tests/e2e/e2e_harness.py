@@ -15,7 +15,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -232,9 +231,8 @@ LIVE_STACKS: list[Stack] = []
 
 
 @contextlib.contextmanager
-def running_stack(model: str, redis_url: str, **kwargs) -> Iterator[Stack]:
-    """A started stack, stopped (and checked for orphans) on exit; logs kept on failure."""
-    log_dir = Path(tempfile.mkdtemp(prefix="pagedserve-e2e-"))
+def running_stack(model: str, redis_url: str, log_dir: Path, **kwargs) -> Iterator[Stack]:
+    """A started stack, stopped (and checked for orphans) on exit; its logs stay in `log_dir`."""
     stack = Stack(model=model, redis_url=redis_url, log_dir=log_dir, **kwargs).start()
     LIVE_STACKS.append(stack)
     try:

@@ -8,6 +8,7 @@ and the gateway recovers when the service comes back.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -103,9 +104,10 @@ def test_full_queue_is_refused_at_once_and_running_requests_finish(stack: Stack)
 
 
 @pytest.fixture(scope="module")
-def fault_stack(bundled_model_path: str, fresh_redis_url):
+def fault_stack(bundled_model_path: str, fresh_redis_url, tmp_path_factory: pytest.TempPathFactory):
     """A stack of its own, since these tests kill its services."""
-    with running_stack(bundled_model_path, fresh_redis_url(), num_kv_blocks=64) as s:
+    logs = tmp_path_factory.mktemp("fault-stack-logs")
+    with running_stack(bundled_model_path, fresh_redis_url(), logs, num_kv_blocks=64) as s:
         yield s
 
 
@@ -164,4 +166,24 @@ def test_killed_scheduler(fault_stack: Stack) -> None:
         assert time.monotonic() - start < QUICK_S and "scheduler" in info.value.message
     _assert_unavailable_quickly(fault_stack, "scheduler")
     fault_stack.restart("scheduler")
+    _assert_recovers(fault_stack)
+
+
+def test_frozen_scheduler_is_unavailable_not_a_hang(fault_stack: Stack) -> None:
+    """A scheduler that stops answering (SIGSTOP) but keeps its connections is found out by the
+    gateway's probe (every 5 s of silence, a Stats call with a 3 s deadline)."""
+    scheduler = fault_stack.services["scheduler"].child
+    with Client(fault_stack.grpc_address, timeout=60) as client:
+        stream = client.stream("def ", **LONG)
+        next(stream)
+        scheduler.signal_group(signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(errors.Unavailable) as info:
+                for _ in stream:
+                    pass
+            assert time.monotonic() - start < 12 and "scheduler" in info.value.message
+            assert httpx.get(f"{fault_stack.http_url}/health", timeout=5).status_code == 200
+        finally:
+            scheduler.signal_group(signal.SIGCONT)
     _assert_recovers(fault_stack)

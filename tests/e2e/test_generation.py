@@ -133,9 +133,9 @@ def qwen2_model(tmp_path_factory: pytest.TempPathFactory, bundled_model_path: st
     return str(path)
 
 
-def test_greedy_matches_transformers_random_qwen2(qwen2_model: str, fresh_redis_url) -> None:
+def test_greedy_matches_transformers_random_qwen2(qwen2_model: str, fresh_redis_url, tmp_path: Path) -> None:
     prompts = _prompt_ids(qwen2_model)
-    with running_stack(qwen2_model, fresh_redis_url()) as qwen_stack:
+    with running_stack(qwen2_model, fresh_redis_url(), tmp_path) as qwen_stack:
         grpc_out, http_out = asyncio.run(_greedy_both_apis(qwen_stack, prompts))
         with Client(qwen_stack.grpc_address, timeout=30) as client:
             assert [m.id for m in client.models()] == [served_model_name(qwen2_model)]

@@ -363,3 +363,29 @@ def test_ids_outside_the_tokenizer_vocabulary_are_not_sent_to_the_detokenizer() 
     result = asyncio.run(collect(engine, text_request("p", max_tokens=3)))
     assert result.choices[0].token_ids == [97, 512, 98] and result.choices[0].text == "ab"
     assert all(t < 300 for batch in tokenizer.detokenizer.batches for item in batch for t in item.token_ids)
+
+
+def test_a_scheduler_that_stops_answering_is_unavailable_not_a_hang() -> None:
+    from pagedserve.common.errors import Unavailable
+
+    class HungScheduler(FakeScheduler):
+        alive = True
+
+        async def stats(self, timeout=None) -> SchedulerStats:
+            if not self.alive:
+                raise Unavailable("scheduler at test is unavailable")
+            return await super().stats()
+
+    async def scenario() -> None:
+        scheduler = HungScheduler(["abcdefgh"], gate=asyncio.Event())
+        engine, _ = make_engine(scheduler, stall_probe_interval=0.02)
+        outputs = engine.generate(text_request("p", max_tokens=8))
+        await anext(outputs)
+        waiting = asyncio.ensure_future(anext(outputs))
+        await asyncio.sleep(0.1)
+        assert not waiting.done(), "a quiet but live scheduler is waited for"
+        scheduler.alive = False
+        with pytest.raises(Unavailable, match="scheduler"):
+            await asyncio.wait_for(waiting, 1.0)
+
+    asyncio.run(scenario())
