@@ -88,6 +88,7 @@ class Scheduler:
         self._ops = StepOps()  # queued for the next apply
         self._finished_ids: list[str] = []  # the executor should forget these
         self._aborts: list[str] = []
+        self._pool_suspect = False  # a step's apply failed: reset the pool before the next one
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
 
@@ -138,6 +139,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledStep:
         """Plan one step and apply its block operations (one pool round trip)."""
+        if self._pool_suspect:
+            self.reset_pool(self.epoch, executor_lost=False)
         ops, self._ops = self._ops, StepOps()
         for request_id in self._aborts:
             self._abort_now(request_id, ops)
@@ -177,7 +180,12 @@ class Scheduler:
             budget = self._plan_admissions(ops, planned, budget)
         if not planned and not len(ops):
             return self._build_step([], None)
-        result = self.pool.apply(ops)
+        try:
+            result = self.pool.apply(ops)
+        except Exception:
+            # Did the script run? Unknown: start the pool over once it answers again.
+            self._pool_suspect = True
+            raise
         self.counts = result.counts
         self.ledger.num_available = result.counts.num_available
         return self._build_step(planned, result)
@@ -421,13 +429,18 @@ class Scheduler:
 
     # --- executor loss -----------------------------------------------------------------
 
-    def reset_pool(self, epoch: str) -> None:
-        """The executor's pool is gone (new epoch): drop every block, recompute every running
-        sequence with its outputs so far (their streams go on)."""
+    def reset_pool(self, epoch: str, *, executor_lost: bool = True) -> None:
+        """Drop every block and recompute every running sequence with its outputs so far
+        (their streams go on): the executor's pool is gone (a new epoch), or the pool in Redis
+        can no longer be trusted (a step's apply failed half way). In the latter case the
+        executor still holds our sequences and is told to forget them."""
         self.pool.reset(epoch)
         self.epoch = epoch
         self._ops = StepOps()
-        self._finished_ids.clear()
+        forget = (
+            [] if executor_lost else self._finished_ids + [s.seq_id for s in self.running if s.in_executor]
+        )
+        self._finished_ids = forget
         self.ledger.reset(self.limits.num_blocks)
         self.counts = PoolCounts(self.limits.num_blocks, 0, 0)
         for seq in self.running:
@@ -442,7 +455,9 @@ class Scheduler:
             for seq in request.seqs:
                 if seq.status != SequenceStatus.FINISHED:
                     self._save(seq)
-        self.stats.executor_restarts += 1
+        self._pool_suspect = False
+        if executor_lost:
+            self.stats.executor_restarts += 1
 
     def forget_executor_state(self) -> None:
         """The executor may have lost track of our sequences (a step whose reply was lost, or

@@ -282,3 +282,30 @@ def test_executor_restart_recomputes_and_streams_continue(build):
     assert engine.scheduler.stats.executor_restarts == 1
     assert engine.scheduler.epoch == fake.epoch
     assert_pool_clean(engine)
+
+
+@pytest.mark.parametrize("lost", ["request", "reply"])
+def test_a_failed_pool_call_is_recovered(build, lost):
+    """A step whose pool call fails (Redis unreachable: the script ran or not) is not trusted:
+    the pool starts over, the executor forgets our sequences, and every stream still completes."""
+    engine, fake = build(num_blocks=64, block_size=4)
+    pool = engine.scheduler.pool
+    real_apply = pool.apply
+    calls = {"n": 0}
+
+    def flaky_apply(ops):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            if lost == "reply":
+                real_apply(ops)
+            raise ConnectionError("Redis went away")
+        return real_apply(ops)
+
+    pool.apply = flaky_apply
+    ps = prompts([6, 11, 3], seed=11)
+    outs = run(engine, [(f"r{i}", p, greedy(8)) for i, p in enumerate(ps)])
+    for p, out in zip(ps, outs, strict=True):
+        assert out.tokens[0] == reference(p, 8, VOCAB)
+    assert calls["n"] > 5
+    assert fake.requests == {}
+    assert_pool_clean(engine)
