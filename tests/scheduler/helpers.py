@@ -12,6 +12,7 @@ from pagedserve.scheduler.output import FinishReason, RequestStream, Usage
 @dataclass
 class Collected:
     tokens: dict[int, list[int]] = field(default_factory=dict)
+    logprobs: dict[int, list] = field(default_factory=dict)
     finish: dict[int, FinishReason] = field(default_factory=dict)
     stop_token: dict[int, int] = field(default_factory=dict)
     messages: int = 0
@@ -28,6 +29,7 @@ async def drain(stream: RequestStream) -> Collected:
             out.cached_prompt_tokens = delta.cached_prompt_tokens
         for choice in delta.choices:
             out.tokens.setdefault(choice.index, []).extend(choice.token_ids)
+            out.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
             if choice.finish_reason != FinishReason.NONE:
                 out.finish[choice.index] = choice.finish_reason
                 out.stop_token[choice.index] = choice.stop_token_id

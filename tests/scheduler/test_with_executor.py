@@ -120,7 +120,7 @@ def test_prefix_hit_and_parallel_sampling_on_the_real_executor(tiny_model, redis
     c = make_prompts([11], TINY_VOCAB, seed=2)[0]  # n=2 shares 10 tokens, the partial block is copied
 
     async def go():
-        first = await run_all(engine, [engine.submit("a", a, greedy(5))])
+        first = await run_all(engine, [engine.submit("a", a, greedy(5, logprobs=2))])
         rest = await run_all(
             engine, [engine.submit("b", b, greedy(5)), engine.submit("c", c, greedy(5, n=2))]
         )
@@ -130,6 +130,9 @@ def test_prefix_hit_and_parallel_sampling_on_the_real_executor(tiny_model, redis
     out_a, out_b, out_c = asyncio.run(go())
     ref_a, ref_b, ref_c = hf_greedy(tiny_model, [a, b, c], 5)
     assert out_a.tokens[0] == ref_a and out_b.tokens[0] == ref_b
+    assert [lp.token_id for lp in out_a.logprobs[0]] == ref_a  # logprobs ride along, one per token
+    assert all(len(lp.top) == 2 and lp.logprob <= 0 for lp in out_a.logprobs[0])
+    assert out_b.logprobs[0] == []
     assert out_b.usage.cached_prompt_tokens == 20
     assert out_c.tokens[0] == ref_c and out_c.tokens[1] == ref_c
     assert_pool_clean(engine)
