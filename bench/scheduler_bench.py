@@ -21,6 +21,7 @@ import asyncio
 import random
 import statistics
 import sys
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -125,8 +126,10 @@ async def kv_utilization(pool: BlockPool, trace: Sequence[tuple[int, int]], *, n
 
 
 async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: int, num_blocks: int,
-                        count_round_trips) -> dict[str, float]:  # fmt: skip
-    """Steady decode at `batch` sequences: time of schedule() + update() per step."""
+                        count_round_trips, script_usec=lambda: 0) -> dict[str, float]:  # fmt: skip
+    """Steady decode at `batch` sequences: wall time of schedule() + update() per step (the
+    pool's round trip included), this process's CPU time per step (the no-op executor's share
+    included, which is small), and the Redis server's time in the step script."""
     engine = await _engine(pool, num_blocks, block_size, max_num_seqs=max(batch, 1), max_model_len=8192)
     sched = engine.scheduler
     rng = random.Random(2)
@@ -136,10 +139,13 @@ async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: 
         await engine.step()
     for _ in range(8):  # warm-up
         await engine.step()
-    times, trips = [], []
+    times, trips, cpu = [], [], []
+    script_before = script_usec()
     for _ in range(steps):
         before = count_round_trips()
+        t0 = time.process_time()
         await engine.step()
+        cpu.append(time.process_time() - t0)
         trips.append(count_round_trips() - before)
         times.append(engine.control_seconds)
     times.sort()
@@ -147,6 +153,8 @@ async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: 
         "p50_ms": 1e3 * times[len(times) // 2],
         "p90_ms": 1e3 * times[int(len(times) * 0.9)],
         "round_trips": statistics.fmean(trips),
+        "cpu_ms": 1e3 * statistics.fmean(cpu),
+        "script_ms": 1e-3 * (script_usec() - script_before) / steps,
     }
 
 
@@ -209,14 +217,22 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"## Control-plane time per decode step (schedule + Redis + update; executor excluded; {steps} steps)\n"
         )
-        print("| batch | p50 ms | p90 ms | Redis round trips / step |")
-        print("|---|---|---|---|")
+        print(
+            "| batch | p50 ms | p90 ms | Python CPU ms / step | Redis script ms / step | round trips / step |"
+        )
+        print("|---|---|---|---|---|---|")
+
+        def script_usec() -> int:
+            return int(client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0))
+
         for batch in (1, 16, 64, 256):
             res = asyncio.run(
                 control_plane(RedisBlockPool(client, f"bench-cp-{uuid.uuid4().hex[:8]}"), batch, steps=steps,
-                              block_size=bs, num_blocks=16384, count_round_trips=lambda: counter.count)
+                              block_size=bs, num_blocks=16384, count_round_trips=lambda: counter.count,
+                              script_usec=script_usec)
             )  # fmt: skip
-            print(f"| {batch} | {res['p50_ms']:.3f} | {res['p90_ms']:.3f} | {res['round_trips']:.2f} |")
+            print(f"| {batch} | {res['p50_ms']:.3f} | {res['p90_ms']:.3f} | {res['cpu_ms']:.3f} | "
+                  f"{res['script_ms']:.3f} | {res['round_trips']:.2f} |")  # fmt: skip
             sys.stdout.flush()
     finally:
         if server is not None:
