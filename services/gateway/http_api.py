@@ -24,14 +24,8 @@ from pagedserve.common.errors import InvalidArgument, PagedServeError
 from pagedserve.gateway.datatypes import CompletedRequest, RequestOutput
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.metrics import GatewayMetrics
-from pagedserve.gateway.openai_protocol import (
-    ApiCall,
-    ChunkFormatter,
-    error_body,
-    full_response,
-    parse_chat,
-    parse_completion,
-)
+from pagedserve.gateway.openai_request import ApiCall, parse_chat, parse_completion
+from pagedserve.gateway.openai_response import ChunkFormatter, error_body, full_response
 from pagedserve.gateway.sse import DONE, sse_event
 
 log = logging.getLogger(__name__)

@@ -342,7 +342,7 @@ def test_duplicate_request_id_in_flight_is_rejected() -> None:
 
 
 def test_request_timeout_aborts() -> None:
-    from pagedserve.gateway.engine import RequestTimeout
+    from pagedserve.gateway.request_run import RequestTimeout
 
     async def scenario() -> FakeScheduler:
         scheduler = FakeScheduler(["abcdefgh"], gate=asyncio.Event())

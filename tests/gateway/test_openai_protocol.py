@@ -15,13 +15,8 @@ from pagedserve.gateway.datatypes import (
     TopLogprob,
     Usage,
 )
-from pagedserve.gateway.openai_protocol import (
-    ChunkFormatter,
-    error_body,
-    full_response,
-    parse_chat,
-    parse_completion,
-)
+from pagedserve.gateway.openai_request import parse_chat, parse_completion
+from pagedserve.gateway.openai_response import ChunkFormatter, error_body, full_response
 
 
 def test_completion_defaults() -> None:
