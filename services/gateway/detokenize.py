@@ -52,11 +52,16 @@ class DetokenizeStream:
         self._in_flight: deque[list[_Call]] = deque()
         self._wakeup = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        # Totals for /metrics: items per batch shows how well steps of many requests share a message.
+        self.num_streams_opened = 0
+        self.num_batches = 0
+        self.num_items = 0
 
     def begin(self) -> int:
         """Open the stream if needed; return its generation for a request starting now."""
         if self._call is None:
             self._generation += 1
+            self.num_streams_opened += 1
             self._call = self._stub.Detokenize()
             self._pending, self._in_flight = [], deque()
             self._tasks = [
@@ -114,6 +119,8 @@ class DetokenizeStream:
                     items=[_item_to_proto(item) for c in batch for item in c.items]
                 )
                 self._in_flight.append(batch)
+                self.num_batches += 1
+                self.num_items += len(request.items)
                 await call.write(request)
         except asyncio.CancelledError:
             raise

@@ -61,6 +61,31 @@ class _SchedulerCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=getattr(self.stats, attr))
 
 
+class _DetokenizeCollector(Collector):
+    """Totals of the shared Detokenize stream (anything with num_streams_opened/num_batches/num_items)."""
+
+    def __init__(self) -> None:
+        self.stream = None
+
+    def collect(self):
+        if self.stream is None:
+            return
+        for name, attr, help_text in (
+            ("pagedserve_gateway_detokenize_streams", "num_streams_opened", "Detokenize streams opened."),
+            (
+                "pagedserve_gateway_detokenize_batches",
+                "num_batches",
+                "Messages sent on the Detokenize stream.",
+            ),
+            (
+                "pagedserve_gateway_detokenize_items",
+                "num_items",
+                "Sequence items sent on the Detokenize stream.",
+            ),
+        ):
+            yield CounterMetricFamily(name, help_text, value=getattr(self.stream, attr))
+
+
 class GatewayMetrics:
     """A registry of its own, so tests and several gateways in one process never collide."""
 
@@ -68,6 +93,8 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         self._scheduler = _SchedulerCollector()
         self.registry.register(self._scheduler)
+        self._detokenize = _DetokenizeCollector()
+        self.registry.register(self._detokenize)
         self.time_to_first_token = Histogram(
             "pagedserve_time_to_first_token_seconds",
             "Seconds from a request's arrival at the gateway to its first token.",
@@ -85,6 +112,9 @@ class GatewayMetrics:
             "Requests in flight through this gateway.",
             registry=self.registry,
         )
+
+    def watch_detokenizer(self, stream) -> None:
+        self._detokenize.stream = stream
 
     def observe_first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)

@@ -82,6 +82,7 @@ async def serve(config: GatewayConfig) -> None:
     tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
     scheduler = SchedulerClient(config.scheduler_address, config.connect_timeout)
     metrics = GatewayMetrics()
+    metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
 
     http = _HttpServer(

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from e2e_harness import Stack, hf_greedy, running_stack
+from e2e_harness import Stack, hf_greedy, metric, running_stack
 from transformers import AutoTokenizer
 
 from pagedserve.client import AsyncClient, Client
@@ -190,10 +190,25 @@ def test_64_concurrent_streams_complete(stack: Stack) -> None:
                     *(sse(http_client, i) for i in range(32)), *(stream(grpc_client, i) for i in range(32))
                 )
 
+    before = http_metrics(stack)
     texts = asyncio.run(run())
+    after = http_metrics(stack)
     assert len(texts) == 64
+    # One Detokenize stream for the gateway's life, and steps of many requests share its messages.
+    assert metric(after, "pagedserve_gateway_detokenize_streams_total") == 1
+    batches = metric(after, "pagedserve_gateway_detokenize_batches_total") - metric(
+        before, "pagedserve_gateway_detokenize_batches_total"
+    )
+    items = metric(after, "pagedserve_gateway_detokenize_items_total") - metric(
+        before, "pagedserve_gateway_detokenize_items_total"
+    )
+    assert items >= 64 * 2 and items / batches > 4, f"{items} items in {batches} messages"
     # Same seed and prompt through either API: the same sample.
     assert texts[:32] == texts[32:]
+
+
+def http_metrics(stack: Stack) -> str:
+    return httpx.get(f"{stack.http_url}/metrics", timeout=10).text
 
 
 def test_n4_returns_four_choices(stack: Stack, http: httpx.Client) -> None:
