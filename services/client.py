@@ -28,9 +28,9 @@
 
 Sampling keywords are the fields of `pagedserve.common.params.SamplingParams` (max_tokens,
 temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens). Leaving a stream early (break,
-`close()`, or leaving a `with closing(...)`) cancels the RPC, and the gateway aborts the
-request. Errors raise the `pagedserve.common.errors` classes: `InvalidArgument`, `NotFound`,
+seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens). Closing a stream early
+(`stream.close()`, `await stream.aclose()`, `with contextlib.closing(client.stream(...))`, or
+dropping the last reference to it) cancels the RPC, and the gateway aborts the request. Errors raise the `pagedserve.common.errors` classes: `InvalidArgument`, `NotFound`,
 `ResourceExhausted`, `Unavailable`, or `DeadlineExceeded` when `timeout` ran out.
 """
 
