@@ -50,7 +50,6 @@ class Sequence:
     num_registered_blocks: int = 0  # leading full blocks known to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     in_executor: bool = False  # the executor holds its state (else it gets a NewRequestData)
-    saved: bool = False  # its state record exists in the pool
     finish_reason: FinishReason = FinishReason.NONE
 
     @property

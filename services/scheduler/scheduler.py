@@ -478,7 +478,6 @@ class Scheduler:
             num_computed_tokens=seq.num_computed_tokens,
             output_token_ids=seq.output_token_ids,
         )
-        seq.saved = True
 
     def _mark_started(self, request: Request, hit_tokens: int) -> None:
         if request.started:
