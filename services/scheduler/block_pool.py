@@ -140,6 +140,10 @@ class StepOps:
         hash, or a hash some other block holds, is left as it is."""
         self._add([REG, request_id, block_index, block_hash, parent_hash, token_str(token_ids)])
 
+    def update_token(self, request_id: str, status: int, num_computed_tokens: int, token_id: int) -> None:
+        """`update` with one new output token (the common decode step), formatted directly."""
+        self.progress.append(f"{request_id}{US}{status}{US}{num_computed_tokens}{US}{token_id},{RS}")
+
     def save(
         self,
         request_id: str,

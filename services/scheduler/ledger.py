@@ -21,9 +21,6 @@ class BlockLedger:
         self.ref_cnt.clear()
         self.num_available = num_blocks
 
-    def shared(self, block: int) -> bool:
-        return self.ref_cnt.get(block, 0) > 1
-
     def ref_up(self, blocks: list[int]) -> None:
         """References the pool already granted (its reply's counts include them)."""
         ref = self.ref_cnt

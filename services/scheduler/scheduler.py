@@ -42,6 +42,9 @@ from pagedserve.scheduler.waiting import WaitQueue
 log = logging.getLogger(__name__)
 
 
+RUNNING = int(SequenceStatus.RUNNING)  # as written to the pool
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -150,6 +153,7 @@ class Scheduler:
         max_seqs = self.limits.max_num_seqs
         running = self.running
         ledger = self.ledger
+        blocks_needed = self._blocks_needed
         preempted = False
         i = 0
         while i < len(running) and budget > 0 and len(planned) < max_seqs:
@@ -158,7 +162,7 @@ class Scheduler:
             if num_tokens <= 0:
                 i += 1
                 continue
-            new_blocks, cow = self._blocks_needed(seq, num_tokens)
+            new_blocks, cow = blocks_needed(seq, num_tokens)
             while new_blocks + cow > ledger.num_available:
                 self._preempt(running[-1], ops)
                 preempted = True
@@ -197,8 +201,8 @@ class Scheduler:
         table = seq.block_table
         new_blocks = (computed + num_tokens + bs - 1) // bs - len(table)
         # The next token goes into the partial last block, which another table shares.
-        cow = computed % bs != 0 and bool(table) and self.ledger.shared(table[-1])
-        return (new_blocks if new_blocks > 0 else 0), int(cow)
+        cow = 1 if computed % bs and table and self.ledger.ref_cnt.get(table[-1], 0) > 1 else 0
+        return (new_blocks if new_blocks > 0 else 0), cow
 
     def _plan_admissions(self, ops: StepOps, planned: list[_Planned], budget: int) -> int:
         bs = self.block_size
@@ -344,7 +348,7 @@ class Scheduler:
             if done:
                 self._finish(seq, ops)
             else:
-                ops.update(seq.seq_id, running_status, seq.num_computed_tokens, (token_id,))
+                ops.update_token(seq.seq_id, RUNNING, seq.num_computed_tokens, token_id)
         self.stats.generated_tokens += len(output.sampled)
         running: list[Sequence] = []
         live = slots = 0
