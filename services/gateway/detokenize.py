@@ -28,6 +28,8 @@ from pagedserve.v1 import tokenizer_pb2
 
 log = logging.getLogger(__name__)
 
+_MAX_GATHER_ITERATIONS = 8
+
 
 @dataclass(slots=True)
 class _Call:
@@ -110,8 +112,13 @@ class DetokenizeStream:
             while True:
                 await self._wakeup.wait()
                 self._wakeup.clear()
-                # Let the other requests woken by the same scheduler step add their items first.
-                await asyncio.sleep(0)
+                # Let the other requests woken by the same scheduler step add their items first:
+                # their Submit messages arrive over a few loop iterations.
+                for _ in range(_MAX_GATHER_ITERATIONS):
+                    waiting = len(self._pending)
+                    await asyncio.sleep(0)
+                    if len(self._pending) == waiting:
+                        break
                 batch, self._pending = self._pending, []
                 if not batch:
                     continue

@@ -202,7 +202,7 @@ def test_64_concurrent_streams_complete(stack: Stack) -> None:
     items = metric(after, "pagedserve_gateway_detokenize_items_total") - metric(
         before, "pagedserve_gateway_detokenize_items_total"
     )
-    assert items >= 64 * 2 and items / batches > 4, f"{items} items in {batches} messages"
+    assert items >= 64 * 2 and items / batches > 2, f"{items} items in {batches} messages"
     # Same seed and prompt through either API: the same sample.
     assert texts[:32] == texts[32:]
 
