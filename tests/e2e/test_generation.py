@@ -355,3 +355,23 @@ def test_logprobs_pass_through(stack: Stack, http: httpx.Client) -> None:
         result = client.generate("import ", max_tokens=5, temperature=0, logprobs=2)
     assert [lp.token_id for lp in result.choices[0].logprobs] == choice["token_ids"]
     assert all(len(lp.top) == 2 for lp in result.choices[0].logprobs)
+
+
+def test_vllm_extras_reach_the_sampler(stack: Stack, http: httpx.Client) -> None:
+    base = {"prompt": "def fibonacci(n):\n", "max_tokens": 24, "ignore_eos": True, "return_token_ids": True}
+    greedy = http.post("/v1/completions", json={**base, "temperature": 0}).json()["choices"][0]["token_ids"]
+    top_k_1 = http.post("/v1/completions", json={**base, "temperature": 1.5, "top_k": 1, "seed": 3}).json()
+    assert top_k_1["choices"][0]["token_ids"] == greedy, "top_k=1 is greedy whatever the temperature"
+    min_p_1 = http.post("/v1/completions", json={**base, "temperature": 1.5, "min_p": 1.0, "seed": 3}).json()
+    assert min_p_1["choices"][0]["token_ids"] == greedy, "min_p=1 keeps only the top token"
+
+    stop_id = greedy[10]
+    first = greedy.index(stop_id)
+    body = {**base, "temperature": 0, "ignore_eos": False, "stop_token_ids": [stop_id]}
+    stopped = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert stopped["finish_reason"] == "stop" and stopped["token_ids"] == greedy[: first + 1]
+
+    penalized = http.post(
+        "/v1/completions", json={**base, "temperature": 0, "repetition_penalty": 2.0}
+    ).json()
+    assert penalized["choices"][0]["token_ids"] != greedy, "a strong repetition penalty changes greedy output"
