@@ -4,6 +4,7 @@
 #   make protos    regenerate gRPC stubs from protos/ into services/v1/ (not committed)
 #   make test      install if needed, then run the whole test suite
 #   make up        run the whole stack with the bundled model
+#   make demo      start the stack, send a few prompts, print answers and KV stats, stop
 #   make lint      ruff
 
 SHELL := /bin/bash
@@ -18,7 +19,7 @@ PROTOS := $(wildcard protos/pagedserve/v1/*.proto)
 STUBS := services/v1/__init__.py
 ARGS ?=
 
-.PHONY: install protos gen-stubs test lint up clean
+.PHONY: install protos gen-stubs test lint up demo clean
 
 install: $(STAMP) $(STUBS)
 
@@ -66,6 +67,9 @@ lint: install
 
 up: install
 	$(VENV)/bin/pagedserve up $(ARGS)
+
+demo: install
+	$(VENV)/bin/pagedserve demo $(ARGS)
 
 clean:
 	rm -rf services/v1 .pytest_cache

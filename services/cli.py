@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "executor": ("pagedserve.executor.server", "run the executor service"),
     "fsck": ("pagedserve.scheduler.fsck", "check a KV pool's block accounting in Redis"),
     "bench": ("pagedserve.bench.cli", "drive a running stack with a load and report"),
+    "demo": ("pagedserve.demo", "start the stack, send a few prompts, print answers and KV stats, stop"),
 }
 
 
