@@ -6,6 +6,7 @@
 #   make up        run the whole stack with the bundled model
 #   make demo      start the stack, send a few prompts, print answers and KV stats, stop
 #   make lint      ruff
+#   make bench     the benchmark suite; rewrites docs/BENCHMARKS.md (ARGS=--quick: tiny sizes, < 10 min)
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -67,6 +68,9 @@ lint: install
 
 up: install
 	$(VENV)/bin/pagedserve up $(ARGS)
+
+bench: install
+	$(VENV)/bin/pagedserve bench --suite $(ARGS)
 
 demo: install
 	$(VENV)/bin/pagedserve demo $(ARGS)
