@@ -43,8 +43,8 @@ class SuiteSizes:
     max_num_batched_tokens: int = 2048
 
 
-QUICK = SuiteSizes(24, 48, 32, 256, 64, 8, (2.0, 8.0, 32.0), 16, 64, 30)
-FULL = SuiteSizes(96, 96, 64, 512, 256, 8, (2.0, 8.0, 32.0, 64.0), 48, 256, 100)
+QUICK = SuiteSizes(64, 64, 64, 512, 128, 8, (2.0, 8.0, 32.0), 24, 128, 30)
+FULL = SuiteSizes(256, 128, 128, 1024, 512, 8, (2.0, 8.0, 16.0, 32.0), 64, 512, 100)
 VOCAB = 4096  # the bundled model's
 
 
