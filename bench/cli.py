@@ -21,7 +21,9 @@ from pagedserve.common.models import default_model
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", action="store_true", help="run every scenario and write the report")
-    parser.add_argument("--quick", action="store_true", help="with --suite: tiny sizes (< 10 min on 2 cores)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the suite at tiny sizes (< 10 min on 2 cores); implies --suite"
+    )
     parser.add_argument("--docs", default="docs/BENCHMARKS.md", help="--suite: the report to write")
     parser.add_argument("--results-dir", default="bench/results", help="--suite: where the JSON goes")
     parser.add_argument("--skip-peers", action="store_true", help="--suite: no transformers peers")

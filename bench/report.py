@@ -69,9 +69,13 @@ def plot_kv(path: Path, series: dict[str, Sequence[KVSample]], title: str) -> No
     fig, axes = plt.subplots(2, 1, figsize=(7, 4.5), sharex=True)
     for name, samples in series.items():
         t = [s.t for s in samples]
-        axes[0].plot(t, [100 * s.blocks_used / max(s.blocks_total, 1) for s in samples], label=name)
+        line = axes[0].plot(t, [100 * s.blocks_used / max(s.blocks_total, 1) for s in samples],
+                            label=f"{name}: blocks used")[0]  # fmt: skip
+        busy = [s for s in samples if s.requests_running]
+        axes[0].plot([s.t for s in busy], [100 * s.kv_utilization for s in busy], ":", color=line.get_color(),
+                     label=f"{name}: live tokens / allocated slots")  # fmt: skip
         axes[1].plot(t, [s.requests_running for s in samples], label=name)
-    axes[0].set_ylabel("KV blocks used %")
+    axes[0].set_ylabel("KV %")
     axes[1].set_ylabel("requests running")
     axes[1].set_xlabel("seconds since the first request")
     axes[0].legend(fontsize=7)

@@ -44,7 +44,7 @@ class SuiteSizes:
 
 
 QUICK = SuiteSizes(64, 64, 64, 512, 128, 8, (2.0, 8.0, 32.0), 24, 128, 30)
-FULL = SuiteSizes(256, 128, 128, 1024, 512, 8, (2.0, 8.0, 16.0, 32.0), 64, 512, 100)
+FULL = SuiteSizes(128, 96, 96, 1024, 256, 16, (2.0, 8.0, 16.0, 32.0), 48, 256, 100)
 VOCAB = 4096  # the bundled model's
 
 

@@ -201,6 +201,32 @@ seed each, so no prefix-cache hits from earlier runs), Poisson arrivals.
 
 (latencies in ms) ![latency vs rate](bench_latency_vs_rate.png)
 
+## Where the time goes (a separate py-spy look, not regenerated)
+
+`py-spy record -r 50 -d 6 --nonblocking` on each service during the 64-request quick trace on the shipped
+stack (2026-11-22, this machine, a model-training job and a test suite running beside it; 300 samples =
+one core busy for the 6 s): executor 187 samples, scheduler 108, gateway 94, tokenizer 15. In the
+executor, 60 samples are `nn.Linear` matmuls and about 55 the torch paged-attention backend's `_attend`
+(gathering each sequence's K/V through its block table, masked softmax); the rest is its event loop. In
+the scheduler, 57 samples are gRPC aio callbacks (each request's token stream to the gateway) and about 12
+redis-py's send/receive; in the gateway, about 45 are gRPC stream reads and writes.
+
+So with this 4M-parameter model the forward is cheap and the per-token work between processes
+(protobuf, gRPC streams, detokenizing) costs the scheduler and gateway together more CPU than the
+executor gets; on 2 shared cores the executor runs at about 60% of one core. The transformers
+continuous-batching peer runs the model and its scheduling in one process with no messages. What would
+close the gap to the 1.3× goal on CPU: one Submit message per step for all of a gateway's requests
+instead of one per request per token, no detokenizing when the client asked for token ids only, an SDPA
+call on the gathered K/V in the torch attention backend, and pinning the executor to a core of its own.
+With a real model on a GPU the forward dominates and these CPU costs overlap it.
+
+KV utilization (live tokens / allocated slots) misses 96% here only through the last block of each
+sequence: a paged table wastes on average about block_size / 2 = 8 slots per sequence, which is 5-6%
+of sequences this short (median 64 + 64 tokens); the longer full-mode trace and
+`python -m pagedserve.bench.scheduler_bench` (mean 539 tokens: 98.8%) clear it. Control plane at batch
+256: see docs/SCHEDULER.md (about 0.5 ms is the Redis step script writing every sequence's progress,
+the rest Python planning and JSON).
+
 ## Metric definitions
 
 TTFT: first output token received − request sent. TPOT: (last token − first token) / (output tokens − 1).
