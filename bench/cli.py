@@ -1,6 +1,7 @@
 """`pagedserve bench`: drive a stack with a load and report; `--suite` runs every scenario.
 
     pagedserve bench --gateway localhost:50051 --scheduler localhost:50053 --rate 4
+    pagedserve bench --gateway localhost:50051 --metrics-url http://localhost:8000/metrics --max-concurrency 8
     pagedserve bench --launch --workload fixed --num-requests 8 --prompt-len 32 --output-len 16
     pagedserve bench --suite [--quick]      # every scenario and peer; writes docs/BENCHMARKS.md
 
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--gateway", default="localhost:50051", help="the gateway's gRPC address")
     target.add_argument(
         "--scheduler", default=None, help="the scheduler's address, for Stats (KV figures); optional"
+    )
+    target.add_argument(
+        "--metrics-url", default=None, help="without --scheduler: the gateway's /metrics URL, for KV figures"
     )
     target.add_argument(
         "--launch", action="store_true", help="start a stack with `pagedserve up`, stop it after"
@@ -107,7 +111,8 @@ def single_run(args: argparse.Namespace) -> int:
     try:
         result = asyncio.run(
             run_load(gateway, requests, rate=args.rate, max_concurrency=args.max_concurrency,
-                     scheduler_address=scheduler, seed=args.seed, progress=not args.no_progress)
+                     scheduler_address=scheduler, metrics_url=args.metrics_url, seed=args.seed,
+                     progress=not args.no_progress)
         )  # fmt: skip
     finally:
         if stack is not None:

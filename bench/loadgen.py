@@ -71,22 +71,62 @@ class StatsPoller:
 
     async def run(self, t0: float) -> None:
         while True:
-            with contextlib.suppress(grpc.aio.AioRpcError):
+            try:
                 s = await self.stats()
-                self.samples.append(
-                    KVSample(
-                        time.perf_counter() - t0,
-                        s.blocks_used,
-                        s.blocks_total,
-                        s.requests_running,
-                        s.requests_waiting,
-                        s.kv_utilization,
-                    )  # fmt: skip
-                )
+            except Exception:  # a missed sample is not worth failing the run for
+                await asyncio.sleep(self.interval)
+                continue
+            sample = KVSample(
+                time.perf_counter() - t0, s.blocks_used, s.blocks_total,
+                s.requests_running, s.requests_waiting, s.kv_utilization,
+            )  # fmt: skip
+            self.samples.append(sample)
             await asyncio.sleep(self.interval)
 
     async def close(self) -> None:
         await self.channel.close()
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Unlabelled samples of Prometheus text exposition: name -> value."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, _, value = line.partition(" ")
+            with contextlib.suppress(ValueError):
+                out[name] = float(value.split()[0])
+    return out
+
+
+class MetricsPoller(StatsPoller):
+    """The same figures from the gateway's HTTP /metrics (the scheduler's Stats, mirrored on
+    each scrape), for a stack whose scheduler is not reachable."""
+
+    def __init__(self, metrics_url: str, interval: float = 0.05) -> None:
+        import httpx
+
+        self.http = httpx.AsyncClient(timeout=5.0)
+        self.url = metrics_url
+        self.interval = interval
+        self.samples = []
+
+    async def stats(self) -> scheduler_pb2.StatsResponse:
+        reply = await self.http.get(self.url)
+        reply.raise_for_status()
+        m = parse_metrics(reply.text)
+        return scheduler_pb2.StatsResponse(
+            blocks_total=int(m.get("pagedserve_kv_blocks_total", 0)),
+            blocks_used=int(m.get("pagedserve_kv_blocks_used", 0)),
+            requests_running=int(m.get("pagedserve_requests_running", 0)),
+            requests_waiting=int(m.get("pagedserve_requests_waiting", 0)),
+            kv_utilization=m.get("pagedserve_kv_utilization", 0.0),
+            preemptions_total=int(m.get("pagedserve_preemptions_total", 0)),
+            prefix_cache_hit_tokens=int(m.get("pagedserve_prefix_cache_hit_tokens_total", 0)),
+            prefix_cache_query_tokens=int(m.get("pagedserve_prefix_cache_query_tokens_total", 0)),
+        )
+
+    async def close(self) -> None:
+        await self.http.aclose()
 
 
 async def _one(
@@ -118,11 +158,13 @@ async def run_load(
     rate: float | None = None,
     max_concurrency: int | None = None,
     scheduler_address: str | None = None,
+    metrics_url: str | None = None,
     seed: int = 0,
     progress: bool = True,
     label: str = "requests",
 ) -> LoadResult:
-    """Send every request (Poisson at `rate`, or all at once) and wait for all to finish."""
+    """Send every request (Poisson at `rate`, or all at once) and wait for all to finish.
+    KV figures come from the scheduler's Stats RPC, else from the gateway's /metrics, else none."""
     from tqdm import tqdm
 
     offsets = arrival_times(len(requests), rate, seed)
@@ -130,7 +172,11 @@ async def run_load(
         RequestRecord(f"bench-{i}", 0.0, len(r.prompt_token_ids), r.output_len * r.n)
         for i, r in enumerate(requests)
     ]
-    poller = StatsPoller(scheduler_address) if scheduler_address else None
+    poller: StatsPoller | None = None
+    if scheduler_address:
+        poller = StatsPoller(scheduler_address)
+    elif metrics_url:
+        poller = MetricsPoller(metrics_url)
     before = await poller.snapshot() if poller else None
     limit = asyncio.Semaphore(max_concurrency or len(requests) or 1)
     bar = tqdm(total=len(requests), desc=label, disable=not progress, leave=False)

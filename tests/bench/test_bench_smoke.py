@@ -49,3 +49,35 @@ def test_bench_launch_smoke(tmp_path) -> None:
     md = out_md.read_text()
     assert "| TTFT |" in md and "output tok/s" in md
     assert "| TTFT |" in proc.stdout
+
+
+@pytest.mark.timeout(240)
+def test_kv_figures_from_gateway_metrics() -> None:
+    """Without the scheduler's address the poller reads the gateway's /metrics instead."""
+    import asyncio
+
+    from pagedserve.bench.loadgen import run_load
+    from pagedserve.bench.stack import LaunchedStack, StackConfig
+    from pagedserve.bench.workload import fixed_lengths
+    from pagedserve.common.models import default_model
+
+    requests = fixed_lengths(4, vocab_size=4096, prompt_len=24, output_len=12, seed=5)
+    with LaunchedStack(StackConfig(default_model(), num_kv_blocks=48, max_model_len=128)) as stack:
+        result = asyncio.run(
+            run_load(stack.gateway_address, requests, metrics_url=f"{stack.http_url}/metrics", progress=False)
+        )
+    assert [r.output_tokens for r in result.records] == [12] * 4
+    assert result.samples and all(s.blocks_total == 48 for s in result.samples)
+    assert max(s.blocks_used for s in result.samples) > 0
+    assert result.before is not None and result.preemptions == 0
+
+
+def test_parse_metrics() -> None:
+    from pagedserve.bench.loadgen import parse_metrics
+
+    text = (
+        "# HELP pagedserve_kv_blocks_used KV blocks.\n# TYPE pagedserve_kv_blocks_used gauge\n"
+        "pagedserve_kv_blocks_used 12.0\npagedserve_preemptions_total 3.0\n"
+        'pagedserve_time_to_first_token_seconds_bucket{le="0.005"} 1.0\n'
+    )
+    assert parse_metrics(text) == {"pagedserve_kv_blocks_used": 12.0, "pagedserve_preemptions_total": 3.0}
