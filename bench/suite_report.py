@@ -220,12 +220,16 @@ instead of one per request per token, no detokenizing when the client asked for 
 call on the gathered K/V in the torch attention backend, and pinning the executor to a core of its own.
 With a real model on a GPU the forward dominates and these CPU costs overlap it.
 
-KV utilization (live tokens / allocated slots) misses 96% here only through the last block of each
-sequence: a paged table wastes on average about block_size / 2 = 8 slots per sequence, which is 5-6%
-of sequences this short (median 64 + 64 tokens); the longer full-mode trace and
-`python -m pagedserve.bench.scheduler_bench` (mean 539 tokens: 98.8%) clear it. Control plane at batch
-256: see docs/SCHEDULER.md (about 0.5 ms is the Redis step script writing every sequence's progress,
-the rest Python planning and JSON).
+KV utilization (live tokens / allocated slots) is lost only in the last block of each sequence: a paged
+table wastes on average about block_size / 2 = 8 slots per sequence, 5-6% of a 64 + 64-token sequence
+(the quick trace, about 95%) and about 4% of the full trace's (97%); `python -m pagedserve.bench.scheduler_bench`
+(mean 539 tokens) gives 98.8%. Control plane at batch 256: see docs/SCHEDULER.md (about 0.5 ms is the
+Redis step script writing every sequence's progress, the rest Python planning and JSON).
+
+Run-to-run spread: the transformers static-batching peer is by far the most sensitive to other load on
+the machine (its padded, masked SDPA on 2 torch threads). In a full run while a model-training job held
+one core it measured 40.5 output tok/s (8 minutes for the trace) against 554 in a quiet run, and a quick
+run then gave pagedserve 8.9× static; only ratios from one quiet run, like the table above, are fair.
 
 ## Metric definitions
 
