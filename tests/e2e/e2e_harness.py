@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hf_reference import reference_greedy as hf_greedy  # noqa: F401  (re-exported to the tests)
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.process import ChildProcess, stop_all
@@ -247,25 +248,3 @@ def metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
-
-
-def hf_greedy(model_path: str, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy `generate`, one unpadded prompt at a time, never stopping at EOS."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    outputs = []
-    with torch.no_grad():
-        for ids in prompts:
-            prompt = torch.tensor([ids])  # [1, P]
-            out = model.generate(
-                prompt,
-                attention_mask=torch.ones_like(prompt),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(ids) :].tolist())
-    return outputs

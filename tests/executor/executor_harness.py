@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from hf_reference import reference_greedy  # noqa: F401  (re-exported to the tests)
 from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
@@ -66,27 +67,6 @@ def save_tiny_model(family: str, path: Path, seed: int = 0) -> Path:
 def make_prompts(lengths: tuple[int, ...], vocab_size: int, seed: int = 0, low: int = 3) -> list[list[int]]:
     rng = random.Random(seed)
     return [[rng.randrange(low, vocab_size) for _ in range(n)] for n in lengths]
-
-
-def reference_greedy(
-    model_path: str | Path, prompts: list[list[int]], max_new_tokens: int
-) -> list[list[int]]:
-    """transformers' greedy `generate`, one unpadded prompt at a time, never stopping at EOS."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    outputs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])  # [1, P]
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                eos_token_id=None,
-                pad_token_id=0,
-            )
-            outputs.append(out[0, len(prompt) :].tolist())
-    return outputs
 
 
 def chunk_sizes(length: int, num_chunks: int) -> list[int]:

@@ -17,7 +17,7 @@ def test_triton_backend_matches_generate() -> None:
         "TRITON_INTERPRET": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.run(
         [sys.executable, str(HERE / "triton_case.py")], capture_output=True, text=True, env=env, timeout=600

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import reference_greedy as hf_greedy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve.common.params import SamplingParams
@@ -57,21 +58,6 @@ def make_executor(model: str | Path, num_kv_blocks: int, block_size: int = 8) ->
             max_model_len=min(num_kv_blocks * block_size, 256),  # one sequence must fit the pool
         )
     )  # fmt: skip
-
-
-def hf_greedy(model_path: str | Path, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """transformers' greedy `generate`, one unpadded prompt at a time, never stopping at EOS."""
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
-    outs = []
-    with torch.no_grad():
-        for prompt in prompts:
-            ids = torch.tensor([prompt])  # [1, P]
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=None, pad_token_id=0,
-            )  # fmt: skip
-            outs.append(out[0, len(prompt) :].tolist())
-    return outs
 
 
 def greedy(max_tokens: int, **kw) -> SamplingParams:
