@@ -83,7 +83,7 @@ async def _run(
             continue
         steps += 1
         peak_running = max(peak_running, len(sched.running))
-        peak_used = max(peak_used, sched.counts.num_used)
+        peak_used = max(peak_used, sched.blocks.counts().num_used)
         if sched.running:
             utils.append(sched.stats.kv_utilization)
     mean = sum(utils) / len(utils) if utils else float("nan")

@@ -53,3 +53,7 @@ class FailedPrecondition(PagedServeError):
 
     code = "FAILED_PRECONDITION"
     http_status = 409
+
+
+class Fenced(FailedPrecondition):
+    """A writer's fencing token is no longer the pool's: another scheduler holds its lease."""

@@ -19,9 +19,13 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
+from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler.hashing import token_str
+
+if TYPE_CHECKING:
+    from pagedserve.scheduler.block_manager import PoolSnapshot
 
 # Operation codes; an operation is a list `[code, request_id, *args]`, the form both pool
 # implementations interpret (the Redis one after JSON encoding, inside its Lua script).
@@ -85,6 +89,50 @@ class StepResult:
         return self.results[handle]
 
 
+@dataclass(slots=True)
+class StoredRequest:
+    """One sequence's state as the replica holds it: what a new scheduler needs to go on."""
+
+    seq_id: str
+    request_id: str
+    index: int  # choice index, or -1 for the shared prompt sequence of an n > 1 request
+    prompt_token_ids: list[int]
+    sampling: SamplingParams  # the request's, n and seed included
+    priority: int
+    status: int  # SequenceStatus
+    finish_reason: int  # FinishReason, when finished
+    num_computed_tokens: int
+    output_token_ids: list[int]
+
+    @classmethod
+    def from_fields(cls, seq_id: str, state: dict, outputs: list[int]) -> StoredRequest:
+        """From a stored `req:` hash (str or bytes values) and its parsed outputs."""
+        get = {_text(k): _text(v) for k, v in state.items()}
+        params = json.loads(get["params"])
+        status, _, reason = get["status"].partition(".")
+        return cls(
+            seq_id=seq_id,
+            request_id=params["rid"],
+            index=int(params["i"]),
+            prompt_token_ids=[int(t) for t in get["prompt"].split(",") if t],
+            sampling=SamplingParams(**params["s"]),
+            priority=int(get["priority"]),
+            status=int(status),
+            finish_reason=int(reason or 0),
+            num_computed_tokens=int(get["num_computed_tokens"]),
+            output_token_ids=outputs,
+        )
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def status_field(status: int, finish_reason: int = 0) -> str:
+    """A sequence's stored status: "2", or "3.1" for finished with reason 1."""
+    return f"{status}.{finish_reason}" if finish_reason else str(status)
+
+
 class StepOps:
     """A step's operations, in the order they are to run. Methods that have an answer return
     a handle: the index of that answer in `StepResult.results`."""
@@ -140,7 +188,7 @@ class StepOps:
         hash, or a hash some other block holds, is left as it is."""
         self._add([REG, request_id, block_index, block_hash, parent_hash, token_str(token_ids)])
 
-    def update_token(self, request_id: str, status: int, num_computed_tokens: int, token_id: int) -> None:
+    def update_token(self, request_id: str, status: str, num_computed_tokens: int, token_id: int) -> None:
         """`update` with one new output token (the common decode step), formatted directly."""
         self.progress.append(f"{request_id}{US}{status}{US}{num_computed_tokens}{US}{token_id},{RS}")
 
@@ -151,7 +199,7 @@ class StepOps:
         prompt_token_ids: Sequence[int],
         params_json: str,
         priority: int,
-        status: int,
+        status: str,
         num_computed_tokens: int,
         output_token_ids: Sequence[int],
     ) -> None:
@@ -170,7 +218,7 @@ class StepOps:
         )
 
     def update(
-        self, request_id: str, status: int, num_computed_tokens: int, new_output_token_ids: Sequence[int]
+        self, request_id: str, status: str, num_computed_tokens: int, new_output_token_ids: Sequence[int]
     ) -> None:
         """Write a request's progress: status, computed tokens, and the outputs made since the
         last write. A step's progress writes run before its other operations: a request is
@@ -221,7 +269,11 @@ class BlockPool(ABC):
     def init(self, num_blocks: int, block_size: int, epoch: str, model: str) -> bool:
         """Make the pool match an executor. When the stored pool has the same geometry, epoch
         and model, its cached blocks are kept and every leftover table is freed (a scheduler
-        restart); otherwise it is reset. Returns whether the cache was kept."""
+        restart: the blocks of what was not committed are recomputed, mostly as cache hits);
+        otherwise the blocks are reset. Stored request states are kept either way, for the
+        new scheduler to resume. Returns whether the cache was kept."""
+
+    fence: int = 0  # this writer's fencing token (0: none, e.g. an unleased test pool)
 
     @abstractmethod
     def reset(self, epoch: str | None = None) -> PoolCounts:
@@ -229,8 +281,18 @@ class BlockPool(ABC):
         (e.g. the executor restarted and its pool is gone)."""
 
     @abstractmethod
-    def apply(self, ops: StepOps) -> StepResult:
-        """Run a step's operations in order, atomically, in one round trip."""
+    def apply(self, ops: StepOps, fence: int = 0) -> StepResult:
+        """Run a step's operations in order, atomically, in one round trip. With a fencing
+        token (> 0) the pool refuses the step (raises `Fenced`) unless the token is the
+        pool's current one: a scheduler that lost its lease cannot write."""
+
+    @abstractmethod
+    def snapshot(self) -> PoolSnapshot:
+        """The whole block accounting, for a new scheduler to take over and for comparison."""
+
+    @abstractmethod
+    def load_requests(self) -> list[StoredRequest]:
+        """Every stored sequence state (in-flight requests a new scheduler resumes)."""
 
     @abstractmethod
     def counts(self) -> PoolCounts: ...

@@ -20,6 +20,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_queued_requests: int = 1024
     max_model_len: int | None = None  # None means the executor's
+    lease_ttl: float = 3.0  # seconds the pool's lease lasts unrenewed
+    stall_timeout: float = 30.0  # seconds an unreachable executor may stall requests
+    attach_timeout: float = 30.0  # seconds a resumed request waits for its client
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +62,4 @@ class SchedulerLimits:
             eos_token_ids=frozenset(info.eos_token_ids),
             vocab_size=info.vocab_size,
             model=info.model,
-        )
-
-    @classmethod
-    def from_config(cls, config: SchedulerConfig, info: ExecutorInfo) -> SchedulerLimits:
-        return cls.from_info(
-            info,
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_queued_requests=config.max_queued_requests,
-            max_model_len=config.max_model_len,
         )

@@ -1,12 +1,15 @@
-"""The step loop: schedule (one pool round trip) -> execute (one executor call) -> update.
+"""The step loop: schedule -> (replica write | executor call, concurrently) -> update.
 
 It runs as one background task. Clients never block it: a request's tokens go into its
-`RequestStream`, which the client side drains at its own pace. Executor trouble is handled
-here, at the loop, so the policy only sees two events:
+`RequestStream`, which the client side drains at its own pace. The replica write is
+write-behind (replication.py); the executor never waits on Redis. Executor trouble is
+handled here, at the loop, so the policy only sees two events:
 - a changed epoch (FailedPrecondition, or a reply from a different epoch): the pool is gone,
   `Scheduler.reset_pool` drops every block and re-queues the running sequences for recompute;
 - an executor that was unreachable, or refused a step, with the same epoch: it may have lost
   track of our sequences, so `forget_executor_state` re-sends them whole on the next step.
+An executor unreachable for longer than `stall_timeout` fails every in-flight stream with
+UNAVAILABLE (never a silent freeze), and new requests are refused until it is back.
 """
 
 from __future__ import annotations
@@ -15,13 +18,17 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from pagedserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import ExecutorClient, ExecutorInfo
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerLimits
+from pagedserve.scheduler.lease import Lease
 from pagedserve.scheduler.output import RequestStream
+from pagedserve.scheduler.recovery import ChoiceProgress
+from pagedserve.scheduler.replication import Replicator
 from pagedserve.scheduler.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -46,17 +53,36 @@ async def wait_for_info(
 
 
 class SchedulerEngine:
-    """Owns the `Scheduler`, the executor client and the loop task."""
+    """Owns the `Scheduler`, the executor client, the replicator and the loop task."""
 
-    def __init__(self, scheduler: Scheduler, executor: ExecutorClient, info: ExecutorInfo) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        executor: ExecutorClient,
+        info: ExecutorInfo,
+        replicator: Replicator,
+        *,
+        stall_timeout: float = 30.0,
+        attach_timeout: float = 30.0,
+    ) -> None:
         self.scheduler = scheduler
         self.executor = executor
         self.info = info
+        self.replicator = replicator
+        self.stall_timeout = stall_timeout
+        self.attach_timeout = attach_timeout
+        self.on_health: Callable[[bool], object] | None = None  # told when serving starts or stops
         self._wake = asyncio.Event()  # replaced in start(): an Event belongs to one event loop
         self._task: asyncio.Task | None = None
         self._stopping = False
         self._last_step_failed = False
-        self.control_seconds = 0.0  # scheduling + pool time of the last step (executor excluded)
+        self._started_at = time.monotonic()
+        self.executor_down_since: float | None = None
+        self.control_seconds = 0.0  # scheduling time of the last step on its critical path
+
+    @property
+    def pool(self) -> BlockPool:
+        return self.replicator.replica
 
     @classmethod
     async def connect(
@@ -64,13 +90,17 @@ class SchedulerEngine:
         executor: ExecutorClient,
         pool: BlockPool,
         *,
+        lease: Lease | None = None,
         max_num_seqs: int = 256,
         max_num_batched_tokens: int = 2048,
         max_queued_requests: int = 1024,
         max_model_len: int | None = None,
         info_timeout: float | None = None,
+        stall_timeout: float = 30.0,
+        attach_timeout: float = 30.0,
     ) -> SchedulerEngine:
-        """Wait for the executor's Info, make the pool match it, and build the scheduler."""
+        """Wait for the executor's Info, take the pool over from its replica (blocks and
+        in-flight requests), and build the scheduler. With a lease, hold it first."""
         info = await wait_for_info(executor, timeout=info_timeout)
         limits = SchedulerLimits.from_info(
             info,
@@ -79,22 +109,56 @@ class SchedulerEngine:
             max_queued_requests=max_queued_requests,
             max_model_len=max_model_len,
         )
-        kept = pool.init(info.num_blocks, info.block_size, info.epoch, info.model)
+        if lease is not None:
+            pool.fence = lease.token
+        kept = await asyncio.to_thread(pool.init, info.num_blocks, info.block_size, info.epoch, info.model)
+        snap, stored = await asyncio.to_thread(lambda: (pool.snapshot(), pool.load_requests()))
+        scheduler = Scheduler(limits, info.epoch)
+        resumed = scheduler.take_over(snap, stored)
+        # The executor may still hold the previous scheduler's sequences under these ids.
+        scheduler.forget_ids = [s.seq_id for s in stored]
         log.info(
-            "pool ready: %d blocks of %d tokens, epoch %s (%s)",
+            "pool ready: %d blocks of %d tokens, epoch %s (%s); %d in-flight request(s) to resume",
             info.num_blocks,
             info.block_size,
             info.epoch,
             "prefix cache kept" if kept else "reset",
+            resumed,
         )
-        return cls(Scheduler(limits, pool, info.epoch), executor, info)
+        replicator = Replicator(pool, lease, model=info.model)
+        return cls(
+            scheduler, executor, info, replicator, stall_timeout=stall_timeout, attach_timeout=attach_timeout
+        )
 
     # --- requests ----------------------------------------------------------------------
+
+    def _check_serving(self) -> None:
+        if self.replicator.fenced:
+            raise Unavailable(f"this scheduler no longer serves its pool: {self.replicator.fenced}")
+        if self.executor_down_since is not None and time.monotonic() - self.executor_down_since > 1.0:
+            raise Unavailable(
+                f"the executor is unreachable (for {time.monotonic() - self.executor_down_since:.0f} s)"
+            )
 
     def submit(
         self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int = 0
     ) -> RequestStream:
+        self._check_serving()
         stream = self.scheduler.add_request(request_id, prompt_token_ids, sampling, priority)
+        self._wake.set()
+        return stream
+
+    def attach(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        priority: int,
+        progress: list[ChoiceProgress],
+    ) -> RequestStream:
+        """Re-attach a client to a request it started on another scheduler (see recovery.py)."""
+        self._check_serving()
+        stream = self.scheduler.attach(request_id, prompt_token_ids, sampling, priority, progress)
         self._wake.set()
         return stream
 
@@ -104,45 +168,65 @@ class SchedulerEngine:
             self._wake.set()
         return found
 
+    @property
+    def serving(self) -> bool:
+        """Whether requests can make progress: the pool is ours, the executor and replica answer."""
+        return not self.replicator.fenced and self.executor_down_since is None and self.replicator.available
+
     # --- the loop ----------------------------------------------------------------------
 
     def start(self) -> None:
         if self._task is None:
             self._stopping = False
             self._wake = asyncio.Event()
+            self._started_at = time.monotonic()
+            self.replicator.start_renewing()
             self._task = asyncio.create_task(self.run(), name="scheduler-step-loop")
 
-    async def stop(self, timeout: float = 30.0) -> None:
-        """Stop at the next step boundary (a step in flight finishes and is taken in first)."""
+    async def stop(self, timeout: float = 5.0) -> None:
+        """Stop at the next step boundary (a step in flight finishes and is taken in first),
+        let the last replica write land, and give the lease up."""
         self._stopping = True
         self._wake.set()
-        if self._task is None:
-            return
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), timeout)
-        except TimeoutError:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        self._task = None
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._task), timeout)
+            except TimeoutError:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            self._task = None
+        self.replicator.ship(self.scheduler)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.replicator.close(), timeout)
 
     async def run(self) -> None:
         while not self._stopping:
+            if self.replicator.fenced:
+                self._fail_all(Unavailable(f"scheduler stopped: {self.replicator.fenced}"))
+                self._notify(False)
+                return
+            self._expire_detached()
+            if self.executor_down_since is not None:
+                await self._probe_executor()
+                continue
             if not self.scheduler.has_work():
                 self._wake.clear()
-                await self._wake.wait()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(
+                        self._wake.wait(), timeout=1.0 if self.scheduler.detached else None
+                    )
                 continue
             try:
                 ran = await self.step()
             except asyncio.CancelledError:
                 raise
             except Exception:
-                # A Redis outage or a bug must not kill the loop; the next step retries.
-                log.exception("scheduler step failed")
+                log.exception("scheduler step failed")  # a bug must not kill the loop
                 await asyncio.sleep(0.5)
                 continue
             if not ran:
-                # Work exists but nothing could run (e.g. only pool writes): wait a little for news.
+                # Work exists but nothing could run (e.g. only replica writes): wait a little for news.
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), timeout=0.01)
@@ -153,6 +237,7 @@ class SchedulerEngine:
         """One step; returns whether the executor ran one."""
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
+        self.replicator.ship(self.scheduler)
         self.control_seconds = time.perf_counter() - t0
         if scheduled.step_input is None:
             return False
@@ -164,7 +249,7 @@ class SchedulerEngine:
             return True
         except Unavailable as err:
             log.warning("executor unreachable: %s", err.message)
-            await self._recover()
+            self._executor_lost()
             return True
         except InvalidArgument as err:
             # A step the executor finds malformed means we and it disagree; re-send everything
@@ -174,7 +259,7 @@ class SchedulerEngine:
                 for seq, _ in scheduled.seqs:
                     self.scheduler.abort(seq.request.request_id)
             self._last_step_failed = True
-            await self._resync()
+            self.scheduler.forget_executor_state()
             return True
         self._last_step_failed = False
         if output.epoch and output.epoch != self.scheduler.epoch:
@@ -186,25 +271,73 @@ class SchedulerEngine:
         self.control_seconds += time.perf_counter() - t1
         return True
 
-    async def _recover(self) -> None:
-        info = await wait_for_info(self.executor)
-        if info.epoch != self.scheduler.epoch:
-            if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
-                log.error(
-                    "the executor came back with a different pool (%d x %d, was %d x %d); "
-                    "restart the scheduler to use it",
-                    info.num_blocks,
-                    info.block_size,
-                    self.info.num_blocks,
-                    self.info.block_size,
-                )
-            self.info = info
-            log.warning("executor pool lost (new epoch %s): recomputing running requests", info.epoch)
-            self.scheduler.reset_pool(info.epoch)
-        else:
-            await self._resync()
+    # --- executor trouble ------------------------------------------------------------------
 
-    async def _resync(self) -> None:
-        # The next step tells the executor to drop every sequence and re-sends them whole
-        # (an executor accepts a new request whose id it holds when the same step finishes it).
+    def _executor_lost(self) -> None:
+        if self.executor_down_since is None:
+            self.executor_down_since = time.monotonic()
+            self._notify(False)
         self.scheduler.forget_executor_state()
+
+    async def _probe_executor(self) -> None:
+        """While the executor is down: retry its Info; past the stall timeout, fail every
+        in-flight request (UNAVAILABLE) rather than leave its stream silent."""
+        try:
+            info = await self.executor.info()
+        except Unavailable as err:
+            down = time.monotonic() - (self.executor_down_since or time.monotonic())
+            if down > self.stall_timeout and self.scheduler.requests:
+                log.error(
+                    "executor unreachable for %.0f s: failing %d request(s)",
+                    down,
+                    len(self.scheduler.requests),
+                )
+                self._fail_all(Unavailable(f"the executor is unreachable ({err.message}) for {down:.0f} s"))
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
+            return
+        log.info("executor is back (epoch %s)", info.epoch)
+        self.executor_down_since = None
+        self._apply_info(info)
+        self._notify(self.serving)
+
+    async def _recover(self) -> None:
+        self._apply_info(await wait_for_info(self.executor, timeout=self.stall_timeout))
+
+    def _apply_info(self, info: ExecutorInfo) -> None:
+        if info.epoch == self.scheduler.epoch:
+            self.scheduler.forget_executor_state()
+            return
+        if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
+            log.error(
+                "the executor came back with a different pool (%d x %d, was %d x %d); "
+                "restart the scheduler to use it",
+                info.num_blocks,
+                info.block_size,
+                self.info.num_blocks,
+                self.info.block_size,
+            )
+        self.info = info
+        log.warning("executor pool lost (new epoch %s): recomputing running requests", info.epoch)
+        self.scheduler.reset_pool(info.epoch)
+
+    def _fail_all(self, error: Exception) -> None:
+        """End every in-flight request with `error` (its blocks freed at the next step)."""
+        for request_id, request in list(self.scheduler.requests.items()):
+            request.stream.fail(error)
+            self.scheduler.abort(request_id)
+        for seq_aborted in list(self.scheduler._aborts):
+            self.scheduler._abort_now(seq_aborted)
+        self.scheduler._aborts.clear()
+
+    def _expire_detached(self) -> None:
+        sched = self.scheduler
+        if sched.detached and time.monotonic() - self._started_at > self.attach_timeout:
+            sched.expire_detached(list(sched.detached))
+
+    def _notify(self, serving: bool) -> None:
+        if self.on_health is not None:
+            res = self.on_health(serving)
+            if asyncio.iscoroutine(res):
+                asyncio.ensure_future(res)

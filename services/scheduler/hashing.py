@@ -35,6 +35,11 @@ def token_str(token_ids: Sequence[int]) -> str:
     return ",".join(map(str, token_ids))
 
 
+def parse_token_str(text: str) -> list[int]:
+    """The token ids of a `token_str`."""
+    return [int(t) for t in text.split(",") if t]
+
+
 class BlockHasher:
     """Computes the chain of full-block hashes of one token sequence, incrementally."""
 

@@ -1,14 +1,14 @@
-"""An in-process `BlockPool`, for unit tests and for running without Redis.
+"""An in-process `BlockPool`: the op interpreter over a `BlockManager`, for tests and for
+running without Redis.
 
-It interprets the same operation lists as the Redis pool's Lua script, with the same data
-layout (a free list popped at the head and pushed at the tail, an LRU ordered by a tick,
-hash -> (block, parent hash, tokens)), so both give the same answers to the same steps.
+It reads the same op lists as the Redis pool's Lua script and keeps the same data layout (the
+manager's free list, LRU and hash map), so both give the same answers to the same steps; the
+engine uses it as the replica when no Redis is configured.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-
+from pagedserve.scheduler.block_manager import BlockManager, PoolSnapshot
 from pagedserve.scheduler.block_pool import (
     ADMIT,
     ALLOC,
@@ -26,17 +26,29 @@ from pagedserve.scheduler.block_pool import (
     PoolCounts,
     StepOps,
     StepResult,
+    StoredRequest,
+    parse_outputs,
     parse_progress,
 )
+from pagedserve.scheduler.hashing import parse_token_str
 
 
 class InMemoryBlockPool(BlockPool):
     def __init__(self, num_blocks: int = 0, block_size: int = 16, epoch: str = "", model: str = "") -> None:
-        self.num_blocks = num_blocks
-        self.block_size = block_size
         self.epoch = epoch
         self.model = model
-        self.reset()
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.states: dict[str, dict[str, str]] = {}
+        self.outputs: dict[str, str] = {}
+        self.fence = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return self.blocks.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self.blocks.block_size
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -48,58 +60,51 @@ class InMemoryBlockPool(BlockPool):
             self.model,
         )
         if same:
-            for rid in list(self.tables):
-                self._free(rid)
-            self.states.clear()
-            self.outputs.clear()
+            for rid in list(self.blocks.tables):
+                self.blocks._free(rid)
             return True
-        self.num_blocks, self.block_size, self.model = num_blocks, block_size, model
-        self.reset(epoch)
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.epoch, self.model = epoch, model
         return False
 
     def reset(self, epoch: str | None = None) -> PoolCounts:
         if epoch is not None:
             self.epoch = epoch
-        self.free_list: deque[int] = deque(range(self.num_blocks))
-        self.ref: dict[int, int] = {}
-        self.lru: OrderedDict[int, int] = OrderedDict()  # block -> tick, oldest first
-        self.hash_map: dict[str, tuple[int, str, str]] = {}  # hash -> (block, parent hash, tokens)
-        self.block_hash: dict[int, str] = {}
-        self.tables: dict[str, list[int]] = {}
-        self.states: dict[str, dict[str, str]] = {}
-        self.outputs: dict[str, str] = {}
-        self.tick = 0
+        self.blocks.reset()
+        self.states.clear()
+        self.outputs.clear()
         return self.counts()
 
     def counts(self) -> PoolCounts:
-        return PoolCounts(len(self.free_list), len(self.lru), len(self.ref))
+        return self.blocks.counts()
 
     # --- the step ----------------------------------------------------------------------
 
-    def apply(self, ops: StepOps) -> StepResult:
+    def apply(self, ops: StepOps, fence: int = 0) -> StepResult:
         for rid, status, ncomp, outs in parse_progress("".join(ops.progress)):
             state = self.states.setdefault(rid, {})
             state["status"], state["num_computed_tokens"] = status, ncomp
             self.outputs[rid] = self.outputs.get(rid, "") + outs
-        results: list[OpResult] = []
-        for op in ops.ops:
-            results.append(self._run(op))
+        results: list[OpResult] = [self._run(op) for op in ops.ops]
+        self.blocks.log = StepOps()  # an interpreter keeps no log of its own
         return StepResult(results, self.counts())
 
     def _run(self, op: list) -> OpResult:
         code, rid = op[0], op[1]
+        blocks = self.blocks
         if code == FREE:
-            self._free(rid)
+            blocks._free(rid)
         elif code == ALLOC:
-            return self._alloc(rid, op[2])
+            got = blocks.allocate(rid, op[2])
+            return Allocation(got is not None, got or [])
         elif code == ADMIT:
-            return self._admit(rid, op[2], op[3], op[4])
+            return blocks.admit(rid, [tuple(c) for c in op[4]], op[2], op[3]) or Admission(False, 0, [])
         elif code == FORK:
-            self._fork(rid, op[2])
+            blocks.fork(rid, op[2])
         elif code == COW:
-            return self._cow(rid)
+            return blocks.cow(rid) or BlockCopy(False, -1, -1)
         elif code == REG:
-            self._register(rid, op[2], op[3], op[4], op[5])
+            blocks.register(rid, op[2], op[3], op[4], parse_token_str(op[5]))
         elif code == SAVE:
             _, _, prompt, params, priority, status, ncomp, outs = op
             self.states[rid] = {
@@ -111,120 +116,34 @@ class InMemoryBlockPool(BlockPool):
             }
             self.outputs[rid] = outs
         elif code == DROP:
-            self._free(rid)
+            blocks._free(rid)
             self.states.pop(rid, None)
             self.outputs.pop(rid, None)
         else:
             raise ValueError(f"unknown block pool operation {code!r}")
         return None
 
-    def _available(self) -> int:
-        return len(self.free_list) + len(self.lru)
+    # --- reading back ------------------------------------------------------------------
 
-    def _take(self) -> int:
-        """One block for a table: the free list's head, else the least recently used cached block."""
-        if self.free_list:
-            block = self.free_list.popleft()
-        else:
-            block, _ = self.lru.popitem(last=False)
-            del self.hash_map[self.block_hash.pop(block)]
-        self.ref[block] = 1
-        return block
+    def snapshot(self) -> PoolSnapshot:
+        return self.blocks.snapshot()
 
-    def _release(self, block: int) -> None:
-        left = self.ref[block] - 1
-        if left > 0:
-            self.ref[block] = left
-            return
-        del self.ref[block]
-        if block in self.block_hash:
-            self.tick += 1
-            self.lru[block] = self.tick
-        else:
-            self.free_list.append(block)
-
-    def _free(self, rid: str) -> None:
-        for block in reversed(self.tables.pop(rid, [])):
-            self._release(block)
-
-    def _alloc(self, rid: str, n: int) -> Allocation:
-        if n > self._available():
-            return Allocation(False, [])
-        new = [self._take() for _ in range(n)]
-        if new:
-            self.tables.setdefault(rid, []).extend(new)
-        return Allocation(True, new)
-
-    def _admit(self, rid: str, num_tokens: int, num_new_tokens: int, chain: list) -> Admission:
-        if self.tables.get(rid):
-            return Admission(False, 0, [])
-        hits: list[int] = []
-        parent = ""
-        num_from_lru = 0
-        for block_hash, tokens in chain:
-            entry = self.hash_map.get(block_hash)
-            if entry is None or entry[1] != parent or entry[2] != tokens or entry[0] in hits:
-                break
-            hits.append(entry[0])
-            num_from_lru += entry[0] not in self.ref
-            parent = block_hash
-        bs = self.block_size
-        covered = min(num_tokens, len(hits) * bs + num_new_tokens)
-        num_fresh = -(-covered // bs) - len(hits)
-        if max(num_fresh, 0) + num_from_lru > self._available():
-            return Admission(False, 0, [])
-        for block in hits:
-            if block in self.ref:
-                self.ref[block] += 1
-            else:
-                del self.lru[block]
-                self.ref[block] = 1
-        table = hits + [self._take() for _ in range(max(num_fresh, 0))]
-        if table:
-            self.tables[rid] = table
-        return Admission(True, len(hits), list(table))
-
-    def _fork(self, parent: str, child: str) -> None:
-        table = self.tables.get(parent, [])
-        if not table or parent == child or self.tables.get(child):
-            return
-        for block in table:
-            self.ref[block] += 1
-        self.tables.setdefault(child, []).extend(table)
-
-    def _cow(self, rid: str) -> BlockCopy:
-        table = self.tables.get(rid)
-        if not table or self.ref[table[-1]] <= 1:
-            return BlockCopy(True, -1, -1)
-        if self._available() < 1:
-            return BlockCopy(False, -1, -1)
-        src = table[-1]
-        dst = self._take()
-        self.ref[src] -= 1
-        table[-1] = dst
-        return BlockCopy(True, src, dst)
-
-    def _register(self, rid: str, index: int, block_hash: str, parent: str, tokens: str) -> None:
-        table = self.tables.get(rid, [])
-        if not 0 <= index < len(table):
-            return
-        block = table[index]
-        if block in self.block_hash or block_hash in self.hash_map:
-            return
-        self.hash_map[block_hash] = (block, parent, tokens)
-        self.block_hash[block] = block_hash
-
-    # --- fsck --------------------------------------------------------------------------
+    def load_requests(self) -> list[StoredRequest]:
+        return [
+            StoredRequest.from_fields(rid, state, parse_outputs(self.outputs.get(rid, "")))
+            for rid, state in self.states.items()
+            if "params" in state
+        ]
 
     def check(self) -> list[str]:
-        from pagedserve.scheduler.fsck import check_state
+        return self.blocks.check()
 
-        return check_state(
-            num_blocks=self.num_blocks,
-            free_list=list(self.free_list),
-            ref=dict(self.ref),
-            lru=list(self.lru),
-            hash_map={h: e[0] for h, e in self.hash_map.items()},
-            block_hash=dict(self.block_hash),
-            tables=dict(self.tables),
-        )
+    def seed(self, snap: PoolSnapshot, requests: list[list], epoch: str, model: str) -> None:
+        """Take the whole pool as `snap` says, and these request states (SAVE op fields)."""
+        self.blocks = BlockManager(snap.num_blocks, snap.block_size)
+        self.blocks.restore(snap)
+        self.epoch, self.model = epoch, model
+        self.states.clear()
+        self.outputs.clear()
+        for rid, prompt, params, priority, status, ncomp, outs in requests:
+            self._run([SAVE, rid, prompt, params, priority, status, ncomp, outs])

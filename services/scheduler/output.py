@@ -56,7 +56,7 @@ class RequestDelta:
 class RequestStream:
     """The merge buffer of one request: `push_*` from the step loop, `get` from the client side."""
 
-    __slots__ = ("request_id", "_choices", "_usage", "_cached", "_cached_sent", "_event", "_done")
+    __slots__ = ("request_id", "_choices", "_usage", "_cached", "_cached_sent", "_event", "_done", "_error")
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -66,6 +66,7 @@ class RequestStream:
         self._cached_sent = False
         self._event = asyncio.Event()
         self._done = False  # the final delta was taken
+        self._error: Exception | None = None  # the request failed: raised once the pending tokens are taken
 
     def push(
         self,
@@ -75,6 +76,8 @@ class RequestStream:
         finish_reason: FinishReason = FinishReason.NONE,
         stop_token_id: int = -1,
     ) -> None:
+        if self._error is not None:
+            return
         delta = self._choices.get(index)
         if delta is None:
             delta = self._choices[index] = ChoiceDelta(index)
@@ -90,8 +93,15 @@ class RequestStream:
             self._cached = num_tokens
 
     def finish(self, usage: Usage) -> None:
-        self._usage = usage
+        if self._error is None:
+            self._usage = usage
         self._event.set()
+
+    def fail(self, error: Exception) -> None:
+        """End the stream with `error` (after the tokens already pushed); later pushes are dropped."""
+        if self._usage is None and self._error is None:
+            self._error = error
+            self._event.set()
 
     @property
     def finished(self) -> bool:
@@ -117,6 +127,9 @@ class RequestStream:
             delta = self.take()
             if delta is not None:
                 return delta
+            if self._error is not None:
+                self._done = True
+                raise self._error
             if self._done:
                 raise RuntimeError(f"request {self.request_id}: stream already finished")
             await self._event.wait()

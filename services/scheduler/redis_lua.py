@@ -108,7 +108,11 @@ end
 STEP_LUA = (
     PRELUDE
     + r"""
-local info = redis.call('HMGET', meta, 'block_size', 'tick')
+local info = redis.call('HMGET', meta, 'block_size', 'tick', 'fence')
+if ARGV[3] ~= '0' and info[3] ~= ARGV[3] then
+  return redis.error_reply('PAGEDSERVE_FENCED fencing token ' .. ARGV[3] .. ' is stale; the pool is at '
+    .. tostring(info[3]))
+end
 if not info[1] then
   return redis.error_reply('PAGEDSERVE_NOPOOL pool not initialized: ' .. meta)
 end
@@ -266,30 +270,41 @@ return cjson.encode({r = results, f = redis.call('LLEN', FREE), c = redis.call('
 """
 )
 
-# ARGV: num_blocks, block_size, epoch, model, force ("1": always reset).
+# ARGV: num_blocks, block_size, epoch, model, force ("1": always reset the blocks), fence.
+# Request states (`req:`, `out:`) are kept for the next scheduler to resume, unless the model
+# changed; every block table is dropped (its blocks freed, or all blocks reset).
 INIT_LUA = (
     PRELUDE
     + r"""
-local cur = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'epoch', 'model', 'tick')
+local cur = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'epoch', 'model', 'tick', 'fence')
+if ARGV[6] ~= '0' and cur[6] ~= ARGV[6] then
+  return redis.error_reply('PAGEDSERVE_FENCED fencing token ' .. ARGV[6] .. ' is stale')
+end
 local keep = ARGV[5] ~= '1' and cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] == ARGV[3]
   and cur[4] == ARGV[4]
+local keep_states = cur[4] == ARGV[4]
 local rids = redis.call('SMEMBERS', REQS)
-if keep then
-  -- A scheduler restart on the same executor pool: the cache is still good, the old
-  -- scheduler's requests are gone. Free every table (hashed blocks stay cached).
-  tick = tonumber(cur[5]) or 0
-  for _, rid in ipairs(rids) do
-    free_table(rid)
+local stateful = {}
+for _, rid in ipairs(rids) do
+  if keep_states and redis.call('EXISTS', P .. 'req:' .. rid) == 1 then
+    stateful[#stateful + 1] = rid
+  else
     redis.call('DEL', P .. 'req:' .. rid, P .. 'out:' .. rid)
   end
+end
+if keep then
+  -- A scheduler restart on the same executor pool: the cache is still good. Free every
+  -- table (hashed blocks stay cached); the new scheduler recomputes what was running.
+  tick = tonumber(cur[5]) or 0
+  for _, rid in ipairs(rids) do free_table(rid) end
   redis.call('DEL', REQS)
+  if #stateful > 0 then bulk('SADD', REQS, stateful, 1) end
   redis.call('HSET', meta, 'tick', string.format('%d', tick))
   return 1
 end
-for _, rid in ipairs(rids) do
-  redis.call('DEL', P .. 'table:' .. rid, P .. 'req:' .. rid, P .. 'out:' .. rid)
-end
+for _, rid in ipairs(rids) do redis.call('DEL', P .. 'table:' .. rid) end
 redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS)
+if #stateful > 0 then bulk('SADD', REQS, stateful, 1) end
 redis.call('HSET', meta, 'num_blocks', ARGV[1], 'block_size', ARGV[2], 'epoch', ARGV[3], 'model', ARGV[4],
   'tick', '0')
 local n = tonumber(ARGV[1])
@@ -297,5 +312,113 @@ local ids = {}
 for b = 0, n - 1 do ids[#ids + 1] = b end
 bulk('RPUSH', FREE, ids, 1)
 return 0
+"""
+)
+
+# Everything a new scheduler needs, in one call: the pool's blocks (free list in order, the
+# LRU oldest first, each hash's stored entry, every table) and every stored request state.
+# KEYS[1] = meta; ARGV[1] = SCAN pattern of table keys.
+LOAD_LUA = r"""
+local meta = KEYS[1]
+local P = string.sub(meta, 1, #meta - 4)
+if redis.call('EXISTS', meta) == 0 then return false end
+local out = {}
+local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'tick')
+out.num_blocks, out.block_size, out.tick = m[1], m[2], m[3]
+out.free = redis.call('LRANGE', P .. 'free', 0, -1)
+out.ref = redis.call('HGETALL', P .. 'ref')
+out.lru = redis.call('ZRANGE', P .. 'lru', 0, -1)
+out.hash = redis.call('HGETALL', P .. 'hash')
+local tables = {}
+local cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    tables[#tables + 1] = string.sub(key, #P + 7)
+    tables[#tables + 1] = redis.call('LRANGE', key, 0, -1)
+  end
+until cursor == '0'
+out.tables = tables
+local reqs = {}
+for _, rid in ipairs(redis.call('SMEMBERS', P .. 'reqs')) do
+  local state = redis.call('HGETALL', P .. 'req:' .. rid)
+  if #state > 0 then
+    reqs[#reqs + 1] = {rid, state, redis.call('GET', P .. 'out:' .. rid) or ''}
+  end
+end
+out.reqs = reqs
+return cjson.encode(out)
+"""
+
+# The lease: KEYS[1] = meta, KEYS[2] = the lease key; ARGV: holder, ttl ms, lowest token to hand out.
+# Taken when free (or already ours); the fencing token only grows, even over a Redis that lost
+# its data (the caller passes the last token it saw).
+ACQUIRE_LUA = r"""
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[2])} end
+local token = math.max(tonumber(redis.call('HGET', KEYS[1], 'fence') or '0'), tonumber(ARGV[3])) + 1
+redis.call('HSET', KEYS[1], 'fence', string.format('%d', token))
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {token, tonumber(ARGV[2])}
+"""
+
+# Renew: ARGV holder, ttl ms, token. 1 when still ours, 0 when the lease or the token moved on.
+RENEW_LUA = r"""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[3] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Give the lease up at a clean stop, so a standby need not wait for the TTL.
+RELEASE_LUA = r"""
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) return 1 end
+return 0
+"""
+
+# Write a whole pool over whatever is stored (a scheduler re-seeding a Redis that lost its
+# data). KEYS[1] = meta; ARGV[1] = JSON {num_blocks, block_size, epoch, model, tick, free, ref
+# [[block, cnt]...], lru [block...] oldest first, hash [[hash, "block|parent|tokens"]...],
+# tables [[rid, [blocks]]...], reqs [[rid, prompt, params, priority, status, ncomp, outs]...]};
+# ARGV[2] = fence.
+SEED_LUA = (
+    PRELUDE
+    + r"""
+if ARGV[2] ~= '0' and redis.call('HGET', meta, 'fence') ~= ARGV[2] then
+  return redis.error_reply('PAGEDSERVE_FENCED fencing token ' .. ARGV[2] .. ' is stale')
+end
+local s = cjson.decode(ARGV[1])
+for _, rid in ipairs(redis.call('SMEMBERS', REQS)) do
+  redis.call('DEL', P .. 'table:' .. rid, P .. 'req:' .. rid, P .. 'out:' .. rid)
+end
+redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS)
+redis.call('HSET', meta, 'num_blocks', s.num_blocks, 'block_size', s.block_size, 'epoch', s.epoch,
+  'model', s.model, 'tick', string.format('%d', s.tick))
+if #s.free > 0 then bulk('RPUSH', FREE, s.free, 1) end
+local flat = {}
+for _, e in ipairs(s.ref) do flat[#flat + 1] = e[1]; flat[#flat + 1] = e[2] end
+if #flat > 0 then bulk('HSET', REF, flat, 2) end
+flat = {}
+for i, b in ipairs(s.lru) do flat[#flat + 1] = i; flat[#flat + 1] = b end
+if #flat > 0 then bulk('ZADD', LRU, flat, 2) end
+flat = {}
+local bflat = {}
+for _, e in ipairs(s.hash) do
+  flat[#flat + 1] = e[1]; flat[#flat + 1] = e[2]
+  bflat[#bflat + 1] = string.sub(e[2], 1, string.find(e[2], '|', 1, true) - 1); bflat[#bflat + 1] = e[1]
+end
+if #flat > 0 then bulk('HSET', HASH, flat, 2); bulk('HSET', BHASH, bflat, 2) end
+for _, t in ipairs(s.tables) do
+  if #t[2] > 0 then bulk('RPUSH', P .. 'table:' .. t[1], t[2], 1); redis.call('SADD', REQS, t[1]) end
+end
+for _, r in ipairs(s.reqs) do
+  redis.call('HSET', P .. 'req:' .. r[1], 'prompt', r[2], 'params', r[3], 'priority', r[4], 'status', r[5],
+    'num_computed_tokens', r[6])
+  redis.call('SET', P .. 'out:' .. r[1], r[7])
+  redis.call('SADD', REQS, r[1])
+end
+return 1
 """
 )

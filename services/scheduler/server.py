@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from pagedserve.common.step import ExecutorClient
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerConfig
 from pagedserve.scheduler.engine import SchedulerEngine
+from pagedserve.scheduler.lease import Lease
 from pagedserve.scheduler.redis_keys import pool_id_for
 from pagedserve.scheduler.servicer import SERVICE_NAME, SchedulerServicer
 from pagedserve.v1 import scheduler_pb2_grpc
@@ -39,6 +41,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-model-len", type=int, default=None, help="longest prompt + output (default: the executor's)"
     )
+    parser.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        help="seconds the pool's lease lasts unrenewed; a standby takes over this long after a crash",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an unreachable executor may stall requests before they fail with UNAVAILABLE",
+    )
+    parser.add_argument(
+        "--attach-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request resumed from Redis waits for its client to re-attach before it is dropped",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -52,7 +72,12 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_queued_requests=args.max_queued_requests,
         max_model_len=args.max_model_len,
+        lease_ttl=args.lease_ttl,
+        stall_timeout=args.stall_timeout,
+        attach_timeout=args.attach_timeout,
     )
+    if config.lease_ttl <= 0 or config.stall_timeout <= 0 or config.attach_timeout <= 0:
+        raise ValueError("--lease-ttl, --stall-timeout and --attach-timeout must be > 0")
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
         if getattr(config, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
@@ -64,7 +89,12 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
 @dataclass
 class RunningScheduler:
     server: GrpcServer
-    engine: SchedulerEngine
+    servicer: SchedulerServicer
+
+    @property
+    def engine(self) -> SchedulerEngine:
+        assert self.servicer.engine is not None, "a standby has no engine yet"
+        return self.servicer.engine
 
     @property
     def port(self) -> int:
@@ -72,49 +102,145 @@ class RunningScheduler:
 
     async def stop(self) -> None:
         await self.server.stop(grace=1.0)
-        await self.engine.stop()
-        await self.engine.executor.close()
-        self.engine.scheduler.pool.close()
+        engine = self.servicer.engine
+        if engine is not None:
+            await engine.stop()
+            await engine.executor.close()
+            engine.pool.close()
 
 
-async def start(
-    config: SchedulerConfig, executor: ExecutorClient, pool: BlockPool, *, info_timeout: float | None = None
-) -> RunningScheduler:
-    """Connect to the executor (waiting for it), make the pool match it, start the loop and serve."""
+async def serve_pool(
+    server: GrpcServer,
+    servicer: SchedulerServicer,
+    config: SchedulerConfig,
+    executor: ExecutorClient,
+    pool: BlockPool,
+    lease: Lease | None,
+    *,
+    info_timeout: float | None = None,
+) -> SchedulerEngine:
+    """Hold the pool's lease (waiting as a standby while another scheduler has it), take the
+    pool over, start the loop, and report SERVING. Redis that does not answer yet is waited for."""
+    while True:
+        try:
+            return await _take_pool(server, servicer, config, executor, pool, lease, info_timeout)
+        except (ConnectionError, OSError, TimeoutError) as err:
+            log.warning("cannot take pool %r yet (%s); retrying", config.pool_id, err)
+        except Exception as err:
+            if type(err).__module__.split(".")[0] != "redis":
+                raise
+            log.warning("cannot take pool %r yet (Redis: %s); retrying", config.pool_id, err)
+        await asyncio.sleep(1.0)
+
+
+async def _take_pool(
+    server: GrpcServer,
+    servicer: SchedulerServicer,
+    config: SchedulerConfig,
+    executor: ExecutorClient,
+    pool: BlockPool,
+    lease: Lease | None,
+    info_timeout: float | None,
+) -> SchedulerEngine:
+    if lease is not None:
+        while True:
+            wait = await asyncio.to_thread(lease.acquire)
+            if wait == 0.0:
+                break
+            log.info("standby for pool %r: the lease is held for %.1f s more", config.pool_id, wait)
+            await asyncio.sleep(min(max(wait, 0.05), lease.renew_interval))
+        log.info("holding the lease of pool %r (fencing token %d)", config.pool_id, lease.token)
     engine = await SchedulerEngine.connect(
         executor,
         pool,
+        lease=lease,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_queued_requests=config.max_queued_requests,
         max_model_len=config.max_model_len,
         info_timeout=info_timeout,
+        stall_timeout=config.stall_timeout,
+        attach_timeout=config.attach_timeout,
     )
+    engine.on_health = server.set_serving
+    servicer.engine = engine
     engine.start()
+    await server.set_serving(True)
+    return engine
+
+
+async def start(
+    config: SchedulerConfig,
+    executor: ExecutorClient,
+    pool: BlockPool,
+    *,
+    lease: Lease | None = None,
+    info_timeout: float | None = None,
+) -> RunningScheduler:
+    """Serve at once (NOT_SERVING, Submit UNAVAILABLE while a standby), then take the pool."""
     server = GrpcServer(config.host, config.port)
-    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, SchedulerServicer(engine), SERVICE_NAME)
+    servicer = SchedulerServicer(None, config.pool_id)
+    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
     await server.start()
-    return RunningScheduler(server, engine)
+    await server.set_serving(False)
+    running = RunningScheduler(server, servicer)
+    try:
+        await serve_pool(server, servicer, config, executor, pool, lease, info_timeout=info_timeout)
+    except BaseException:
+        await server.stop(grace=0.1)
+        raise
+    return running
 
 
 async def serve(config: SchedulerConfig) -> None:
+    import redis
+
     from pagedserve.executor.client import GrpcExecutorClient
     from pagedserve.scheduler.redis_pool import RedisBlockPool
 
-    pool = RedisBlockPool.from_url(config.redis_url, config.pool_id)
-    running = await start(config, GrpcExecutorClient(config.executor), pool)
-    limits = running.engine.scheduler.limits
-    log.info(
-        "scheduler serving on %s:%d; executor %s, pool %r (%d blocks x %d tokens), max_model_len %d",
-        config.host,
-        running.port,
-        config.executor,
-        config.pool_id,
-        limits.num_blocks,
-        limits.block_size,
-        limits.max_model_len,
+    # A dead Redis must not hang the scheduler: every call gives up after a few seconds.
+    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    pool = RedisBlockPool(client, config.pool_id)
+    lease = Lease(client, config.pool_id, ttl=config.lease_ttl)
+    server = GrpcServer(config.host, config.port)
+    servicer = SchedulerServicer(None, config.pool_id)
+    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
+    await server.start()
+    await server.set_serving(False)
+    running = RunningScheduler(server, servicer)
+    log.info("scheduler listening on %s:%d for pool %r", config.host, running.port, config.pool_id)
+    taking = asyncio.ensure_future(
+        serve_pool(server, servicer, config, GrpcExecutorClient(config.executor), pool, lease)
     )
-    await run_until_signal(running.stop)
+
+    def started(task: asyncio.Future) -> None:
+        if task.cancelled():
+            return
+        if task.exception() is not None:
+            log.error("scheduler could not take its pool: %s", task.exception())
+            return
+        limits = task.result().scheduler.limits
+        log.info(
+            "scheduler serving on %s:%d; executor %s, pool %r (%d blocks x %d tokens), max_model_len %d",
+            config.host,
+            running.port,
+            config.executor,
+            config.pool_id,
+            limits.num_blocks,
+            limits.block_size,
+            limits.max_model_len,
+        )
+
+    taking.add_done_callback(started)
+
+    async def stop() -> None:
+        if not taking.done():
+            taking.cancel()
+            with contextlib.suppress(BaseException):
+                await taking
+        await running.stop()
+
+    await run_until_signal(stop)
 
 
 def main(args: argparse.Namespace) -> int:

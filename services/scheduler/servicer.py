@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 
+from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import logprobs_to_proto
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.output import RequestDelta
+from pagedserve.scheduler.recovery import ChoiceProgress
 from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -50,15 +52,30 @@ def delta_to_proto(delta: RequestDelta) -> scheduler_pb2.SubmitResponse:
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, engine: SchedulerEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: SchedulerEngine | None, pool_id: str = "") -> None:
+        self.engine = engine  # None while a standby waits for the pool's lease
+        self.pool_id = pool_id
+
+    def _engine(self) -> SchedulerEngine:
+        if self.engine is None:
+            raise Unavailable(
+                f"this scheduler is a standby for pool {self.pool_id!r}: another one holds its lease"
+            )
+        return self.engine
 
     @grpc_errors
     async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
+        engine = self._engine()
         sampling = SamplingParams.from_proto(request.sampling)
-        stream = self.engine.submit(
-            request.request_id, list(request.prompt_token_ids), sampling, request.priority
-        )
+        if request.resume:
+            progress = [ChoiceProgress(p.index, p.token_ids, p.finished) for p in request.progress]
+            stream = engine.attach(
+                request.request_id, list(request.prompt_token_ids), sampling, request.priority, progress
+            )
+        else:
+            stream = engine.submit(
+                request.request_id, list(request.prompt_token_ids), sampling, request.priority
+            )
         finished = False
         try:
             while not finished:
@@ -68,16 +85,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         finally:
             if not finished:  # the client went away (or the call was cancelled)
                 log.info("request %s: client gone, aborting", request.request_id)
-                self.engine.abort(request.request_id)
+                engine.abort(request.request_id)
 
     @grpc_errors
     async def Abort(self, request: scheduler_pb2.AbortRequest, context) -> scheduler_pb2.AbortResponse:
-        return scheduler_pb2.AbortResponse(found=self.engine.abort(request.request_id))
+        return scheduler_pb2.AbortResponse(found=self._engine().abort(request.request_id))
 
     @grpc_errors
     async def Stats(self, request: scheduler_pb2.StatsRequest, context) -> scheduler_pb2.StatsResponse:
-        sched = self.engine.scheduler
-        stats, counts, limits = sched.stats, sched.counts, sched.limits
+        engine = self._engine()
+        sched = engine.scheduler
+        stats, counts, limits = sched.stats, sched.blocks.counts(), sched.limits
         return scheduler_pb2.StatsResponse(
             blocks_total=counts.num_total,
             blocks_used=counts.num_used,
@@ -96,4 +114,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             kv_utilization=stats.kv_utilization,
             eos_token_ids=sorted(limits.eos_token_ids),
             vocab_size=limits.vocab_size,
+            serving=engine.serving,
+            resumed_total=stats.num_resumed,
+            pool_id=self.pool_id,
         )

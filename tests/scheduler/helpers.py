@@ -59,10 +59,13 @@ async def settle(engine: SchedulerEngine) -> None:
 
 
 def assert_pool_clean(engine: SchedulerEngine) -> None:
-    """fsck passes and every block is free or cached (no reference left)."""
-    pool = engine.scheduler.pool
+    """fsck passes on the replica and on the scheduler's own view, the two are equal, and every
+    block is free or cached (no reference left)."""
+    pool = engine.pool
     assert pool.check() == []
+    assert engine.scheduler.blocks.check() == []
+    assert engine.scheduler.compare_with_replica(pool.snapshot(), pool.load_requests()) == []
     counts = pool.counts()
     assert counts.num_used == 0, counts
     assert counts.num_total == pool.num_blocks
-    assert engine.scheduler.ledger.ref_cnt == {}
+    assert engine.scheduler.blocks.counts() == counts

@@ -65,9 +65,14 @@ def test_random_workloads_finish_exactly(requests, num_blocks, budget, max_num_s
                 engine.abort(rid)
             await engine.step()
             steps += 1
-            assert pool.check() == []
+            engine.replicator.ship(sched)  # what update() logged, written now instead of next step
+            await engine.replicator.flush()
+            assert pool.check() == [] and sched.blocks.check() == []
+            assert sched.blocks.snapshot().differences(pool.snapshot()) == []
             assert steps < 2000, "no progress"
         outs = [await asyncio.wait_for(drain(s), 1) for s in streams]
+        engine.replicator.ship(sched)
+        await engine.replicator.flush()
         return engine, specs, outs
 
     engine, specs, outs = asyncio.run(go())
@@ -79,5 +84,5 @@ def test_random_workloads_finish_exactly(requests, num_blocks, budget, max_num_s
                 assert out.tokens.get(i, []) == want[: len(out.tokens.get(i, []))]
             else:
                 assert out.finish[i] == FinishReason.LENGTH and out.tokens[i] == want
-    assert pool.counts().num_used == 0 and engine.scheduler.ledger.ref_cnt == {}
+    assert pool.counts().num_used == 0 and engine.scheduler.blocks.ref == {}
     assert fake.requests == {}

@@ -40,6 +40,7 @@ def decoding_engine(client: redis.Redis, batch: int) -> SchedulerEngine:
             await engine.step()
         for _ in range(3):
             await engine.step()
+        await engine.replicator.flush()
         return engine
 
     return asyncio.run(go())
@@ -64,7 +65,12 @@ def one_step(client: redis.Redis, url: str, engine: SchedulerEngine) -> tuple[di
     thread.start()
     ready.wait(5)
     before = calls(client)
-    asyncio.run(engine.step())
+
+    async def step_and_land() -> None:
+        await engine.step()
+        await engine.replicator.flush()  # the step's write-behind call
+
+    asyncio.run(step_and_land())
     after = calls(client)
     client.echo(END_MARKER)
     thread.join(10)
@@ -88,5 +94,5 @@ def test_a_step_is_one_round_trip_whatever_the_batch(redis_url, redis_client):
         counts[batch] = (scripts, top_level)
         assert scripts == 1, delta
         assert top_level == ["evalsha"], top_level
-        assert engine.scheduler.pool.check() == []
+        assert engine.pool.check() == []
     assert counts[1] == counts[64]

@@ -134,7 +134,7 @@ def test_abort_mid_generation_frees_blocks(tiny_model, redis_client):
         engine.start()
         while engine.scheduler.stats.generated_tokens < 5:
             await asyncio.sleep(0.005)
-        assert engine.scheduler.counts.num_used > 0
+        assert engine.scheduler.blocks.counts().num_used > 0
         assert engine.abort("long")
         out = await asyncio.wait_for(drain(stream), 30)
         await settle(engine)

@@ -1,0 +1,160 @@
+"""A step's results: sampled tokens appended, stops checked, prompts forked, requests finished.
+
+Part of `Scheduler` (scheduler.py). Everything the replica must learn (progress, hash
+registrations, frees, forks) goes into the block manager's log, which the engine ships with
+the next step. A finished choice of an n > 1 request keeps its stored state (status FINISHED
+with its reason) until the whole request ends, so that a scheduler taking over knows which
+choices are done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from pagedserve.common.step import StepOutput
+from pagedserve.scheduler.block_pool import status_field
+from pagedserve.scheduler.output import FinishReason, Usage
+from pagedserve.scheduler.request import PROMPT_INDEX, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
+
+log = logging.getLogger(__name__)
+
+RUNNING = SequenceStatus.RUNNING
+RUNNING_FIELD = str(int(RUNNING))
+
+
+class CompletionMixin:
+    def update(self: Scheduler, step: ScheduledStep, output: StepOutput) -> None:
+        """Take one step's sampled tokens: append them, check stops, log the replica's writes."""
+        ops = self.blocks.log
+        sampled = {s.request_id: s for s in output.sampled}
+        eos, max_len = self.limits.eos_token_ids, self.limits.max_model_len
+        forked: dict[int, list[Sequence]] = {}
+        bs = self.block_size
+        for seq, num_tokens in step.seqs:
+            if seq.status != RUNNING:
+                continue
+            seq.num_computed_tokens += num_tokens
+            if seq.num_computed_tokens // bs > seq.num_registered_blocks:
+                for index, block_hash, parent_hash, token_ids in seq.take_full_blocks(self.hasher):
+                    self.blocks.register(seq.seq_id, index, block_hash, parent_hash, token_ids)
+            if seq.index == PROMPT_INDEX:
+                if seq.num_computed_tokens >= seq.target_len:
+                    forked[id(seq)] = self._fork_choices(seq)
+                else:
+                    ops.update(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, ())
+                continue
+            token = sampled.get(seq.seq_id)
+            if token is None:
+                if seq.num_computed_tokens == seq.num_tokens:
+                    log.warning("executor sampled nothing for %s at the end of its tokens", seq.seq_id)
+                ops.update(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, ())
+                continue
+            request = seq.request
+            token_id = token.token_id
+            seq.output_token_ids.append(token_id)
+            request.completion_tokens += 1
+            done = seq.check_stop(token_id, eos, max_len)
+            request.stream.push(
+                seq.index,
+                [token_id],
+                [token.logprobs] if token.logprobs is not None else None,
+                seq.finish_reason,
+                token_id if seq.finish_reason == FinishReason.STOP else -1,
+            )
+            if done:
+                self._finish(seq, token_id)
+            else:
+                ops.update_token(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, token_id)
+        self.stats.generated_tokens += len(output.sampled)
+        running: list[Sequence] = []
+        live = slots = 0
+        for seq in self.running:
+            if forked and id(seq) in forked:
+                running.extend(forked[id(seq)])
+            elif seq.status == RUNNING:
+                running.append(seq)
+        for seq in running:
+            live += seq.num_computed_tokens
+            slots += len(seq.block_table)
+        self.running = running
+        self.stats.num_steps += 1
+        self.stats.kv_utilization = live / (slots * bs) if slots else 0.0
+
+    def _fork_choices(self: Scheduler, parent: Sequence) -> list[Sequence]:
+        """The prompt sequence is done: n choices share its blocks from here on."""
+        request = parent.request
+        children = request.fork_choices(parent)
+        for child in children:
+            self.blocks.fork(parent.seq_id, child.seq_id)
+            self._save(child)
+        parent.status = SequenceStatus.FINISHED
+        parent.block_table = []
+        self.blocks.drop(parent.seq_id)
+        self._forget(parent)
+        return children
+
+    def _finish(self: Scheduler, seq: Sequence, last_token: int | None = None) -> None:
+        """The sequence stopped (or was aborted): free its blocks, forget it; close the request
+        when it was the last choice."""
+        if seq.status == SequenceStatus.WAITING:
+            self.waiting.discard(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.block_table = []
+        self._forget(seq)
+        request = seq.request
+        request.num_choices_left -= 1
+        if request.num_choices_left > 0:
+            self.blocks.free(seq.seq_id)
+            new = () if last_token is None else (last_token,)
+            status = status_field(int(SequenceStatus.FINISHED), int(seq.finish_reason))
+            self.blocks.log.update(seq.seq_id, status, seq.num_computed_tokens, new)
+            return
+        for s in request.seqs:
+            self.blocks.drop(s.seq_id)
+        self.requests.pop(request.request_id, None)
+        if not request.started:
+            self.num_queued -= 1
+        cached = request.cached_prompt_tokens or 0
+        request.stream.finish(Usage(len(request.prompt_token_ids), request.completion_tokens, cached))
+
+    def _abort_now(self: Scheduler, request_id: str) -> None:
+        request = self.requests.get(request_id)
+        if request is None:
+            request = self.detached.pop(request_id, None)
+            if request is not None:  # resumed, never re-attached: nobody is listening
+                self._drop_detached(request)
+            return
+        for seq in request.seqs:
+            if seq.status == SequenceStatus.FINISHED:
+                continue
+            if seq.index == PROMPT_INDEX:  # no choice exists yet: end them all
+                request.num_choices_left = 1
+                for index in range(request.sampling.n):
+                    request.stream.push(index, [], None, FinishReason.ABORT)
+            else:
+                request.stream.push(seq.index, [], None, FinishReason.ABORT)
+            seq.finish_reason = FinishReason.ABORT
+            self._finish(seq)
+        self.running = [s for s in self.running if s.status == RUNNING]
+
+    def _save(self: Scheduler, seq: Sequence) -> None:
+        """Log a sequence's whole state: what a scheduler taking over needs to continue it."""
+        self.blocks.log.save(seq.seq_id, **self._state_fields(seq))
+
+    def _state_fields(self: Scheduler, seq: Sequence) -> dict:
+        request = seq.request
+        params = {"rid": request.request_id, "i": seq.index, "s": dataclasses.asdict(request.sampling)}
+        return {
+            "prompt_token_ids": request.prompt_token_ids,
+            "params_json": json.dumps(params, separators=(",", ":")),
+            "priority": request.priority,
+            "status": status_field(int(seq.status), int(seq.finish_reason)),
+            "num_computed_tokens": seq.num_computed_tokens,
+            "output_token_ids": seq.output_token_ids,
+        }

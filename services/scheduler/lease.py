@@ -1,0 +1,70 @@
+"""One writer per pool: a lease in Redis and a fencing token that only grows.
+
+A scheduler holds pool P while the key `pagedserve:{P}:lease` names it; the key has a TTL the
+holder renews every third of it. Taking the lease raises the pool's fencing token (kept in
+the pool's `meta` hash), and every write script compares the writer's token with it, so a
+scheduler that paused past its TTL and woke up after a takeover is refused at its next
+write instead of corrupting the pool. A second scheduler for the same pool is a standby: it
+retries `acquire` until the lease lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import uuid
+
+import redis
+
+from pagedserve.scheduler.redis_keys import PoolKeys
+from pagedserve.scheduler.redis_lua import ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA
+
+log = logging.getLogger(__name__)
+
+
+def holder_id() -> str:
+    """Who holds a lease: host, pid and a random part (a restarted process is someone new)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class Lease:
+    def __init__(
+        self, client: redis.Redis, pool_id: str, ttl: float = 3.0, holder: str | None = None
+    ) -> None:
+        self.client = client
+        self.keys = PoolKeys(pool_id)
+        self.lease_key = self.keys.key("lease")
+        self.ttl_ms = max(int(ttl * 1000), 100)
+        self.holder = holder or holder_id()
+        self.token = 0  # the fencing token while held; the last one held otherwise
+        self._acquire = client.register_script(ACQUIRE_LUA)
+        self._renew = client.register_script(RENEW_LUA)
+        self._release = client.register_script(RELEASE_LUA)
+
+    @property
+    def renew_interval(self) -> float:
+        return self.ttl_ms / 3000
+
+    def acquire(self) -> float:
+        """Take the lease if it is free (or ours): 0.0 and `token` set; else the seconds it
+        still has to run, for a standby to wait."""
+        token, ttl_left = self._acquire(
+            keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token]
+        )
+        if int(token) > 0:
+            self.token = int(token)
+            return 0.0
+        return max(int(ttl_left), 0) / 1000
+
+    def renew(self) -> bool:
+        """Extend the lease; False when another scheduler took it (stop writing at once)."""
+        ok = self._renew(keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token])
+        return bool(int(ok))
+
+    def release(self) -> None:
+        """Give the lease up (a clean stop), so a standby takes over without waiting for the TTL."""
+        try:
+            self._release(keys=[self.keys.meta, self.lease_key], args=[self.holder])
+        except redis.exceptions.RedisError as err:
+            log.warning("could not release the lease of pool %s: %s", self.keys.pool_id, err)
