@@ -23,3 +23,4 @@ class GatewayConfig:
     stall_probe_interval: float = (
         5.0  # seconds without a Submit message before checking the scheduler is alive
     )
+    stall_timeout: float = 30.0  # seconds a request may go without progress while its scheduler is away

@@ -157,26 +157,60 @@ class SubmitStream:
 
 
 class SchedulerClient:
-    """Submit, Abort and Stats of one scheduler service."""
+    """Submit, Abort and Stats of a pool's scheduler: one address, or several (the active
+    scheduler and its standbys, comma-separated). Calls go to the active one; `failover`
+    moves to the next when it stops answering or says it is a standby."""
 
     def __init__(self, address: str, timeout: float) -> None:
-        self.service = f"scheduler at {address}"
+        self.addresses = [a.strip() for a in address.split(",") if a.strip()]
+        if not self.addresses:
+            raise ValueError("--scheduler needs at least one address")
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=DOWNSTREAM_CHANNEL_OPTIONS)
-        self.stub = scheduler_pb2_grpc.SchedulerStub(self.channel)
+        self.channels = [
+            grpc.aio.insecure_channel(a, options=DOWNSTREAM_CHANNEL_OPTIONS) for a in self.addresses
+        ]
+        self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
+        self.active = 0
+
+    @property
+    def service(self) -> str:
+        return f"scheduler at {self.addresses[self.active]}"
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self.channels[self.active]
+
+    @property
+    def stub(self) -> scheduler_pb2_grpc.SchedulerStub:
+        return self.stubs[self.active]
+
+    def failover(self) -> None:
+        """Use the next address (a standby that may have taken the pool over)."""
+        self.active = (self.active + 1) % len(self.addresses)
 
     def submit(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingParams, priority: int
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+        priority: int,
+        progress: list[tuple[int, list[int], bool]] | None = None,
     ) -> SubmitStream:
-        call = self.stub.Submit(
-            scheduler_pb2.SubmitRequest(
-                request_id=request_id,
-                prompt_token_ids=prompt_token_ids,
-                sampling=sampling.to_proto(),
-                priority=priority,
-            )
+        """Start a request, or with `progress` (index, token ids held, finished) per choice,
+        re-attach to one started on a scheduler that is gone."""
+        msg = scheduler_pb2.SubmitRequest(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling=sampling.to_proto(),
+            priority=priority,
         )
-        return SubmitStream(call, self.service)
+        if progress is not None:
+            msg.resume = True
+            msg.progress.extend(
+                scheduler_pb2.ChoiceProgress(index=i, token_ids=ids, finished=done)
+                for i, ids, done in progress
+            )
+        return SubmitStream(self.stub.Submit(msg), self.service)
 
     async def abort(self, request_id: str) -> bool:
         try:
@@ -199,10 +233,18 @@ class SchedulerClient:
         return stats
 
     async def ready(self) -> bool:
-        return await _check_health(self.channel, self.timeout)
+        """Whether a scheduler reports SERVING (it holds its pool, and its executor and Redis
+        answer); the first one that does becomes the active one."""
+        for _ in range(len(self.addresses)):
+            if await _check_health(self.channel, self.timeout):
+                return True
+            if len(self.addresses) == 1:
+                return False
+            self.failover()
+        return False
 
     async def close(self) -> None:
-        await self.channel.close()
+        await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
 
 
 def _logprobs_from_proto(items) -> list[TokenLogprob]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from pagedserve.common.errors import PagedServeError
+from pagedserve.common.errors import PagedServeError, Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.datatypes import (
     ChoiceDelta,
@@ -53,6 +53,7 @@ class _Choice:
     released: bool = False  # the Detokenize stream was told to forget it (finish=True sent)
     num_tokens: int = 0  # tokens returned to the client
     finished_in_scheduler: bool = False  # the scheduler sent its finish reason (its blocks are freed)
+    token_ids: list[int] = field(default_factory=list)  # every id received, for a re-attach
 
 
 class RequestRun:
@@ -94,18 +95,38 @@ class RequestRun:
         updates = aiter(stream)
         done_in_scheduler = False
         first = True
+        # While the scheduler is away, re-attach until no progress was made for --stall-timeout
+        # (trying for at least a second after the failure).
+        last_progress = started
+        down_since: float | None = None
         try:
             while not all(c.finished for c in self.choices):
                 try:
                     update = await self._next(updates, deadline)
                 except StopAsyncIteration:
                     break
+                except Unavailable as err:
+                    now = time.monotonic()
+                    down_since = down_since or now
+                    if now - last_progress >= engine.config.stall_timeout and now - down_since >= min(
+                        1.0, engine.config.stall_timeout
+                    ):
+                        raise Unavailable(
+                            f"{err.message} (no progress for {now - last_progress:.0f} s, --stall-timeout)"
+                        ) from None
+                    stream.cancel()
+                    stream = await self._reattach(now - down_since)
+                    updates = aiter(stream)
+                    continue
+                down_since = None
+                last_progress = time.monotonic()
                 if update.cached_prompt_tokens:
                     self.cached_prompt_tokens = update.cached_prompt_tokens
                 if update.usage is not None:
                     self.cached_prompt_tokens = update.usage.cached_prompt_tokens or self.cached_prompt_tokens
                     done_in_scheduler = True
                 for ct in update.choices:
+                    self.choices[ct.index].token_ids.extend(ct.token_ids)
                     if ct.finish_reason is not FinishReason.NONE:
                         self.choices[ct.index].finished_in_scheduler = True
                 done_in_scheduler = done_in_scheduler or all(c.finished_in_scheduler for c in self.choices)
@@ -143,6 +164,19 @@ class RequestRun:
             )
             if not done_in_scheduler:
                 engine.spawn(engine.abort_quietly(self.request_id))
+
+    async def _reattach(self, down_for: float):
+        """A new Submit that re-attaches this request (after a short backoff) to the scheduler
+        now serving the pool — the same one restarted, or a standby — with every token this
+        gateway already has, so the stream resumes with no gap and no repeat."""
+        scheduler = self.engine.scheduler
+        await asyncio.sleep(min(0.1 * 2 ** min(int(down_for), 4), 1.0) if down_for else 0.05)
+        if getattr(scheduler, "failover", None) is not None and not await scheduler.ready():
+            scheduler.failover()
+        progress = [(c.index, c.token_ids, c.finished or c.finished_in_scheduler) for c in self.choices]
+        return scheduler.submit(
+            self.request_id, self.prompt_ids, self.sampling, self.request.priority, progress
+        )
 
     async def _next(self, updates: AsyncIterator[SchedulerUpdate], deadline: float | None) -> SchedulerUpdate:
         """The next Submit message. While none comes, probe the scheduler every `stall_probe_interval`

@@ -34,7 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grpc-port", type=int, default=50051, help="public gRPC port")
     parser.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port")
     parser.add_argument("--tokenizer", default="localhost:50052", help="tokenizer service address")
-    parser.add_argument("--scheduler", default="localhost:50053", help="scheduler service address")
+    parser.add_argument(
+        "--scheduler",
+        default="localhost:50053",
+        help="scheduler address; several, comma-separated, for a pool's scheduler and its standbys",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=30.0,
+        help="seconds a request may make no progress while its scheduler is away (re-attaching "
+        "meanwhile) before it fails with UNAVAILABLE / an error event",
+    )
     parser.add_argument(
         "--model", default=None, help="served model path or hub id (default: the bundled model)"
     )
@@ -63,6 +74,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         http_port=args.http_port,
         tokenizer_address=args.tokenizer,
         scheduler_address=args.scheduler,
+        stall_timeout=args.stall_timeout,
         model=model,
         served_model_name=args.served_model_name or served_model_name(model),
         max_queued_requests=args.max_queued_requests,

@@ -77,16 +77,23 @@ class FakeTokenizer:
 
 
 class FakeStream:
-    def __init__(self, updates: list[SchedulerUpdate], gate: asyncio.Event | None) -> None:
+    def __init__(
+        self, updates: list[SchedulerUpdate], gate: asyncio.Event | None, break_after: int = -1
+    ) -> None:
         self.updates = updates
         self.gate = gate
         self.cancelled = False
+        self.break_after = break_after  # the scheduler dies after this many messages (-1: never)
 
     def cancel(self) -> None:
         self.cancelled = True
 
     async def __aiter__(self):
+        from pagedserve.common.errors import Unavailable
+
         for i, update in enumerate(self.updates):
+            if i == self.break_after:
+                raise Unavailable("scheduler at test is unavailable: connection reset")
             if i > 0 and self.gate is not None:
                 await self.gate.wait()
             yield update
@@ -100,11 +107,16 @@ class FakeScheduler:
         self.gate = gate
         self.end_with_eos = end_with_eos
         self.submitted: list[tuple[str, list[int], SamplingParams]] = []
+        self.progress: list[list[tuple[int, list[int], bool]] | None] = []  # per submit: what a re-attach had
         self.aborted: list[str] = []
         self.streams: list[FakeStream] = []
+        self.break_after = -1  # the next stream breaks after this many messages
 
-    def submit(self, request_id, prompt_ids, sampling, priority) -> FakeStream:
+    def submit(self, request_id, prompt_ids, sampling, priority, progress=None) -> FakeStream:
         self.submitted.append((request_id, prompt_ids, sampling))
+        self.progress.append(
+            [(i, list(ids), done) for i, ids, done in progress] if progress is not None else None
+        )
         want_lp = sampling.logprobs is not None
         texts = [self.outputs[i % len(self.outputs)][: sampling.max_tokens] for i in range(sampling.n)]
         updates = []
@@ -128,7 +140,19 @@ class FakeScheduler:
                     cached_prompt_tokens=3 if step == 0 else 0,
                 )
             )
-        stream = FakeStream(updates, self.gate)
+        if progress is not None:  # a re-attach: only what the client has not seen
+            held = {i: len(ids) for i, ids, _ in progress}
+            updates = [
+                SchedulerUpdate(
+                    choices=[c for c in u.choices if step >= held.get(c.index, 0)],
+                    usage=u.usage,
+                    cached_prompt_tokens=u.cached_prompt_tokens,
+                )
+                for step, u in enumerate(updates)
+            ]
+            updates = [u for u in updates if u.choices or u.usage is not None]
+        stream = FakeStream(updates, self.gate, self.break_after)
+        self.break_after = -1
         self.streams.append(stream)
         return stream
 
@@ -376,9 +400,15 @@ def test_a_scheduler_that_stops_answering_is_unavailable_not_a_hang() -> None:
                 raise Unavailable("scheduler at test is unavailable")
             return await super().stats()
 
+        def submit(self, *args, **kwargs):
+            stream = super().submit(*args, **kwargs)
+            if not self.alive:  # a re-attach finds nobody either
+                stream.break_after = 0
+            return stream
+
     async def scenario() -> None:
         scheduler = HungScheduler(["abcdefgh"], gate=asyncio.Event())
-        engine, _ = make_engine(scheduler, stall_probe_interval=0.02)
+        engine, _ = make_engine(scheduler, stall_probe_interval=0.02, stall_timeout=0.2)
         outputs = engine.generate(text_request("p", max_tokens=8))
         await anext(outputs)
         waiting = asyncio.ensure_future(anext(outputs))
@@ -389,3 +419,36 @@ def test_a_scheduler_that_stops_answering_is_unavailable_not_a_hang() -> None:
             await asyncio.wait_for(waiting, 1.0)
 
     asyncio.run(scenario())
+
+
+def test_a_broken_scheduler_stream_is_reattached_with_what_the_client_has() -> None:
+    """The scheduler goes away after 3 messages: the gateway re-attaches, saying which tokens it
+    holds per choice, and the client sees every character once, in order."""
+    scheduler = FakeScheduler(["abcdefgh", "ABCDEFGH"])
+    scheduler.break_after = 3
+    engine, _ = make_engine(scheduler)
+    result = asyncio.run(collect(engine, text_request("p", max_tokens=8, n=2)))
+    assert [c.text for c in result.choices] == ["abcdefgh", "ABCDEFGH"]
+    assert len(scheduler.submitted) == 2
+    assert scheduler.progress[0] is None
+    assert scheduler.progress[1] == [(0, [ord(c) for c in "abc"], False), (1, [ord(c) for c in "ABC"], False)]
+    assert scheduler.aborted == []
+
+
+def test_a_scheduler_that_never_comes_back_fails_within_the_stall_timeout() -> None:
+    from pagedserve.common.errors import Unavailable
+
+    class GoneScheduler(FakeScheduler):
+        def submit(self, *args, **kwargs):
+            stream = super().submit(*args, **kwargs)
+            stream.break_after = 0 if len(self.streams) > 1 else 2
+            return stream
+
+    async def scenario() -> float:
+        engine, _ = make_engine(GoneScheduler(["abcdefgh"]), stall_timeout=0.5)
+        start = asyncio.get_running_loop().time()
+        with pytest.raises(Unavailable, match="stall-timeout"):
+            await collect(engine, text_request("p", max_tokens=8))
+        return asyncio.get_running_loop().time() - start
+
+    assert asyncio.run(scenario()) < 3.0
