@@ -28,6 +28,14 @@ CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.keepalive_time_ms", 30_000),
 ]
+# For a client of another service: reconnect quickly after the service restarts (gRPC's
+# default backoff grows to 120 s, during which fail-fast calls keep failing though it is back).
+CLIENT_CHANNEL_OPTIONS = [
+    *CHANNEL_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
 
 
 def _status(err: PagedServeError) -> grpc.StatusCode:

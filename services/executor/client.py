@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from pagedserve.common.grpc_utils import CHANNEL_OPTIONS, error_from_rpc
+from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.step import (
     ExecutorInfo,
     StepInput,
@@ -26,7 +26,7 @@ class GrpcExecutorClient:
     def __init__(self, address: str, *, timeout: float | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
 
     async def info(self) -> ExecutorInfo:

@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.common.errors import Unavailable
-from pagedserve.common.grpc_utils import CHANNEL_OPTIONS, error_from_rpc
+from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.datatypes import (
     ChoiceTokens,
@@ -32,14 +32,7 @@ from pagedserve.gateway.datatypes import (
 from pagedserve.gateway.detokenize import DetokenizeStream
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
-# Reconnect quickly after a downstream restart: gRPC's default backoff grows to 120 s, during
-# which fail-fast calls keep failing even though the service is back.
-DOWNSTREAM_CHANNEL_OPTIONS = [
-    *CHANNEL_OPTIONS,
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
+DOWNSTREAM_CHANNEL_OPTIONS = CLIENT_CHANNEL_OPTIONS
 
 
 def _raise_if_down(channel: grpc.aio.Channel, service: str) -> None:

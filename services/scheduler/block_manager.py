@@ -16,6 +16,8 @@ first and change nothing when the blocks are not there (None: backpressure is a 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,22 @@ class PoolSnapshot:
     hash_map: dict[str, HashEntry] = field(default_factory=dict)
     tables: dict[str, list[int]] = field(default_factory=dict)
     tick: int = 0  # the LRU clock
+
+    def digest(self) -> str:
+        """A short digest of the accounting (not the LRU clock), equal for equal pools."""
+        body = json.dumps(
+            [
+                self.num_blocks,
+                self.block_size,
+                self.free_list,
+                sorted(self.ref.items()),
+                self.lru,
+                sorted((h, list(e)) for h, e in self.hash_map.items()),
+                sorted(self.tables.items()),
+            ],
+            separators=(",", ":"),
+        )
+        return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()
 
     def differences(self, other: PoolSnapshot) -> list[str]:
         """What differs from `other`, one line per part (empty when equal)."""

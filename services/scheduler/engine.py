@@ -173,6 +173,13 @@ class SchedulerEngine:
         """Whether requests can make progress: the pool is ours, the executor and replica answer."""
         return not self.replicator.fenced and self.executor_down_since is None and self.replicator.available
 
+    def blocks_digest(self) -> str:
+        """The digest of this scheduler's block accounting once the replica has all of it;
+        "" while a write is pending or in flight."""
+        if len(self.scheduler.blocks.log) or not self.replicator.idle:
+            return ""
+        return self.scheduler.blocks.snapshot().digest()
+
     # --- the loop ----------------------------------------------------------------------
 
     def start(self) -> None:
@@ -196,7 +203,7 @@ class SchedulerEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
-        self.replicator.ship(self.scheduler)
+        await self.replicator.ship(self.scheduler)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.replicator.close(), timeout)
 
@@ -237,7 +244,7 @@ class SchedulerEngine:
         """One step; returns whether the executor ran one."""
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
-        self.replicator.ship(self.scheduler)
+        await self.replicator.ship(self.scheduler)
         self.control_seconds = time.perf_counter() - t0
         if scheduled.step_input is None:
             return False

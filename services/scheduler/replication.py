@@ -48,8 +48,12 @@ class Replicator:
 
     # --- the step's write ------------------------------------------------------------------
 
-    def ship(self, scheduler: Scheduler) -> None:
-        """Send what changed since the last call (or everything, when the replica is stale)."""
+    async def ship(self, scheduler: Scheduler) -> None:
+        """Send what changed since the last call (or everything, when the replica is stale).
+        Returns once the write is under way; waits first for the previous one to land (at
+        most one in flight, so writes land in order)."""
+        if self._inflight is not None and not self._inflight.done():
+            await self._inflight
         if self.fenced:
             scheduler.blocks.take_log()
             return
@@ -71,12 +75,9 @@ class Replicator:
             job = (self._apply, ops, scheduler.blocks.counts())
         else:
             return
-        previous = self._inflight
-        self._inflight = asyncio.ensure_future(self._run(previous, job))
+        self._inflight = asyncio.ensure_future(self._run(job))
 
-    async def _run(self, previous: asyncio.Future | None, job: tuple) -> None:
-        if previous is not None:
-            await previous
+    async def _run(self, job: tuple) -> None:
         fn, *args = job
         if self.stale and fn == self._apply:
             return  # an earlier write failed: the next whole write covers this one
@@ -110,6 +111,11 @@ class Replicator:
         self.replica.seed(snap, states, epoch, self.model)
         self.num_full_writes += 1
         log.info("replica rewritten whole: %d blocks, %d sequence states", snap.num_blocks, len(states))
+
+    @property
+    def idle(self) -> bool:
+        """No write in flight, and the replica is not waiting for a whole one."""
+        return not self.stale and (self._inflight is None or self._inflight.done())
 
     async def flush(self) -> None:
         """Wait until every write shipped so far has landed (or failed)."""

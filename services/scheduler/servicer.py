@@ -117,4 +117,5 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             serving=engine.serving,
             resumed_total=stats.num_resumed,
             pool_id=self.pool_id,
+            blocks_digest=engine.blocks_digest() if request.with_digest else "",
         )

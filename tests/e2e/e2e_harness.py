@@ -61,14 +61,20 @@ class Stack:
     log_dir: Path
     num_kv_blocks: int = NUM_KV_BLOCKS
     max_queued_requests: int = 1024
+    standby: bool = False  # a second scheduler for the same pool, waiting for its lease
+    stall_timeout: float = 30.0  # the scheduler's and the gateway's --stall-timeout
+    lease_ttl: float = 3.0
     host: str = "127.0.0.1"
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        ports = {name: free_port() for name in ("executor", "tokenizer", "scheduler", "grpc", "http")}
+        names = ("executor", "tokenizer", "scheduler", "standby", "grpc", "http")
+        ports = {name: free_port() for name in names}
         self.executor_address = f"{self.host}:{ports['executor']}"
         self.tokenizer_address = f"{self.host}:{ports['tokenizer']}"
         self.scheduler_address = f"{self.host}:{ports['scheduler']}"
+        self.standby_address = f"{self.host}:{ports['standby']}"
+        self.scheduler_addresses = [self.scheduler_address] + ([self.standby_address] if self.standby else [])
         self.grpc_address = f"{self.host}:{ports['grpc']}"
         self.http_url = f"http://{self.host}:{ports['http']}"
         self.pool_id = f"e2e-{ports['executor']}"
@@ -80,11 +86,7 @@ class Stack:
                 "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
             ],
             "tokenizer": ["--host", self.host, "--port", str(ports["tokenizer"]), *model],
-            "scheduler": [
-                "--host", self.host, "--port", str(ports["scheduler"]),
-                "--executor", self.executor_address, "--redis-url", self.redis_url,
-                "--pool-id", self.pool_id,
-            ],
+            "scheduler": self.scheduler_flags(ports["scheduler"]),
             "gateway": self.gateway_flags(ports["grpc"], ports["http"], self.max_queued_requests),
         }  # fmt: skip
         addresses = {
@@ -93,14 +95,27 @@ class Stack:
             "scheduler": self.scheduler_address,
             "gateway": self.grpc_address,
         }
+        if self.standby:
+            commands["standby"] = self.scheduler_flags(ports["standby"])
+            addresses["standby"] = self.standby_address
         for name, flags in commands.items():
-            self.services[name] = Service(name, [*PAGEDSERVE, name, *flags], addresses[name])
+            kind = "scheduler" if name == "standby" else name
+            self.services[name] = Service(name, [*PAGEDSERVE, kind, *flags], addresses[name])
+
+    def scheduler_flags(self, port: int) -> list[str]:
+        return [
+            "--host", self.host, "--port", str(port),
+            "--executor", self.executor_address, "--redis-url", self.redis_url,
+            "--pool-id", self.pool_id, "--stall-timeout", str(self.stall_timeout),
+            "--lease-ttl", str(self.lease_ttl),
+        ]  # fmt: skip
 
     def gateway_flags(self, grpc_port: int, http_port: int, max_queued_requests: int) -> list[str]:
         return [
             "--host", self.host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
-            "--tokenizer", self.tokenizer_address, "--scheduler", self.scheduler_address,
+            "--tokenizer", self.tokenizer_address, "--scheduler", ",".join(self.scheduler_addresses),
             "--model", self.model, "--max-queued-requests", str(max_queued_requests),
+            "--stall-timeout", str(self.stall_timeout),
         ]  # fmt: skip
 
     # -- life cycle --------------------------------------------------------------------
@@ -113,6 +128,9 @@ class Stack:
                     self._spawn(name)
                 for name in tier:
                     self.wait_serving(name)
+            if self.standby:
+                self._spawn("standby")
+                self.wait_listening("standby")
         except BaseException:
             self.stop()
             raise
@@ -135,6 +153,25 @@ class Stack:
                 pytest.fail(f"{name} did not report SERVING within {timeout}s:\n{self.log_tail(name)}")
             time.sleep(0.1)
 
+    def wait_listening(self, name: str, timeout: float = STARTUP_TIMEOUT_S) -> None:
+        """Until the service answers its health check at all (a standby reports NOT_SERVING)."""
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        service = self.services[name]
+        deadline = time.monotonic() + timeout
+        while True:
+            with grpc.insecure_channel(service.address) as channel:
+                try:
+                    health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1.0)
+                    return
+                except grpc.RpcError:
+                    pass
+            if service.child is not None and service.child.poll() is not None:
+                pytest.fail(f"{name} exited during start-up:\n{self.log_tail(name)}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"{name} did not answer within {timeout}s:\n{self.log_tail(name)}")
+            time.sleep(0.1)
+
     def log_tail(self, name: str, lines: int = 40) -> str:
         path = self.log_dir / f"{name}.log"
         if not path.exists():
@@ -149,9 +186,10 @@ class Stack:
         child.proc.wait(timeout=10)
         child.close()
 
-    def restart(self, name: str) -> None:
+    def restart(self, name: str, *, wait: bool = True) -> None:
         self._spawn(name)
-        self.wait_serving(name)
+        if wait:
+            self.wait_serving(name)
 
     def stop(self) -> None:
         """Stop every service (gateway first) and check that no process of any group survives."""
@@ -195,10 +233,18 @@ class Stack:
     # -- observation -------------------------------------------------------------------
 
     def stats(self, timeout: float = 5.0) -> scheduler_pb2.StatsResponse:
-        with grpc.insecure_channel(self.scheduler_address) as channel:
-            return scheduler_pb2_grpc.SchedulerStub(channel).Stats(
-                scheduler_pb2.StatsRequest(), timeout=timeout
-            )
+        """Stats of the scheduler that holds the pool (a standby answers UNAVAILABLE)."""
+        error: grpc.RpcError | None = None
+        for address in self.scheduler_addresses:
+            with grpc.insecure_channel(address) as channel:
+                try:
+                    return scheduler_pb2_grpc.SchedulerStub(channel).Stats(
+                        scheduler_pb2.StatsRequest(), timeout=timeout
+                    )
+                except grpc.RpcError as err:
+                    error = err
+        assert error is not None
+        raise error
 
     def wait_idle(self, timeout: float = IDLE_TIMEOUT_S) -> scheduler_pb2.StatsResponse:
         """Stats once nothing runs, waits or holds a block; fails with the last Stats otherwise."""
@@ -222,10 +268,38 @@ class Stack:
         finally:
             client.close()
 
+    def redis_digest(self) -> str:
+        import redis
+
+        from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            return RedisBlockPool(client, self.pool_id).snapshot().digest()
+        finally:
+            client.close()
+
     def assert_clean(self) -> None:
+        """Idle, fsck clean, and Redis equal to the scheduler's own view of the pool."""
         self.wait_idle()
         problems = self.fsck()
         assert not problems, "fsck:\n" + "\n".join(problems)
+        deadline = time.monotonic() + IDLE_TIMEOUT_S
+        while True:
+            mine = self.stats_with_digest().blocks_digest
+            if mine and mine == self.redis_digest():
+                return
+            assert time.monotonic() < deadline, f"Redis differs from the scheduler's view ({mine!r})"
+            time.sleep(0.05)
+
+    def stats_with_digest(self) -> scheduler_pb2.StatsResponse:
+        for address in self.scheduler_addresses:
+            with grpc.insecure_channel(address) as channel:
+                with contextlib.suppress(grpc.RpcError):
+                    return scheduler_pb2_grpc.SchedulerStub(channel).Stats(
+                        scheduler_pb2.StatsRequest(with_digest=True), timeout=5.0
+                    )
+        pytest.fail("no scheduler answers Stats")
 
 
 LIVE_STACKS: list[Stack] = []

@@ -1,9 +1,11 @@
 """Cancellation, back-pressure and dead services, with real processes.
 
 A client that goes away frees its blocks within 2 s; a full gateway queue answers
-RESOURCE_EXHAUSTED / 429 at once without disturbing running requests; a killed tokenizer or
-scheduler makes the gateway answer UNAVAILABLE naming it, quickly, while /health stays 200,
-and the gateway recovers when the service comes back.
+RESOURCE_EXHAUSTED / 429 at once without disturbing running requests; a killed tokenizer makes
+the gateway answer UNAVAILABLE naming it, quickly, while /health stays 200. A scheduler or
+executor that stays away fails in-flight streams within the stall timeout (never a silent
+freeze) and /ready says 503 meanwhile; new requests are refused at once; everything recovers
+when the service comes back. (A scheduler that comes back resumes the streams: test_takeover.py.)
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pagedserve.common import errors
 
 FREED_WITHIN_S = 2.0
 QUICK_S = 2.0
+STALL_S = 4.0  # the fault stack's --stall-timeout (scheduler and gateway)
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}  # about 2 s of decoding alone
 
 
@@ -107,22 +110,24 @@ def test_full_queue_is_refused_at_once_and_running_requests_finish(stack: Stack)
 def fault_stack(bundled_model_path: str, fresh_redis_url, tmp_path_factory: pytest.TempPathFactory):
     """A stack of its own, since these tests kill its services."""
     logs = tmp_path_factory.mktemp("fault-stack-logs")
-    with running_stack(bundled_model_path, fresh_redis_url(), logs, num_kv_blocks=64) as s:
+    with running_stack(
+        bundled_model_path, fresh_redis_url(), logs, num_kv_blocks=64, stall_timeout=STALL_S
+    ) as s:
         yield s
 
 
-def _assert_unavailable_quickly(stack: Stack, service: str) -> None:
+def _assert_unavailable_quickly(stack: Stack, service: str, within: float = QUICK_S) -> None:
     with Client(stack.grpc_address, timeout=30) as client:
         start = time.monotonic()
         with pytest.raises(errors.Unavailable) as info:
             client.generate("def ", max_tokens=4)
-        assert time.monotonic() - start < QUICK_S
+        assert time.monotonic() - start < within
         assert service in info.value.message
     start = time.monotonic()
     reply = httpx.post(
         f"{stack.http_url}/v1/completions", json={"prompt": [1, 5, 6], "max_tokens": 4}, timeout=30
     )
-    assert time.monotonic() - start < QUICK_S
+    assert time.monotonic() - start < within
     assert reply.status_code == 503 and service in reply.json()["error"]["message"]
     assert httpx.get(f"{stack.http_url}/health", timeout=5).status_code == 200
     ready = httpx.get(f"{stack.http_url}/ready", timeout=5)
@@ -163,9 +168,33 @@ def test_killed_scheduler(fault_stack: Stack) -> None:
         with pytest.raises(errors.Unavailable) as info:
             for _ in stream:
                 pass
-        assert time.monotonic() - start < QUICK_S and "scheduler" in info.value.message
-    _assert_unavailable_quickly(fault_stack, "scheduler")
+        assert time.monotonic() - start < STALL_S + 3 and "scheduler" in info.value.message
+        assert "stall-timeout" in info.value.message
+    # A new request waits for a scheduler to come back, for the stall timeout at most.
+    _assert_unavailable_quickly(fault_stack, "scheduler", within=STALL_S + 3)
     fault_stack.restart("scheduler")
+    _assert_recovers(fault_stack)
+
+
+def test_killed_executor_fails_streams_within_the_stall_timeout(fault_stack: Stack) -> None:
+    with httpx.Client(base_url=fault_stack.http_url, timeout=60) as http:
+        with Client(fault_stack.grpc_address, timeout=60) as client:
+            stream = client.stream("def ", **LONG)
+            next(stream)
+            fault_stack.kill("executor")
+            start = time.monotonic()
+            with pytest.raises(errors.Unavailable) as info:
+                for _ in stream:
+                    pass
+            assert time.monotonic() - start < 2 * STALL_S + 3, "a silent freeze"
+            assert "executor" in info.value.message
+        ready = http.get("/ready")
+        assert ready.status_code == 503 and ready.json()["scheduler"] is False
+        start = time.monotonic()
+        reply = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
+        assert reply.status_code == 503 and "executor" in reply.json()["error"]["message"]
+        assert time.monotonic() - start < STALL_S + 3
+    fault_stack.restart("executor")
     _assert_recovers(fault_stack)
 
 

@@ -65,13 +65,13 @@ def test_random_workloads_finish_exactly(requests, num_blocks, budget, max_num_s
                 engine.abort(rid)
             await engine.step()
             steps += 1
-            engine.replicator.ship(sched)  # what update() logged, written now instead of next step
+            await engine.replicator.ship(sched)  # what update() logged, written now instead of next step
             await engine.replicator.flush()
             assert pool.check() == [] and sched.blocks.check() == []
             assert sched.blocks.snapshot().differences(pool.snapshot()) == []
             assert steps < 2000, "no progress"
         outs = [await asyncio.wait_for(drain(s), 1) for s in streams]
-        engine.replicator.ship(sched)
+        await engine.replicator.ship(sched)
         await engine.replicator.flush()
         return engine, specs, outs
 

@@ -151,8 +151,7 @@ def test_a_slow_client_does_not_stall_the_loop(redis_url):
             while (msg := await slow.read()) is not grpc.aio.EOF:
                 rest.append(msg)
             tokens = [t for m in [first, *rest] for c in m.choices for t in c.token_ids]
-            assert tokens == reference([5, 6], 30, VOCAB)
-            assert len(rest) < 29  # what piled up came in fewer, bigger messages
+            assert tokens == reference([5, 6], 30, VOCAB)  # nothing the slow client missed
         finally:
             await channel.close()
             await running.stop()
