@@ -36,6 +36,7 @@ class CompletionMixin:
         eos, max_len = self.limits.eos_token_ids, self.limits.max_model_len
         forked: dict[int, list[Sequence]] = {}
         bs = self.block_size
+        unpublished = self.unpublished
         for seq, num_tokens in step.seqs:
             if seq.status != RUNNING:
                 continue
@@ -55,22 +56,14 @@ class CompletionMixin:
                     log.warning("executor sampled nothing for %s at the end of its tokens", seq.seq_id)
                 ops.update(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, ())
                 continue
-            request = seq.request
             token_id = token.token_id
             seq.output_token_ids.append(token_id)
-            request.completion_tokens += 1
-            done = seq.check_stop(token_id, eos, max_len)
-            request.stream.push(
-                seq.index,
-                [token_id],
-                [token.logprobs] if token.logprobs is not None else None,
-                seq.finish_reason,
-                token_id if seq.finish_reason == FinishReason.STOP else -1,
-            )
-            if done:
+            seq.request.completion_tokens += 1
+            if seq.check_stop(token_id, eos, max_len):
+                self._push(seq, token_id, token.logprobs)
                 self._finish(seq, token_id)
-            else:
-                ops.update_token(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, token_id)
+            else:  # to the client and the replica by publish(), while the next step runs
+                unpublished.append((seq, token_id, token.logprobs, seq.num_computed_tokens))
         self.stats.generated_tokens += len(output.sampled)
         running: list[Sequence] = []
         live = slots = 0
@@ -85,6 +78,27 @@ class CompletionMixin:
         self.running = running
         self.stats.num_steps += 1
         self.stats.kv_utilization = live / (slots * bs) if slots else 0.0
+
+    def publish(self: Scheduler) -> None:
+        """Hand the last update's tokens to their streams and log their progress for the
+        replica. The engine calls it once the next step is on its way to the executor, so it
+        is off the step's critical path; a finishing token is pushed at once (with its finish)."""
+        if not self.unpublished:
+            return
+        items, self.unpublished = self.unpublished, []
+        ops = self.blocks.log
+        for seq, token_id, logprobs, num_computed in items:
+            seq.request.stream.push(seq.index, [token_id], None if logprobs is None else [logprobs])
+            if seq.status == RUNNING:
+                ops.update_token(seq.seq_id, RUNNING_FIELD, num_computed, token_id)
+            elif seq.status == SequenceStatus.WAITING:  # preempted meanwhile: the token is kept
+                ops.update(seq.seq_id, "1", 0, (token_id,))
+
+    def _push(self: Scheduler, seq: Sequence, token_id: int, logprobs) -> None:
+        stop_id = token_id if seq.finish_reason == FinishReason.STOP else -1
+        seq.request.stream.push(
+            seq.index, [token_id], None if logprobs is None else [logprobs], seq.finish_reason, stop_id
+        )
 
     def _fork_choices(self: Scheduler, parent: Sequence) -> list[Sequence]:
         """The prompt sequence is done: n choices share its blocks from here on."""
@@ -124,6 +138,7 @@ class CompletionMixin:
         request.stream.finish(Usage(len(request.prompt_token_ids), request.completion_tokens, cached))
 
     def _abort_now(self: Scheduler, request_id: str) -> None:
+        self.publish()  # tokens made before the abort go out before it
         request = self.requests.get(request_id)
         if request is None:
             request = self.detached.pop(request_id, None)

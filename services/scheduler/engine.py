@@ -203,6 +203,7 @@ class SchedulerEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
+        self.scheduler.publish()
         await self.replicator.ship(self.scheduler)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.replicator.close(), timeout)
@@ -247,9 +248,13 @@ class SchedulerEngine:
         await self.replicator.ship(self.scheduler)
         self.control_seconds = time.perf_counter() - t0
         if scheduled.step_input is None:
+            self.scheduler.publish()
             return False
+        call = asyncio.ensure_future(self.executor.execute_step(scheduled.step_input))
+        await asyncio.sleep(0)  # the call is on its way ...
+        self.scheduler.publish()  # ... while the last step's tokens go to their streams
         try:
-            output = await self.executor.execute_step(scheduled.step_input)
+            output = await call
         except FailedPrecondition as err:
             log.warning("executor epoch changed: %s", err.message)
             await self._recover()

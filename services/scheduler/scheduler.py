@@ -71,6 +71,9 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         self.num_queued = 0  # requests not started yet
         self.stats = SchedulerStats()
         self.forget_ids: list[str] = []  # the executor drops these at the next step
+        # (seq, token, logprobs, num_computed_tokens) taken by update() and not yet handed to
+        # the streams and the replica log (see completion.publish)
+        self.unpublished: list[tuple] = []
         self.needs_full_write = False  # the replica must get the whole state, not a log
         self._aborts: list[str] = []
         self._arrivals = itertools.count()
@@ -124,7 +127,14 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         return True
 
     def has_work(self) -> bool:
-        return bool(self.running or self.waiting or self._aborts or len(self.blocks.log) or self.forget_ids)
+        return bool(
+            self.running
+            or self.waiting
+            or self._aborts
+            or len(self.blocks.log)
+            or self.forget_ids
+            or self.unpublished
+        )
 
     # --- planning ----------------------------------------------------------------------
 
