@@ -187,6 +187,7 @@ class SchedulerEngine:
             self._stopping = False
             self._wake = asyncio.Event()
             self._started_at = time.monotonic()
+            self.replicator.wake = self._wake.set
             self.replicator.start_renewing()
             self._task = asyncio.create_task(self.run(), name="scheduler-step-loop")
 
@@ -219,11 +220,12 @@ class SchedulerEngine:
                 await self._probe_executor()
                 continue
             if not self.scheduler.has_work():
+                if self.replicator.stale and not self.replicator.fenced:
+                    await self.replicator.ship(self.scheduler)  # a whole write, when it is due
                 self._wake.clear()
+                timeout = 1.0 if self.scheduler.detached or self.replicator.stale else None
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._wake.wait(), timeout=1.0 if self.scheduler.detached else None
-                    )
+                    await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                 continue
             try:
                 ran = await self.step()

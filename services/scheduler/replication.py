@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pagedserve.common.errors import Fenced
@@ -45,6 +46,7 @@ class Replicator:
         self._last_seed_try = 0.0
         self._inflight: asyncio.Future | None = None
         self._renewer: asyncio.Task | None = None
+        self.wake: Callable[[], object] = lambda: None  # the engine's: a whole write is due
 
     # --- the step's write ------------------------------------------------------------------
 
@@ -53,6 +55,12 @@ class Replicator:
         Returns once the write is under way; waits first for the previous one to land (at
         most one in flight, so writes land in order)."""
         if self._inflight is not None and not self._inflight.done():
+            if not self.available:
+                # The replica is not answering: never let a hung write hold the step loop.
+                # This log is dropped; a whole write covers it once the replica is back.
+                self.stale = True
+                scheduler.blocks.take_log()
+                return
             await self._inflight
         if self.fenced:
             scheduler.blocks.take_log()
@@ -140,6 +148,7 @@ class Replicator:
                     # replica), or another scheduler holds it now (stop).
                     if await asyncio.to_thread(self._reacquire):
                         self.stale = True
+                        self.wake()
                 self.available = True
             except Fenced as err:
                 self.fenced = err.message

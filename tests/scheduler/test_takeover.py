@@ -179,3 +179,54 @@ def test_reattach_to_a_request_redis_never_heard_of(redis_client) -> None:
     out = asyncio.run(go())
     assert out.tokens[0] == want[5:]
     assert out.usage.completion_tokens == 8
+
+
+def test_redis_lost_and_back_empty_is_rewritten_from_the_schedulers_view() -> None:
+    """Redis dies mid-run (a local server of its own, killed) and comes back empty on the same
+    port: the scheduler keeps serving from its own view (streams finish, identical), reports
+    not serving meanwhile, takes its lease again with a higher token and rewrites the pool."""
+    from pagedserve.common.redis_harness import RedisServer
+
+    server = RedisServer(prefer_docker=False).start()
+    port = server.port
+    client = redis.Redis.from_url(server.url, socket_timeout=2.0, socket_connect_timeout=1.0)
+    fake = FakeExecutor(48, 4, VOCAB)
+    fake.step_delay = 0.01
+    prompts = {f"r{i}": [7 + i, 8, 9, 10, 11 + i] for i in range(4)}
+    p = SamplingParams(max_tokens=150, temperature=0, ignore_eos=True)
+
+    async def go() -> tuple[list[Collected], SchedulerEngine, bool]:
+        engine = await leased_engine(client, "lost", fake, ttl=0.6)
+        token_before = engine.replicator.lease.token
+        streams = [engine.submit(rid, prompt, p) for rid, prompt in prompts.items()]
+        engine.start()
+        await asyncio.sleep(0.2)
+        server.stop()  # Redis is gone (and its data with it)
+        saw_down = False
+        for _ in range(40):
+            await asyncio.sleep(0.02)
+            saw_down = saw_down or not engine.serving
+        restarted = RedisServer(prefer_docker=False, port=port).start()
+        try:
+            assert not all(s.finished for s in streams), "the requests outlive the outage"
+            outs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 60)
+            for _ in range(200):  # the lease is taken again and the pool rewritten
+                if engine.replicator.lease.token > token_before and engine.replicator.idle and engine.serving:
+                    break
+                await asyncio.sleep(0.05)
+            await settle(engine)
+            assert engine.replicator.lease.token > token_before
+            assert engine.replicator.num_full_writes >= 1
+            assert_pool_clean(engine)
+        finally:
+            restarted.stop()
+        return outs, engine, saw_down
+
+    try:
+        outs, engine, saw_down = asyncio.run(go())
+    finally:
+        client.close()
+        server.stop()
+    for out, prompt in zip(outs, prompts.values(), strict=True):
+        assert out.tokens[0] == reference(prompt, 150, VOCAB)
+    assert saw_down, "not serving while Redis was gone"
