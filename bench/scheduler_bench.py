@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
 
         steps = 50 if args.quick else 200
         print(
-            f"## Control-plane time per decode step (schedule + Redis + update; executor excluded; {steps} steps)\n"
+            "## Control-plane time on the step's critical path "
+            f"(schedule + update; the Redis write runs beside the executor; {steps} steps)\n"
         )
         print(
             "| batch | p50 ms | p90 ms | Python CPU ms / step | Redis script ms / step | round trips / step |"
