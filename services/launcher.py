@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
 import signal
 import socket
 import sys
@@ -35,6 +34,7 @@ from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.models import default_model
 from pagedserve.common.process import ChildProcess, signal_name, stop_all, write_line
 from pagedserve.common.redis_harness import RedisServer, RedisUnavailable
+from pagedserve.common.sizes import parse_byte_size
 
 READY = "pagedserve up: ready"
 # How a service is run: the same interpreter, so the same environment, as the launcher.
@@ -370,19 +370,6 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def parse_bytes(text: str) -> int:
-    """'4294967296', '4g' or '4GiB' (binary), '4GB' (decimal) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
-    if match is None or (match[3] and not match[2]):
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 4294967296, 4GiB, 512MB)")
-    number, prefix, binary, b = match.groups()
-    base = 1000 if prefix and b and not binary else 1024
-    value = int(float(number) * base ** " kmgt".index(prefix or " "))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text!r}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = LauncherConfig.__dataclass_fields__
     parser.add_argument(
@@ -423,7 +410,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-kv-blocks", type=_positive_int, default=None, metavar="N", help="blocks in the KV pool"
     )
     pool.add_argument(
-        "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES", help="KV pool size, e.g. 2GiB"
+        "--kv-cache-memory",
+        type=parse_byte_size,
+        default=None,
+        metavar="BYTES",
+        help="KV pool size, e.g. 2GiB (4g = 4GiB; 4GB = 4 x 10^9)",
     )
     kv.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")

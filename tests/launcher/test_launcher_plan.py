@@ -14,7 +14,6 @@ from pagedserve.launcher import (
     PAGEDSERVE,
     LauncherConfig,
     module_available,
-    parse_bytes,
     plan,
     ports_in_use,
 )
@@ -175,14 +174,6 @@ def test_command_is_accepted_by_the_services_own_parser(service):
             LauncherConfig(model="m", kv_cache_memory=1 << 30), "redis://r", available=lambda n: True
         )
         build_parser(service).parse_args(list(specs[0].command[len(PAGEDSERVE) :]))
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("4096", 4096), ("4k", 4096), ("4KiB", 4096), ("4kb", 4000), ("1.5g", 3 << 29), ("2GB", 2 * 10**9)],
-)
-def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
 
 
 def test_ports_in_use_sees_a_listener_only():
