@@ -59,6 +59,16 @@ def test_flags_reach_the_config():
     assert config.connect_host == "127.0.0.1"
 
 
+def test_restart_flags_reach_the_config():
+    defaults = LauncherConfig.from_args(parse_up())
+    assert (defaults.restart, defaults.max_restarts, defaults.restart_window) == (True, 5, 60.0)
+    assert defaults.restart_policy.backoff == 0.5 and defaults.restart_policy.max_backoff == 10.0
+    config = LauncherConfig.from_args(
+        parse_up("--no-restart", "--max-restarts", "0", "--restart-window", "5")
+    )
+    assert (config.restart, config.max_restarts, config.restart_window) == (False, 0, 5.0)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -66,6 +76,7 @@ def test_flags_reach_the_config():
         ["--num-kv-blocks", "0"],
         ["--kv-cache-memory", "lots"],
         ["--attention-backend", "cuda"],
+        ["--max-restarts", "-1"],
     ],
 )
 def test_bad_flags_are_refused(argv):
@@ -78,6 +89,10 @@ def test_config_refuses_contradictions():
         LauncherConfig(model="m", num_kv_blocks=8, kv_cache_memory=1 << 30)
     with pytest.raises(ValueError, match="ports must differ"):
         LauncherConfig(model="m", tokenizer_port=50053)
+    with pytest.raises(ValueError, match="--restart-window"):
+        LauncherConfig(model="m", restart_window=0)
+    with pytest.raises(ValueError, match="restart backoff"):
+        LauncherConfig(model="m", restart_backoff=20.0)
 
 
 def test_plan_orders_and_wires_every_service():
