@@ -172,7 +172,6 @@ def test_a_child_that_keeps_dying_stops_everything_past_the_restart_limit():
     err = run.err.getvalue()
     # Two restarts, the second after twice the first's backoff; the third death is one too many.
     assert "executor exited with code 5 while serving; restarting it in 0.1s (restart 1 of at most 2" in err
-    assert "executor exited with code 5 before serving again" not in err
     assert "restarting it in 0.2s (restart 2 of at most 2" in err, run.output()
     assert run.out.getvalue().count("restarted executor (pid") == 2
     assert (
