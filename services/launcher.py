@@ -6,13 +6,28 @@ scheduler). A tier must report SERVING on the standard gRPC health service befor
 one starts. A service whose module is not there is skipped, and so is every service that
 needs it; the launcher says which, so `up` works with whatever part of the stack exists.
 
-A child that exits, during start-up or later, stops the rest: the launcher prints its
-name, how it exited and the last lines of its stderr, and exits 1. SIGINT, SIGTERM or
-SIGHUP stop every child — SIGTERM to its process group, SIGKILL after `--stop-timeout` —
-gateway first, Redis last; a second Ctrl-C skips the wait.
+Redis is a child like the others (a local `redis-server` on a free port, started first and
+stopped last) unless `--redis-url` names one; with no `redis-server` installed, the Redis of
+`redis_harness` (Docker) is used, and that one is not supervised.
+
+A child that exits during start-up fails the start-up: the launcher prints its name, how it
+exited and the last lines of its stderr, stops the rest and exits 1. Once the stack is
+ready, a child that exits is reported the same way and started again with the same
+command — Redis on the same port, empty — after a backoff (`RestartPolicy`: 0.5 s doubling
+to 10 s); past `--max-restarts` restarts of one child within `--restart-window` seconds, or
+with `--no-restart`, the launcher stops everything and exits 1 instead. The old process is
+reaped, and its process group gone, before the new one starts. The scheduler notices a new
+executor by its epoch, and the services reconnect to whatever they lost.
+
+SIGINT, SIGTERM or SIGHUP stop every child — SIGTERM to its process group, SIGKILL after
+`--stop-timeout` — gateway first, Redis last; a second Ctrl-C skips the wait. Children are
+started with PR_SET_PDEATHSIG (Linux), so that a launcher that is SIGKILLed leaves no child
+running: the kernel sends each one SIGTERM. Every child is started on the thread that runs
+`serve` (the main thread in `pagedserve up`), since that signal follows the starting thread.
 
 Exit status: 0 when stopped by a signal once ready; 1 when a service failed or was not
-SERVING in time; 128 + the signal when stopped during start-up; 2 for bad flags.
+SERVING in time, or died more often than allowed; 128 + the signal when stopped during
+start-up; 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -20,10 +35,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import re
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, fields
@@ -33,13 +49,28 @@ from typing import NamedTuple, TextIO
 from pagedserve.cli import SUBCOMMANDS
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.models import default_model
-from pagedserve.common.process import ChildProcess, signal_name, stop_all, write_line
-from pagedserve.common.redis_harness import RedisServer, RedisUnavailable
+from pagedserve.common.process import (
+    ChildProcess,
+    RestartHistory,
+    RestartPolicy,
+    signal_name,
+    stop_all,
+    write_line,
+)
+from pagedserve.common.redis_harness import (
+    RedisServer,
+    RedisUnavailable,
+    ensure_redis_server_binary,
+    free_port,
+)
+from pagedserve.common.sizes import parse_byte_size
 
 READY = "pagedserve up: ready"
 # How a service is run: the same interpreter, so the same environment, as the launcher.
 PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+WATCH_INTERVAL = 0.25  # seconds between looks at the children once the stack is ready
+REAP_TIMEOUT = 5.0  # seconds a dead child's process group gets to be gone before a restart
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +97,11 @@ class LauncherConfig:
     startup_timeout: float = 300.0  # seconds for the whole stack to report SERVING
     stop_timeout: float = 10.0  # seconds each tier gets between SIGTERM and SIGKILL
     log_dir: str | None = None  # None: children's output goes to the terminal, prefixed
+    restart: bool = True  # False (--no-restart): a child that dies once ready stops everything
+    max_restarts: int = 5  # restarts of one child within restart_window before giving up
+    restart_window: float = 60.0  # seconds
+    restart_backoff: float = 0.5  # seconds before the first restart; doubles with each one
+    restart_backoff_max: float = 10.0  # seconds
 
     def __post_init__(self) -> None:
         if self.num_kv_blocks is not None and self.kv_cache_memory is not None:
@@ -75,10 +111,21 @@ class LauncherConfig:
             raise ValueError(f"the five ports must differ, got {ports}")
         if self.startup_timeout <= 0 or self.stop_timeout < 0:
             raise ValueError("--startup-timeout must be > 0 and --stop-timeout >= 0")
+        if self.max_restarts < 0 or self.restart_window <= 0:
+            raise ValueError("--max-restarts must be >= 0 and --restart-window > 0")
+        if not 0 <= self.restart_backoff <= self.restart_backoff_max:
+            raise ValueError("the restart backoff must be >= 0 and at most its maximum")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+        """The config from parsed flags; a field with no flag keeps its default."""
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+    @property
+    def restart_policy(self) -> RestartPolicy:
+        return RestartPolicy(
+            self.max_restarts, self.restart_window, self.restart_backoff, self.restart_backoff_max
+        )
 
     @property
     def connect_host(self) -> str:
@@ -93,6 +140,7 @@ class ServiceSpec(NamedTuple):
     ports: tuple[int, ...]  # every port it binds, checked free before anything starts
     needs: tuple[str, ...]  # services that must be SERVING first
     tier: int  # start order: every service of tier n is SERVING before tier n + 1 starts
+    probe: str = "grpc"  # how it says it is ready: "grpc" (health service SERVING) or "redis" (PING)
 
 
 class Plan(NamedTuple):
@@ -160,6 +208,37 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
     return Plan(specs, skipped)
 
 
+def redis_spec(binary: str, port: int, data_dir: str) -> ServiceSpec:
+    """A throwaway `redis-server` on 127.0.0.1:`port`, started before (tier -1) and stopped
+    after every service. Nothing is saved, so a restarted one is empty. It logs to stderr,
+    so that its last lines are there to report if it dies."""
+    command = (binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", data_dir, "--save", "",
+               "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
+               "--loglevel", "warning", "--logfile", "/dev/stderr")  # fmt: skip
+    return ServiceSpec("redis", command, f"127.0.0.1:{port}", (port,), (), -1, "redis")
+
+
+def redis_ping(address: str, timeout: float = 1.0) -> bool:
+    """True when the Redis at host:port answers PING."""
+    import redis
+
+    host, port = address.rsplit(":", 1)
+    client = redis.Redis(host=host, port=int(port), socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        return bool(client.ping())
+    except redis.exceptions.RedisError:
+        return False
+    finally:
+        client.close()
+
+
+def is_ready(spec: ServiceSpec, timeout: float = 1.0) -> bool:
+    """True when `spec`'s process answers its readiness probe."""
+    if spec.probe == "redis":
+        return redis_ping(spec.health_address, timeout)
+    return health_check(spec.health_address, timeout=timeout)
+
+
 def ports_in_use(host: str, ports: list[int]) -> list[int]:
     """The ports among `ports` that something already listens on at `host`.
 
@@ -191,6 +270,11 @@ class Launcher:
         self.err = err or sys.stderr
         self.children: dict[str, tuple[ServiceSpec, ChildProcess]] = {}
         self.stop_signal = 0
+        # Supervision, once ready: each child's restarts, when each dead one starts again,
+        # and the restarted ones that have not answered their probe yet.
+        self._restarts: dict[str, RestartHistory] = {}
+        self._restart_due: dict[str, float] = {}
+        self._not_ready_again: set[str] = set()
         self._stop = threading.Event()
         self._hurry = threading.Event()
         self._launched = time.monotonic()
@@ -208,24 +292,38 @@ class Launcher:
 
     def run(self) -> int:
         """Start Redis (unless a URL was given) and the planned services; wait; stop all."""
-        redis = None
         redis_url = self.config.redis_url
-        if redis_url is None:
-            self.say("starting Redis")
-            try:
-                redis = RedisServer().start()
-            except RedisUnavailable as exc:
-                self.say(f"cannot start Redis: {exc}", error=True)
-                return 1
-            redis_url = redis.url
-        try:
+        if redis_url is not None:
             specs, skipped = plan(self.config, redis_url)
-            redis_note = f"({redis.kind})" if redis is not None else "(given with --redis-url)"
-            return self.serve(specs, skipped, extra_endpoints=[("redis", f"{redis_url} {redis_note}")])
+            return self.serve(
+                specs, skipped, extra_endpoints=[("redis", f"{redis_url} (given with --redis-url)")]
+            )
+        try:
+            binary = ensure_redis_server_binary()
+        except RedisUnavailable:
+            return self._run_with_harness_redis()
+        data_dir = tempfile.mkdtemp(prefix="pagedserve-redis-")
+        try:
+            redis = redis_spec(binary, free_port(), data_dir)
+            specs, skipped = plan(self.config, f"redis://{redis.health_address}/0")
+            return self.serve([redis, *specs], skipped)
         finally:
-            if redis is not None:
-                self.say("stopping Redis")
-                redis.stop()
+            shutil.rmtree(data_dir, ignore_errors=True)
+
+    def _run_with_harness_redis(self) -> int:
+        """No `redis-server` here: Redis in Docker, if a daemon answers; not supervised."""
+        self.say("no redis-server installed: starting Redis with Docker (not restarted if it dies)")
+        try:
+            redis = RedisServer().start()
+        except RedisUnavailable as exc:
+            self.say(f"cannot start Redis: {exc}", error=True)
+            return 1
+        try:
+            specs, skipped = plan(self.config, redis.url)
+            return self.serve(specs, skipped, extra_endpoints=[("redis", f"{redis.url} ({redis.kind})")])
+        finally:
+            self.say("stopping Redis")
+            redis.stop()
 
     def serve(
         self,
@@ -271,7 +369,7 @@ class Launcher:
                 return 128 + self.stop_signal
             if self._report_exited(during="during start-up"):
                 return 1
-            for spec in [s for s in pending if health_check(s.health_address, timeout=1.0)]:
+            for spec in [s for s in pending if is_ready(s)]:
                 pid = self.children[spec.name][1].pid
                 self.say(f"{spec.name} is serving at {spec.health_address} (pid {pid})")
                 pending.remove(spec)
@@ -288,7 +386,7 @@ class Launcher:
                 return 1
             self._stop.wait(0.25)
 
-    def _spawn(self, spec: ServiceSpec) -> None:
+    def _spawn(self, spec: ServiceSpec, *, again: bool = False) -> None:
         log_path = Path(self.config.log_dir) / f"{spec.name}.log" if self.config.log_dir else None
         width = max(len(name) for name in ("executor", "tokenizer", "scheduler", "gateway"))
         child = ChildProcess(
@@ -299,10 +397,11 @@ class Launcher:
             prefix=f"{spec.name:<{width}} | ",
             out=self.out,
             err=self.err,
+            parent_death_signal=signal.SIGTERM,
         ).start()
         self.children[spec.name] = (spec, child)
         where = f", log {log_path}" if log_path else ""
-        self.say(f"started {spec.name} (pid {child.pid}{where})")
+        self.say(f"{'restarted' if again else 'started'} {spec.name} (pid {child.pid}{where})")
 
     def _report_exited(self, during: str) -> bool:
         """If a child has exited, say which, how, and its last stderr lines; True if one had."""
@@ -332,7 +431,8 @@ class Launcher:
             rows.append(("HTTP", f"http://{hostport(near, self.config.http_port)}"))
             rows.append(("gRPC", hostport(near, self.config.grpc_port)))
         for spec in specs:
-            rows.append((spec.name, f"{spec.health_address} (pid {self.children[spec.name][1].pid})"))
+            where = f"redis://{spec.health_address}/0" if spec.probe == "redis" else spec.health_address
+            rows.append((spec.name, f"{where} (pid {self.children[spec.name][1].pid})"))
         rows.extend(extra)
         for name, why in skipped.items():
             rows.append((name, f"skipped: {why}"))
@@ -343,10 +443,57 @@ class Launcher:
             write_line(self.out, f"    {label:<10} {value}")
 
     def _watch(self) -> int:
-        while not self._stop.wait(0.5):
-            if self._report_exited(during="while serving"):
-                return 1
+        """Until a stop request: restart children that die (or, with --no-restart, return 1
+        at the first death), each after its backoff; report restarted ones serving again."""
+        while not self._stop.wait(WATCH_INTERVAL):
+            for name, (spec, child) in list(self.children.items()):
+                if name in self._restart_due:
+                    if time.monotonic() >= self._restart_due[name]:
+                        del self._restart_due[name]
+                        self._not_ready_again.add(name)
+                        self._spawn(spec, again=True)
+                elif (code := child.poll()) is not None:
+                    if not self._schedule_restart(name, child, code):
+                        return 1
+                elif name in self._not_ready_again and is_ready(spec):
+                    self._not_ready_again.discard(name)
+                    self.say(f"{name} is serving again at {spec.health_address} (pid {child.pid})")
         return 0
+
+    def _schedule_restart(self, name: str, child: ChildProcess, code: int) -> bool:
+        """Report a child's death and set when it starts again; False to give up instead."""
+        how = f"{name} {signal_name(code)}"
+        how += " before serving again" if name in self._not_ready_again else " while serving"
+        if not self.config.restart:
+            self.say(f"{how}; stopping the rest (--no-restart)", error=True)
+            self._print_tail(name)
+            return False
+        history = self._restarts.setdefault(name, RestartHistory(self.config.restart_policy))
+        now = time.monotonic()
+        delay = history.schedule(now)
+        if delay is None:
+            policy = history.policy
+            self.say(
+                f"{how}; it was restarted {policy.max_restarts} times within {policy.window:g}s "
+                f"(--max-restarts {policy.max_restarts}, --restart-window {policy.window:g}); "
+                "stopping everything",
+                error=True,
+            )
+            self._print_tail(name)
+            return False
+        self.say(
+            f"{how}; restarting it in {delay:g}s "
+            f"(restart {history.recent(now)} of at most {history.policy.max_restarts} "
+            f"within {history.policy.window:g}s)",
+            error=True,
+        )
+        self._print_tail(name)
+        # No double start: the old leader is reaped (poll), and what it started is gone too,
+        # before the new one may bind the same ports.
+        if not child.reap(REAP_TIMEOUT):
+            self.say(f"some process of {name}'s group is still there after {REAP_TIMEOUT:g}s", error=True)
+        self._restart_due[name] = now + delay
+        return True
 
     def _stop_children(self) -> None:
         if not self.children:
@@ -363,23 +510,17 @@ class Launcher:
             child.close()
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def parse_bytes(text: str) -> int:
-    """'4294967296', '4g' or '4GiB' (binary), '4GB' (decimal) -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*", text.lower())
-    if match is None or (match[3] and not match[2]):
-        raise argparse.ArgumentTypeError(f"not a size in bytes: {text!r} (e.g. 4294967296, 4GiB, 512MB)")
-    number, prefix, binary, b = match.groups()
-    base = 1000 if prefix and b and not binary else 1024
-    value = int(float(number) * base ** " kmgt".index(prefix or " "))
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be > 0 bytes, got {text!r}")
     return value
 
 
@@ -423,7 +564,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-kv-blocks", type=_positive_int, default=None, metavar="N", help="blocks in the KV pool"
     )
     pool.add_argument(
-        "--kv-cache-memory", type=parse_bytes, default=None, metavar="BYTES", help="KV pool size, e.g. 2GiB"
+        "--kv-cache-memory",
+        type=parse_byte_size,
+        default=None,
+        metavar="BYTES",
+        help="KV pool size, e.g. 2GiB (4g = 4GiB; 4GB = 4 x 10^9)",
     )
     kv.add_argument("--max-num-seqs", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
@@ -439,6 +584,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument(
         "--log-dir", default=None, metavar="DIR", help="write each service's output to DIR/<service>.log"
     )
+    supervise = parser.add_argument_group("restarting a service that dies once the stack is ready")
+    supervise.add_argument("--no-restart", dest="restart", action="store_false",
+                           help="stop everything (exit 1) when a service dies, instead of restarting it")  # fmt: skip
+    supervise.add_argument("--max-restarts", type=_non_negative_int, default=d["max_restarts"].default, metavar="N",
+                           help="restarts of one service within --restart-window before stopping everything "
+                                "(default: %(default)s)")  # fmt: skip
+    supervise.add_argument("--restart-window", type=float, default=d["restart_window"].default, metavar="SECONDS",
+                           help="the window --max-restarts counts in (default: %(default)s)")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import re
 
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
+from pagedserve.common.sizes import parse_byte_size
 from pagedserve.executor.config import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_GPU_MEMORY_UTILIZATION,
@@ -23,15 +23,8 @@ from pagedserve.v1 import executor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "ki": 2**10, "mi": 2**20, "gi": 2**30}
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '512MiB', '4GB', '2g' -> bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?)?b?\s*", text.lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"not a byte count: {text!r} (e.g. 1073741824, 512MiB, 4GB)")
-    return int(float(match.group(1)) * _UNITS[match.group(2) or ""])
+# The name the executor's tests call it by; the parser itself is shared with `pagedserve up`.
+parse_bytes = parse_byte_size
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--num-kv-blocks", type=int, default=None, help="blocks in the KV pool")
     size.add_argument(
-        "--kv-cache-memory", type=parse_bytes, default=None, help="bytes for the KV pool (e.g. 2GiB)"
+        "--kv-cache-memory",
+        type=parse_byte_size,
+        default=None,
+        help="bytes for the KV pool (e.g. 2GiB; 4g = 4GiB, 4GB = 4 x 10^9)",
     )
     parser.add_argument(
         "--gpu-memory-utilization",

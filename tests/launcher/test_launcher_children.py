@@ -1,6 +1,7 @@
 """The launcher's process handling, driven in-process with stand-in services
-(tests/launcher/fake_service.py): start order, failure reports, timeouts, and stopping
-with nothing left behind — grandchildren and SIGTERM-deaf processes included."""
+(tests/launcher/fake_service.py): start order, failure reports, timeouts, restarts and
+their limit, and stopping with nothing left behind — grandchildren and SIGTERM-deaf
+processes included."""
 
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ class Run:
         return self.out.getvalue() + self.err.getvalue()
 
     def wait_for(self, text: str, timeout: float = 60.0) -> None:
+        """Until `text` is in the launcher's output (stdout or stderr)."""
         deadline = time.monotonic() + timeout
-        while text not in self.out.getvalue():
+        while text not in self.output():
             assert self.thread.is_alive(), f"launcher returned {self.code} before {text!r}:\n{self.output()}"
             assert time.monotonic() < deadline, f"no {text!r} within {timeout}s:\n{self.output()}"
             time.sleep(0.05)
@@ -121,16 +123,77 @@ def test_stop_during_startup_exits_128_plus_the_signal():
     assert not [pid for pid in run.pids() if alive(pid)]
 
 
-def test_child_dying_while_serving_stops_the_rest():
+def test_child_dying_while_serving_stops_the_rest_with_no_restart():
     steady = fake("tokenizer")
     flaky = fake("executor", "--exit-after", "1.5")
-    run = Run([steady, flaky])
+    run = Run([steady, flaky], restart=False)
     run.wait_for(READY)
     assert run.join() == 1
     err = run.err.getvalue()
-    assert "executor exited with code 5 while serving" in err, run.output()
+    assert "executor exited with code 5 while serving; stopping the rest (--no-restart)" in err, run.output()
     assert "fake giving up after 1.5s" in err
+    assert "restarted" not in run.output()
     assert not [pid for pid in run.pids() if alive(pid)]
+
+
+def test_child_killed_while_serving_is_restarted_once_its_group_is_gone():
+    steady = fake("tokenizer")
+    victim = fake("executor", "--grandchild")
+    run = Run([steady, victim])
+    run.wait_for(READY)
+    old = run.launcher.children["executor"][1].pid
+    grandchild = int(re.search(r"grandchild pid (\d+)", run.output())[1])
+    os.kill(old, signal.SIGKILL)
+
+    run.wait_for("restarted executor (pid ")
+    # The old group (its SIGTERM-deaf grandchild too) is gone before the new one starts.
+    assert not alive(grandchild), run.output()
+    new = int(re.search(r"restarted executor \(pid (\d+)\)", run.output())[1])
+    assert new != old and not alive(old) and alive(new)
+    run.wait_for(f"executor is serving again at {victim.health_address} (pid {new})")
+    assert health_check(victim.health_address)
+    err = run.err.getvalue()
+    assert (
+        "executor was killed by SIGKILL while serving; restarting it in 0.5s (restart 1 of at most 5" in err
+    )
+
+    pids = run.pids()
+    run.launcher.request_stop()
+    assert run.join() == 0
+    assert not [pid for pid in pids if alive(pid)], run.output()
+
+
+def test_a_child_that_keeps_dying_stops_everything_past_the_restart_limit():
+    steady = fake("tokenizer")
+    flaky = fake("executor", "--exit-after", "1.0")
+    started = time.monotonic()
+    run = Run([steady, flaky], max_restarts=2, restart_backoff=0.1)
+    assert run.join() == 1
+    err = run.err.getvalue()
+    # Two restarts, the second after twice the first's backoff; the third death is one too many.
+    assert "executor exited with code 5 while serving; restarting it in 0.1s (restart 1 of at most 2" in err
+    assert "restarting it in 0.2s (restart 2 of at most 2" in err, run.output()
+    assert run.out.getvalue().count("restarted executor (pid") == 2
+    assert (
+        "it was restarted 2 times within 60s (--max-restarts 2, --restart-window 60); stopping everything"
+        in err
+    )
+    assert "fake giving up after 1.0s" in err
+    assert time.monotonic() - started < 30
+    assert not [pid for pid in run.pids() if alive(pid)]
+
+
+def test_stop_request_during_a_restart_backoff_is_prompt():
+    run = Run([fake("executor")], restart_backoff=30.0, restart_backoff_max=30.0)
+    run.wait_for(READY)
+    (pid,) = run.pids()
+    os.kill(pid, signal.SIGKILL)
+    run.wait_for("restarting it in 30s")
+    started = time.monotonic()
+    run.launcher.request_stop()
+    assert run.join() == 0
+    assert time.monotonic() - started < 3, run.output()
+    assert "restarted executor" not in run.output()
 
 
 def test_sigterm_deaf_child_is_killed_after_the_stop_timeout():

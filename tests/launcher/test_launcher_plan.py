@@ -14,7 +14,6 @@ from pagedserve.launcher import (
     PAGEDSERVE,
     LauncherConfig,
     module_available,
-    parse_bytes,
     plan,
     ports_in_use,
 )
@@ -60,6 +59,16 @@ def test_flags_reach_the_config():
     assert config.connect_host == "127.0.0.1"
 
 
+def test_restart_flags_reach_the_config():
+    defaults = LauncherConfig.from_args(parse_up())
+    assert (defaults.restart, defaults.max_restarts, defaults.restart_window) == (True, 5, 60.0)
+    assert defaults.restart_policy.backoff == 0.5 and defaults.restart_policy.max_backoff == 10.0
+    config = LauncherConfig.from_args(
+        parse_up("--no-restart", "--max-restarts", "0", "--restart-window", "5")
+    )
+    assert (config.restart, config.max_restarts, config.restart_window) == (False, 0, 5.0)
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -67,6 +76,7 @@ def test_flags_reach_the_config():
         ["--num-kv-blocks", "0"],
         ["--kv-cache-memory", "lots"],
         ["--attention-backend", "cuda"],
+        ["--max-restarts", "-1"],
     ],
 )
 def test_bad_flags_are_refused(argv):
@@ -79,6 +89,10 @@ def test_config_refuses_contradictions():
         LauncherConfig(model="m", num_kv_blocks=8, kv_cache_memory=1 << 30)
     with pytest.raises(ValueError, match="ports must differ"):
         LauncherConfig(model="m", tokenizer_port=50053)
+    with pytest.raises(ValueError, match="--restart-window"):
+        LauncherConfig(model="m", restart_window=0)
+    with pytest.raises(ValueError, match="restart backoff"):
+        LauncherConfig(model="m", restart_backoff=20.0)
 
 
 def test_plan_orders_and_wires_every_service():
@@ -175,14 +189,6 @@ def test_command_is_accepted_by_the_services_own_parser(service):
             LauncherConfig(model="m", kv_cache_memory=1 << 30), "redis://r", available=lambda n: True
         )
         build_parser(service).parse_args(list(specs[0].command[len(PAGEDSERVE) :]))
-
-
-@pytest.mark.parametrize(
-    ("text", "value"),
-    [("4096", 4096), ("4k", 4096), ("4KiB", 4096), ("4kb", 4000), ("1.5g", 3 << 29), ("2GB", 2 * 10**9)],
-)
-def test_parse_bytes(text, value):
-    assert parse_bytes(text) == value
 
 
 def test_ports_in_use_sees_a_listener_only():
