@@ -102,7 +102,7 @@ class RequestRun:
         try:
             while not all(c.finished for c in self.choices):
                 try:
-                    update = await self._next(updates, deadline)
+                    update = await self._next(updates, deadline, quick=down_since is not None)
                 except StopAsyncIteration:
                     break
                 except Unavailable as err:
@@ -178,15 +178,20 @@ class RequestRun:
             self.request_id, self.prompt_ids, self.sampling, self.request.priority, progress
         )
 
-    async def _next(self, updates: AsyncIterator[SchedulerUpdate], deadline: float | None) -> SchedulerUpdate:
+    async def _next(
+        self, updates: AsyncIterator[SchedulerUpdate], deadline: float | None, quick: bool = False
+    ) -> SchedulerUpdate:
         """The next Submit message. While none comes, probe the scheduler every `stall_probe_interval`
-        seconds: a wait in its queue is normal, a scheduler that stopped answering is Unavailable.
-        Past `deadline` (--request-timeout) the request fails with RequestTimeout."""
+        seconds: a wait in its queue is normal, a scheduler that stopped answering is Unavailable
+        (`quick`: right after a re-attach, probe within a second). Past `deadline`
+        (--request-timeout) the request fails with RequestTimeout."""
         config = self.engine.config
+        interval = min(config.stall_probe_interval, 0.5) if quick else config.stall_probe_interval
+        probe_timeout = min(config.connect_timeout, 1.0) if quick else None
         pending = asyncio.ensure_future(anext(updates))
         try:
             while True:
-                wait = config.stall_probe_interval
+                wait = interval
                 if deadline is not None:
                     wait = min(wait, deadline - time.monotonic())
                 done, _ = await asyncio.wait({pending}, timeout=max(wait, 0.0))
@@ -196,7 +201,9 @@ class RequestRun:
                     raise RequestTimeout(
                         f"request {self.request_id} took longer than --request-timeout={config.request_timeout}s"
                     )
-                await self.engine.scheduler.stats()  # raises Unavailable when the scheduler is gone
+                await self.engine.scheduler.stats(
+                    timeout=probe_timeout
+                )  # Unavailable when the scheduler is gone
         finally:
             if not pending.done():
                 pending.cancel()
