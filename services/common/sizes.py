@@ -44,3 +44,8 @@ def parse_byte_size(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
     return value
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division: how many blocks of `b` hold `a` (tokens into blocks, bytes into pages)."""
+    return -(-a // b)

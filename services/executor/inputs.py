@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from pagedserve.executor.kv_pool import cdiv
+from pagedserve.common.sizes import cdiv
 
 
 class ScheduledSeq(NamedTuple):

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.common.sizes import cdiv
+
 log = logging.getLogger(__name__)
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def format_bytes(n: float) -> str:

@@ -20,6 +20,7 @@ import logging
 import torch
 from torch import nn
 
+from pagedserve.common.sizes import cdiv
 from pagedserve.executor.attention import (
     ATTN_IMPLEMENTATION,
     LAYER_ATTR,
@@ -30,7 +31,7 @@ from pagedserve.executor.attention import (
     register_attention,
 )
 from pagedserve.executor.inputs import ScheduledSeq, StepInputs, prepare_inputs
-from pagedserve.executor.kv_pool import KVCacheSpec, KVPool, cdiv
+from pagedserve.executor.kv_pool import KVCacheSpec, KVPool
 from pagedserve.kernels.backends import AttentionBackend, get_attention_backend
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.stats import SchedulerStats
 from pagedserve.gateway.datatypes import (
     ChoiceTokens,
     FinishReason,
@@ -104,29 +104,6 @@ class TokenizerClient:
     async def close(self) -> None:
         await self.detokenizer.close()
         await self.channel.close()
-
-
-@dataclass(slots=True)
-class SchedulerStats:
-    """`StatsResponse` as a dataclass (same field names)."""
-
-    blocks_total: int = 0
-    blocks_used: int = 0
-    blocks_cached: int = 0
-    blocks_free: int = 0
-    requests_running: int = 0
-    requests_waiting: int = 0
-    preemptions_total: int = 0
-    prefix_cache_hit_tokens: int = 0
-    prefix_cache_query_tokens: int = 0
-    generated_tokens_total: int = 0
-    steps_total: int = 0
-    block_size: int = 0
-    max_model_len: int = 0
-    model: str = ""
-    kv_utilization: float = 0.0
-    eos_token_ids: list[int] = field(default_factory=list)
-    vocab_size: int = 0
 
 
 class SubmitStream:
@@ -219,11 +196,7 @@ class SchedulerClient:
             reply = await self.stub.Stats(scheduler_pb2.StatsRequest(), timeout=timeout or self.timeout)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.service) from None
-        stats = SchedulerStats()
-        for name in SchedulerStats.__dataclass_fields__:
-            value = getattr(reply, name)
-            setattr(stats, name, list(value) if name == "eos_token_ids" else value)
-        return stats
+        return SchedulerStats.from_proto(reply)
 
     async def ready(self) -> bool:
         """Whether a scheduler reports SERVING (it holds its pool, and its executor and Redis

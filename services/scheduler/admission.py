@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.sizes import cdiv
 from pagedserve.scheduler.config import SchedulerLimits
 
 
@@ -38,7 +39,7 @@ def check_admissible(
             field="max_tokens",
         )
     bs = limits.block_size
-    per_sequence = -(-total // bs)
+    per_sequence = cdiv(total, bs)
     n = sampling.n
     shared = (len(prompt_token_ids) - 1) // bs if n > 1 else 0  # full blocks of the shared prompt
     needed = shared + n * (per_sequence - shared)

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from pagedserve.common.sizes import cdiv
 from pagedserve.scheduler.block_pool import (
     ADMIT,
     ALLOC,
@@ -166,7 +167,7 @@ class BlockManager:
             parent = block_hash
         bs = self.block_size
         covered = min(num_tokens, len(hits) * bs + num_new_tokens)
-        num_fresh = max(-(-covered // bs) - len(hits), 0)
+        num_fresh = max(cdiv(covered, bs) - len(hits), 0)
         if num_fresh + num_from_lru > self.num_available:
             return None
         for block in hits:

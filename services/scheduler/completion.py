@@ -14,9 +14,9 @@ import json
 import logging
 from typing import TYPE_CHECKING
 
+from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.step import StepOutput
 from pagedserve.scheduler.block_pool import status_field
-from pagedserve.scheduler.output import FinishReason, Usage
 from pagedserve.scheduler.request import PROMPT_INDEX, Sequence, SequenceStatus
 
 if TYPE_CHECKING:

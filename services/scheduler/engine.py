@@ -205,7 +205,7 @@ class SchedulerEngine:
                     await self._task
             self._task = None
         self.scheduler.publish()
-        await self.replicator.ship(self.scheduler)
+        await self.replicator.ship(self.scheduler, final=True)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.replicator.close(), timeout)
 

@@ -8,35 +8,10 @@ A slow client therefore gets fewer, bigger messages; it never stalls the loop.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from enum import IntEnum
+from dataclasses import dataclass
 
+from pagedserve.common.outputs import ChoiceTokens, FinishReason, Usage
 from pagedserve.common.step import TokenLogprobs
-
-
-class FinishReason(IntEnum):
-    """Values match `pagedserve.v1.FinishReason`."""
-
-    NONE = 0
-    STOP = 1  # EOS or a stop token id
-    LENGTH = 2  # max_tokens or max_model_len
-    ABORT = 3
-
-
-@dataclass(slots=True)
-class ChoiceDelta:
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: FinishReason = FinishReason.NONE
-    stop_token_id: int = -1
-
-
-@dataclass(frozen=True, slots=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int  # summed over every choice
-    cached_prompt_tokens: int
 
 
 @dataclass(slots=True)
@@ -44,7 +19,7 @@ class RequestDelta:
     """Everything new for one request since its last message."""
 
     request_id: str
-    choices: list[ChoiceDelta]
+    choices: list[ChoiceTokens]
     usage: Usage | None = None  # set on the last message
     cached_prompt_tokens: int | None = None  # set on the first message with tokens
 
@@ -60,7 +35,7 @@ class RequestStream:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._choices: dict[int, ChoiceDelta] = {}
+        self._choices: dict[int, ChoiceTokens] = {}
         self._usage: Usage | None = None
         self._cached: int | None = None
         self._cached_sent = False
@@ -80,7 +55,7 @@ class RequestStream:
             return
         delta = self._choices.get(index)
         if delta is None:
-            delta = self._choices[index] = ChoiceDelta(index)
+            delta = self._choices[index] = ChoiceTokens(index)
         delta.token_ids.extend(token_ids)
         if logprobs:
             delta.logprobs.extend(logprobs)

@@ -20,12 +20,13 @@ from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler.admission import check_admissible
 from pagedserve.scheduler.block_manager import PoolSnapshot
 from pagedserve.scheduler.block_pool import StoredRequest, _outputs_str
 from pagedserve.scheduler.hashing import token_str
-from pagedserve.scheduler.output import FinishReason, RequestStream
+from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.request import PROMPT_INDEX, Request, SequenceStatus
 
 if TYPE_CHECKING:
@@ -208,8 +209,6 @@ class RecoveryMixin:
 
     def _close(self: Scheduler, request: Request) -> None:
         """Every choice is done (all finished before the takeover): drop it and end the stream."""
-        from pagedserve.scheduler.output import Usage
-
         for seq in request.seqs:
             if seq.status == WAITING:
                 self.waiting.discard(seq)

@@ -50,10 +50,13 @@ class Replicator:
 
     # --- the step's write ------------------------------------------------------------------
 
-    async def ship(self, scheduler: Scheduler) -> None:
+    async def ship(self, scheduler: Scheduler, *, final: bool = False) -> None:
         """Send what changed since the last call (or everything, when the replica is stale).
         Returns once the write is under way; waits first for the previous one to land (at
-        most one in flight, so writes land in order)."""
+        most one in flight, so writes land in order). `final` (a stop): a whole write is
+        tried now, whenever the last one was."""
+        if final:
+            self._last_seed_try = 0.0
         if self._inflight is not None and not self._inflight.done():
             if not self.available:
                 # The replica is not answering: never let a hung write hold the step loop.

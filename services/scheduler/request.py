@@ -15,9 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
+from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher
-from pagedserve.scheduler.output import FinishReason, RequestStream
+from pagedserve.scheduler.output import RequestStream
 
 PROMPT_INDEX = -1  # choice index of the prompt sequence of an n > 1 request
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so distinct choice indices give distinct seeds

@@ -41,7 +41,9 @@ RUNNING = SequenceStatus.RUNNING
 
 
 @dataclass(slots=True)
-class SchedulerStats:
+class StepCounters:
+    """What the policy counts as it runs (reported through Stats)."""
+
     num_steps: int = 0
     num_preemptions: int = 0
     prefix_hit_tokens: int = 0
@@ -69,7 +71,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
         self.waiting = WaitQueue()
         self.num_queued = 0  # requests not started yet
-        self.stats = SchedulerStats()
+        self.stats = StepCounters()
         self.forget_ids: list[str] = []  # the executor drops these at the next step
         # (seq, token, logprobs, num_computed_tokens) taken by update() and not yet handed to
         # the streams and the replica log (see completion.publish)

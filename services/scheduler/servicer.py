@@ -13,6 +13,7 @@ import logging
 from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.stats import SchedulerStats
 from pagedserve.common.step import logprobs_to_proto
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.output import RequestDelta
@@ -96,7 +97,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
         engine = self._engine()
         sched = engine.scheduler
         stats, counts, limits = sched.stats, sched.blocks.counts(), sched.limits
-        return scheduler_pb2.StatsResponse(
+        return SchedulerStats(
             blocks_total=counts.num_total,
             blocks_used=counts.num_used,
             blocks_cached=counts.num_cached,
@@ -118,4 +119,4 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             resumed_total=stats.num_resumed,
             pool_id=self.pool_id,
             blocks_digest=engine.blocks_digest() if request.with_digest else "",
-        )
+        ).to_proto()

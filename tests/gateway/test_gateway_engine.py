@@ -15,6 +15,7 @@ import pytest
 
 from pagedserve.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.stats import SchedulerStats
 from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.datatypes import (
     ChatMessage,
@@ -30,7 +31,6 @@ from pagedserve.gateway.datatypes import (
     TopLogprob,
     Usage,
 )
-from pagedserve.gateway.downstream import SchedulerStats
 from pagedserve.gateway.engine import Engine
 
 EOS = 0

@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.scheduler.engine import SchedulerEngine
-from pagedserve.scheduler.output import FinishReason, RequestStream, Usage
+from pagedserve.scheduler.output import RequestStream
 
 
 @dataclass

@@ -13,10 +13,10 @@ import random
 import pytest
 
 from pagedserve.common.errors import InvalidArgument, ResourceExhausted
+from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler import hashing
 from pagedserve.scheduler.engine import SchedulerEngine
-from pagedserve.scheduler.output import FinishReason
 from pagedserve.scheduler.request import choice_seed
 
 from .conftest import make_pool

@@ -10,10 +10,10 @@ import asyncio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.memory_pool import InMemoryBlockPool
-from pagedserve.scheduler.output import FinishReason
 from pagedserve.scheduler.request import choice_seed
 
 from .fake_executor import FakeExecutor, reference

@@ -16,10 +16,10 @@ import pytest
 import redis
 
 from pagedserve.common.errors import Fenced, Unavailable
+from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.lease import Lease
-from pagedserve.scheduler.output import FinishReason
 from pagedserve.scheduler.recovery import ChoiceProgress
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 from pagedserve.scheduler.request import choice_seed

@@ -16,13 +16,13 @@ import torch
 from hf_reference import reference_greedy as hf_greedy
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import StepInput, StepOutput
 from pagedserve.executor.client import InProcessExecutorClient
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.scheduler.engine import SchedulerEngine
-from pagedserve.scheduler.output import FinishReason
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
 from .helpers import assert_pool_clean, drain, run_all, settle
