@@ -194,7 +194,15 @@ def test_killed_executor_fails_streams_within_the_stall_timeout(fault_stack: Sta
         reply = http.post("/v1/completions", json={"prompt": "x", "max_tokens": 4})
         assert reply.status_code == 503 and "executor" in reply.json()["error"]["message"]
         assert time.monotonic() - start < STALL_S + 3
+    # SIGTERM reaches a scheduler whose executor is gone: it exits within its stop timeout.
+    scheduler = fault_stack.services["scheduler"].child
+    start = time.monotonic()
+    scheduler.proc.send_signal(signal.SIGTERM)
+    assert scheduler.proc.wait(timeout=15) is not None
+    assert time.monotonic() - start < 10, "a scheduler with a dead executor did not stop in time"
+    scheduler.close()
     fault_stack.restart("executor")
+    fault_stack.restart("scheduler")
     _assert_recovers(fault_stack)
 
 
