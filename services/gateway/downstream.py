@@ -198,11 +198,11 @@ class SchedulerClient:
             raise error_from_rpc(err, self.service) from None
         return SchedulerStats.from_proto(reply)
 
-    async def ready(self) -> bool:
+    async def ready(self, timeout: float | None = None) -> bool:
         """Whether a scheduler reports SERVING (it holds its pool, and its executor and Redis
         answer); the first one that does becomes the active one."""
         for _ in range(len(self.addresses)):
-            if await _check_health(self.channel, self.timeout):
+            if await _check_health(self.channel, timeout or self.timeout):
                 return True
             if len(self.addresses) == 1:
                 return False

@@ -171,7 +171,7 @@ class RequestRun:
         gateway already has, so the stream resumes with no gap and no repeat."""
         scheduler = self.engine.scheduler
         await asyncio.sleep(min(0.1 * 2 ** min(int(down_for), 4), 1.0) if down_for else 0.05)
-        if getattr(scheduler, "failover", None) is not None and not await scheduler.ready():
+        if len(getattr(scheduler, "addresses", ())) > 1 and not await scheduler.ready(timeout=1.0):
             scheduler.failover()
         progress = [(c.index, c.token_ids, c.finished or c.finished_in_scheduler) for c in self.choices]
         return scheduler.submit(
