@@ -11,12 +11,22 @@ def error_body(err: PagedServeError) -> tuple[int, dict]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}} and its HTTP status."""
     kind = {
         400: "invalid_request_error",
+        401: "authentication_error",
         404: "not_found_error",
+        408: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable_error",
         504: "timeout_error",
     }.get(err.http_status, "internal_error")
-    code = "model_not_found" if err.http_status == 404 and err.field == "model" else err.code.lower()
+    code = {
+        401: "invalid_api_key",
+        404: "model_not_found" if err.field == "model" else "not_found",
+        408: "request_timeout",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+    }.get(err.http_status, err.code.lower())
     return err.http_status, {
         "error": {"message": err.message, "type": kind, "param": err.field, "code": code}
     }
@@ -82,7 +92,8 @@ def full_response(
             choice["logprobs"] = completion_logprobs_json(c.logprobs, 0) if want_logprobs else None
         if call.return_token_ids:
             choice["token_ids"] = c.token_ids
-            choice["prompt_token_ids"] = result.prompt_token_ids
+            prompt_index = c.index // call.request.sampling.n
+            choice["prompt_token_ids"] = result.prompt_token_ids_by_prompt.get(prompt_index, [])
         choices.append(choice)
     return {
         "id": response_id,
@@ -102,8 +113,8 @@ class ChunkFormatter:
         self.response_id = response_id
         self.created = created
         self.model = model
-        n = call.request.sampling.n
-        self.text_offsets = [0] * n  # completions logprobs: where each choice's next token starts
+        # completions logprobs: where each choice's next token starts
+        self.text_offsets = [0] * call.num_choices
         self.want_logprobs = call.request.sampling.logprobs is not None
 
     def _chunk(self, choices: list[dict]) -> dict:

@@ -142,7 +142,7 @@ class FakeScheduler:
 
 def make_engine(scheduler: FakeScheduler, **config) -> tuple[Engine, FakeTokenizer]:
     tokenizer = FakeTokenizer()
-    cfg = GatewayConfig(served_model_name="tiny-py", **config)
+    cfg = GatewayConfig(model="/models/tiny-py", served_model_names=("tiny-py",), **config)
     return Engine(cfg, tokenizer, scheduler), tokenizer
 
 
