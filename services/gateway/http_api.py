@@ -181,9 +181,10 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
-        error = PagedServeError(str(exc.detail))
-        error.http_status = exc.status_code
-        return error_response(error)
+        """Starlette's own answers (no such route, wrong method) in OpenAI's error shape."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return Response(json.dumps(body), status_code=exc.status_code, media_type="application/json")
 
     @app.exception_handler(Exception)
     async def internal_error(_request: Request, exc: Exception) -> Response:

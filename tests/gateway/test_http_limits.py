@@ -557,3 +557,13 @@ def test_developer_role_is_system_where_the_template_refuses_it(tokenizer, roles
                 assert_error(reply, 400, "role robot")
 
     run(scenario)
+
+
+def test_unknown_routes_and_methods_answer_json() -> None:
+    async def scenario() -> None:
+        async with serving(FakeScheduler(["ok"])) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            assert_error(await http.get("/v1/nope"), 404, "Not Found")
+            error = assert_error(await http.get("/v1/completions"), 405, "Method Not Allowed")
+            assert error["type"] == "invalid_request_error"
+
+    run(scenario)
