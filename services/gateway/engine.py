@@ -211,8 +211,10 @@ class Engine:
 
         if prompt.kind is PromptKind.TOKEN_IDS:
             prompt_ids = list(prompt.token_ids)
-            bad = next((t for t in prompt_ids if not 0 <= t < info.vocab_size), None)
-            if bad is not None:
+            if len(prompt_ids) >= max_len:  # before looking at each id
+                _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
+            if min(prompt_ids) < 0 or max(prompt_ids) >= info.vocab_size:
+                bad = next(t for t in prompt_ids if not 0 <= t < info.vocab_size)
                 raise InvalidArgument(
                     f"prompt token id {bad} is outside the vocabulary [0, {info.vocab_size})", field="prompt"
                 )
@@ -231,12 +233,7 @@ class Engine:
         if request.max_tokens_to_fill:
             sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
         sampling.validate(info.vocab_size)
-        if len(prompt_ids) + sampling.max_tokens > max_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = "
-                f"{len(prompt_ids) + sampling.max_tokens} tokens is more than max_model_len={max_len}",
-                field="max_tokens",
-            )
+        _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling
 
     async def _encode(self, prompt: Prompt) -> list[int]:
@@ -272,6 +269,15 @@ class Engine:
         """Wait for pending aborts (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+
+
+def _check_fits(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:
+    if num_prompt_tokens + max_tokens > max_len:
+        raise InvalidArgument(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{num_prompt_tokens + max_tokens} tokens is more than max_model_len={max_len}",
+            field="max_tokens",
+        )
 
 
 async def _aclose_quietly(outputs) -> None:

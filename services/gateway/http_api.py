@@ -112,14 +112,19 @@ class ApiKeyCheck:
 
 
 def json_depth_over(value: object, limit: int) -> bool:
-    """Whether arrays and objects in `value` nest deeper than `limit` (iterative: no recursion)."""
+    """Whether arrays and objects in parsed JSON nest deeper than `limit` (iterative: no
+    recursion). A list of scalars (a prompt's token ids) is passed over at C speed."""
+    if type(value) not in (dict, list):
+        return False
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
-        children = item.values() if isinstance(item, dict) else item
         if depth > limit:
             return True
-        stack.extend((c, depth + 1) for c in children if isinstance(c, dict | list))
+        children = item.values() if type(item) is dict else item
+        types = set(map(type, children))
+        if list in types or dict in types:
+            stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
     return False
 
 

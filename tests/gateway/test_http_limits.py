@@ -567,3 +567,17 @@ def test_unknown_routes_and_methods_answer_json() -> None:
             assert error["type"] == "invalid_request_error"
 
     run(scenario)
+
+
+def test_many_brackets_that_do_not_nest_deep_are_fine() -> None:
+    """A batch of 100 id lists has over 64 brackets but is 3 levels deep."""
+
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["ok"])
+        async with serving(scheduler) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/v1/completions", json={"prompt": [[1, 5, 6]] * 100, "max_tokens": 1})
+            assert reply.status_code == 200, reply.text
+            assert [c["index"] for c in reply.json()["choices"]] == list(range(100))
+        assert len(scheduler.submitted) == 100
+
+    run(scenario)
