@@ -363,3 +363,61 @@ def test_api_key(stack: Stack, tmp_path: Path) -> None:
             assert_error(http.get("/metrics"), 401, "missing API key")
             assert http.get("/metrics", headers={"authorization": "Bearer s3cret"}).status_code == 200
             assert http.get("/health").status_code == 200
+
+
+def test_normal_streams_keep_their_latency_while_one_client_asks_the_most(stack: Stack) -> None:
+    """64 concurrent normal streams, alone and while one client sends the largest asks the limits
+    allow (n=128 with 64 stop strings of 64 characters) and ones past them (n=2^40, a 100 MB
+    body). Prints the latency ratio; asserts only that every normal stream completed."""
+    import asyncio
+    import statistics
+
+    async def one(client: httpx.AsyncClient, i: int) -> float:
+        started = time.monotonic()
+        body = {"prompt": f"def f{i}(x):", "max_tokens": 16, "ignore_eos": True, "stream": True}
+        async with client.stream("POST", "/v1/completions", json=body) as reply:
+            assert reply.status_code == 200
+            text = (await reply.aread()).decode()
+        assert text.rstrip().endswith("data: [DONE]")
+        return time.monotonic() - started
+
+    async def wave() -> float:
+        async with httpx.AsyncClient(base_url=stack.http_url, timeout=120) as client:
+            return statistics.median(await asyncio.gather(*(one(client, i) for i in range(64))))
+
+    alone = asyncio.run(wave())
+    stop = threading.Event()
+    statuses: list[int] = []
+
+    def attacker() -> None:
+        largest = {
+            "prompt": "x",
+            "n": 128,
+            "max_tokens": 16,
+            "ignore_eos": True,
+            "stop": ["~" * 63 + "!"] * 64,
+        }
+        huge_head = (
+            b"POST /v1/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )
+        with httpx.Client(base_url=stack.http_url, timeout=120) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/v1/completions", json=largest).status_code)
+                statuses.append(client.post("/v1/completions", json={"prompt": "x", "n": 2**40}).status_code)
+                statuses.append(int(raw_exchange(stack.http_url, huge_head).split(b" ")[1]))
+
+    thread = threading.Thread(target=attacker)
+    thread.start()
+    try:
+        time.sleep(0.5)
+        loaded = asyncio.run(wave())
+    finally:
+        stop.set()
+        thread.join()
+    assert statuses and set(statuses[0::3]) == {200} and set(statuses[1::3]) == {400}
+    assert set(statuses[2::3]) == {413}
+    print(
+        f"\nmedian latency of 64 normal 16-token streams: {alone:.2f} s alone, {loaded:.2f} s beside the "
+        f"largest asks (ratio {loaded / alone:.2f})"
+    )
