@@ -48,6 +48,9 @@ class GatewayConfig:
     stall_probe_interval: float = (
         5.0  # seconds without a Submit message before checking the scheduler is alive
     )
+    # Seconds requests in flight may run on after SIGTERM before they end with an error; less
+    # than `pagedserve up`'s --stop-timeout (10 s), which then kills the gateway.
+    shutdown_timeout: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
     api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token
     protect_metrics: bool = False  # with api_key: /metrics needs the key too

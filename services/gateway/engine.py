@@ -19,11 +19,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pagedserve.common.errors import InvalidArgument, NotFound, PagedServeError, ResourceExhausted
+from pagedserve.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PagedServeError,
+    ResourceExhausted,
+    Unavailable,
+)
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.config import GatewayConfig, RequestLimits
 from pagedserve.gateway.datatypes import (
@@ -53,6 +60,10 @@ class Engine:
         self.scheduler = scheduler
         self.metrics = metrics
         self._in_flight: set[str] = set()
+        # The task now reading each request's output (by its first id), to end it on shutdown.
+        self._readers: dict[str, asyncio.Task] = {}
+        self.draining = False  # shutting down: new requests get Unavailable
+        self._aborting = False  # the drain timed out: requests still running end with Unavailable
         self._tokenizer_info: TokenizerInfo | None = None
         self._max_model_len = 0
         self._background: set[asyncio.Task] = set()
@@ -105,6 +116,8 @@ class Engine:
         """Several prompts with the same sampling as one request (a completions batch): every one
         is validated and tokenized before any is submitted; choice j of prompt i comes as choice
         i * n + j; usage is summed and comes on the last output. Closing the iterator aborts all."""
+        if self.draining:
+            raise Unavailable("the gateway is shutting down; send the request to another gateway")
         free = self.config.max_queued_requests - len(self._in_flight)
         if len(requests) > free:
             raise ResourceExhausted(
@@ -115,6 +128,8 @@ class Engine:
             if request_id in self._in_flight or request_ids.count(request_id) > 1:
                 raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
         self._in_flight.update(request_ids)
+        key = request_ids[0]
+        self._readers[key] = asyncio.current_task()
         try:
             prepared = await asyncio.gather(*(self.prepare(r) for r in requests))
             # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
@@ -126,13 +141,19 @@ class Engine:
                     requests, request_ids, prepared, strict=True
                 )
             ]
-            if len(runs) == 1:
-                async for output in runs[0]:
-                    yield output
-            else:
-                async for output in self._merged(runs, requests[0].sampling.n):
-                    yield output
+            outputs = runs[0] if len(runs) == 1 else self._merged(runs, requests[0].sampling.n)
+            async for output in outputs:
+                yield output
+                self._readers[key] = asyncio.current_task()  # the next read may come from another task
+        except asyncio.CancelledError:
+            if not self._aborting:
+                raise
+            asyncio.current_task().uncancel()  # cancelled by abort_in_flight: end with an error instead
+            raise Unavailable(
+                "the gateway shut down before the request finished (--shutdown-timeout)"
+            ) from None
         finally:
+            self._readers.pop(key, None)
             self._in_flight.difference_update(request_ids)
 
     async def _merged(self, runs: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
@@ -248,6 +269,26 @@ class Engine:
             ChatMessage("system" if m.role == "developer" else m.role, m.content) for m in prompt.messages
         ]
         return await self.tokenizer.encode(replace(prompt, messages=messages))
+
+    def start_drain(self) -> None:
+        """Shutting down: refuse new requests (Unavailable); those in flight run on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every request in flight to end; True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._in_flight
+
+    def abort_in_flight(self) -> int:
+        """End every request still running with Unavailable (its stream gets a final error
+        event); each is aborted in the scheduler as on any early end. Returns how many."""
+        self._aborting = True
+        readers = [task for task in self._readers.values() if not task.done()]
+        for task in readers:
+            task.cancel()
+        return len(readers)
 
     def spawn(self, coro) -> None:
         """Run cleanup that must finish even when the caller's task is being cancelled."""

@@ -202,6 +202,8 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        if engine.draining:
+            return JSONResponse({"draining": True}, status_code=503)
         tokenizer_ok, scheduler_ok = await asyncio.gather(engine.tokenizer.ready(), engine.scheduler.ready())
         body = {"tokenizer": tokenizer_ok, "scheduler": scheduler_ok}
         return JSONResponse(body, status_code=200 if tokenizer_ok and scheduler_ok else 503)

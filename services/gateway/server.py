@@ -69,6 +69,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds a request may take end to end (default: none)",
     )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds requests in flight may take to finish before they end with an "
+        "error (new ones get 503 / UNAVAILABLE meanwhile)",
+    )
     limits = parser.add_argument_group("request limits (checked before any work)")
     limits.add_argument(
         "--max-n",
@@ -121,6 +128,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         raise SystemExit("--max-json-depth must be >= 2 (a body is an object of lists)")
     if not args.read_timeout > 0:
         raise SystemExit("--read-timeout must be > 0")
+    if args.shutdown_timeout < 0:
+        raise SystemExit("--shutdown-timeout must be >= 0")
     names = tuple(dict.fromkeys(args.served_model_name or [model]))
     if any(not name.strip() for name in names):
         raise SystemExit("--served-model-name: names must not be empty")
@@ -135,6 +144,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         served_model_names=names,
         max_queued_requests=args.max_queued_requests,
         request_timeout=args.request_timeout if args.request_timeout and args.request_timeout > 0 else None,
+        shutdown_timeout=args.shutdown_timeout,
         limits=RequestLimits(
             max_n=args.max_n,
             max_stop_strings=args.max_stop_strings,
@@ -217,6 +227,20 @@ def http_server(engine: Engine, metrics: GatewayMetrics) -> _HttpServer:
     )
 
 
+async def drain(engine: Engine, grpc_server: GrpcServer) -> None:
+    """Shutdown, first part: refuse new requests (503 / UNAVAILABLE, /ready 503, gRPC health
+    NOT_SERVING), give those in flight --shutdown-timeout seconds, then end the rest with an
+    error (a final error event on a stream) so that no client waits on a closed socket."""
+    timeout = engine.config.shutdown_timeout
+    log.info("gateway draining: %d requests in flight, %gs to finish", engine.num_in_flight, timeout)
+    engine.start_drain()
+    await grpc_server.set_serving(False)
+    if not await engine.wait_idle(timeout):
+        aborted = engine.abort_in_flight()
+        log.info("gateway stopping: %d requests still running after %gs end with an error", aborted, timeout)
+        await engine.wait_idle(2.0)
+
+
 async def serve(config: GatewayConfig) -> None:
     tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
     scheduler = SchedulerClient(config.scheduler_address, config.connect_timeout)
@@ -239,8 +263,7 @@ async def serve(config: GatewayConfig) -> None:
     grpc_port = await grpc_server.start()
 
     async def stop() -> None:
-        log.info("gateway stopping")
-        await grpc_server.set_serving(False)
+        await drain(engine, grpc_server)
         http.should_exit = True
         await grpc_server.stop(grace=2.0)
         await asyncio.wait_for(http_task, timeout=5)

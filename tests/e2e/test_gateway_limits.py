@@ -421,3 +421,33 @@ def test_normal_streams_keep_their_latency_while_one_client_asks_the_most(stack:
         f"\nmedian latency of 64 normal 16-token streams: {alone:.2f} s alone, {loaded:.2f} s beside the "
         f"largest asks (ratio {loaded / alone:.2f})"
     )
+
+
+def test_sigterm_drains_then_ends_what_is_left_with_an_error(stack: Stack, tmp_path: Path) -> None:
+    import signal
+
+    with gateway(stack, tmp_path, "--shutdown-timeout", "1") as (grpc_address, url, child):
+        with httpx.Client(base_url=url, timeout=60) as http:
+            long = {"prompt": "def f():", "max_tokens": 370, "ignore_eos": True, "stream": True}
+            short = {"prompt": "def g():", "max_tokens": 4, "ignore_eos": True, "stream": True}
+            with http.stream("POST", "/v1/completions", json=long) as running:
+                assert running.status_code == 200
+                lines = running.iter_lines()
+                assert next(lines).startswith("data: {")
+                with http.stream("POST", "/v1/completions", json=short) as finishing:
+                    child.signal_group(signal.SIGTERM)
+                    time.sleep(0.3)
+                    refused = httpx.post(f"{url}/v1/completions", json={"prompt": "x"}, timeout=10)
+                    assert_error(refused, 503, "the gateway is shutting down")
+                    assert httpx.get(f"{url}/ready", timeout=10).status_code == 503
+                    assert finishing.read().rstrip().endswith(b"data: [DONE]")
+                rest = [line for line in lines if line]
+            error = json.loads(rest[-2].removeprefix("data: "))["error"]
+            assert (
+                error["message"] == "the gateway shut down before the request finished (--shutdown-timeout)"
+            )
+            assert rest[-1] == "data: [DONE]"
+        child.proc.wait(timeout=15)
+        assert child.proc.returncode == 0
+    log = (tmp_path / f"gateway-{grpc_address.rsplit(':', 1)[1]}.log").read_text()
+    assert "Traceback" not in log and "graceful shutdown exceeded" not in log, log[-3000:]
