@@ -60,10 +60,9 @@ class Engine:
         self.scheduler = scheduler
         self.metrics = metrics
         self._in_flight: set[str] = set()
-        # The task now reading each request's output (by its first id), to end it on shutdown.
-        self._readers: dict[str, asyncio.Task] = {}
         self.draining = False  # shutting down: new requests get Unavailable
-        self._aborting = False  # the drain timed out: requests still running end with Unavailable
+        # Requests (by their first id) cut short by `abort_in_flight`: they end with Unavailable.
+        self._cut: set[str] = set()
         self._tokenizer_info: TokenizerInfo | None = None
         self._max_model_len = 0
         self._background: set[asyncio.Task] = set()
@@ -129,7 +128,6 @@ class Engine:
                 raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
         self._in_flight.update(request_ids)
         key = request_ids[0]
-        self._readers[key] = asyncio.current_task()
         try:
             prepared = await asyncio.gather(*(self.prepare(r) for r in requests))
             # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
@@ -141,19 +139,14 @@ class Engine:
                     requests, request_ids, prepared, strict=True
                 )
             ]
-            outputs = runs[0] if len(runs) == 1 else self._merged(runs, requests[0].sampling.n)
-            async for output in outputs:
-                yield output
-                self._readers[key] = asyncio.current_task()  # the next read may come from another task
-        except asyncio.CancelledError:
-            if not self._aborting:
-                raise
-            asyncio.current_task().uncancel()  # cancelled by abort_in_flight: end with an error instead
-            raise Unavailable(
-                "the gateway shut down before the request finished (--shutdown-timeout)"
-            ) from None
+            if key not in self._cut:  # (cut while it was being tokenized: never submitted)
+                outputs = runs[0] if len(runs) == 1 else self._merged(runs, requests[0].sampling.n)
+                async for output in outputs:
+                    yield output
+            if key in self._cut:
+                raise Unavailable("the gateway shut down before the request finished (--shutdown-timeout)")
         finally:
-            self._readers.pop(key, None)
+            self._cut.discard(key)
             self._in_flight.difference_update(request_ids)
 
     async def _merged(self, runs: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
@@ -282,13 +275,14 @@ class Engine:
         return not self._in_flight
 
     def abort_in_flight(self) -> int:
-        """End every request still running with Unavailable (its stream gets a final error
-        event); each is aborted in the scheduler as on any early end. Returns how many."""
-        self._aborting = True
-        readers = [task for task in self._readers.values() if not task.done()]
-        for task in readers:
-            task.cancel()
-        return len(readers)
+        """Cut every request still running: each is aborted in the scheduler, which ends its
+        stream, and then ends with Unavailable (a stream gets a final error event). Returns
+        how many scheduler requests were aborted."""
+        cut = list(self._in_flight)
+        self._cut.update(cut)  # first ids are among them; others are never looked up
+        for request_id in cut:
+            self.spawn(self.abort_quietly(request_id))
+        return len(cut)
 
     def spawn(self, coro) -> None:
         """Run cleanup that must finish even when the caller's task is being cancelled."""

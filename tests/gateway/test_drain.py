@@ -58,7 +58,7 @@ def test_drain_refuses_new_requests_then_ends_the_rest_with_an_error() -> None:
             assert events[-2]["error"]["code"] == "unavailable" and events[-1] == "[DONE]"
             assert_error(await whole, 503, "the gateway shut down before the request finished")
             await asyncio.sleep(0.05)
-            assert sorted(scheduler.aborted) == sorted(r for r, _, _ in scheduler.submitted[:2])
+            assert set(scheduler.aborted) == {r for r, _, _ in scheduler.submitted[:2]}
             assert engine.num_in_flight == 0
 
     asyncio.run(scenario())

@@ -77,10 +77,13 @@ class FakeTokenizer:
 
 
 class FakeStream:
+    """Waits at `gate` after the first update; ends (as the scheduler's does) once aborted."""
+
     def __init__(self, updates: list[SchedulerUpdate], gate: asyncio.Event | None) -> None:
         self.updates = updates
         self.gate = gate
         self.cancelled = False
+        self.aborted = asyncio.Event()
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -88,7 +91,12 @@ class FakeStream:
     async def __aiter__(self):
         for i, update in enumerate(self.updates):
             if i > 0 and self.gate is not None:
-                await self.gate.wait()
+                waits = [asyncio.ensure_future(self.gate.wait()), asyncio.ensure_future(self.aborted.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
+            if self.aborted.is_set():
+                return
             yield update
 
 
@@ -134,6 +142,9 @@ class FakeScheduler:
 
     async def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
+        for (submitted_id, _, _), stream in zip(self.submitted, self.streams, strict=True):
+            if submitted_id == request_id:
+                stream.aborted.set()
         return True
 
     async def stats(self, timeout=None) -> SchedulerStats:
