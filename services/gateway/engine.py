@@ -35,6 +35,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.config import GatewayConfig, RequestLimits
 from pagedserve.gateway.datatypes import (
     ChatMessage,
+    DetokenizeItem,
     GenerationRequest,
     ModelInfo,
     Prompt,
@@ -262,6 +263,20 @@ class Engine:
             ChatMessage("system" if m.role == "developer" else m.role, m.content) for m in prompt.messages
         ]
         return await self.tokenizer.encode(replace(prompt, messages=messages))
+
+    async def prompt_text(self, request: GenerationRequest) -> str:
+        """A validated completions prompt as text (for echo): as given, or its ids decoded."""
+        if request.prompt.kind is PromptKind.TEXT:
+            return request.prompt.text
+        detokenizer = self.tokenizer.detokenizer
+        item = DetokenizeItem(
+            key=f"{request.request_id}/prompt",
+            token_ids=list(request.prompt.token_ids),
+            finish=True,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+        (text,) = await detokenizer.detokenize([item], detokenizer.begin())
+        return text
 
     def start_drain(self) -> None:
         """Shutting down: refuse new requests (Unavailable); those in flight run on."""

@@ -273,7 +273,8 @@ async def _serve(
     try:
         if call.stream:
             first = await _unless_disconnected(request, asyncio.ensure_future(anext(outputs)))
-            formatter = ChunkFormatter(call, response_id, created, model)
+            echo_texts = await _echo_texts(engine, call)
+            formatter = ChunkFormatter(call, response_id, created, model, echo_texts)
             return StreamingResponse(
                 _sse(engine, outputs, first, formatter),
                 media_type="text/event-stream",
@@ -282,7 +283,8 @@ async def _serve(
         result = await _unless_disconnected(
             request, asyncio.ensure_future(_collect(outputs, response_id, call))
         )
-        return JSONResponse(full_response(call, result, response_id, created, model))
+        echo_texts = await _echo_texts(engine, call)
+        return JSONResponse(full_response(call, result, response_id, created, model, echo_texts))
     except PagedServeError as err:
         return error_response(err)
     except ClientGone:
@@ -293,6 +295,13 @@ async def _serve(
     finally:
         if not call.stream:
             engine.close_later(outputs)
+
+
+async def _echo_texts(engine: Engine, call: ApiCall) -> list[str] | None:
+    """Each prompt's text when the call asked for echo (its prompts are validated by now)."""
+    if not call.echo:
+        return None
+    return list(await asyncio.gather(*(engine.prompt_text(r) for r in call.requests)))
 
 
 async def _collect(outputs: AsyncIterator[RequestOutput], request_id: str, call: ApiCall) -> CompletedRequest:

@@ -41,6 +41,7 @@ class ApiCall:
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
+    echo: bool = False  # completions: each choice's text starts with its prompt
 
     @property
     def request(self) -> GenerationRequest:
@@ -217,12 +218,17 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     (a batch: one request per prompt, each with n choices)."""
     limits = limits or RequestLimits()
     _common_checks(body)
-    _reject(body, "echo", lambda v: v is False, "echo")
     _reject(body, "suffix", lambda v: not v, "suffix")
     prompts = _completion_prompts(body, limits)
     logprobs = _int(body, "logprobs", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", field="logprobs")
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise InvalidArgument(
+            "echo with logprobs is not supported: the prompt's log-probabilities are not computed",
+            field="echo",
+        )
     sampling = _sampling(body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits)
     if len(prompts) * sampling.n > limits.max_n:
         raise InvalidArgument(
@@ -247,6 +253,7 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
         stream=stream,
         include_usage=_stream_options(body, stream),
         return_token_ids=_bool(body, "return_token_ids", False),
+        echo=echo,
     )
 
 

@@ -77,18 +77,24 @@ def completion_logprobs_json(logprobs: list[TokenLogprob], text_offset: int) -> 
 
 
 def full_response(
-    call: ApiCall, result: CompletedRequest, response_id: str, created: int, model: str
+    call: ApiCall,
+    result: CompletedRequest,
+    response_id: str,
+    created: int,
+    model: str,
+    echo_texts: list[str] | None = None,
 ) -> dict:
-    """The non-streaming body of either endpoint."""
+    """The non-streaming body of either endpoint; `echo_texts`: each prompt's text, for echo."""
     choices = []
     want_logprobs = call.request.sampling.logprobs is not None
+    n = call.request.sampling.n
     for c in result.choices:
         choice: dict = {"index": c.index, "finish_reason": c.finish_reason.openai_name}
         if call.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
             choice["logprobs"] = chat_logprobs_json(c.logprobs) if want_logprobs else None
         else:
-            choice["text"] = c.text
+            choice["text"] = (echo_texts[c.index // n] if echo_texts else "") + c.text
             choice["logprobs"] = completion_logprobs_json(c.logprobs, 0) if want_logprobs else None
         if call.return_token_ids:
             choice["token_ids"] = c.token_ids
@@ -108,11 +114,24 @@ def full_response(
 class ChunkFormatter:
     """Turns a request's outputs into OpenAI stream chunks (dicts; `sse.sse_event` writes them)."""
 
-    def __init__(self, call: ApiCall, response_id: str, created: int, model: str) -> None:
+    def __init__(
+        self,
+        call: ApiCall,
+        response_id: str,
+        created: int,
+        model: str,
+        echo_texts: list[str] | None = None,
+    ) -> None:
         self.call = call
         self.response_id = response_id
         self.created = created
         self.model = model
+        # echo: prompt i's text goes first in the first chunk of each of its choices
+        self.echo_pending = (
+            {i: echo_texts[i // call.request.sampling.n] for i in range(call.num_choices)}
+            if echo_texts
+            else {}
+        )
         # completions logprobs: where each choice's next token starts
         self.text_offsets = [0] * call.num_choices
         self.want_logprobs = call.request.sampling.logprobs is not None
@@ -151,6 +170,8 @@ class ChunkFormatter:
     def deltas(self, deltas: list[ChoiceDelta], prompt_token_ids: list[int] | None = None) -> list[dict]:
         choices = []
         for d in deltas:
+            if d.index in self.echo_pending:
+                d.text = self.echo_pending.pop(d.index) + d.text
             if (
                 not d.text
                 and d.finish_reason is FinishReason.NONE

@@ -3,7 +3,8 @@
 Both servers share one asyncio loop and one `Engine`, so they share the Detokenize stream,
 the in-flight count and the metrics. The gRPC health service reports SERVING only once the
 HTTP server is listening too; it is liveness only and does not follow the downstream services
-(`/ready` does).
+(`/ready` does). SIGTERM drains first (`drain`): new requests are refused while those in flight
+get --shutdown-timeout seconds to finish.
 """
 
 from __future__ import annotations

@@ -313,6 +313,27 @@ def test_a_list_of_prompts_with_the_openai_client(stack: Stack) -> None:
     assert streamed == {c.index: c.text for c in batch.choices}
 
 
+def test_echo_with_the_openai_client(stack: Stack) -> None:
+    client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
+    plain = client.completions.create(model=stack.model, prompt="def square(x):", max_tokens=6, temperature=0)
+    echoed = client.completions.create(
+        model=stack.model, prompt=["def square(x):", [1, 5, 6]], max_tokens=6, temperature=0, echo=True
+    )
+    assert echoed.choices[0].text == "def square(x):" + plain.choices[0].text
+    ids_text = echoed.choices[1].text
+    assert ids_text and echoed.usage.prompt_tokens == plain.usage.prompt_tokens + 3
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=stack.model, prompt="def square(x):", max_tokens=6, temperature=0, echo=True, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == echoed.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="echo with logprobs is not supported"):
+        client.completions.create(model=stack.model, prompt="x", echo=True, logprobs=1)
+
+
 def test_the_developer_role_is_taken_as_system(stack: Stack, http: httpx.Client) -> None:
     messages = [{"role": "developer", "content": "You write Python."}, *CHAT]
     body = {"messages": messages, "max_tokens": 8, "temperature": 0}

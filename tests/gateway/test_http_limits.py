@@ -581,3 +581,27 @@ def test_many_brackets_that_do_not_nest_deep_are_fine() -> None:
         assert len(scheduler.submitted) == 100
 
     run(scenario)
+
+
+def test_echo_puts_each_prompt_before_its_choices() -> None:
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["ab"])
+        async with serving(scheduler) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            body = {"prompt": ["p: ", [1, 0x41, 0x42]], "n": 2, "max_tokens": 2, "echo": True}
+            whole = (await http.post("/v1/completions", json=body)).json()
+            # The stand-in detokenizer drops BOS (1) and maps other ids to their code points.
+            assert [c["text"] for c in whole["choices"]] == ["p: ab", "p: ab", "ABab", "ABab"]
+            assert whole["usage"]["completion_tokens"] == 8
+
+            stream = await http.post("/v1/completions", json={**body, "stream": True})
+            events = [json.loads(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+            texts: dict[int, str] = {}
+            for event in events:
+                for c in event["choices"]:
+                    texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+            assert texts == {0: "p: ab", 1: "p: ab", 2: "ABab", 3: "ABab"}
+
+            reply = await http.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1})
+            assert_error(reply, 400, "echo with logprobs is not supported", "echo")
+
+    run(scenario)
