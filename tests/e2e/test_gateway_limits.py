@@ -147,6 +147,9 @@ def test_a_huge_n_is_refused_at_once_without_memory_or_blocks(stack: Stack, http
         reply = http.post("/v1/completions", json=body)
         assert time.monotonic() - started < 1.0
         assert_error(reply, 400, f"n must be <= 128 (the gateway's --max-n), got {body['n']}", "n")
+    # Within --max-n but more than the pool could ever hold: the scheduler's admission says so.
+    reply = http.post("/v1/completions", json={"prompt": "x", "n": 128, "max_tokens": 300})
+    assert_error(reply, 400, "for each of n=128 choices needs")  # (no param: it crossed gRPC)
     reply = http.post("/v1/completions", json={"prompt": "x", "stop": [f"stop{i}" for i in range(1000)]})
     assert_error(reply, 400, "stop has 1000 strings, more than the limit of 64", "stop")
     with Client(stack.grpc_address, timeout=10) as sdk, pytest.raises(errors.InvalidArgument) as info:
