@@ -32,7 +32,8 @@ seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens); only those given are
 gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
 field (an int32, an int64 seed, a finite float) or text that is not valid Unicode raises
 `InvalidArgument` here, naming the field. `api_key` (default: $PAGEDSERVE_API_KEY) is sent as
-`authorization: Bearer <key>` metadata on every call. Closing a stream early
+`authorization: Bearer <key>` metadata on every call; `tls=True` (or `root_certificates=`
+a CA's PEM) talks TLS to a gateway started with --tls-cert. Closing a stream early
 (`stream.close()`, `await stream.aclose()`, `with contextlib.closing(client.stream(...))`, or
 dropping the last reference to it) cancels the RPC, and the gateway aborts the request. Errors raise the `pagedserve.common.errors` classes: `InvalidArgument`, `NotFound`,
 `ResourceExhausted`, `Unavailable`, `Unauthenticated` for a missing or wrong API key, or
@@ -318,6 +319,13 @@ def _error(err: grpc.RpcError) -> errors.PagedServeError:
 # ---- clients ----
 
 
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS when asked for or given a CA (PEM bytes); None: plaintext."""
+    if tls or root_certificates is not None:
+        return grpc.ssl_channel_credentials(root_certificates)
+    return None
+
+
 def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     api_key = api_key if api_key is not None else os.environ.get("PAGEDSERVE_API_KEY")
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
@@ -325,14 +333,25 @@ def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
 
 class Client:
     """Blocking client. `timeout` (seconds) bounds each call; None waits as long as it takes.
-    `api_key` (default: $PAGEDSERVE_API_KEY) for a gateway started with --api-key."""
+    `api_key` (default: $PAGEDSERVE_API_KEY) for a gateway started with --api-key; `tls` (or
+    `root_certificates`, the PEM of a CA to trust) for one started with --tls-cert."""
 
     def __init__(
-        self, address: str = "localhost:50051", *, timeout: float | None = None, api_key: str | None = None
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
         self.timeout = timeout
         self._metadata = _metadata(api_key)
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = _credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
@@ -381,11 +400,21 @@ class AsyncClient:
     """asyncio client; the same calls as `Client`, awaited."""
 
     def __init__(
-        self, address: str = "localhost:50051", *, timeout: float | None = None, api_key: str | None = None
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
     ) -> None:
         self.timeout = timeout
         self._metadata = _metadata(api_key)
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        credentials = _credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:

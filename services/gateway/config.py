@@ -52,6 +52,8 @@ class GatewayConfig:
     # than `pagedserve up`'s --stop-timeout (10 s), which then kills the gateway.
     shutdown_timeout: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    tls_cert: str | None = None  # PEM certificate (chain) file: HTTPS and gRPC over TLS
+    tls_key: str | None = None  # its PEM private key file
     api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token
     protect_metrics: bool = False  # with api_key: /metrics needs the key too
 

@@ -15,8 +15,11 @@ import contextlib
 import logging
 import os
 
+import grpc
 import h11
 import uvicorn
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
@@ -118,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--protect-metrics", action="store_true", help="with an API key, /metrics needs it too"
     )
+    parser.add_argument(
+        "--tls-cert", default=None, help="PEM certificate file: serve HTTPS and gRPC over TLS"
+    )
+    parser.add_argument("--tls-key", default=None, help="PEM private key file of --tls-cert")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -135,6 +142,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     if any(not name.strip() for name in names):
         raise SystemExit("--served-model-name: names must not be empty")
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"TLS file not found: {path}")
     return GatewayConfig(
         host=args.host,
         grpc_port=args.grpc_port,
@@ -156,6 +168,8 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         ),
         api_key=api_key,
         protect_metrics=args.protect_metrics,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
 
 
@@ -224,8 +238,35 @@ def http_server(engine: Engine, metrics: GatewayMetrics) -> _HttpServer:
             lifespan="off",
             timeout_graceful_shutdown=2,
             http=http_protocol(config.limits.read_timeout),
+            ssl_certfile=config.tls_cert,
+            ssl_keyfile=config.tls_key,
         )
     )
+
+
+class TlsGrpcServer(GrpcServer):
+    """`GrpcServer` listening with TLS: its `start`, with a secure port in place of the insecure one."""
+
+    def __init__(self, host: str, port: int, cert_file: str, key_file: str) -> None:
+        super().__init__(host, port)
+        with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+            self.credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+    async def start(self) -> int:
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.bound_port = self.server.add_secure_port(f"{self.host}:{self.port}", self.credentials)
+        if self.bound_port == 0:
+            raise OSError(f"could not bind gRPC port {self.host}:{self.port}")
+        await self.server.start()
+        await self.set_serving(True)
+        return self.bound_port
+
+
+def grpc_server_for(config: GatewayConfig) -> GrpcServer:
+    if config.tls_cert and config.tls_key:
+        return TlsGrpcServer(config.host, config.grpc_port, config.tls_cert, config.tls_key)
+    return GrpcServer(config.host, config.grpc_port)
 
 
 async def drain(engine: Engine, grpc_server: GrpcServer) -> None:
@@ -257,7 +298,7 @@ async def serve(config: GatewayConfig) -> None:
             raise OSError(f"the HTTP server did not start on {config.host}:{config.http_port}")
         await asyncio.sleep(0.02)
 
-    grpc_server = GrpcServer(config.host, config.grpc_port)
+    grpc_server = grpc_server_for(config)
     grpc_server.add(
         gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(engine), *full_names(["Gateway"])
     )
