@@ -28,16 +28,24 @@
 
 Sampling keywords are the fields of `pagedserve.common.params.SamplingParams` (max_tokens,
 temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens). Closing a stream early
+seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens); only those given are sent, so the
+gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
+field (an int32, an int64 seed, a finite float) or text that is not valid Unicode raises
+`InvalidArgument` here, naming the field. `api_key` (default: $PAGEDSERVE_API_KEY) is sent as
+`authorization: Bearer <key>` metadata on every call; `tls=True` (or `root_certificates=`
+a CA's PEM) talks TLS to a gateway started with --tls-cert. Closing a stream early
 (`stream.close()`, `await stream.aclose()`, `with contextlib.closing(client.stream(...))`, or
 dropping the last reference to it) cancels the RPC, and the gateway aborts the request. Errors raise the `pagedserve.common.errors` classes: `InvalidArgument`, `NotFound`,
-`ResourceExhausted`, `Unavailable`, or `DeadlineExceeded` when `timeout` ran out.
+`ResourceExhausted`, `Unavailable`, `Unauthenticated` for a missing or wrong API key, or
+`DeadlineExceeded` when `timeout` ran out.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import grpc
@@ -48,6 +56,11 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 
 FINISH_REASONS = {1: "stop", 2: "length", 3: "abort"}
+INT32 = (-(2**31), 2**31 - 1)
+INT64 = (-(2**63), 2**63 - 1)
+FLOAT32_MAX = 3.4028234663852886e38
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_INT32_FIELDS = {"max_tokens", "top_k", "n", "logprobs", "min_tokens"}
 
 
 class DeadlineExceeded(errors.PagedServeError):
@@ -55,6 +68,13 @@ class DeadlineExceeded(errors.PagedServeError):
 
     code = "DEADLINE_EXCEEDED"
     http_status = 504
+
+
+class Unauthenticated(errors.PagedServeError):
+    """The gateway wants an API key, and this one is missing or wrong."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
 
 
 @dataclass(slots=True)
@@ -121,9 +141,71 @@ class GenerationDelta:
 class ModelCard:
     id: str
     max_model_len: int
+    root: str = ""  # the model served under this name (the gateway's --model)
 
 
 # ---- conversion ----
+
+
+def _int(name: str, value: Any, bounds: tuple[int, int]) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise errors.InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
+    if not bounds[0] <= value <= bounds[1]:
+        bits = 32 if bounds == INT32 else 64
+        shown = value if value.bit_length() <= 256 else f"an integer of {value.bit_length()} bits"
+        raise errors.InvalidArgument(
+            f"{name} must be in [{bounds[0]}, {bounds[1]}] (a {bits}-bit integer), got {shown}", field=name
+        )
+    return value
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise errors.InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
+    if isinstance(value, int) and value.bit_length() > 128 or not math.isfinite(value):
+        raise errors.InvalidArgument(f"{name} must be a finite number, got {value!r}", field=name)
+    if abs(value) > FLOAT32_MAX:
+        raise errors.InvalidArgument(
+            f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value:.4g}", field=name
+        )
+    return float(value)
+
+
+def _text(name: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise errors.InvalidArgument(f"{name} must be a string, got {type(value).__name__}", field=name)
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise errors.InvalidArgument(
+            f"{name} is not valid Unicode: a lone surrogate \\u{ord(value[err.start]):04x} at character {err.start}",
+            field=name,
+        ) from None
+    return value
+
+
+def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingParams:
+    """Only the given fields (None means not given), each checked against its protobuf type."""
+    unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+    if unknown:
+        raise TypeError(f"unknown sampling argument: {', '.join(unknown)}")
+    msg = gateway_pb2.GenerateSamplingParams()
+    for name, value in sampling.items():
+        if value is None:
+            continue
+        if name in _INT32_FIELDS:
+            setattr(msg, name, _int(name, value, INT32))
+        elif name == "seed":
+            msg.seed = _int(name, value, INT64)
+        elif name == "stop_token_ids":
+            msg.stop_token_ids.extend(_int(name, t, INT32) for t in value)
+        elif name == "ignore_eos":
+            if not isinstance(value, bool):
+                raise errors.InvalidArgument(f"ignore_eos must be true or false, got {value!r}", field=name)
+            msg.ignore_eos = value
+        else:
+            setattr(msg, name, _float(name, value))
+    return msg
 
 
 def build_request(
@@ -140,31 +222,34 @@ def build_request(
     priority: int = 0,
     **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
-    """A `GenerateRequest` from exactly one of `prompt`, `token_ids` or `messages`."""
+    """A `GenerateRequest` from exactly one of `prompt`, `token_ids` or `messages`.
+
+    Raises `InvalidArgument` (naming the field) for a value protobuf cannot carry."""
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise TypeError("pass exactly one of prompt, token_ids= or messages=")
-    try:
-        params = SamplingParams(**sampling)
-    except TypeError as err:
-        raise TypeError(f"unknown sampling argument: {err}") from None
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
     msg = gateway_pb2.GenerateRequest(
-        model=model,
-        sampling=params.to_proto(),
-        stop=[stop] if isinstance(stop, str) else list(stop or []),
-        request_id=request_id,
-        priority=priority,
+        model=_text("model", model),
+        sampling=sampling_to_proto(sampling),
+        stop=[_text("stop", s) for s in stops],
+        request_id=_text("request_id", request_id),
+        priority=_int("priority", priority, INT32),
     )
     if prompt is not None:
-        msg.text = prompt
+        msg.text = _text("prompt", prompt)
     elif token_ids is not None:
         msg.token_ids.SetInParent()  # set even when empty, so the gateway says "empty", not "missing"
-        msg.token_ids.ids.extend(token_ids)
+        msg.token_ids.ids.extend(_int("token_ids", t, INT32) for t in token_ids)
     else:
         msg.chat.CopyFrom(
             tokenizer_pb2.ChatMessages(
                 messages=[
-                    tokenizer_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or []
+                    tokenizer_pb2.ChatMessage(
+                        role=_text("messages.role", m["role"]),
+                        content=_text("messages.content", m["content"]),
+                    )
+                    for m in messages or []
                 ],
                 add_generation_prompt=add_generation_prompt,
             )
@@ -224,6 +309,7 @@ def _error(err: grpc.RpcError) -> errors.PagedServeError:
         grpc.StatusCode.UNAVAILABLE: errors.Unavailable,
         grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
         grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+        grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     }
     error = by_code.get(code, errors.PagedServeError)(details or code.name)
     error.code = code.name
@@ -233,25 +319,54 @@ def _error(err: grpc.RpcError) -> errors.PagedServeError:
 # ---- clients ----
 
 
-class Client:
-    """Blocking client. `timeout` (seconds) bounds each call; None waits as long as it takes."""
+def _credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS when asked for or given a CA (PEM bytes); None: plaintext."""
+    if tls or root_certificates is not None:
+        return grpc.ssl_channel_credentials(root_certificates)
+    return None
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float | None = None) -> None:
+
+def _metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    api_key = api_key if api_key is not None else os.environ.get("PAGEDSERVE_API_KEY")
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+class Client:
+    """Blocking client. `timeout` (seconds) bounds each call; None waits as long as it takes.
+    `api_key` (default: $PAGEDSERVE_API_KEY) for a gateway started with --api-key; `tls` (or
+    `root_certificates`, the PEM of a CA to trust) for one started with --tls-cert."""
+
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = _metadata(api_key)
+        credentials = _credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         """Generate and wait for every choice to finish."""
         request = build_request(prompt, **kwargs)
         try:
-            return _result(self._stub.GenerateUnary(request, timeout=self.timeout))
+            return _result(self._stub.GenerateUnary(request, timeout=self.timeout, metadata=self._metadata))
         except grpc.RpcError as err:
             raise _error(err) from None
 
     def stream(self, prompt: str | None = None, **kwargs: Any) -> Iterator[GenerationDelta]:
         """Yield deltas as they come; closing the iterator cancels the request."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=self.timeout, metadata=self._metadata
+        )
         try:
             for msg in call:
                 yield _delta(msg)
@@ -264,10 +379,12 @@ class Client:
 
     def models(self) -> list[ModelCard]:
         try:
-            reply = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout)
+            reply = self._stub.ListModels(
+                gateway_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise _error(err) from None
-        return [ModelCard(m.id, m.max_model_len) for m in reply.models]
+        return [ModelCard(m.id, m.max_model_len, m.root) for m in reply.models]
 
     def close(self) -> None:
         self._channel.close()
@@ -282,21 +399,38 @@ class Client:
 class AsyncClient:
     """asyncio client; the same calls as `Client`, awaited."""
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float | None = None) -> None:
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float | None = None,
+        api_key: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._metadata = _metadata(api_key)
+        credentials = _credentials(tls, root_certificates)
+        if credentials is None:
+            self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            self._channel = grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
 
     async def generate(self, prompt: str | None = None, **kwargs: Any) -> GenerationResult:
         request = build_request(prompt, **kwargs)
         try:
-            return _result(await self._stub.GenerateUnary(request, timeout=self.timeout))
+            return _result(
+                await self._stub.GenerateUnary(request, timeout=self.timeout, metadata=self._metadata)
+            )
         except grpc.RpcError as err:
             raise _error(err) from None
 
     async def stream(self, prompt: str | None = None, **kwargs: Any) -> AsyncIterator[GenerationDelta]:
         """Yield deltas as they come; `aclose()` (or leaving the loop and the iterator) cancels."""
-        call = self._stub.Generate(build_request(prompt, **kwargs), timeout=self.timeout)
+        call = self._stub.Generate(
+            build_request(prompt, **kwargs), timeout=self.timeout, metadata=self._metadata
+        )
         try:
             async for msg in call:
                 yield _delta(msg)
@@ -309,10 +443,12 @@ class AsyncClient:
 
     async def models(self) -> list[ModelCard]:
         try:
-            reply = await self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout)
+            reply = await self._stub.ListModels(
+                gateway_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as err:
             raise _error(err) from None
-        return [ModelCard(m.id, m.max_model_len) for m in reply.models]
+        return [ModelCard(m.id, m.max_model_len, m.root) for m in reply.models]
 
     async def close(self) -> None:
         await self._channel.close()

@@ -91,6 +91,8 @@ class LauncherConfig:
     max_num_batched_tokens: int | None = None
     max_model_len: int | None = None
     max_queued_requests: int | None = None
+    served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
+    stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     attention_backend: str | None = None
     dtype: str | None = None
     redis_url: str | None = None  # None: start a throwaway Redis
@@ -186,11 +188,14 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
         ("scheduler", ("executor",), (config.scheduler_port,),
          ("--host", host, "--port", str(config.scheduler_port), "--executor", executor_address,
           "--redis-url", redis_url, *_opt("--max-num-seqs", config.max_num_seqs), *batching,
-          *_opt("--max-queued-requests", config.max_queued_requests))),
+          *_opt("--max-queued-requests", config.max_queued_requests),
+          *_opt("--stall-timeout", config.stall_timeout))),
         ("gateway", ("tokenizer", "scheduler"), (config.grpc_port, config.http_port),
          ("--host", host, "--grpc-port", str(config.grpc_port), "--http-port", str(config.http_port),
           "--tokenizer", tokenizer_address, "--scheduler", scheduler_address, *model,
-          *_opt("--max-queued-requests", config.max_queued_requests))),
+          *_opt("--max-queued-requests", config.max_queued_requests),
+          *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
+          *_opt("--stall-timeout", config.stall_timeout))),
     ]  # fmt: skip
     specs: list[ServiceSpec] = []
     skipped: dict[str, str] = {}
@@ -574,6 +579,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-queued-requests", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--served-model-name", nargs="+", default=(), metavar="NAME",
+                    help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
+    kv.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                    help="seconds a request may make no progress while a service is away (default: 30)")  # fmt: skip
     kv.add_argument("--attention-backend", choices=["torch", "triton"], default=None)
     kv.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16")
     run = parser.add_argument_group("running")

@@ -1,8 +1,32 @@
-"""The gateway's configuration: one frozen dataclass, built from flags in `server.py`."""
+"""The gateway's configuration: frozen dataclasses, built from flags in `server.py`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# OpenAI's own limit on `n` ("Expected a value <= 128"), so clients written for OpenAI or
+# vLLM never meet a lower one; each choice costs the gateway a detokenizer and a stop matcher.
+DEFAULT_MAX_N = 128
+# Stop strings are matched against every choice's text at every step: cost ~ n x total length.
+DEFAULT_MAX_STOP_STRINGS = 64
+DEFAULT_MAX_STOP_CHARS = 4096
+# 8 MiB holds a 1M-token prompt sent as JSON token ids (<= 8 bytes per id), yet bounds what
+# one request can make the gateway hold.
+DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+# Deeper than any real body (a JSON schema in response_format is rarely past 10 levels).
+DEFAULT_MAX_JSON_DEPTH = 64
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """Sizes a request may ask for; every one is checked before anything is built for it."""
+
+    max_n: int = DEFAULT_MAX_N  # choices per request (n, times the prompts of a batch)
+    max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
+    max_stop_chars: int = DEFAULT_MAX_STOP_CHARS  # total characters over all stop strings
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP body; larger gets 413 unread
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # nesting of arrays and objects in a body
+    read_timeout: float = 30.0  # seconds an HTTP client may pause while sending headers or body
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,8 +38,9 @@ class GatewayConfig:
     http_port: int = 8000
     tokenizer_address: str = "localhost:50052"
     scheduler_address: str = "localhost:50053"
-    model: str = ""  # path or hub id of the served model; its name is `served_model_name`
-    served_model_name: str = ""
+    model: str = ""  # path or hub id of the served model, as given to --model
+    # Names a request's `model` may use; the first is the one reported. Empty: `model` itself.
+    served_model_names: tuple[str, ...] = ()
     max_queued_requests: int = 1024  # requests in flight through this gateway; more get RESOURCE_EXHAUSTED
     request_timeout: float | None = None  # seconds a request may take end to end; None: no limit
     connect_timeout: float = 3.0  # seconds for a downstream unary call (Encode, Info, Stats, Abort)
@@ -24,3 +49,20 @@ class GatewayConfig:
         5.0  # seconds without a Submit message before checking the scheduler is alive
     )
     stall_timeout: float = 30.0  # seconds a request may go without progress while its scheduler is away
+    # Seconds requests in flight may run on after SIGTERM before they end with an error; less
+    # than `pagedserve up`'s --stop-timeout (10 s), which then kills the gateway.
+    shutdown_timeout: float = 5.0
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    tls_cert: str | None = None  # PEM certificate (chain) file: HTTPS and gRPC over TLS
+    tls_key: str | None = None  # its PEM private key file
+    api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token
+    protect_metrics: bool = False  # with api_key: /metrics needs the key too
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        return self.served_model_names or (self.model,)
+
+    @property
+    def served_model_name(self) -> str:
+        """The name reported in responses."""
+        return self.model_names[0]

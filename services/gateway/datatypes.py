@@ -6,9 +6,11 @@ The gRPC servicer and the HTTP layer convert to and from these at the edge; the 
 
 from __future__ import annotations
 
+import hmac
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from pagedserve.common.errors import PagedServeError
 from pagedserve.common.params import SamplingParams
 
 
@@ -118,13 +120,55 @@ class RequestOutput:
     request_id: str
     choices: list[ChoiceDelta] = field(default_factory=list)
     usage: Usage | None = None
-    prompt_token_ids: list[int] | None = None  # on the first message only
+    prompt_token_ids: list[int] | None = None  # on the first message only (of each prompt)
+    prompt_index: int = 0  # which prompt of a completions batch; choices are numbered across all
 
 
 @dataclass(slots=True)
 class ModelInfo:
-    name: str
+    name: str  # a name clients may use in `model`
     max_model_len: int
+    root: str = ""  # the model it serves: --model as given
+
+
+# ---- errors only the gateway raises (the others are in pagedserve.common.errors) ----
+
+
+class Unauthenticated(PagedServeError):
+    """No API key, or the wrong one."""
+
+    code = "UNAUTHENTICATED"
+    http_status = 401
+
+
+def check_bearer(header: bytes | None, api_key: str) -> None:
+    """Raise `Unauthenticated` unless `header` is "Bearer <api_key>" (compared in constant time)."""
+    if header is None:
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'")
+    scheme, _, token = header.partition(b" ")
+    if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), api_key.encode()):
+        raise Unauthenticated("invalid API key")
+
+
+class PayloadTooLarge(PagedServeError):
+    """The HTTP body is over --max-request-bytes; it is refused without being read."""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 413
+
+
+class UnsupportedMediaType(PagedServeError):
+    """A JSON route got a body that does not say it is JSON."""
+
+    code = "INVALID_ARGUMENT"
+    http_status = 415
+
+
+class ReadTimeout(PagedServeError):
+    """The HTTP client stopped sending its body for longer than the read timeout."""
+
+    code = "DEADLINE_EXCEEDED"
+    http_status = 408
 
 
 @dataclass(slots=True, frozen=True)
@@ -179,7 +223,9 @@ class CompletedRequest:
     request_id: str
     choices: list[CompletedChoice]
     usage: Usage
-    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)  # the first prompt's
+    # Every prompt's ids, by its index in a completions batch.
+    prompt_token_ids_by_prompt: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, request_id: str, n: int) -> CompletedRequest:
@@ -187,7 +233,9 @@ class CompletedRequest:
 
     def add(self, output: RequestOutput) -> None:
         if output.prompt_token_ids is not None:
-            self.prompt_token_ids = output.prompt_token_ids
+            self.prompt_token_ids_by_prompt[output.prompt_index] = output.prompt_token_ids
+            if output.prompt_index == 0:
+                self.prompt_token_ids = output.prompt_token_ids
         for delta in output.choices:
             choice = self.choices[delta.index]
             choice.text += delta.text

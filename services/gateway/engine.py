@@ -1,7 +1,8 @@
 """The gateway's core: one request's life from validation to the last text delta.
 
     1. admit (RESOURCE_EXHAUSTED when this gateway already has `max_queued_requests` in flight);
-    2. validate: served model, non-empty prompt, sampling params, prompt + max_tokens <= max_model_len;
+    2. validate: served model, the sizes it asks for (n, stop strings) against `RequestLimits`,
+       non-empty prompt, sampling params, prompt + max_tokens <= max_model_len;
     3. tokenize (or take the client's ids, checked against the vocabulary);
     4. open one Submit stream to the scheduler; each message holds a step's tokens for every choice;
     5. detokenize those tokens incrementally on the gateway's shared Detokenize stream;
@@ -18,19 +19,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pagedserve.common.errors import InvalidArgument, NotFound, PagedServeError, ResourceExhausted
+from pagedserve.common.errors import (
+    InvalidArgument,
+    NotFound,
+    PagedServeError,
+    ResourceExhausted,
+    Unavailable,
+)
 from pagedserve.common.params import SamplingParams
-from pagedserve.gateway.config import GatewayConfig
+from pagedserve.gateway.config import GatewayConfig, RequestLimits
 from pagedserve.gateway.datatypes import (
+    ChatMessage,
+    DetokenizeItem,
     GenerationRequest,
     ModelInfo,
+    Prompt,
     PromptKind,
     RequestOutput,
     TokenizerInfo,
+    Usage,
 )
 from pagedserve.gateway.request_run import RequestRun
 
@@ -44,11 +56,14 @@ class Engine:
 
     def __init__(self, config: GatewayConfig, tokenizer, scheduler, metrics=None) -> None:
         self.config = config
-        self.served_model_name = config.served_model_name
+        self.served_model_name = config.served_model_name  # reported in every response
         self.tokenizer = tokenizer
         self.scheduler = scheduler
         self.metrics = metrics
         self._in_flight: set[str] = set()
+        self.draining = False  # shutting down: new requests get Unavailable
+        # Requests (by their first id) cut short by `abort_in_flight`: they end with Unavailable.
+        self._cut: set[str] = set()
         self._tokenizer_info: TokenizerInfo | None = None
         self._max_model_len = 0
         self._background: set[asyncio.Task] = set()
@@ -73,40 +88,130 @@ class Engine:
             self._max_model_len = stats.max_model_len
 
     async def list_models(self) -> list[ModelInfo]:
+        """One card per served name, the reported one first; all serve the same model."""
         try:
             max_len = await self.max_model_len()
         except PagedServeError:
             max_len = self._max_model_len
-        return [ModelInfo(name=self.served_model_name, max_model_len=max_len)]
+        return [
+            ModelInfo(name=name, max_model_len=max_len, root=self.config.model)
+            for name in self.config.model_names
+        ]
+
+    def check_model(self, name: str) -> None:
+        """NotFound unless `name` is empty (the served model) or one of the served names."""
+        if name and name not in self.config.model_names:
+            raise self.unknown_model(name)
+
+    def unknown_model(self, name: str) -> NotFound:
+        served = ", ".join(f"'{n}'" for n in self.config.model_names)
+        return NotFound(f"model '{name}' is not served here; served models: {served}", field="model")
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[RequestOutput]:
         """Stream a request's output. Closing the iterator early aborts the request."""
-        if len(self._in_flight) >= self.config.max_queued_requests:
+        async for output in self.generate_batch([request]):
+            yield output
+
+    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[RequestOutput]:
+        """Several prompts with the same sampling as one request (a completions batch): every one
+        is validated and tokenized before any is submitted; choice j of prompt i comes as choice
+        i * n + j; usage is summed and comes on the last output. Closing the iterator aborts all."""
+        if self.draining:
+            raise Unavailable("the gateway is shutting down; send the request to another gateway")
+        free = self.config.max_queued_requests - len(self._in_flight)
+        if len(requests) > free:
             raise ResourceExhausted(
                 f"the gateway queue is full ({self.config.max_queued_requests} requests in flight); retry later"
             )
-        request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self._in_flight:
-            raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
-        self._in_flight.add(request_id)
+        request_ids = [r.request_id or uuid.uuid4().hex for r in requests]
+        for request_id in request_ids:
+            if request_id in self._in_flight or request_ids.count(request_id) > 1:
+                raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
+        self._in_flight.update(request_ids)
+        key = request_ids[0]
         try:
-            prompt_ids, sampling = await self.prepare(request)
+            prepared = await asyncio.gather(*(self.prepare(r) for r in requests))
             # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
             self.tokenizer.check_connected()
             info = await self.tokenizer_info()  # cached by prepare()
-            run = RequestRun(self, request, request_id, prompt_ids, sampling, info.vocab_size)
-            async for output in run.outputs():
-                yield output
+            runs = [
+                RequestRun(self, request, request_id, prompt_ids, sampling, info.vocab_size).outputs()
+                for request, request_id, (prompt_ids, sampling) in zip(
+                    requests, request_ids, prepared, strict=True
+                )
+            ]
+            if key not in self._cut:  # (cut while it was being tokenized: never submitted)
+                outputs = runs[0] if len(runs) == 1 else self._merged(runs, requests[0].sampling.n)
+                async for output in outputs:
+                    yield output
+            if key in self._cut:
+                raise Unavailable("the gateway shut down before the request finished (--shutdown-timeout)")
         finally:
-            self._in_flight.discard(request_id)
+            self._cut.discard(key)
+            self._in_flight.difference_update(request_ids)
+
+    async def _merged(self, runs: list[AsyncIterator[RequestOutput]], n: int) -> AsyncIterator[RequestOutput]:
+        """The outputs of several runs as they come, choices renumbered, usage summed at the end."""
+        queue: asyncio.Queue[tuple[int, RequestOutput | None, Exception | None]] = asyncio.Queue()
+
+        async def pump(index: int, run: AsyncIterator[RequestOutput]) -> None:
+            try:
+                async for output in run:
+                    await queue.put((index, output, None))
+                await queue.put((index, None, None))
+            except Exception as err:  # handed to the consumer, which raises it
+                await queue.put((index, None, err))
+
+        tasks = [asyncio.ensure_future(pump(i, run)) for i, run in enumerate(runs)]
+        total = Usage()
+        try:
+            remaining = len(runs)
+            while remaining:
+                index, output, error = await queue.get()
+                if error is not None:
+                    raise error
+                if output is None:
+                    remaining -= 1
+                    continue
+                for delta in output.choices:
+                    delta.index += index * n
+                if output.usage is not None:
+                    total.prompt_tokens += output.usage.prompt_tokens
+                    total.completion_tokens += output.usage.completion_tokens
+                    total.cached_prompt_tokens += output.usage.cached_prompt_tokens
+                    output.usage = None
+                output.prompt_index = index
+                yield output
+            yield RequestOutput(request_id="", usage=total)
+        finally:
+            for task in tasks:
+                task.cancel()
+            for run in runs:
+                self.close_later(run)
+
+    def check_limits(self, request: GenerationRequest) -> None:
+        """The sizes a request asks for, against `RequestLimits`, before anything is built for it."""
+        limits: RequestLimits = self.config.limits
+        if request.sampling.n > limits.max_n:
+            raise InvalidArgument(
+                f"n must be <= {limits.max_n} (the gateway's --max-n), got {request.sampling.n}", field="n"
+            )
+        if len(request.stop) > limits.max_stop_strings:
+            raise InvalidArgument(
+                f"stop has {len(request.stop)} strings, more than the limit of {limits.max_stop_strings}",
+                field="stop",
+            )
+        total = sum(len(s) for s in request.stop)
+        if total > limits.max_stop_chars:
+            raise InvalidArgument(
+                f"stop strings are {total} characters in all, more than the limit of {limits.max_stop_chars}",
+                field="stop",
+            )
 
     async def prepare(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         """Validate and tokenize; raise `InvalidArgument`/`NotFound` before anything is allocated."""
-        if request.model and request.model != self.served_model_name:
-            raise NotFound(
-                f"model '{request.model}' is not served here; the served model is '{self.served_model_name}'",
-                field="model",
-            )
+        self.check_model(request.model)
+        self.check_limits(request)
         prompt = request.prompt
         field = _PROMPT_FIELD[prompt.kind]
         if prompt.is_empty:
@@ -121,8 +226,10 @@ class Engine:
 
         if prompt.kind is PromptKind.TOKEN_IDS:
             prompt_ids = list(prompt.token_ids)
-            bad = next((t for t in prompt_ids if not 0 <= t < info.vocab_size), None)
-            if bad is not None:
+            if len(prompt_ids) >= max_len:  # before looking at each id
+                _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
+            if min(prompt_ids) < 0 or max(prompt_ids) >= info.vocab_size:
+                bad = next(t for t in prompt_ids if not 0 <= t < info.vocab_size)
                 raise InvalidArgument(
                     f"prompt token id {bad} is outside the vocabulary [0, {info.vocab_size})", field="prompt"
                 )
@@ -134,20 +241,63 @@ class Engine:
                 raise InvalidArgument(
                     f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
                 )
-            prompt_ids = await self.tokenizer.encode(prompt)
+            prompt_ids = await self._encode(prompt)
             if not prompt_ids:
                 raise InvalidArgument(f"{field} encodes to no tokens", field=field)
 
         if request.max_tokens_to_fill:
             sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
         sampling.validate(info.vocab_size)
-        if len(prompt_ids) + sampling.max_tokens > max_len:
-            raise InvalidArgument(
-                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) = "
-                f"{len(prompt_ids) + sampling.max_tokens} tokens is more than max_model_len={max_len}",
-                field="max_tokens",
-            )
+        _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling
+
+    async def _encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of text or chat. OpenAI's `developer` role takes the place of `system`: a chat
+        template that refuses it is given the messages again with `system` in its place."""
+        try:
+            return await self.tokenizer.encode(prompt)
+        except InvalidArgument:
+            if prompt.kind is not PromptKind.CHAT or not any(m.role == "developer" for m in prompt.messages):
+                raise
+        messages = [
+            ChatMessage("system" if m.role == "developer" else m.role, m.content) for m in prompt.messages
+        ]
+        return await self.tokenizer.encode(replace(prompt, messages=messages))
+
+    async def prompt_text(self, request: GenerationRequest) -> str:
+        """A validated completions prompt as text (for echo): as given, or its ids decoded."""
+        if request.prompt.kind is PromptKind.TEXT:
+            return request.prompt.text
+        detokenizer = self.tokenizer.detokenizer
+        item = DetokenizeItem(
+            key=f"{request.request_id}/prompt",
+            token_ids=list(request.prompt.token_ids),
+            finish=True,
+            skip_special_tokens=request.skip_special_tokens,
+        )
+        (text,) = await detokenizer.detokenize([item], detokenizer.begin())
+        return text
+
+    def start_drain(self) -> None:
+        """Shutting down: refuse new requests (Unavailable); those in flight run on."""
+        self.draining = True
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for every request in flight to end; True when none is left."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return not self._in_flight
+
+    def abort_in_flight(self) -> int:
+        """Cut every request still running: each is aborted in the scheduler, which ends its
+        stream, and then ends with Unavailable (a stream gets a final error event). Returns
+        how many scheduler requests were aborted."""
+        cut = list(self._in_flight)
+        self._cut.update(cut)  # first ids are among them; others are never looked up
+        for request_id in cut:
+            self.spawn(self.abort_quietly(request_id))
+        return len(cut)
 
     def spawn(self, coro) -> None:
         """Run cleanup that must finish even when the caller's task is being cancelled."""
@@ -169,6 +319,15 @@ class Engine:
         """Wait for pending aborts (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+
+
+def _check_fits(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:
+    if num_prompt_tokens + max_tokens > max_len:
+        raise InvalidArgument(
+            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
+            f"{num_prompt_tokens + max_tokens} tokens is more than max_model_len={max_len}",
+            field="max_tokens",
+        )
 
 
 async def _aclose_quietly(outputs) -> None:

@@ -1,4 +1,8 @@
-"""The public gRPC API (`pagedserve.v1.Gateway`): protobuf in, engine dataclasses, protobuf out."""
+"""The public gRPC API (`pagedserve.v1.Gateway`): protobuf in, engine dataclasses, protobuf out.
+
+With an API key configured every call must carry the metadata `authorization: Bearer <key>`
+(UNAUTHENTICATED otherwise); the health service stays open.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,34 @@ from pagedserve.gateway.datatypes import (
     RequestOutput,
     TokenLogprob,
     Usage,
+    check_bearer,
 )
 from pagedserve.gateway.engine import Engine
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+
+def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingParams:
+    """Unset fields take `SamplingParams`' defaults; a field set to 0 stays 0 (and may be invalid)."""
+    values = {
+        name: getattr(msg, name)
+        for name in (
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "seed",
+            "n",
+            "ignore_eos",
+            "logprobs",
+            "min_tokens",
+        )
+        if msg.HasField(name)
+    }
+    return SamplingParams(**values, stop_token_ids=list(msg.stop_token_ids))
 
 
 def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
@@ -38,7 +67,7 @@ def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
         raise InvalidArgument("input must be set: text, token_ids or chat", field="input")
     return GenerationRequest(
         prompt=prompt,
-        sampling=SamplingParams.from_proto(msg.sampling),
+        sampling=sampling_from_proto(msg.sampling),
         model=msg.model,
         stop=list(msg.stop),
         request_id=msg.request_id,
@@ -110,8 +139,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
+    def _authorize(self, context) -> None:
+        api_key = self.engine.config.api_key
+        if api_key:
+            metadata = dict(context.invocation_metadata() or ())
+            header = metadata.get("authorization")
+            check_bearer(header.encode() if isinstance(header, str) else header, api_key)
+
     @grpc_errors
     async def Generate(self, request, context) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        self._authorize(context)
         outputs = self.engine.generate(request_from_proto(request))
         model = self.engine.served_model_name
         try:
@@ -122,6 +159,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @grpc_errors
     async def GenerateUnary(self, request, context) -> gateway_pb2.GenerateResult:
+        self._authorize(context)
         generation = request_from_proto(request)
         outputs = self.engine.generate(generation)
         result: CompletedRequest | None = None
@@ -137,7 +175,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @grpc_errors
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:
+        self._authorize(context)
         models = await self.engine.list_models()
         return gateway_pb2.ListModelsResponse(
-            models=[gateway_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len) for m in models]
+            models=[
+                gateway_pb2.ModelCard(id=m.name, max_model_len=m.max_model_len, root=m.root) for m in models
+            ]
         )

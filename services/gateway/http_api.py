@@ -2,8 +2,15 @@
 
 Errors before the first token (validation, unknown model, full queue, a service down) get
 their HTTP status; an error after a stream has started arrives as a final `data: {"error":...}`
-event. A client that disconnects has its request aborted: streams are cancelled by Starlette,
-non-streaming requests by watching for `http.disconnect`.
+event. Every error body is JSON in OpenAI's shape. A client that disconnects has its request
+aborted: streams are cancelled by Starlette, non-streaming requests by watching for
+`http.disconnect`.
+
+A JSON route reads its body only after the checks that cost nothing: Content-Type must be
+application/json (415: a browser page cannot post JSON without a CORS preflight), a
+Content-Length over `--max-request-bytes` is refused unread (413, and the connection closed),
+and a body that stalls for `read_timeout` seconds is 408. The parsed JSON may nest at most
+`max_json_depth` levels.
 """
 
 from __future__ import annotations
@@ -19,9 +26,20 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve.common.errors import InvalidArgument, PagedServeError
-from pagedserve.gateway.datatypes import CompletedRequest, RequestOutput
+from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.datatypes import (
+    CompletedRequest,
+    PayloadTooLarge,
+    ReadTimeout,
+    RequestOutput,
+    Unauthenticated,
+    UnsupportedMediaType,
+    check_bearer,
+)
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.openai_request import ApiCall, parse_chat, parse_completion
@@ -30,10 +48,20 @@ from pagedserve.gateway.sse import DONE, sse_event
 
 log = logging.getLogger(__name__)
 
+RETRY_AFTER_S = 1  # a full queue drains as requests finish; a second is a polite first wait
 
-def error_response(err: PagedServeError) -> JSONResponse:
+
+def error_response(err: PagedServeError) -> Response:
+    """OpenAI's error JSON (ASCII-escaped, so no text a client sent can break the encoding)."""
     status, body = error_body(err)
-    return JSONResponse(body, status_code=status)
+    headers = {}
+    if status == 429:
+        headers["Retry-After"] = str(RETRY_AFTER_S)
+    if status in (408, 413):
+        headers["Connection"] = "close"  # the rest of the body is not read
+    if status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
 
 class ClientGone(Exception):
@@ -60,20 +88,113 @@ async def _unless_disconnected(request: Request, work: asyncio.Future | asyncio.
             work.cancel()
 
 
+class ApiKeyCheck:
+    """ASGI middleware: /v1/* (and /metrics when protected) need `Authorization: Bearer <key>`.
+
+    /health and /ready stay open for probes. The key is compared in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, protect_metrics: bool) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.protect_metrics = protect_metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self._protected(scope["path"]):
+            try:
+                check_bearer(dict(scope["headers"]).get(b"authorization"), self.api_key)
+            except Unauthenticated as err:
+                await error_response(err)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _protected(self, path: str) -> bool:
+        return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+
+
+def json_depth_over(value: object, limit: int) -> bool:
+    """Whether arrays and objects in parsed JSON nest deeper than `limit` (iterative: no
+    recursion). A list of scalars (a prompt's token ids) is passed over at C speed."""
+    if type(value) not in (dict, list):
+        return False
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if type(item) is dict else item
+        types = set(map(type, children))
+        if list in types or dict in types:
+            stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
+    return False
+
+
+async def read_json(request: Request, limits: RequestLimits) -> object:
+    """The body as JSON, after the checks that cost nothing (see the module docstring)."""
+    content_type = request.headers.get("content-type")
+    media_type = (content_type or "").split(";")[0].strip().lower()
+    if media_type != "application/json":
+        raise UnsupportedMediaType(
+            f"Content-Type must be application/json, got {content_type!r}", field="Content-Type"
+        )
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limits.max_request_bytes:
+        raise PayloadTooLarge(
+            f"the request body is {int(declared)} bytes, more than the limit of "
+            f"{limits.max_request_bytes} (the gateway's --max-request-bytes)"
+        )
+    chunks, size = [], 0
+    stream = request.stream()
+    while True:
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                chunk = await anext(stream, None)
+        except TimeoutError:
+            raise ReadTimeout(
+                f"the request body stalled: nothing arrived for {limits.read_timeout:g}s after {size} bytes"
+            ) from None
+        if chunk is None:
+            break
+        size += len(chunk)
+        if size > limits.max_request_bytes:
+            raise PayloadTooLarge(
+                f"the request body is more than the limit of {limits.max_request_bytes} bytes "
+                "(the gateway's --max-request-bytes)"
+            )
+        chunks.append(chunk)
+    data = b"".join(chunks)
+    try:
+        body = json.loads(data)
+    except RecursionError:
+        raise InvalidArgument(
+            f"the request body nests arrays or objects more than {limits.max_json_depth} levels deep"
+        ) from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
+        raise InvalidArgument(f"the request body is not valid JSON: {err}") from None
+    opening = data.count(b"[") + data.count(b"{")
+    if opening > limits.max_json_depth and json_depth_over(body, limits.max_json_depth):
+        raise InvalidArgument(
+            f"the request body nests arrays or objects more than {limits.max_json_depth} levels deep"
+        )
+    return body
+
+
 def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
+    config = engine.config
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
+    if config.api_key:
+        app.add_middleware(ApiKeyCheck, api_key=config.api_key, protect_metrics=config.protect_metrics)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        body = {
-            "error": {
-                "message": str(exc.detail),
-                "type": "invalid_request_error",
-                "param": None,
-                "code": None,
-            }
-        }
-        return JSONResponse(body, status_code=exc.status_code)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        """Starlette's own answers (no such route, wrong method) in OpenAI's error shape."""
+        kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
+        body = {"error": {"message": str(exc.detail), "type": kind, "param": None, "code": None}}
+        return Response(json.dumps(body), status_code=exc.status_code, media_type="application/json")
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error in an HTTP request")
+        return error_response(PagedServeError(f"internal error: {type(exc).__name__}"))
 
     @app.get("/health")
     async def health() -> dict:
@@ -81,6 +202,8 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
+        if engine.draining:
+            return JSONResponse({"draining": True}, status_code=503)
         tokenizer_ok, scheduler_ok = await asyncio.gather(engine.tokenizer.ready(), engine.scheduler.ready())
         body = {"tokenizer": tokenizer_ok, "scheduler": scheduler_ok}
         return JSONResponse(body, status_code=200 if tokenizer_ok and scheduler_ok else 503)
@@ -98,20 +221,15 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict:
-        cards = await engine.list_models()
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": m.name,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "pagedserve",
-                    "max_model_len": m.max_model_len,
-                }
-                for m in cards
-            ],
-        }
+        return {"object": "list", "data": [_model_card(m) for m in await engine.list_models()]}
+
+    # `path`: served names may hold slashes (a hub id, or --model as a path: /v1/models//srv/m).
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> Response:
+        card = next((m for m in await engine.list_models() if m.name == name), None)
+        if card is None:
+            return error_response(engine.unknown_model(name))
+        return JSONResponse(_model_card(card))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -124,26 +242,39 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
     return app
 
 
+def _model_card(m) -> dict:
+    return {
+        "id": m.name,
+        "object": "model",
+        "created": 0,
+        "owned_by": "pagedserve",
+        "root": m.root,
+        "parent": None,
+        "max_model_len": m.max_model_len,
+    }
+
+
 async def _serve(
-    engine: Engine, request: Request, parse: Callable[[dict], ApiCall], id_prefix: str
+    engine: Engine, request: Request, parse: Callable[[dict, RequestLimits], ApiCall], id_prefix: str
 ) -> Response:
     try:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise InvalidArgument(f"the request body is not valid JSON: {err}") from None
-        call = parse(body)
+        call = parse(await read_json(request, engine.config.limits), engine.config.limits)
     except PagedServeError as err:
         return error_response(err)
+    except ClientDisconnect:
+        log.info("client disconnected while sending its request")
+        return Response(status_code=499)
     response_id = id_prefix + uuid.uuid4().hex
-    call.request.request_id = response_id
+    for i, generation in enumerate(call.requests):
+        generation.request_id = response_id if len(call.requests) == 1 else f"{response_id}-{i}"
     created = int(time.time())
     model = engine.served_model_name
-    outputs = engine.generate(call.request)
+    outputs = engine.generate_batch(call.requests)
     try:
         if call.stream:
             first = await _unless_disconnected(request, asyncio.ensure_future(anext(outputs)))
-            formatter = ChunkFormatter(call, response_id, created, model)
+            echo_texts = await _echo_texts(engine, call)
+            formatter = ChunkFormatter(call, response_id, created, model, echo_texts)
             return StreamingResponse(
                 _sse(engine, outputs, first, formatter),
                 media_type="text/event-stream",
@@ -152,7 +283,8 @@ async def _serve(
         result = await _unless_disconnected(
             request, asyncio.ensure_future(_collect(outputs, response_id, call))
         )
-        return JSONResponse(full_response(call, result, response_id, created, model))
+        echo_texts = await _echo_texts(engine, call)
+        return JSONResponse(full_response(call, result, response_id, created, model, echo_texts))
     except PagedServeError as err:
         return error_response(err)
     except ClientGone:
@@ -165,8 +297,15 @@ async def _serve(
             engine.close_later(outputs)
 
 
+async def _echo_texts(engine: Engine, call: ApiCall) -> list[str] | None:
+    """Each prompt's text when the call asked for echo (its prompts are validated by now)."""
+    if not call.echo:
+        return None
+    return list(await asyncio.gather(*(engine.prompt_text(r) for r in call.requests)))
+
+
 async def _collect(outputs: AsyncIterator[RequestOutput], request_id: str, call: ApiCall) -> CompletedRequest:
-    result = CompletedRequest.start(request_id, call.request.sampling.n)
+    result = CompletedRequest.start(request_id, call.num_choices)
     async for output in outputs:
         result.add(output)
     return result

@@ -5,32 +5,63 @@ shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besid
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority, and
 return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first).
+
+Every size a body asks for (n, prompts in a batch, stop strings) is checked against
+`RequestLimits` here, before anything is built for it; every integer must fit its protobuf
+field (int32, or int64 for `seed`), every float be finite, every text be valid Unicode (no
+lone surrogates), so that nothing fails later with a 500.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import MAX_LOGPROBS, SamplingParams
+from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.datatypes import ChatMessage, GenerationRequest, Prompt, PromptKind
 
 COMPLETIONS_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38
 _MISSING = object()
 
 
 @dataclass(slots=True)
 class ApiCall:
-    """A parsed /v1/completions or /v1/chat/completions body."""
+    """A parsed /v1/completions or /v1/chat/completions body.
 
-    request: GenerationRequest
+    A completions body with a list of prompts holds one request per prompt (same sampling);
+    prompt i's choice j is choice i * n + j of the answer, as OpenAI numbers them."""
+
+    requests: list[GenerationRequest]
     chat: bool
     stream: bool = False
     include_usage: bool = False
     return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
+    echo: bool = False  # completions: each choice's text starts with its prompt
+
+    @property
+    def request(self) -> GenerationRequest:
+        """The first (usually the only) request; its sampling is every request's."""
+        return self.requests[0]
+
+    @property
+    def num_choices(self) -> int:
+        return len(self.requests) * self.request.sampling.n
 
 
 # ---- field readers: each names the field in its error ----
+
+
+def _show(value) -> str:
+    """A value for an error message: short, and never a huge integer's (slow, limited) digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _get(body: dict, name: str):
@@ -38,12 +69,17 @@ def _get(body: dict, name: str):
     return _MISSING if value is None else value
 
 
-def _int(body: dict, name: str, default):
+def _int(body: dict, name: str, default, *, lo: int = INT32_MIN, hi: int = INT32_MAX, limit: str = ""):
+    """An integer field in [lo, hi]; `limit` names where `hi` comes from (e.g. a flag)."""
     value = _get(body, name)
     if value is _MISSING:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
+        raise InvalidArgument(f"{name} must be an integer, got {_show(value)}", field=name)
+    if value > hi:
+        raise InvalidArgument(f"{name} must be <= {hi}{limit}, got {_show(value)}", field=name)
+    if value < lo:
+        raise InvalidArgument(f"{name} must be >= {lo}, got {_show(value)}", field=name)
     return value
 
 
@@ -52,7 +88,13 @@ def _float(body: dict, name: str, default):
     if value is _MISSING:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
+        raise InvalidArgument(f"{name} must be a number, got {_show(value)}", field=name)
+    if isinstance(value, int) and value.bit_length() > 128 or not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number, got {_show(value)}", field=name)
+    if abs(value) > FLOAT32_MAX:
+        raise InvalidArgument(
+            f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value:.4g}", field=name
+        )
     return float(value)
 
 
@@ -61,20 +103,48 @@ def _bool(body: dict, name: str, default: bool) -> bool:
     if value is _MISSING:
         return default
     if not isinstance(value, bool):
-        raise InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
+        raise InvalidArgument(f"{name} must be true or false, got {_show(value)}", field=name)
     return value
 
 
-def _stop(body: dict) -> list[str]:
+def check_text(text: str, where: str, field: str) -> str:
+    """`text` unchanged, or InvalidArgument when it cannot be UTF-8 (a lone surrogate, "\\ud800")."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidArgument(
+                f"{where} is not valid Unicode: a lone surrogate \\u{ord(text[err.start]):04x} "
+                f"at character {err.start}",
+                field=field,
+            ) from None
+    return text
+
+
+def _stop(body: dict, limits: RequestLimits) -> list[str]:
     value = _get(body, "stop")
     if value is _MISSING:
         return []
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+    if not isinstance(value, list):
+        raise InvalidArgument("stop must be a string or a list of strings", field="stop")
+    if len(value) > limits.max_stop_strings:
+        raise InvalidArgument(
+            f"stop has {len(value)} strings, more than the limit of {limits.max_stop_strings}", field="stop"
+        )
+    if not all(isinstance(s, str) for s in value):
         raise InvalidArgument("stop must be a string or a list of strings", field="stop")
     if any(s == "" for s in value):
         raise InvalidArgument("stop strings must not be empty", field="stop")
+    total = sum(len(s) for s in value)
+    if total > limits.max_stop_chars:
+        raise InvalidArgument(
+            f"stop strings are {total} characters in all, more than the limit of {limits.max_stop_chars}",
+            field="stop",
+        )
+    for i, s in enumerate(value):
+        check_text(s, f"stop[{i}]", "stop")
     return value
 
 
@@ -82,9 +152,14 @@ def _int_list(body: dict, name: str) -> list[int]:
     value = _get(body, name)
     if value is _MISSING:
         return []
-    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+    if not _is_int_list(value):
         raise InvalidArgument(f"{name} must be a list of integers", field=name)
     return value
+
+
+def _is_int_list(value) -> bool:
+    # json.loads makes exact ints (true is a bool, not an int); map/set run at C speed.
+    return isinstance(value, list) and set(map(type, value)) <= {int}
 
 
 def _reject(body: dict, name: str, ok, why: str) -> None:
@@ -93,7 +168,7 @@ def _reject(body: dict, name: str, ok, why: str) -> None:
         raise InvalidArgument(f"{name} is not supported: {why}", field=name)
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingParams:
+def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: RequestLimits) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0),
@@ -103,8 +178,8 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None) -> SamplingPara
         repetition_penalty=_float(body, "repetition_penalty", 1.0),
         presence_penalty=_float(body, "presence_penalty", 0.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
-        seed=_int(body, "seed", None),
-        n=_int(body, "n", 1),
+        seed=_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
+        n=_int(body, "n", 1, hi=limits.max_n, limit=" (the gateway's --max-n)"),
         stop_token_ids=_int_list(body, "stop_token_ids"),
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
@@ -127,8 +202,10 @@ def _common_checks(body: dict) -> None:
     if not isinstance(body, dict):
         raise InvalidArgument("the request body must be a JSON object")
     model = _get(body, "model")
-    if model is not _MISSING and not isinstance(model, str):
-        raise InvalidArgument("model must be a string", field="model")
+    if model is not _MISSING:
+        if not isinstance(model, str):
+            raise InvalidArgument("model must be a string", field="model")
+        check_text(model, "model", "model")
     _reject(body, "logit_bias", lambda v: not v, "logit_bias")
     _reject(body, "include_stop_str_in_output", lambda v: v is False, "stop strings are never returned")
 
@@ -136,51 +213,89 @@ def _common_checks(body: dict) -> None:
 # ---- bodies ----
 
 
-def parse_completion(body: dict) -> ApiCall:
-    """A /v1/completions body: prompt is a string or a list of token ids (or one of either in a list)."""
+def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall:
+    """A /v1/completions body: prompt is a string or a list of token ids, or a list of either
+    (a batch: one request per prompt, each with n choices)."""
+    limits = limits or RequestLimits()
     _common_checks(body)
-    _reject(body, "echo", lambda v: v is False, "echo")
     _reject(body, "suffix", lambda v: not v, "suffix")
-    prompt_value = body.get("prompt")
-    if isinstance(prompt_value, list) and len(prompt_value) == 1 and isinstance(prompt_value[0], str | list):
-        prompt_value = prompt_value[0]
-    if isinstance(prompt_value, str):
-        prompt = Prompt(
-            PromptKind.TEXT, text=prompt_value, add_special_tokens=_bool(body, "add_special_tokens", True)
-        )
-    elif isinstance(prompt_value, list) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in prompt_value
-    ):
-        prompt = Prompt(PromptKind.TOKEN_IDS, token_ids=prompt_value)
-    elif (
-        isinstance(prompt_value, list)
-        and all(isinstance(p, str | list) for p in prompt_value)
-        and prompt_value
-    ):
-        raise InvalidArgument(
-            "batched prompts are not supported: send one prompt per request", field="prompt"
-        )
-    else:
-        raise InvalidArgument("prompt must be a string or a list of token ids", field="prompt")
+    prompts = _completion_prompts(body, limits)
     logprobs = _int(body, "logprobs", None)
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", field="logprobs")
-    sampling = _sampling(body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs)
+    echo = _bool(body, "echo", False)
+    if echo and logprobs is not None:
+        raise InvalidArgument(
+            "echo with logprobs is not supported: the prompt's log-probabilities are not computed",
+            field="echo",
+        )
+    sampling = _sampling(body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits)
+    if len(prompts) * sampling.n > limits.max_n:
+        raise InvalidArgument(
+            f"{len(prompts)} prompts x n={sampling.n} = {len(prompts) * sampling.n} choices, more than "
+            f"the limit of {limits.max_n} (the gateway's --max-n)",
+            field="prompt",
+        )
     best_of = _int(body, "best_of", None)
     if best_of is not None and best_of != sampling.n:
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
     stream = _bool(body, "stream", False)
+    common = _request_fields(body, limits)
     return ApiCall(
-        request=_request(body, prompt, sampling),
+        # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).
+        requests=[
+            GenerationRequest(
+                prompt=p, sampling=_copy(sampling), logprob_token_strings=logprobs is not None, **common
+            )
+            for p in prompts
+        ],
         chat=False,
         stream=stream,
         include_usage=_stream_options(body, stream),
         return_token_ids=_bool(body, "return_token_ids", False),
+        echo=echo,
     )
 
 
-def parse_chat(body: dict) -> ApiCall:
+def _completion_prompts(body: dict, limits: RequestLimits) -> list[Prompt]:
+    value = body.get("prompt")
+    if isinstance(value, str) or _is_int_list(value) and value:
+        value = [value]
+    elif value == []:
+        value = [[]]  # an empty id list: "prompt must not be empty", from the engine
+    if not isinstance(value, list) or not value:
+        raise InvalidArgument(
+            "prompt must be a string, a list of token ids, or a list of either", field="prompt"
+        )
+    if len(value) > limits.max_n:
+        raise InvalidArgument(
+            f"prompt is a batch of {len(value)} prompts, more than the limit of {limits.max_n} "
+            "(the gateway's --max-n)",
+            field="prompt",
+        )
+    add_special_tokens = _bool(body, "add_special_tokens", True)
+    prompts = []
+    for i, item in enumerate(value):
+        where = "prompt" if len(value) == 1 else f"prompt[{i}]"
+        if isinstance(item, str):
+            text = check_text(item, where, "prompt")
+            prompts.append(Prompt(PromptKind.TEXT, text=text, add_special_tokens=add_special_tokens))
+        elif _is_int_list(item):
+            prompts.append(Prompt(PromptKind.TOKEN_IDS, token_ids=item))
+        else:
+            raise InvalidArgument(
+                "prompt must be a string, a list of token ids, or a list of either", field="prompt"
+            )
+    return prompts
+
+
+def _copy(sampling: SamplingParams) -> SamplingParams:
+    return replace(sampling, stop_token_ids=list(sampling.stop_token_ids))
+
+
+def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     """A /v1/chat/completions body. Without max_tokens the answer may fill the context."""
+    limits = limits or RequestLimits()
     _common_checks(body)
     _reject(body, "tools", lambda v: not v, "tool calls")
     _reject(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "only text")
@@ -206,12 +321,14 @@ def parse_chat(body: dict) -> ApiCall:
             )
     logprobs = (top_logprobs or 0) if want_logprobs else None
     # Without max_tokens the engine fills it in once the prompt's length is known.
-    sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs)
-    request = _request(body, prompt, sampling)
+    sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs, limits)
+    request = GenerationRequest(
+        prompt=prompt, sampling=sampling, logprob_token_strings=want_logprobs, **_request_fields(body, limits)
+    )
     request.max_tokens_to_fill = max_tokens is None
     stream = _bool(body, "stream", False)
     return ApiCall(
-        request=request,
+        requests=[request],
         chat=True,
         stream=stream,
         include_usage=_stream_options(body, stream),
@@ -226,6 +343,7 @@ def _chat_message(message, position: int) -> ChatMessage:
     role = message.get("role")
     if not isinstance(role, str) or not role:
         raise InvalidArgument(f"{where}.role must be a non-empty string", field="messages")
+    check_text(role, f"{where}.role", "messages")
     content = message.get("content")
     if content is None:
         content = ""
@@ -242,17 +360,15 @@ def _chat_message(message, position: int) -> ChatMessage:
         content = "".join(parts)
     elif not isinstance(content, str):
         raise InvalidArgument(f"{where}.content must be a string or a list of text parts", field="messages")
-    return ChatMessage(role=role, content=content)
+    return ChatMessage(role=role, content=check_text(content, f"{where}.content", "messages"))
 
 
-def _request(body: dict, prompt: Prompt, sampling: SamplingParams) -> GenerationRequest:
+def _request_fields(body: dict, limits: RequestLimits) -> dict:
+    """The GenerationRequest fields besides prompt and sampling."""
     model = _get(body, "model")
-    return GenerationRequest(
-        prompt=prompt,
-        sampling=sampling,
-        model="" if model is _MISSING else model,
-        stop=_stop(body),
-        skip_special_tokens=_bool(body, "skip_special_tokens", True),
-        priority=_int(body, "priority", 0),
-        logprob_token_strings=sampling.logprobs is not None,
-    )
+    return {
+        "model": "" if model is _MISSING else model,
+        "stop": _stop(body, limits),
+        "skip_special_tokens": _bool(body, "skip_special_tokens", True),
+        "priority": _int(body, "priority", 0),
+    }

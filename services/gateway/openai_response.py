@@ -11,12 +11,22 @@ def error_body(err: PagedServeError) -> tuple[int, dict]:
     """OpenAI's error shape: {"error": {"message", "type", "param", "code"}} and its HTTP status."""
     kind = {
         400: "invalid_request_error",
+        401: "authentication_error",
         404: "not_found_error",
+        408: "invalid_request_error",
+        413: "invalid_request_error",
+        415: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable_error",
         504: "timeout_error",
     }.get(err.http_status, "internal_error")
-    code = "model_not_found" if err.http_status == 404 and err.field == "model" else err.code.lower()
+    code = {
+        401: "invalid_api_key",
+        404: "model_not_found" if err.field == "model" else "not_found",
+        408: "request_timeout",
+        413: "request_too_large",
+        415: "unsupported_media_type",
+    }.get(err.http_status, err.code.lower())
     return err.http_status, {
         "error": {"message": err.message, "type": kind, "param": err.field, "code": code}
     }
@@ -67,22 +77,29 @@ def completion_logprobs_json(logprobs: list[TokenLogprob], text_offset: int) -> 
 
 
 def full_response(
-    call: ApiCall, result: CompletedRequest, response_id: str, created: int, model: str
+    call: ApiCall,
+    result: CompletedRequest,
+    response_id: str,
+    created: int,
+    model: str,
+    echo_texts: list[str] | None = None,
 ) -> dict:
-    """The non-streaming body of either endpoint."""
+    """The non-streaming body of either endpoint; `echo_texts`: each prompt's text, for echo."""
     choices = []
     want_logprobs = call.request.sampling.logprobs is not None
+    n = call.request.sampling.n
     for c in result.choices:
         choice: dict = {"index": c.index, "finish_reason": c.finish_reason.openai_name}
         if call.chat:
             choice["message"] = {"role": "assistant", "content": c.text}
             choice["logprobs"] = chat_logprobs_json(c.logprobs) if want_logprobs else None
         else:
-            choice["text"] = c.text
+            choice["text"] = (echo_texts[c.index // n] if echo_texts else "") + c.text
             choice["logprobs"] = completion_logprobs_json(c.logprobs, 0) if want_logprobs else None
         if call.return_token_ids:
             choice["token_ids"] = c.token_ids
-            choice["prompt_token_ids"] = result.prompt_token_ids
+            prompt_index = c.index // call.request.sampling.n
+            choice["prompt_token_ids"] = result.prompt_token_ids_by_prompt.get(prompt_index, [])
         choices.append(choice)
     return {
         "id": response_id,
@@ -97,13 +114,26 @@ def full_response(
 class ChunkFormatter:
     """Turns a request's outputs into OpenAI stream chunks (dicts; `sse.sse_event` writes them)."""
 
-    def __init__(self, call: ApiCall, response_id: str, created: int, model: str) -> None:
+    def __init__(
+        self,
+        call: ApiCall,
+        response_id: str,
+        created: int,
+        model: str,
+        echo_texts: list[str] | None = None,
+    ) -> None:
         self.call = call
         self.response_id = response_id
         self.created = created
         self.model = model
-        n = call.request.sampling.n
-        self.text_offsets = [0] * n  # completions logprobs: where each choice's next token starts
+        # echo: prompt i's text goes first in the first chunk of each of its choices
+        self.echo_pending = (
+            {i: echo_texts[i // call.request.sampling.n] for i in range(call.num_choices)}
+            if echo_texts
+            else {}
+        )
+        # completions logprobs: where each choice's next token starts
+        self.text_offsets = [0] * call.num_choices
         self.want_logprobs = call.request.sampling.logprobs is not None
 
     def _chunk(self, choices: list[dict]) -> dict:
@@ -140,6 +170,8 @@ class ChunkFormatter:
     def deltas(self, deltas: list[ChoiceDelta], prompt_token_ids: list[int] | None = None) -> list[dict]:
         choices = []
         for d in deltas:
+            if d.index in self.echo_pending:
+                d.text = self.echo_pending.pop(d.index) + d.text
             if (
                 not d.text
                 and d.finish_reason is FinishReason.NONE

@@ -3,7 +3,8 @@
 Both servers share one asyncio loop and one `Engine`, so they share the Detokenize stream,
 the in-flight count and the metrics. The gRPC health service reports SERVING only once the
 HTTP server is listening too; it is liveness only and does not follow the downstream services
-(`/ready` does).
+(`/ready` does). SIGTERM drains first (`drain`): new requests are refused while those in flight
+get --shutdown-timeout seconds to finish.
 """
 
 from __future__ import annotations
@@ -12,13 +13,27 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 
+import grpc
+import h11
 import uvicorn
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
-from pagedserve.common.models import default_model, served_model_name
-from pagedserve.gateway.config import GatewayConfig
+from pagedserve.common.models import default_model
+from pagedserve.gateway.config import (
+    DEFAULT_MAX_JSON_DEPTH,
+    DEFAULT_MAX_N,
+    DEFAULT_MAX_REQUEST_BYTES,
+    DEFAULT_MAX_STOP_CHARS,
+    DEFAULT_MAX_STOP_STRINGS,
+    GatewayConfig,
+    RequestLimits,
+)
 from pagedserve.gateway.downstream import SchedulerClient, TokenizerClient, close_all
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.grpc_service import GatewayServicer
@@ -49,7 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default=None, help="served model path or hub id (default: the bundled model)"
     )
-    parser.add_argument("--served-model-name", default=None, help="name clients use (default: from --model)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names clients may use in `model`; the first is reported in responses "
+        "(default: --model exactly as given, as vLLM does)",
+    )
     parser.add_argument(
         "--max-queued-requests",
         type=int,
@@ -62,12 +84,80 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="seconds a request may take end to end (default: none)",
     )
+    parser.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, seconds requests in flight may take to finish before they end with an "
+        "error (new ones get 503 / UNAVAILABLE meanwhile)",
+    )
+    limits = parser.add_argument_group("request limits (checked before any work)")
+    limits.add_argument(
+        "--max-n",
+        type=int,
+        default=DEFAULT_MAX_N,
+        help="most choices per request: n, times the prompts of a completions batch "
+        "(default: %(default)s, OpenAI's own limit)",
+    )
+    limits.add_argument(
+        "--max-stop-strings", type=int, default=DEFAULT_MAX_STOP_STRINGS, help="most stop strings per request"
+    )
+    limits.add_argument(
+        "--max-stop-chars",
+        type=int,
+        default=DEFAULT_MAX_STOP_CHARS,
+        help="most characters over all of a request's stop strings",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="largest HTTP body; larger ones get 413 without being read (default: 8 MiB)",
+    )
+    limits.add_argument(
+        "--max-json-depth", type=int, default=DEFAULT_MAX_JSON_DEPTH, help="deepest nesting in a JSON body"
+    )
+    limits.add_argument(
+        "--read-timeout",
+        type=float,
+        default=30.0,
+        help="seconds an HTTP client may take to send its headers, or pause while sending its body",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require `Authorization: Bearer KEY` on HTTP /v1 and the same gRPC metadata "
+        "(default: $PAGEDSERVE_API_KEY; none: open)",
+    )
+    parser.add_argument(
+        "--protect-metrics", action="store_true", help="with an API key, /metrics needs it too"
+    )
+    parser.add_argument(
+        "--tls-cert", default=None, help="PEM certificate file: serve HTTPS and gRPC over TLS"
+    )
+    parser.add_argument("--tls-key", default=None, help="PEM private key file of --tls-cert")
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     model = args.model or default_model()
-    if args.max_queued_requests < 1:
-        raise SystemExit("--max-queued-requests must be >= 1")
+    for flag in ("max_queued_requests", "max_n", "max_stop_strings", "max_stop_chars", "max_request_bytes"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_json_depth < 2:
+        raise SystemExit("--max-json-depth must be >= 2 (a body is an object of lists)")
+    if not args.read_timeout > 0:
+        raise SystemExit("--read-timeout must be > 0")
+    if args.shutdown_timeout < 0:
+        raise SystemExit("--shutdown-timeout must be >= 0")
+    names = tuple(dict.fromkeys(args.served_model_name or [model]))
+    if any(not name.strip() for name in names):
+        raise SystemExit("--served-model-name: names must not be empty")
+    api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    for path in (args.tls_cert, args.tls_key):
+        if path and not os.path.isfile(path):
+            raise SystemExit(f"TLS file not found: {path}")
     return GatewayConfig(
         host=args.host,
         grpc_port=args.grpc_port,
@@ -76,10 +166,67 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         scheduler_address=args.scheduler,
         stall_timeout=args.stall_timeout,
         model=model,
-        served_model_name=args.served_model_name or served_model_name(model),
+        served_model_names=names,
         max_queued_requests=args.max_queued_requests,
         request_timeout=args.request_timeout if args.request_timeout and args.request_timeout > 0 else None,
+        shutdown_timeout=args.shutdown_timeout,
+        limits=RequestLimits(
+            max_n=args.max_n,
+            max_stop_strings=args.max_stop_strings,
+            max_stop_chars=args.max_stop_chars,
+            max_request_bytes=args.max_request_bytes,
+            max_json_depth=args.max_json_depth,
+            read_timeout=args.read_timeout,
+        ),
+        api_key=api_key,
+        protect_metrics=args.protect_metrics,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
     )
+
+
+def http_protocol(header_timeout: float) -> type[H11Protocol]:
+    """uvicorn's h11 protocol with a deadline on request headers, which uvicorn lacks: a
+    connection must send a request's whole headers within `header_timeout` seconds of opening
+    (or of its last response), else it is closed. Slow bodies are the app's (`read_json`)."""
+
+    class H11WithHeaderTimeout(H11Protocol):
+        header_deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:  # the headers are in
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self.header_deadline = self.loop.call_later(header_timeout, self._expire)
+
+        def _disarm(self) -> None:
+            if self.header_deadline is not None:
+                self.header_deadline.cancel()
+                self.header_deadline = None
+
+        def _expire(self) -> None:
+            self.header_deadline = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.info("closing an HTTP connection that sent no complete headers in %ss", header_timeout)
+                self.transport.close()
+
+    return H11WithHeaderTimeout
 
 
 class _HttpServer(uvicorn.Server):
@@ -90,14 +237,10 @@ class _HttpServer(uvicorn.Server):
         yield
 
 
-async def serve(config: GatewayConfig) -> None:
-    tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
-    scheduler = SchedulerClient(config.scheduler_address, config.connect_timeout)
-    metrics = GatewayMetrics()
-    metrics.watch_detokenizer(tokenizer.detokenizer)
-    engine = Engine(config, tokenizer, scheduler, metrics)
-
-    http = _HttpServer(
+def http_server(engine: Engine, metrics: GatewayMetrics) -> _HttpServer:
+    """The HTTP server of `engine` (not started): uvicorn with the header deadline."""
+    config = engine.config
+    return _HttpServer(
         uvicorn.Config(
             build_app(engine, metrics),
             host=config.host,
@@ -106,8 +249,60 @@ async def serve(config: GatewayConfig) -> None:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=2,
+            http=http_protocol(config.limits.read_timeout),
+            ssl_certfile=config.tls_cert,
+            ssl_keyfile=config.tls_key,
         )
     )
+
+
+class TlsGrpcServer(GrpcServer):
+    """`GrpcServer` listening with TLS: its `start`, with a secure port in place of the insecure one."""
+
+    def __init__(self, host: str, port: int, cert_file: str, key_file: str) -> None:
+        super().__init__(host, port)
+        with open(cert_file, "rb") as cert, open(key_file, "rb") as key:
+            self.credentials = grpc.ssl_server_credentials([(key.read(), cert.read())])
+
+    async def start(self) -> int:
+        names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.server)
+        self.bound_port = self.server.add_secure_port(f"{self.host}:{self.port}", self.credentials)
+        if self.bound_port == 0:
+            raise OSError(f"could not bind gRPC port {self.host}:{self.port}")
+        await self.server.start()
+        await self.set_serving(True)
+        return self.bound_port
+
+
+def grpc_server_for(config: GatewayConfig) -> GrpcServer:
+    if config.tls_cert and config.tls_key:
+        return TlsGrpcServer(config.host, config.grpc_port, config.tls_cert, config.tls_key)
+    return GrpcServer(config.host, config.grpc_port)
+
+
+async def drain(engine: Engine, grpc_server: GrpcServer) -> None:
+    """Shutdown, first part: refuse new requests (503 / UNAVAILABLE, /ready 503, gRPC health
+    NOT_SERVING), give those in flight --shutdown-timeout seconds, then end the rest with an
+    error (a final error event on a stream) so that no client waits on a closed socket."""
+    timeout = engine.config.shutdown_timeout
+    log.info("gateway draining: %d requests in flight, %gs to finish", engine.num_in_flight, timeout)
+    engine.start_drain()
+    await grpc_server.set_serving(False)
+    if not await engine.wait_idle(timeout):
+        aborted = engine.abort_in_flight()
+        log.info("gateway stopping: %d requests still running after %gs end with an error", aborted, timeout)
+        await engine.wait_idle(2.0)
+
+
+async def serve(config: GatewayConfig) -> None:
+    tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
+    scheduler = SchedulerClient(config.scheduler_address, config.connect_timeout)
+    metrics = GatewayMetrics()
+    metrics.watch_detokenizer(tokenizer.detokenizer)
+    engine = Engine(config, tokenizer, scheduler, metrics)
+
+    http = http_server(engine, metrics)
     http_task = asyncio.create_task(http.serve(), name="http")
     while not http.started:
         if http_task.done():
@@ -115,15 +310,14 @@ async def serve(config: GatewayConfig) -> None:
             raise OSError(f"the HTTP server did not start on {config.host}:{config.http_port}")
         await asyncio.sleep(0.02)
 
-    grpc_server = GrpcServer(config.host, config.grpc_port)
+    grpc_server = grpc_server_for(config)
     grpc_server.add(
         gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(engine), *full_names(["Gateway"])
     )
     grpc_port = await grpc_server.start()
 
     async def stop() -> None:
-        log.info("gateway stopping")
-        await grpc_server.set_serving(False)
+        await drain(engine, grpc_server)
         http.should_exit = True
         await grpc_server.stop(grace=2.0)
         await asyncio.wait_for(http_task, timeout=5)

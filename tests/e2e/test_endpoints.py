@@ -6,7 +6,6 @@ import httpx
 from e2e_harness import MAX_MODEL_LEN, NUM_KV_BLOCKS, Stack, metric
 
 from pagedserve.client import Client
-from pagedserve.common.models import served_model_name
 
 METRICS = [
     "pagedserve_kv_blocks_total",
@@ -22,7 +21,7 @@ METRICS = [
 
 
 def test_models_health_ready(stack: Stack, http: httpx.Client) -> None:
-    name = served_model_name(stack.model)
+    name = stack.model  # served under --model as given, as vLLM does
     models = http.get("/v1/models").json()
     assert models["object"] == "list"
     assert [(m["id"], m["max_model_len"]) for m in models["data"]] == [(name, MAX_MODEL_LEN)]

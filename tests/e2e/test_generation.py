@@ -17,7 +17,6 @@ from e2e_harness import Stack, hf_greedy, metric, running_stack
 from transformers import AutoTokenizer
 
 from pagedserve.client import AsyncClient, Client
-from pagedserve.common.models import served_model_name
 from pagedserve.gateway.sse import parse_sse
 
 NEW_TOKENS = 64
@@ -138,7 +137,7 @@ def test_greedy_matches_transformers_random_qwen2(qwen2_model: str, fresh_redis_
     with running_stack(qwen2_model, fresh_redis_url(), tmp_path) as qwen_stack:
         grpc_out, http_out = asyncio.run(_greedy_both_apis(qwen_stack, prompts))
         with Client(qwen_stack.grpc_address, timeout=30) as client:
-            assert [m.id for m in client.models()] == [served_model_name(qwen2_model)]
+            assert [m.id for m in client.models()] == [qwen2_model]
     expected = hf_greedy(qwen2_model, prompts, NEW_TOKENS)
     for i, want in enumerate(expected):
         assert grpc_out[i] == want, f"gRPC prompt {i}"
@@ -294,7 +293,7 @@ CHAT = [
 
 def test_chat_completions_with_the_openai_client(stack: Stack) -> None:
     client = openai.OpenAI(base_url=f"{stack.http_url}/v1", api_key="unused", max_retries=0)
-    name = served_model_name(stack.model)
+    name = stack.model  # served under --model as given, as vLLM does
     assert [m.id for m in client.models.list().data] == [name]
 
     whole = client.chat.completions.create(model=name, messages=CHAT, max_tokens=40, temperature=0)

@@ -77,12 +77,15 @@ class FakeTokenizer:
 
 
 class FakeStream:
+    """Waits at `gate` after the first update; ends (as the scheduler's does) once aborted."""
+
     def __init__(
         self, updates: list[SchedulerUpdate], gate: asyncio.Event | None, break_after: int = -1
     ) -> None:
         self.updates = updates
         self.gate = gate
         self.cancelled = False
+        self.aborted = asyncio.Event()
         self.break_after = break_after  # the scheduler dies after this many messages (-1: never)
 
     def cancel(self) -> None:
@@ -95,7 +98,12 @@ class FakeStream:
             if i == self.break_after:
                 raise Unavailable("scheduler at test is unavailable: connection reset")
             if i > 0 and self.gate is not None:
-                await self.gate.wait()
+                waits = [asyncio.ensure_future(self.gate.wait()), asyncio.ensure_future(self.aborted.wait())]
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for wait in waits:
+                    wait.cancel()
+            if self.aborted.is_set():
+                return
             yield update
 
 
@@ -158,6 +166,9 @@ class FakeScheduler:
 
     async def abort(self, request_id: str) -> bool:
         self.aborted.append(request_id)
+        for (submitted_id, _, _), stream in zip(self.submitted, self.streams, strict=True):
+            if submitted_id == request_id:
+                stream.aborted.set()
         return True
 
     async def stats(self, timeout=None) -> SchedulerStats:
@@ -166,7 +177,7 @@ class FakeScheduler:
 
 def make_engine(scheduler: FakeScheduler, **config) -> tuple[Engine, FakeTokenizer]:
     tokenizer = FakeTokenizer()
-    cfg = GatewayConfig(served_model_name="tiny-py", **config)
+    cfg = GatewayConfig(model="/models/tiny-py", served_model_names=("tiny-py",), **config)
     return Engine(cfg, tokenizer, scheduler), tokenizer
 
 

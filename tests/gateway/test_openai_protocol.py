@@ -9,10 +9,14 @@ from pagedserve.gateway.datatypes import (
     ChoiceDelta,
     CompletedRequest,
     FinishReason,
+    PayloadTooLarge,
     PromptKind,
+    ReadTimeout,
     RequestOutput,
     TokenLogprob,
     TopLogprob,
+    Unauthenticated,
+    UnsupportedMediaType,
     Usage,
 )
 from pagedserve.gateway.openai_request import parse_chat, parse_completion
@@ -79,7 +83,8 @@ def test_completion_prompt_in_a_one_element_list() -> None:
     ("body", "field"),
     [
         ({"prompt": 3}, "prompt"),
-        ({"prompt": ["a", "b"]}, "prompt"),
+        ({"prompt": ["a", 3]}, "prompt"),
+        ({"prompt": [["a"]]}, "prompt"),
         ({"prompt": "x", "max_tokens": "5"}, "max_tokens"),
         ({"prompt": "x", "max_tokens": 2.5}, "max_tokens"),
         ({"prompt": "x", "temperature": "hot"}, "temperature"),
@@ -87,7 +92,8 @@ def test_completion_prompt_in_a_one_element_list() -> None:
         ({"prompt": "x", "stop": ["a", ""]}, "stop"),
         ({"prompt": "x", "stop": 5}, "stop"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
-        ({"prompt": "x", "echo": True}, "echo"),
+        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "echo": 1}, "echo"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
@@ -100,6 +106,69 @@ def test_completion_bad_fields_are_named(body: dict, field: str) -> None:
         parse_completion(body)
     assert info.value.field == field
     assert field in info.value.message
+
+
+def test_a_list_of_prompts_is_a_batch_with_one_request_each() -> None:
+    call = parse_completion({"prompt": ["a", [4, 5], "c"], "n": 2, "stop": "x", "logprobs": 0})
+    assert [r.prompt.kind for r in call.requests] == [PromptKind.TEXT, PromptKind.TOKEN_IDS, PromptKind.TEXT]
+    assert [r.prompt.text for r in call.requests] == ["a", "", "c"] and call.requests[1].prompt.token_ids == [
+        4,
+        5,
+    ]
+    assert call.num_choices == 6 and call.request is call.requests[0]
+    assert all(r.stop == ["x"] and r.sampling.n == 2 and r.logprob_token_strings for r in call.requests)
+    assert call.requests[0].sampling is not call.requests[1].sampling, "each request owns its sampling"
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "message"),
+    [
+        ({"prompt": "x", "n": 2**40}, "n", "n must be <= 128 (the gateway's --max-n), got 1099511627776"),
+        ({"prompt": "x", "n": 10**30}, "n", "got 1000000000000000000000000000000"),
+        ({"prompt": "x", "n": 2**300}, "n", "got an integer of 301 bits"),
+        ({"prompt": "x", "seed": 2**64}, "seed", "seed must be <= 9223372036854775807"),
+        ({"prompt": "x", "seed": 2**63 - 1}, None, ""),
+        ({"prompt": "x", "priority": 2**31}, "priority", "priority must be <= 2147483647"),
+        ({"prompt": "x", "priority": -(2**31) - 1}, "priority", "priority must be >= -2147483648"),
+        ({"prompt": "x", "min_tokens": 2**31}, "min_tokens", "min_tokens must be <= 2147483647"),
+        (
+            {"prompt": "\ud800"},
+            "prompt",
+            "prompt is not valid Unicode: a lone surrogate \\ud800 at character 0",
+        ),
+        ({"prompt": "x", "stop": ["a"] * 65}, "stop", "stop has 65 strings, more than the limit of 64"),
+        ({"prompt": "x", "stop": ["a" * 4097]}, "stop", "stop strings are 4097 characters in all"),
+        ({"prompt": "x", "temperature": float("inf")}, "temperature", "temperature must be a finite number"),
+        ({"prompt": "x", "min_p": float("nan")}, "min_p", "min_p must be a finite number"),
+        ({"prompt": ["x"] * 129}, "prompt", "prompt is a batch of 129 prompts, more than the limit of 128"),
+        ({"prompt": ["x"] * 5, "n": 26}, "prompt", "5 prompts x n=26 = 130 choices"),
+    ],
+)
+def test_sizes_and_ranges_are_checked_while_parsing(body: dict, field: str | None, message: str) -> None:
+    if field is None:
+        parse_completion(body)
+        return
+    with pytest.raises(InvalidArgument) as info:
+        parse_completion(body)
+    assert info.value.field == field and message in info.value.message
+
+
+def test_limits_come_from_the_config() -> None:
+    from pagedserve.gateway.config import RequestLimits
+
+    limits = RequestLimits(max_n=4, max_stop_strings=2, max_stop_chars=5)
+    with pytest.raises(InvalidArgument, match=r"n must be <= 4 \(the gateway's --max-n\), got 5"):
+        parse_chat({"messages": [{"role": "user", "content": "x"}], "n": 5}, limits)
+    with pytest.raises(InvalidArgument, match="stop has 3 strings, more than the limit of 2"):
+        parse_completion({"prompt": "x", "stop": ["a", "b", "c"]}, limits)
+    with pytest.raises(
+        InvalidArgument, match="stop strings are 6 characters in all, more than the limit of 5"
+    ):
+        parse_completion({"prompt": "x", "stop": ["abc", "def"]}, limits)
+    with pytest.raises(InvalidArgument, match="messages\\[1\\].role is not valid Unicode"):
+        parse_chat(
+            {"messages": [{"role": "user", "content": "x"}, {"role": "\udc00", "content": "y"}]}, limits
+        )
 
 
 def test_range_checks_are_left_to_sampling_params_validate() -> None:
@@ -183,6 +252,10 @@ def test_chat_bad_fields_are_named(body: dict, field: str) -> None:
         ),
         (NotFound("model 'x' is not served here", field="model"), 404, "not_found_error", "model_not_found"),
         (ResourceExhausted("queue full"), 429, "rate_limit_error", "resource_exhausted"),
+        (Unauthenticated("invalid API key"), 401, "authentication_error", "invalid_api_key"),
+        (PayloadTooLarge("too big"), 413, "invalid_request_error", "request_too_large"),
+        (UnsupportedMediaType("not JSON"), 415, "invalid_request_error", "unsupported_media_type"),
+        (ReadTimeout("stalled"), 408, "invalid_request_error", "request_timeout"),
         (Unavailable("scheduler at h:1 is unavailable"), 503, "service_unavailable_error", "unavailable"),
     ],
 )

@@ -235,7 +235,7 @@ def start_small_stack(launch, model: str, *flags: str) -> tuple[Up, str]:
 
 
 def complete(http_url: str, timeout: float = 60.0) -> httpx.Response:
-    body = {"model": "tiny-py", "prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+    body = {"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}  # the served model
     return httpx.post(f"{http_url}/v1/completions", json=body, timeout=timeout)
 
 
