@@ -52,6 +52,7 @@ import grpc
 
 from pagedserve.common import errors
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
+from pagedserve.common.outputs import Usage
 from pagedserve.common.params import SamplingParams
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 
@@ -88,13 +89,6 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
-
-
-@dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_prompt_tokens: int = 0
 
 
 @dataclass(slots=True)

@@ -11,20 +11,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from pagedserve.common.errors import PagedServeError
+from pagedserve.common.outputs import ChoiceTokens, FinishReason, Usage  # noqa: F401  (the gateway's names)
 from pagedserve.common.params import SamplingParams
-
-
-class FinishReason(IntEnum):
-    """Why a choice ended; the values match `pagedserve.v1.FinishReason`."""
-
-    NONE = 0  # still running
-    STOP = 1  # EOS, a stop token id, or a stop string
-    LENGTH = 2  # max_tokens or max_model_len
-    ABORT = 3  # cancelled by the client or a service
-
-    @property
-    def openai_name(self) -> str | None:
-        return None if self is FinishReason.NONE else self.name.lower()
 
 
 class PromptKind(IntEnum):
@@ -103,17 +91,6 @@ class ChoiceDelta:
 
 
 @dataclass(slots=True)
-class Usage:
-    prompt_tokens: int = 0
-    completion_tokens: int = 0  # summed over choices, as returned to the client
-    cached_prompt_tokens: int = 0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(slots=True)
 class RequestOutput:
     """One message of a generation stream; `usage` is set on the last one only."""
 
@@ -186,14 +163,6 @@ class SchedulerUpdate:
     choices: list[ChoiceTokens]
     usage: Usage | None
     cached_prompt_tokens: int
-
-
-@dataclass(slots=True)
-class ChoiceTokens:
-    index: int
-    token_ids: list[int]
-    logprobs: list[TokenLogprob]
-    finish_reason: FinishReason
 
 
 @dataclass(slots=True)

@@ -15,9 +15,11 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from pagedserve.scheduler.redis_keys import PoolKeys
+from pagedserve.scheduler.redis_lua import SCAN_TABLES_LUA
 
 # Reads the whole pool at once. KEYS[1] = the meta key; ARGV[1] = SCAN pattern of table keys.
-SNAPSHOT_LUA = r"""
+SNAPSHOT_LUA = (
+    r"""
 local meta = KEYS[1]
 local P = string.sub(meta, 1, #meta - 4)
 if redis.call('EXISTS', meta) == 0 then return false end
@@ -36,19 +38,13 @@ end
 out.hash = hash_block
 out.bhash = redis.call('HGETALL', P .. 'bhash')
 out.reqs = redis.call('SMEMBERS', P .. 'reqs')
-local tables = {}
-local cursor = '0'
-repeat
-  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
-  cursor = page[1]
-  for _, key in ipairs(page[2]) do
-    tables[#tables + 1] = string.sub(key, #P + 7)
-    tables[#tables + 1] = redis.call('LRANGE', key, 0, -1)
-  end
-until cursor == '0'
+"""
+    + SCAN_TABLES_LUA
+    + r"""
 out.tables = tables
 return cjson.encode(out)
 """
+)
 
 
 def check_state(

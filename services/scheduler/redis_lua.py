@@ -315,20 +315,9 @@ return 0
 """
 )
 
-# Everything a new scheduler needs, in one call: the pool's blocks (free list in order, the
-# LRU oldest first, each hash's stored entry, every table) and every stored request state.
-# KEYS[1] = meta; ARGV[1] = SCAN pattern of table keys.
-LOAD_LUA = r"""
-local meta = KEYS[1]
-local P = string.sub(meta, 1, #meta - 4)
-if redis.call('EXISTS', meta) == 0 then return false end
-local out = {}
-local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'tick')
-out.num_blocks, out.block_size, out.tick = m[1], m[2], m[3]
-out.free = redis.call('LRANGE', P .. 'free', 0, -1)
-out.ref = redis.call('HGETALL', P .. 'ref')
-out.lru = redis.call('ZRANGE', P .. 'lru', 0, -1)
-out.hash = redis.call('HGETALL', P .. 'hash')
+# Every block table of the pool as a flat list (sid, blocks, sid, blocks, ...) in `tables`;
+# ARGV[1] is the SCAN pattern of the pool's table keys, P the pool's key prefix.
+SCAN_TABLES_LUA = r"""
 local tables = {}
 local cursor = '0'
 repeat
@@ -339,6 +328,26 @@ repeat
     tables[#tables + 1] = redis.call('LRANGE', key, 0, -1)
   end
 until cursor == '0'
+"""
+
+# Everything a new scheduler needs, in one call: the pool's blocks (free list in order, the
+# LRU oldest first, each hash's stored entry, every table) and every stored request state.
+# KEYS[1] = meta; ARGV[1] = SCAN pattern of table keys.
+LOAD_LUA = (
+    r"""
+local meta = KEYS[1]
+local P = string.sub(meta, 1, #meta - 4)
+if redis.call('EXISTS', meta) == 0 then return false end
+local out = {}
+local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'tick')
+out.num_blocks, out.block_size, out.tick = m[1], m[2], m[3]
+out.free = redis.call('LRANGE', P .. 'free', 0, -1)
+out.ref = redis.call('HGETALL', P .. 'ref')
+out.lru = redis.call('ZRANGE', P .. 'lru', 0, -1)
+out.hash = redis.call('HGETALL', P .. 'hash')
+"""
+    + SCAN_TABLES_LUA
+    + r"""
 out.tables = tables
 local reqs = {}
 for _, rid in ipairs(redis.call('SMEMBERS', P .. 'reqs')) do
@@ -350,6 +359,7 @@ end
 out.reqs = reqs
 return cjson.encode(out)
 """
+)
 
 # The lease: KEYS[1] = meta, KEYS[2] = the lease key; ARGV: holder, ttl ms, lowest token to hand out.
 # Taken when free (or already ours); the fencing token only grows, even over a Redis that lost

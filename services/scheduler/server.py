@@ -169,6 +169,16 @@ async def _take_pool(
     return engine
 
 
+async def _listen(config: SchedulerConfig) -> RunningScheduler:
+    """The gRPC server up, NOT_SERVING, with no engine yet (a standby until it holds the pool)."""
+    server = GrpcServer(config.host, config.port)
+    servicer = SchedulerServicer(None, config.pool_id)
+    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
+    await server.start()
+    await server.set_serving(False)
+    return RunningScheduler(server, servicer)
+
+
 async def start(
     config: SchedulerConfig,
     executor: ExecutorClient,
@@ -178,12 +188,8 @@ async def start(
     info_timeout: float | None = None,
 ) -> RunningScheduler:
     """Serve at once (NOT_SERVING, Submit UNAVAILABLE while a standby), then take the pool."""
-    server = GrpcServer(config.host, config.port)
-    servicer = SchedulerServicer(None, config.pool_id)
-    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
-    await server.start()
-    await server.set_serving(False)
-    running = RunningScheduler(server, servicer)
+    running = await _listen(config)
+    server, servicer = running.server, running.servicer
     try:
         await serve_pool(server, servicer, config, executor, pool, lease, info_timeout=info_timeout)
     except BaseException:
@@ -202,12 +208,8 @@ async def serve(config: SchedulerConfig) -> None:
     client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
     pool = RedisBlockPool(client, config.pool_id)
     lease = Lease(client, config.pool_id, ttl=config.lease_ttl)
-    server = GrpcServer(config.host, config.port)
-    servicer = SchedulerServicer(None, config.pool_id)
-    server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
-    await server.start()
-    await server.set_serving(False)
-    running = RunningScheduler(server, servicer)
+    running = await _listen(config)
+    server, servicer = running.server, running.servicer
     log.info("scheduler listening on %s:%d for pool %r", config.host, running.port, config.pool_id)
     taking = asyncio.ensure_future(
         serve_pool(server, servicer, config, GrpcExecutorClient(config.executor), pool, lease)
