@@ -137,11 +137,12 @@ class StepOps:
     """A step's operations, in the order they are to run. Methods that have an answer return
     a handle: the index of that answer in `StepResult.results`."""
 
-    __slots__ = ("ops", "progress")
+    __slots__ = ("ops", "progress", "load")
 
     def __init__(self) -> None:
         self.ops: list[list] = []
         self.progress: list[str] = []  # update() records, applied before `ops`
+        self.load = ""  # "running,waiting,tokens,ms" for the pool registry, when set
 
     def __len__(self) -> int:
         return len(self.ops) + len(self.progress)

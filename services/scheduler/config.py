@@ -23,6 +23,7 @@ class SchedulerConfig:
     lease_ttl: float = 3.0  # seconds the pool's lease lasts unrenewed
     stall_timeout: float = 30.0  # seconds an unreachable executor may stall requests
     attach_timeout: float = 30.0  # seconds a resumed request waits for its client
+    advertise_address: str = ""  # host:port in the pool registry ("" : from host and port)
 
 
 @dataclass(frozen=True, slots=True)

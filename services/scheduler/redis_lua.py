@@ -265,8 +265,15 @@ for i = 1, #ops do
 end
 
 redis.call('HSET', meta, 'tick', string.format('%d', tick))
-return cjson.encode({r = results, f = redis.call('LLEN', FREE), c = redis.call('ZCARD', LRU),
-  u = redis.call('HLEN', REF)})
+local nfree, ncached = redis.call('LLEN', FREE), redis.call('ZCARD', LRU)
+-- The pool's load for the registry (see common/pool_registry.py): "running,waiting,tokens,ms".
+if ARGV[4] and ARGV[4] ~= '' then
+  local l = {}
+  for v in string.gmatch(ARGV[4], '[^,]+') do l[#l + 1] = v end
+  redis.call('HSET', P .. 'load', 'running', l[1], 'waiting', l[2], 'tokens', l[3], 'ms', l[4],
+    'available', nfree + ncached)
+end
+return cjson.encode({r = results, f = nfree, c = ncached, u = redis.call('HLEN', REF)})
 """
 )
 

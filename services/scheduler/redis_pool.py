@@ -78,7 +78,7 @@ class RedisBlockPool(BlockPool):
     def apply(self, ops: StepOps, fence: int | None = None) -> StepResult:
         ops_json, progress = ops.encode()
         token = self.fence if fence is None else fence
-        reply = json.loads(self._run(self._step, [self.keys.meta], [ops_json, progress, token]))
+        reply = json.loads(self._run(self._step, [self.keys.meta], [ops_json, progress, token, ops.load]))
         raw = reply["r"] if isinstance(reply["r"], list) else []
         results = [decode_result(op, r) for op, r in zip(ops.ops, raw, strict=True)]
         return StepResult(results, PoolCounts(int(reply["f"]), int(reply["c"]), int(reply["u"])))

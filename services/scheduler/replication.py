@@ -47,6 +47,9 @@ class Replicator:
         self._inflight: asyncio.Future | None = None
         self._renewer: asyncio.Task | None = None
         self.wake: Callable[[], object] = lambda: None  # the engine's: a whole write is due
+        self.registration: dict | None = (
+            None  # pool_registry.register's fields, written again after a whole write
+        )
 
     # --- the step's write ------------------------------------------------------------------
 
@@ -83,6 +86,7 @@ class Replicator:
             self.stale = False
             job = (self._seed, scheduler.blocks.snapshot(), scheduler.stored_states(), scheduler.epoch)
         elif len(ops):
+            ops.load = scheduler.load_record()
             job = (self._apply, ops, scheduler.blocks.counts())
         else:
             return
@@ -121,7 +125,16 @@ class Replicator:
         self.replica.fence = self.lease.token if self.lease is not None else 0
         self.replica.seed(snap, states, epoch, self.model)
         self.num_full_writes += 1
+        self.register()
         log.info("replica rewritten whole: %d blocks, %d sequence states", snap.num_blocks, len(states))
+
+    def register(self) -> None:
+        """Announce the pool in the registry (a Redis replica only)."""
+        client = getattr(self.replica, "client", None)
+        if self.registration is not None and client is not None:
+            from pagedserve.common.pool_registry import register
+
+            register(client, self.replica.pool_id, **self.registration)
 
     @property
     def idle(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -51,6 +52,7 @@ class StepCounters:
     generated_tokens: int = 0
     executor_restarts: int = 0
     num_resumed: int = 0  # requests taken over from a previous scheduler
+    live_tokens: int = 0  # tokens held by the running sequences, last step
     kv_utilization: float = 0.0  # live tokens / allocated slots of the running sequences, last step
 
 
@@ -127,6 +129,10 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         request.aborted = True
         self._aborts.append(request_id)
         return True
+
+    def load_record(self) -> str:
+        """The pool's load as the registry stores it: "running,waiting,tokens,ms"."""
+        return f"{len(self.running)},{len(self.waiting)},{self.stats.live_tokens},{int(time.time() * 1000)}"
 
     def has_work(self) -> bool:
         return bool(

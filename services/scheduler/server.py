@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import socket
 from dataclasses import dataclass
 
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
@@ -42,6 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-model-len", type=int, default=None, help="longest prompt + output (default: the executor's)"
     )
     parser.add_argument(
+        "--advertise-address",
+        default="",
+        help="host:port gateways should dial, as written in the pool registry "
+        "(default: --host:--port, the host name when --host is a wildcard)",
+    )
+    parser.add_argument(
         "--lease-ttl",
         type=float,
         default=3.0,
@@ -73,6 +80,7 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         max_queued_requests=args.max_queued_requests,
         max_model_len=args.max_model_len,
         lease_ttl=args.lease_ttl,
+        advertise_address=args.advertise_address,
         stall_timeout=args.stall_timeout,
         attach_timeout=args.attach_timeout,
     )
@@ -84,6 +92,13 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
     if config.max_model_len is not None and config.max_model_len < 1:
         raise ValueError(f"--max-model-len must be >= 1, got {config.max_model_len}")
     return config
+
+
+def advertised(host: str, port: int) -> str:
+    """Where others reach a server bound to host:port (a wildcard host: this machine's name)."""
+    if host in ("", "0.0.0.0", "::"):
+        host = socket.gethostname()
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass
@@ -162,6 +177,16 @@ async def _take_pool(
         stall_timeout=config.stall_timeout,
         attach_timeout=config.attach_timeout,
     )
+    if lease is not None:
+        engine.replicator.registration = {
+            "scheduler": config.advertise_address or advertised(config.host, server.bound_port),
+            "executor": config.executor,
+            "model": engine.info.model,
+            "block_size": engine.info.block_size,
+            "num_blocks": engine.info.num_blocks,
+            "holder": lease.holder,
+        }
+        await asyncio.to_thread(engine.replicator.register)
     engine.on_health = server.set_serving
     servicer.engine = engine
     engine.start()
