@@ -45,7 +45,7 @@ def test_sync_client_all_prompt_forms(stack: Stack) -> None:
 def test_timeout_raises_and_aborts(stack: Stack) -> None:
     with Client(stack.grpc_address, timeout=0.5) as client, pytest.raises(DeadlineExceeded):
         client.generate("import ", max_tokens=300, ignore_eos=True)
-    _wait_idle_within(stack, 2.0)
+    _wait_idle_within(stack, 3.0)  # one step after the deadline; slack for a loaded 2-core machine
 
 
 def test_async_client_stream_closed_early_cancels(stack: Stack) -> None:
@@ -58,4 +58,4 @@ def test_async_client_stream_closed_early_cancels(stack: Stack) -> None:
             return first.request_id
 
     assert asyncio.run(run())
-    _wait_idle_within(stack, 2.0)
+    _wait_idle_within(stack, 3.0)  # one step after the deadline; slack for a loaded 2-core machine

@@ -21,7 +21,7 @@ from e2e_harness import Stack, running_stack
 from pagedserve.client import Client
 from pagedserve.common import errors
 
-FREED_WITHIN_S = 2.0
+FREED_WITHIN_S = 3.0  # an abort frees blocks at the next step; slack for a loaded 2-core machine
 QUICK_S = 2.0
 STALL_S = 4.0  # the fault stack's --stall-timeout (scheduler and gateway)
 LONG = {"max_tokens": 300, "ignore_eos": True, "temperature": 0}  # about 2 s of decoding alone
