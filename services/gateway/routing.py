@@ -194,6 +194,9 @@ class PoolRouter:
                 p.pool_id: (next(self._turn) % len(pools), 0) for p in pools
             }
         hits, loads = {}, {}
+        in_flight: dict[str, int] = {}
+        for a in self.assignments.values():
+            in_flight[a.pool_id] = in_flight.get(a.pool_id, 0) + 1
         for p in pools:
             n = 0
             if chains[p.pool_id]:
@@ -203,7 +206,8 @@ class PoolRouter:
                     n += 1
             hits[p.pool_id] = n * (p.hasher.block_size if p.hasher else 0)
             running, waiting, available = (int(v or 0) for v in next(replies))
-            loads[p.pool_id] = (running + waiting, available)
+            # The pool's own figure is a step old; a burst this gateway just routed counts at once.
+            loads[p.pool_id] = (max(running + waiting, in_flight.get(p.pool_id, 0)), available)
         return hits, loads
 
     # --- the scheduler interface ------------------------------------------------------------
