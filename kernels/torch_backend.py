@@ -20,6 +20,13 @@ rows, so K/V are never repeated and a decode is a [group, kv_len] problem per KV
 whole prompts of one length (no cached context, no padding) uses `is_causal` instead of a mask,
 which lets SDPA skip the masked half.
 
+Everything derived from the step's metadata (which sequences are decodes, the blocks to gather, the
+padding to zero, the query rows, the masks) is an `AttentionPlan`; `TorchAttentionStep` builds it and
+the slots once per forward, and every layer reuses them, so a layer costs a KV write, one gather per
+group and one SDPA call per group. Decodes get their own lean path: a [S, Hkv, group, D] query
+against the gathered context with a [S, 1, 1, L] mask, read and written as a slice of the flat batch
+when the decode tokens are back to back (the executor puts them so).
+
 The gathered K/V land in a per-thread workspace that is reused across calls (and grows to the
 largest batch seen): a fresh allocation of that size costs more in page faults than the gather.
 """
@@ -27,6 +34,7 @@ largest batch seen): a fresh allocation of that size costs more in page faults t
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +57,50 @@ def reshape_and_cache_torch(
     block_ids, offsets = slots // block_size, slots % block_size
     k_cache[block_ids, offsets] = key[keep]
     v_cache[block_ids, offsets] = value[keep]
+
+
+class TorchAttentionStep:
+    """The torch backend's per-step state (see `backends.PagedAttentionStep`): the slots and the
+    attention plan are derived from the step's metadata once, then every layer reuses them."""
+
+    def __init__(
+        self,
+        slot_mapping: torch.Tensor,  # [T]
+        block_table: torch.Tensor,  # [S, max_blocks]
+        seq_lens: torch.Tensor,  # [S]
+        cu_seqlens_q: torch.Tensor,  # [S + 1]
+        block_size: int,
+    ) -> None:
+        slots = slot_mapping.long()
+        keep = slots >= 0  # [T]
+        # None when every token is cached (the executor never pads): no masked copy of key/value.
+        self.keep = None if bool(keep.all()) else keep
+        self.slots = slots if self.keep is None else slots[keep]  # [n]
+        self.plan = AttentionPlan(block_table, seq_lens, cu_seqlens_q, block_size)
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    ) -> None:
+        if self.keep is not None:
+            key, value = key[self.keep], value[self.keep]
+        # A flat slot view of the pool (a view, never a copy: the pool is contiguous); one index_copy_
+        # per tensor instead of advanced-index assignment, which builds (block, offset) pairs first.
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots, key)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots, value)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [T, H, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,  # [T, H, D]
+    ) -> None:
+        self.plan.attend(query, k_cache, v_cache, scale, out)
 
 
 def copy_blocks_torch(
@@ -105,71 +157,201 @@ def paged_attention_torch(
     check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     if out is None:
         out = torch.empty_like(query)
-    if query.size(0) == 0:
-        return out
-    q_starts = cu_seqlens_q[:-1].long()  # [S]
-    q_lens = cu_seqlens_q[1:].long() - q_starts  # [S]
-    is_decode = q_lens == 1
-    for group in (is_decode, q_lens > 1):
-        seqs = group.nonzero().squeeze(1)  # [S_group]
-        if seqs.numel() == 0:
-            continue
-        _attend(
-            query,
-            k_cache,
-            v_cache,
-            block_table.index_select(0, seqs),
-            seq_lens.index_select(0, seqs).long(),
-            q_starts.index_select(0, seqs),
-            q_lens.index_select(0, seqs),
-            scale,
-            out,
-        )
+    plan = AttentionPlan(block_table, seq_lens, cu_seqlens_q, k_cache.size(1))
+    plan.attend(query, k_cache, v_cache, scale, out)
     return out
 
 
+@dataclass(slots=True)
+class _GroupPlan:
+    """The index tensors of one group of sequences (decodes, or the rest), built once per step."""
+
+    decode: bool  # every q_len is 1
+    num_seqs: int
+    max_q_len: int
+    kv_len: int  # padded context length, a whole number of blocks
+    block_ids: torch.Tensor  # [S * B] int64, block of each gathered block (padding -> block 0)
+    padded_rows: torch.Tensor | None  # rows of the gathered [S * L] past each context, zeroed before use
+    token_slice: slice | None  # decode tokens back to back in `query`: a view, no index needed
+    token_index: torch.Tensor  # decode: [S] token of each sequence; else [n] tokens of the valid rows
+    q_index: torch.Tensor | None  # [S, Q] token of each padded query row (not decode)
+    q_valid: torch.Tensor | None  # [S, Q] bool (not decode)
+    whole_prompts: bool  # whole prompts of one length: is_causal, no mask
+    kv_valid: torch.Tensor  # [S, L] bool
+    q_pos: torch.Tensor | None  # [S, Q] absolute position of each query row (not decode)
+    masks: dict[int, torch.Tensor] = field(default_factory=dict)  # GQA group size -> SDPA mask
+
+    def mask(self, group: int) -> torch.Tensor:
+        """The boolean SDPA mask for `group` query heads per KV head, built on first use."""
+        mask = self.masks.get(group)
+        if mask is None:
+            if self.decode:
+                mask = self.kv_valid[:, None, None, :]  # [S, 1, 1, L], broadcast over heads
+            else:
+                kv_pos = torch.arange(self.kv_len, device=self.kv_valid.device)  # [L]
+                causal = kv_pos[None, None, :] <= self.q_pos[:, :, None]  # [S, Q, L]
+                mask = causal & self.kv_valid[:, None, :]  # [S, Q, L]
+                mask = mask[:, None].expand(self.num_seqs, group, self.max_q_len, self.kv_len)
+                mask = mask.reshape(self.num_seqs, 1, group * self.max_q_len, self.kv_len)  # row g * Q + i
+            self.masks[group] = mask
+        return mask
+
+
+class AttentionPlan:
+    """What `paged_attention_torch` derives from a step's metadata (block_table, seq_lens,
+    cu_seqlens_q), computed once and reused by every layer of the step: each layer then only
+    gathers, attends and scatters. Reads the metadata's values on the host once (a CPU backend)."""
+
+    def __init__(
+        self, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
+    ) -> None:
+        self.block_size = block_size
+        self.groups: list[_GroupPlan] = []
+        cu = cu_seqlens_q.long()
+        q_starts = cu[:-1]  # [S]
+        q_lens = cu[1:] - q_starts  # [S]
+        is_decode = q_lens == 1  # [S]
+        for decode, seqs in ((True, is_decode), (False, ~is_decode)):
+            seqs = seqs.nonzero().squeeze(1)  # [S_group]
+            if seqs.numel():
+                self.groups.append(
+                    self._plan_group(
+                        decode,
+                        block_table.index_select(0, seqs),
+                        seq_lens.index_select(0, seqs).long(),
+                        q_starts.index_select(0, seqs),
+                        q_lens.index_select(0, seqs),
+                    )
+                )
+
+    def _plan_group(
+        self,
+        decode: bool,
+        block_table: torch.Tensor,  # [S, max_blocks]
+        seq_lens: torch.Tensor,  # [S] int64
+        q_starts: torch.Tensor,  # [S] int64
+        q_lens: torch.Tensor,  # [S] int64, all >= 1
+    ) -> _GroupPlan:
+        device = seq_lens.device
+        block_size = self.block_size
+        num_seqs = seq_lens.size(0)
+        max_q_len = int(q_lens.max())
+        num_kv_blocks = -(-int(seq_lens.max()) // block_size)
+        kv_len = num_kv_blocks * block_size
+        # Entries past a sequence's context may be padding (0, -1, anything): gathered as block 0 and,
+        # like every slot past the context, zeroed before use, because unwritten slots may hold NaN
+        # and a masked 0 * NaN would still leak through.
+        block_starts = torch.arange(num_kv_blocks, device=device) * block_size  # [B]
+        block_used = block_starts[None, :] < seq_lens[:, None]  # [S, B]
+        block_ids = torch.where(block_used, block_table[:, :num_kv_blocks].long(), 0).flatten()  # [S * B]
+        kv_pos = torch.arange(kv_len, device=device)  # [L]
+        kv_valid = kv_pos[None, :] < seq_lens[:, None]  # [S, L]
+        # Whole prompts of one length: plain top-left causal, nothing padded, nothing to zero.
+        whole_prompts = not decode and bool(((q_lens == max_q_len) & (seq_lens == max_q_len)).all())
+        padded = None if whole_prompts else (~kv_valid).flatten().nonzero().squeeze(1)  # rows of [S * L]
+        if padded is not None and padded.numel() == 0:
+            padded = None
+        if decode:
+            first = int(q_starts[0])
+            contiguous = bool((q_starts == torch.arange(first, first + num_seqs, device=device)).all())
+            return _GroupPlan(
+                decode=True,
+                num_seqs=num_seqs,
+                max_q_len=1,
+                kv_len=kv_len,
+                block_ids=block_ids,
+                padded_rows=padded,
+                token_slice=slice(first, first + num_seqs) if contiguous else None,
+                token_index=q_starts,
+                q_index=None,
+                q_valid=None,
+                whole_prompts=False,
+                kv_valid=kv_valid,
+                q_pos=None,
+            )
+        q_local = torch.arange(max_q_len, device=device)  # [Q]
+        q_valid = q_local[None, :] < q_lens[:, None]  # [S, Q]
+        q_index = torch.where(q_valid, q_starts[:, None] + q_local[None, :], 0)  # [S, Q] token of each row
+        return _GroupPlan(
+            decode=False,
+            num_seqs=num_seqs,
+            max_q_len=max_q_len,
+            kv_len=kv_len,
+            block_ids=block_ids,
+            padded_rows=padded,
+            token_slice=None,
+            token_index=q_index[q_valid],
+            q_index=q_index,
+            q_valid=q_valid,
+            whole_prompts=whole_prompts,
+            kv_valid=kv_valid,
+            # Query i sits at absolute position seq_len - q_len + i and sees positions up to it. Padded
+            # query rows (i >= q_len) see the whole context, so no row is fully masked (no NaN).
+            q_pos=(seq_lens - q_lens)[:, None] + q_local[None, :],
+        )
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [T, H, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        scale: float,
+        out: torch.Tensor,  # [T, H, D]
+    ) -> None:
+        """Writes every planned sequence's attention output into `out` at its tokens."""
+        for group in self.groups:
+            _attend(group, query, k_cache, v_cache, scale, out)
+
+
+def _gather_kv(
+    plan: _GroupPlan, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V of the group's contexts, [S, L, Hkv, D] each, in the reused workspace."""
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    kv_numel = plan.num_seqs * plan.kv_len * num_kv_heads * head_dim
+    buf = _workspace.get(2 * kv_numel, k_cache.dtype, k_cache.device)
+    k = torch.index_select(k_cache, 0, plan.block_ids, out=buf[:kv_numel].view(-1, *k_cache.shape[1:]))
+    v = torch.index_select(v_cache, 0, plan.block_ids, out=buf[kv_numel:].view(-1, *v_cache.shape[1:]))
+    if plan.padded_rows is not None:
+        k.view(-1, num_kv_heads, head_dim).index_fill_(0, plan.padded_rows, 0)
+        v.view(-1, num_kv_heads, head_dim).index_fill_(0, plan.padded_rows, 0)
+    shape = (plan.num_seqs, plan.kv_len, num_kv_heads, head_dim)
+    return k.view(shape), v.view(shape)  # [S, L, Hkv, D]
+
+
 def _attend(
+    plan: _GroupPlan,
     query: torch.Tensor,  # [T, H, D]
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
     v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    block_table: torch.Tensor,  # [S, max_blocks]
-    seq_lens: torch.Tensor,  # [S] int64
-    q_starts: torch.Tensor,  # [S] int64
-    q_lens: torch.Tensor,  # [S] int64, all >= 1
     scale: float,
     out: torch.Tensor,  # [T, H, D], written at the group's tokens only
 ) -> None:
-    device = query.device
-    num_seqs = seq_lens.size(0)
+    num_seqs, max_q_len = plan.num_seqs, plan.max_q_len
     _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
+    num_kv_heads = k_cache.size(2)
     group = num_heads // num_kv_heads
-    max_q_len = int(q_lens.max())
-    max_seq_len = int(seq_lens.max())
-    num_kv_blocks = -(-max_seq_len // block_size)
-    kv_len = num_kv_blocks * block_size
-    # Whole prompts of one length: no cached context, nothing padded, plain top-left causal.
-    whole_prompts = max_q_len > 1 and bool(((q_lens == max_q_len) & (seq_lens == max_q_len)).all())
+    k, v = _gather_kv(plan, k_cache, v_cache)  # [S, L, Hkv, D] each
 
-    # Gather K/V through the block table. Entries past a sequence's context may be padding
-    # (0, -1, anything): they are replaced by block 0 and, like every slot past the context, zeroed
-    # before use, because unwritten slots may hold NaN and a masked 0 * NaN would still leak through.
-    block_starts = torch.arange(num_kv_blocks, device=device) * block_size  # [B]
-    block_used = block_starts[None, :] < seq_lens[:, None]  # [S, B]
-    block_ids = torch.where(block_used, block_table[:, :num_kv_blocks].long(), 0).flatten()  # [S * B]
-    kv_numel = num_seqs * kv_len * num_kv_heads * head_dim
-    buf = _workspace.get(2 * kv_numel, query.dtype, device)
-    k = torch.index_select(k_cache, 0, block_ids, out=buf[:kv_numel].view(-1, *k_cache.shape[1:]))
-    v = torch.index_select(v_cache, 0, block_ids, out=buf[kv_numel:].view(-1, *v_cache.shape[1:]))
-    k = k.view(num_seqs, kv_len, num_kv_heads, head_dim)  # [S, L, Hkv, D]
-    v = v.view(num_seqs, kv_len, num_kv_heads, head_dim)  # [S, L, Hkv, D]
+    if plan.decode:
+        # One query row per sequence; the heads sharing a KV head become its `group` rows.
+        q = query[plan.token_slice] if plan.token_slice is not None else query[plan.token_index]  # [S, H, D]
+        o = F.scaled_dot_product_attention(
+            q.view(num_seqs, num_kv_heads, group, head_dim),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=plan.mask(group),
+            scale=scale,
+        )  # [S, Hkv, group, D]
+        o = o.view(num_seqs, num_heads, head_dim)
+        if plan.token_slice is not None:
+            out[plan.token_slice] = o
+        else:
+            out.index_copy_(0, plan.token_index, o)
+        return
 
-    q_local = torch.arange(max_q_len, device=device)  # [Q]
-    q_valid = q_local[None, :] < q_lens[:, None]  # [S, Q]
-    q_index = torch.where(q_valid, q_starts[:, None] + q_local[None, :], 0)  # [S, Q] token of each row
-    q = query[q_index]  # [S, Q, H, D]
-
-    if whole_prompts:
+    q = query[plan.q_index]  # [S, Q, H, D]
+    if plan.whole_prompts:
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k[:, :max_q_len].transpose(1, 2),
@@ -180,26 +362,12 @@ def _attend(
         )  # [S, H, Q, D]
         o = o.transpose(1, 2)  # [S, Q, H, D]
     else:
-        kv_pos = torch.arange(kv_len, device=device)  # [L]
-        kv_valid = kv_pos[None, :] < seq_lens[:, None]  # [S, L]
-        padded = (~kv_valid).flatten().nonzero().squeeze(1)  # rows of [S * L]
-        k.view(-1, num_kv_heads, head_dim).index_fill_(0, padded, 0)
-        v.view(-1, num_kv_heads, head_dim).index_fill_(0, padded, 0)
-        # Query i sits at absolute position seq_len - q_len + i and sees positions up to it. Padded
-        # query rows (i >= q_len) see the whole context, so no row is fully masked (no NaN).
-        q_pos = (seq_lens - q_lens)[:, None] + q_local[None, :]  # [S, Q]
-        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]  # [S, Q, L]
-        mask = mask[:, None].expand(num_seqs, group, max_q_len, kv_len).reshape(num_seqs, 1, -1, kv_len)
         # Fold the query heads of each KV head into rows: [S, Hkv, group * Q, D], row = g * Q + i.
         q = q.view(num_seqs, max_q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
         q = q.reshape(num_seqs, num_kv_heads, group * max_q_len, head_dim)
         o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=plan.mask(group), scale=scale
         )  # [S, Hkv, group * Q, D]
         o = o.view(num_seqs, num_kv_heads, group, max_q_len, head_dim).permute(0, 3, 1, 2, 4)
         o = o.reshape(num_seqs, max_q_len, num_heads, head_dim)  # [S, Q, H, D]
-
-    if max_q_len == 1:
-        out.index_copy_(0, q_starts, o.view(num_seqs, num_heads, head_dim))
-    else:
-        out[q_index[q_valid]] = o[q_valid]
+    out[plan.token_index] = o[plan.q_valid]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels.backends import AttentionBackend
+from pagedserve.kernels.backends import PagedAttentionStep
 
 ATTN_IMPLEMENTATION = "pagedserve"
 STEP_KWARG = "pagedserve_step"  # the keyword that carries StepMetadata to the attention function
@@ -37,13 +37,9 @@ class MissingStepMetadata(RuntimeError):
 class StepMetadata:
     """What every layer's attention needs for one forward; one object shared by all layers."""
 
-    slot_mapping: torch.Tensor  # [T] int64, pool slot each new token's K/V goes to
-    block_table: torch.Tensor  # [S, max_blocks] int32
-    seq_lens: torch.Tensor  # [S] int32, context length including the new tokens
-    cu_seqlens_q: torch.Tensor  # [S + 1] int32
+    paged: PagedAttentionStep  # the backend's per-step state: slots, block tables, its attention plan
     k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_caches: list[torch.Tensor]
-    backend: AttentionBackend
 
 
 @dataclass(slots=True)
@@ -98,13 +94,9 @@ def pagedserve_attention(
     layer = getattr(module, LAYER_ATTR)
     k_cache, v_cache = step.k_caches[layer], step.v_caches[layer]
     q = query[0].transpose(0, 1)  # [T, H, D]
-    step.backend.reshape_and_cache(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.slot_mapping
-    )
+    step.paged.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
     out = q.new_empty(q.shape)  # [T, H, D]
-    step.backend.paged_attention(
-        q, k_cache, v_cache, step.block_table, step.seq_lens, step.cu_seqlens_q, scaling, out=out
-    )
+    step.paged.attend(q, k_cache, v_cache, scaling, out)
     return out.unsqueeze(0), None  # [1, T, H, D]
 
 

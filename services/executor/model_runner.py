@@ -170,15 +170,11 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, pool: KVPool) -> torch.Tensor:
-        step = StepMetadata(
-            slot_mapping=inputs.slot_mapping,
-            block_table=inputs.block_table,
-            seq_lens=inputs.seq_lens,
-            cu_seqlens_q=inputs.cu_seqlens_q,
-            k_caches=pool.k_caches,
-            v_caches=pool.v_caches,
-            backend=self.backend,
+        # Made once per step, shared by every layer (the torch backend plans its gathers here).
+        paged = self.backend.prepare_step(
+            inputs.slot_mapping, inputs.block_table, inputs.seq_lens, inputs.cu_seqlens_q, pool.block_size
         )
+        step = StepMetadata(paged=paged, k_caches=pool.k_caches, v_caches=pool.v_caches)
         out = self.model(
             input_ids=inputs.input_ids[None],  # [1, T]
             position_ids=inputs.positions[None],  # [1, T]
