@@ -104,8 +104,6 @@ def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[lis
 
 
 def run(args: argparse.Namespace) -> str:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes)
     decode_steps = 3 if args.quick else args.decode_steps
@@ -115,13 +113,7 @@ def run(args: argparse.Namespace) -> str:
         max(batch_sizes) * cdiv(total_len, args.block_size) + cdiv(args.prefill_len, args.block_size) + 1
     )
     backends, notes = usable_backends(args.backends, device)
-    lines = [
-        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start), "
-        f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
-        f"after {warmup} warm-up",
-        "",
-    ]
+    load_average = os.getloadavg()[0]
     decode_rows: dict[str, dict[int, float]] = {}
     prefill_rows: dict[str, float] = {}
     for backend in backends:
@@ -133,6 +125,7 @@ def run(args: argparse.Namespace) -> str:
             block_size=args.block_size,
             num_kv_blocks=num_blocks,
             max_num_batched_tokens=max(args.prefill_len, 8192),
+            cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
         )
         bench = Bench(ExecutorEngine.from_config(config))
         # Prefill: one sequence of prefill_len tokens, best of three.
@@ -151,6 +144,13 @@ def run(args: argparse.Namespace) -> str:
                 f"{backend} batch {batch}: {decode_rows[backend][batch] * 1e3:.2f} ms/step", file=sys.stderr
             )
 
+    lines = [
+        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(load average {load_average:.1f} on {os.cpu_count()} CPUs at start), "
+        f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
+        f"after {warmup} warm-up",
+        "",
+    ]
     lines.append("| batch | " + " | ".join(f"{b} ms/step | {b} tokens/s" for b in backends) + " |")
     lines.append("|---:|" + "---:|---:|" * len(backends))
     for batch in batch_sizes:
@@ -174,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128, help="context of each decoding sequence")
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: the executor's --cpu-threads default)",
+    )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     print(run(parser.parse_args(argv)))
     return 0
