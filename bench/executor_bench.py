@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> str:
             num_kv_blocks=num_blocks,
             max_num_batched_tokens=max(args.prefill_len, 8192),
             cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
+            compile=args.compile,
         )
         bench = Bench(ExecutorEngine.from_config(config))
         # Prefill: one sequence of prefill_len tokens, best of three.
@@ -148,7 +149,7 @@ def run(args: argparse.Namespace) -> str:
         f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
         f"(load average {load_average:.1f} on {os.cpu_count()} CPUs at start), "
         f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
-        f"after {warmup} warm-up",
+        f"after {warmup} warm-up, {'compiled' if args.compile else 'eager'}",
         "",
     ]
     lines.append("| batch | " + " | ".join(f"{b} ms/step | {b} tokens/s" for b in backends) + " |")
@@ -179,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=0,
         help="torch CPU threads (default: the executor's --cpu-threads default)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the forward (executor --compile)"
     )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     print(run(parser.parse_args(argv)))

@@ -34,6 +34,7 @@ class ExecutorConfig:
     seed: int = 0
     cpu_threads: int | None = None  # torch intra-op threads; None: see placement.default_threads
     cpu_affinity: tuple[int, ...] | None = None  # cores to pin the process to; None: not pinned
+    compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
 
     @property
     def model_path(self) -> str:

@@ -76,6 +76,10 @@ class ExecutorEngine:
             config.model_path, dtype=config.dtype, device=device, attention_backend=config.attention_backend
         )
         limits = resolve_limits(runner, config.max_model_len, config.max_num_batched_tokens)
+        if config.compile:
+            seconds = runner.compile(config.block_size)
+            log.info("compiled the forward (torch.compile, inductor) in %.1f s", seconds)
+        # After compiling, so that the compiled forward is what is checked against the dense one.
         runner.self_check(config.block_size)
         spec = runner.kv_cache_spec(config.block_size)
         if config.num_kv_blocks is not None:

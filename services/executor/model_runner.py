@@ -16,12 +16,14 @@ its pool layer in call order, so models whose modules lack `layer_idx` work too.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
 
 from pagedserve.executor.attention import (
     ATTN_IMPLEMENTATION,
+    COMPILED_STEP,
     LAYER_ATTR,
     STEP_KWARG,
     AttentionProbe,
@@ -78,6 +80,27 @@ class ModelRunner:
             int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
         )
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window = self._probe()
+        self.compiled: nn.Module | None = None  # the torch.compile'd model, once `compile` ran
+
+    def compile(self, block_size: int) -> float:
+        """Runs later forwards through torch.compile (inductor), whole graph, dynamic token count; the
+        paged attention is one custom op per layer (`pagedserve::paged_attention`). Compiles now, by
+        forwards in a throw-away pool for each shape class torch.compile specializes (sizes 0 and 1:
+        T > 1 with no, one and several sampled rows; T = 1), so no step waits for a compile; returns
+        the seconds it took."""
+        start = time.perf_counter()
+        self.compiled = torch.compile(self.model, dynamic=True, fullgraph=True)
+        prompt = [(5 * i + 1) % self.vocab_size for i in range(block_size + 3)]
+        blocks_per_seq = cdiv(len(prompt) + 1, block_size)
+        pool = KVPool(self.kv_cache_spec(block_size), 2 * blocks_per_seq, self.device)
+        tables = [list(range(blocks_per_seq)), list(range(blocks_per_seq, 2 * blocks_per_seq))]
+        n = len(prompt)
+        self.execute([ScheduledSeq(prompt, tables[0], 0, n, True)], pool)  # prefill: T > 1, one row
+        self.execute([ScheduledSeq(prompt, tables[1], 0, n - 1, False)], pool)  # a chunk: no row
+        self.execute([ScheduledSeq(prompt, tables[0], n - 1, 1, True)], pool)  # decode: T = 1
+        both = [ScheduledSeq(prompt, t, n - 1, 1, True) for t in tables]
+        self.execute(both, pool)  # a decode batch: T > 1, several rows
+        return time.perf_counter() - start
 
     @classmethod
     def load(
@@ -175,13 +198,23 @@ class ModelRunner:
             inputs.slot_mapping, inputs.block_table, inputs.seq_lens, inputs.cu_seqlens_q, pool.block_size
         )
         step = StepMetadata(paged=paged, k_caches=pool.k_caches, v_caches=pool.v_caches)
-        out = self.model(
-            input_ids=inputs.input_ids[None],  # [1, T]
-            position_ids=inputs.positions[None],  # [1, T]
-            use_cache=False,
-            logits_to_keep=inputs.sample_indices,  # [N]
-            **{STEP_KWARG: step},
-        )
+        if self.compiled is None:
+            out = self.model(
+                input_ids=inputs.input_ids[None],  # [1, T]
+                position_ids=inputs.positions[None],  # [1, T]
+                use_cache=False,
+                logits_to_keep=inputs.sample_indices,  # [N]
+                **{STEP_KWARG: step},
+            )
+        else:
+            with COMPILED_STEP.running(step):
+                out = self.compiled(
+                    input_ids=inputs.input_ids[None],  # [1, T]
+                    position_ids=inputs.positions[None],  # [1, T]
+                    use_cache=False,
+                    logits_to_keep=inputs.sample_indices,  # [N]
+                    **{STEP_KWARG: COMPILED_STEP},
+                )
         return out.logits[0].float()  # [N, V]
 
     @torch.inference_mode()

@@ -78,6 +78,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads (default on CPU: one per --cpu-affinity core, else all cores but one, min 1)",
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model forward (inductor; start-up pays tens of seconds on CPU; default: eager)",
+    )
+    parser.add_argument(
         "--cpu-affinity",
         type=_cpu_list,
         default=None,
@@ -109,6 +114,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         seed=args.seed,
         cpu_threads=args.cpu_threads,
         cpu_affinity=args.cpu_affinity,
+        compile=args.compile,
     )
 
 

@@ -56,3 +56,23 @@ def test_bundled_model_matches_generate(num_chunks, bundled_model_path, make_eng
     got = StepDriver(engine, seed=num_chunks).run(prompts, MAX_NEW_TOKENS, num_chunks, stagger=num_chunks)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):
         assert g == e, f"bundled prompt {i}: {texts[i]!r}"
+
+
+def test_compiled_forward_matches_generate(tiny_model_dir, make_engine) -> None:
+    """--compile: the torch.compile'd forward (paged attention as a custom op) stays token-identical
+    to `generate`, prefill chunks and decodes mixed, with no recompile after start-up."""
+    import torch._dynamo
+
+    path = tiny_model_dir("llama")
+    prompts = make_prompts(PROMPT_LENGTHS, VOCAB, seed=1)
+    expected = _reference("llama", path, prompts)
+    torch._dynamo.reset()
+    engine = make_engine(path, compile=True)
+    assert engine.runner.compiled is not None
+    counters = torch._dynamo.utils.counters
+    frames_after_startup = dict(counters["frames"])
+    got = StepDriver(engine, seed=3).run(prompts, MAX_NEW_TOKENS, 3, stagger=3)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        assert g == e, f"compiled, prompt {i} (length {len(prompts[i])})"
+    assert dict(counters["frames"]) == frames_after_startup, "a step recompiled the forward"
+    torch._dynamo.reset()
