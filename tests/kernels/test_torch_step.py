@@ -5,7 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedserve.kernels import get_attention_backend, paged_attention_torch, reshape_and_cache_torch
+from pagedserve.kernels import (
+    get_attention_backend,
+    paged_attention_ref,
+    paged_attention_torch,
+    reshape_and_cache_torch,
+)
 from pagedserve.kernels.backends import KernelStep
 from pagedserve.kernels.torch_backend import AttentionPlan, TorchAttentionStep
 
@@ -74,3 +79,38 @@ def test_prepare_step_picks_the_backends_step(paged_batch) -> None:
     triton_step = get_attention_backend("triton", "cpu").prepare_step(slots, *batch.args()[3:], 8)
     assert isinstance(torch_step, TorchAttentionStep)
     assert isinstance(triton_step, KernelStep)
+
+
+def test_decodes_of_very_different_lengths_are_bucketed(paged_batch) -> None:
+    # Two long contexts among short ones: the short ones get their own, shorter padded group, and
+    # the result still matches the reference (NaN outside every context would show).
+    seq_lens = [300, 20, 25, 30, 280, 16, 40, 22, 35, 18]
+    batch = paged_batch(
+        [1] * len(seq_lens),
+        seq_lens,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=8,
+        dtype=torch.float32,
+    )
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+    assert [(g.num_seqs, g.kv_len) for g in plan.groups] == [(2, 304), (8, 40)]
+    assert all(g.token_slice is None for g in plan.groups)
+    out = torch.empty_like(batch.query)
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.25, out)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 0.25), atol=2e-5, rtol=1e-5)
+
+
+def test_close_lengths_stay_one_group_in_order(paged_batch) -> None:
+    batch = paged_batch(
+        [1] * 6,
+        [40, 33, 38, 45, 36, 41],
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=8,
+        block_size=8,
+        dtype=torch.float32,
+    )
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+    assert len(plan.groups) == 1 and plan.groups[0].token_slice == slice(0, 6)
