@@ -8,6 +8,10 @@ attention function, which writes the new K/V into the pool (`reshape_and_cache`)
 pool through the block tables (`paged_attention`). Logits are computed only at the sampled tokens
 (`logits_to_keep` = their flat indices).
 
+With `compile` (the executor's `--compile`), forwards run through torch.compile instead: the
+model gets a constant marker as its step keyword, and each layer's attention is one custom op that
+reads the real step from it (see `attention.paged_attention_op`).
+
 At load a probe forward checks that the architecture really routes attention through the interface
 (every attention module called once, one KV layout for all layers) and assigns each attention module
 its pool layer in call order, so models whose modules lack `layer_idx` work too.
