@@ -89,9 +89,9 @@ class ModelRunner:
     def compile(self, block_size: int) -> float:
         """Runs later forwards through torch.compile (inductor), whole graph, dynamic token count; the
         paged attention is one custom op per layer (`pagedserve::paged_attention`). Compiles now, by
-        forwards in a throw-away pool for each shape class torch.compile specializes (sizes 0 and 1:
-        T > 1 with no, one and several sampled rows; T = 1), so no step waits for a compile; returns
-        the seconds it took."""
+        forwards in a throw-away pool for each shape class torch.compile specializes (size 1: T > 1
+        with one and with several sampled rows; T = 1), so no step waits for a compile; returns the
+        seconds it took. Steps that sample no row stay eager (see `forward`)."""
         start = time.perf_counter()
         self.compiled = torch.compile(self.model, dynamic=True, fullgraph=True)
         prompt = [(5 * i + 1) % self.vocab_size for i in range(block_size + 3)]
@@ -100,7 +100,7 @@ class ModelRunner:
         tables = [list(range(blocks_per_seq)), list(range(blocks_per_seq, 2 * blocks_per_seq))]
         n = len(prompt)
         self.execute([ScheduledSeq(prompt, tables[0], 0, n, True)], pool)  # prefill: T > 1, one row
-        self.execute([ScheduledSeq(prompt, tables[1], 0, n - 1, False)], pool)  # a chunk: no row
+        self.execute([ScheduledSeq(prompt, tables[1], 0, n - 1, False)], pool)  # no row: runs eager
         self.execute([ScheduledSeq(prompt, tables[0], n - 1, 1, True)], pool)  # decode: T = 1
         both = [ScheduledSeq(prompt, t, n - 1, 1, True) for t in tables]
         self.execute(both, pool)  # a decode batch: T > 1, several rows
@@ -202,7 +202,10 @@ class ModelRunner:
             inputs.slot_mapping, inputs.block_table, inputs.seq_lens, inputs.cu_seqlens_q, pool.block_size
         )
         step = StepMetadata(paged=paged, k_caches=pool.k_caches, v_caches=pool.v_caches)
-        if self.compiled is None:
+        # A step that samples nothing (prefill chunks only) runs eager: with no logits row to keep,
+        # the compiled graph's output does not depend on the layers, and inductor would drop them,
+        # KV writes included (the custom op's pool write is a side effect the graph does not see).
+        if self.compiled is None or inputs.sample_indices.numel() == 0:
             out = self.model(
                 input_ids=inputs.input_ids[None],  # [1, T]
                 position_ids=inputs.positions[None],  # [1, T]
