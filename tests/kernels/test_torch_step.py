@@ -12,7 +12,8 @@ from pagedserve.kernels import (
     reshape_and_cache_torch,
 )
 from pagedserve.kernels.backends import KernelStep
-from pagedserve.kernels.torch_backend import AttentionPlan, TorchAttentionStep
+from pagedserve.kernels.torch_attention import AttentionPlan
+from pagedserve.kernels.torch_backend import TorchAttentionStep
 
 MIXED = ([1, 7, 1, 3, 12, 1], [9, 7, 33, 20, 12, 150])  # decodes at non-adjacent tokens
 DECODES = ([1, 1, 1], [17, 3, 40])  # decodes back to back: the slice path
