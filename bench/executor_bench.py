@@ -58,7 +58,7 @@ class Bench:
         return time.perf_counter() - start
 
     def reset(self) -> None:
-        self._step(finished_request_ids=list(self.engine.requests))
+        self._step(forget_request_ids=list(self.engine.requests))
         self.next_block = 0
 
     def prefill(

@@ -6,7 +6,7 @@ builds what the forward needs without changing anything; a malformed step raises
 Only then are the block copies made, the forward run and the tokens sampled; the request states are
 committed last, so a forward that fails for another reason (out of memory) leaves them untouched too.
 
-Order within a step, as the protocol states: finished ids are dropped and block copies made first,
+Order within a step, as the protocol states: forget ids are dropped and block copies made first,
 then new requests join, then cached ones advance. A sequence samples exactly when its scheduled
 tokens reach the end of its known tokens (see `pagedserve.common.step`), and the sampled token is
 appended to its tokens.
@@ -179,7 +179,7 @@ class ExecutorEngine:
         ]
 
     def _commit(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
-        for request_id in plan.finished:
+        for request_id in plan.forget:
             del self.requests[request_id]
         for s in plan.scheduled:
             self.requests[s.state.request_id] = s.state
