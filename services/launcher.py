@@ -33,6 +33,7 @@ start-up; 2 for bad flags.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import os
 import shutil
@@ -93,6 +94,9 @@ class LauncherConfig:
     max_queued_requests: int | None = None
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
+    cpu_threads: int | None = None  # the executor's torch threads (default: its own)
+    cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
+    compile: bool = False  # the executor's torch.compile'd forward
     pools: int = 1  # executor + scheduler pairs; pool i > 0 takes the executor/scheduler ports + 100 * i
     attention_backend: str | None = None
     dtype: str | None = None
@@ -185,7 +189,9 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
          ("--host", host, "--port", str(config.executor_port), *model,
           "--block-size", str(config.block_size),
           *_opt("--num-kv-blocks", config.num_kv_blocks), *_opt("--kv-cache-memory", config.kv_cache_memory),
-          *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend))),
+          *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend),
+          *_opt("--cpu-threads", config.cpu_threads), *_opt("--cpu-affinity", config.cpu_affinity),
+          *(("--compile",) if config.compile else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
          ("--host", host, "--port", str(config.tokenizer_port), *model)),
         ("scheduler", ("executor",), (config.scheduler_port,),
@@ -442,8 +448,21 @@ class Launcher:
             parent_death_signal=signal.SIGTERM,
         ).start()
         self.children[spec.name] = (spec, child)
+        self._place(spec, child.pid)
         where = f", log {log_path}" if log_path else ""
         self.say(f"{'restarted' if again else 'started'} {spec.name} (pid {child.pid}{where})")
+
+    def _place(self, spec: ServiceSpec, pid: int) -> None:
+        """With --cpu-affinity the executor has its cores (it pins itself); every other
+        service (Redis too) is pinned to the cores left, so none competes with the forward."""
+        if not self.config.cpu_affinity or spec.name.split("-")[0] == "executor":
+            return
+        from pagedserve.common.cpus import available_cores, parse_cpu_list
+
+        rest = sorted(set(available_cores()) - set(parse_cpu_list(self.config.cpu_affinity)))
+        if rest:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, rest)
 
     def _report_exited(self, during: str) -> bool:
         """If a child has exited, say which, how, and its last stderr lines; True if one had."""
@@ -616,6 +635,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-queued-requests", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--cpu-threads", type=_positive_int, default=None, metavar="N",
+                    help="the executor's torch threads (default: one per --cpu-affinity core, else all cores but one)")  # fmt: skip
+    kv.add_argument("--cpu-affinity", default=None, metavar="CORES",
+                    help="pin the executor to these cores, e.g. 1 or 2-3 (the other services keep the rest)")  # fmt: skip
+    kv.add_argument("--compile", action="store_true",
+                    help="run the executor's forward through torch.compile (slower start, faster steps)")  # fmt: skip
     kv.add_argument("--pools", type=_positive_int, default=1, metavar="N",
                     help="executor + scheduler pairs on one Redis (pool i > 0: executor and scheduler ports + 100 * i); "
                     "the gateway routes over them by what their caches hold")  # fmt: skip

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from pagedserve.common.cpus import format_cpu_list
 from pagedserve.common.errors import FailedPrecondition
 from pagedserve.common.step import ExecutorInfo, SampledToken, StepInput, StepOutput
 from pagedserve.executor import kv_pool, sampler
@@ -34,7 +35,7 @@ from pagedserve.executor.config import (
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
-from pagedserve.executor.placement import apply_placement, format_cpu_list
+from pagedserve.executor.placement import apply_placement
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from pagedserve.common.cpus import parse_cpu_list
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -17,7 +18,6 @@ from pagedserve.executor.config import (
     ExecutorConfig,
 )
 from pagedserve.executor.engine import ExecutorEngine
-from pagedserve.executor.placement import parse_cpu_list
 from pagedserve.executor.servicer import SERVICE_NAME, ExecutorServicer
 from pagedserve.kernels.backends import BACKEND_NAMES
 from pagedserve.v1 import executor_pb2_grpc

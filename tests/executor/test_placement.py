@@ -11,14 +11,9 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from pagedserve.common.cpus import available_cores, format_cpu_list, parse_cpu_list
 from pagedserve.executor.config import ExecutorConfig
-from pagedserve.executor.placement import (
-    apply_placement,
-    available_cores,
-    default_threads,
-    format_cpu_list,
-    parse_cpu_list,
-)
+from pagedserve.executor.placement import apply_placement, default_threads
 from pagedserve.executor.server import add_arguments, config_from_args
 
 
