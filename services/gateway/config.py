@@ -40,6 +40,7 @@ class GatewayConfig:
     scheduler_address: str = "localhost:50053"  # one pool: its scheduler (and standbys, after commas)
     # More static pools, each like scheduler_address; with redis_url, pools come from the registry.
     more_pools: tuple[str, ...] = ()
+    detokenize: str = "local"  # local (in this process) | remote (the tokenizer's Detokenize stream)
     redis_url: str | None = None  # discover pools (and route by their caches) through the registry
     routing: str = "cache_aware"  # cache_aware | least_loaded | round_robin
     routing_prefill_weight: float = 1.0  # cost of one uncached prompt token

@@ -131,8 +131,10 @@ class Engine:
         key = request_ids[0]
         try:
             prepared = await asyncio.gather(*(self.prepare(r) for r in requests))
-            # Every request needs the Detokenize stream; do not submit when the tokenizer is known down.
-            self.tokenizer.check_connected()
+            # A request that needs the Detokenize stream is not submitted while the tokenizer is
+            # known down (detokenizing in this process, the gateway does not need it).
+            if getattr(self.tokenizer.detokenizer, "remote", True):
+                self.tokenizer.check_connected()
             info = await self.tokenizer_info()  # cached by prepare()
             runs = [
                 RequestRun(self, request, request_id, prompt_ids, sampling, info.vocab_size).outputs()

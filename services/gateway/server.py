@@ -38,6 +38,7 @@ from pagedserve.gateway.downstream import TokenizerClient, close_all
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.grpc_service import GatewayServicer
 from pagedserve.gateway.http_api import build_app
+from pagedserve.gateway.local_detokenize import LocalDetokenizer
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.routing import PoolRouter
 from pagedserve.v1 import gateway_pb2_grpc
@@ -56,6 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="a pool's scheduler address (its standbys after commas: a:50053,b:50053); repeat the "
         "flag for more pools (default: localhost:50053 unless --redis-url finds the pools)",
+    )
+    parser.add_argument(
+        "--detokenize",
+        choices=["local", "remote"],
+        default="local",
+        help="local: the gateway loads the tokenizer and turns tokens into text itself (no round trip "
+        "per step); remote: over the tokenizer service's Detokenize stream",
     )
     parser.add_argument(
         "--redis-url",
@@ -196,6 +204,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         scheduler_address=(args.scheduler or ["" if args.redis_url else "localhost:50053"])[0],
         more_pools=tuple((args.scheduler or [])[1:]),
         redis_url=args.redis_url,
+        detokenize=args.detokenize,
         routing=args.routing,
         routing_prefill_weight=args.routing_prefill_weight,
         routing_decode_weight=args.routing_decode_weight,
@@ -353,6 +362,8 @@ async def serve(config: GatewayConfig) -> None:
     scheduler.start()
     metrics = GatewayMetrics()
     metrics.watch_pools(scheduler)
+    if config.detokenize == "local":
+        tokenizer.detokenizer = await asyncio.to_thread(LocalDetokenizer.load, config.model)
     metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
 

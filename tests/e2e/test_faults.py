@@ -145,16 +145,20 @@ def _assert_recovers(stack: Stack) -> None:
 
 
 def test_killed_tokenizer(fault_stack: Stack) -> None:
+    """Streams in flight do not need the tokenizer (the gateway detokenizes itself); new text
+    prompts, which need Encode, get UNAVAILABLE naming it at once."""
     with Client(fault_stack.grpc_address, timeout=60) as client:
         stream = client.stream("def ", **LONG)
-        next(stream)
+        first = next(stream)
         fault_stack.kill("tokenizer")
+        tokens = sum(len(c.token_ids) for d in [first, *stream] for c in d.choices)
+        assert tokens == LONG["max_tokens"], "the stream in flight finished without the tokenizer"
         start = time.monotonic()
         with pytest.raises(errors.Unavailable) as info:
-            for _ in stream:
-                pass
+            client.generate("def ", max_tokens=4)
         assert time.monotonic() - start < QUICK_S and "tokenizer" in info.value.message
-    _assert_unavailable_quickly(fault_stack, "tokenizer")
+    ready = httpx.get(f"{fault_stack.http_url}/ready", timeout=5)
+    assert ready.status_code == 503 and ready.json()["tokenizer"] is False
     fault_stack.restart("tokenizer")
     _assert_recovers(fault_stack)
 

@@ -193,15 +193,13 @@ def test_64_concurrent_streams_complete(stack: Stack) -> None:
     texts = asyncio.run(run())
     after = http_metrics(stack)
     assert len(texts) == 64
-    # One Detokenize stream for the gateway's life, and steps of many requests share its messages.
-    assert metric(after, "pagedserve_gateway_detokenize_streams_total") == 1
-    batches = metric(after, "pagedserve_gateway_detokenize_batches_total") - metric(
-        before, "pagedserve_gateway_detokenize_batches_total"
-    )
+    # Detokenized in the gateway itself: no Detokenize stream to the tokenizer service, and
+    # every token of every choice went through the local detokenizer.
+    assert metric(after, "pagedserve_gateway_detokenize_streams_total") == 0
     items = metric(after, "pagedserve_gateway_detokenize_items_total") - metric(
         before, "pagedserve_gateway_detokenize_items_total"
     )
-    assert items >= 64 * 2 and items / batches > 2, f"{items} items in {batches} messages"
+    assert items >= 64 * 2, f"{items} items"
     # Same seed and prompt through either API: the same sample.
     assert texts[:32] == texts[32:]
 
