@@ -412,3 +412,21 @@ def test_gateway_autoscales_on_a_metric_the_gateway_exports():
     assert annotations["prometheus.io/port"] == flags(container)["--http-port"]
     assert annotations["prometheus.io/path"] == "/metrics"
     assert hpa["spec"]["minReplicas"] <= gateway["spec"]["replicas"] <= hpa["spec"]["maxReplicas"]
+
+
+def test_network_policy_closes_everything_but_the_gateway():
+    policy = named("NetworkPolicy", "pagedserve-internal")
+    selector = policy["spec"]["podSelector"]
+    (expression,) = selector["matchExpressions"]
+    assert expression["key"] == "app.kubernetes.io/component" and expression["operator"] == "In"
+    components = {
+        w["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] for w in workloads()
+    }
+    assert set(expression["values"]) == components - {"gateway"}
+    # Every pagedserve pod may still reach them (the policy's peers match every workload).
+    (rule,) = policy["spec"]["ingress"]
+    (peer,) = rule["from"]
+    for workload in workloads():
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        assert peer["podSelector"]["matchLabels"].items() <= labels.items()
+        assert selector["matchLabels"].items() <= labels.items()
