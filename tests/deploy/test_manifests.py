@@ -430,3 +430,14 @@ def test_network_policy_closes_everything_but_the_gateway():
         labels = workload["spec"]["template"]["metadata"]["labels"]
         assert peer["podSelector"]["matchLabels"].items() <= labels.items()
         assert selector["matchLabels"].items() <= labels.items()
+
+
+@pytest.mark.parametrize(
+    "budget", [d for d in ALL if d["kind"] == "PodDisruptionBudget"], ids=lambda d: d["metadata"]["name"]
+)
+def test_disruption_budget_selects_one_workload(budget):
+    selector = budget["spec"]["selector"]["matchLabels"]
+    (workload,) = [
+        w for w in workloads() if selector.items() <= w["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert workload["metadata"]["name"] == budget["metadata"]["name"]
