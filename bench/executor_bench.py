@@ -58,24 +58,38 @@ class Bench:
         return time.perf_counter() - start
 
     def reset(self) -> None:
-        self._step(finished_request_ids=list(self.engine.requests))
+        self._step(forget_request_ids=list(self.engine.requests))
         self.next_block = 0
 
-    def prefill(self, num_seqs: int, prompt_len: int, total_len: int, max_tokens: int) -> float:
+    def prefill(
+        self,
+        num_seqs: int,
+        prompt_len: int,
+        total_len: int,
+        max_tokens: int,
+        min_prompt_len: int | None = None,
+    ) -> float:
         """Adds num_seqs requests with blocks for total_len tokens; prefills them in steps of at most
-        max_tokens tokens (whole prompts per step); returns the seconds spent."""
+        max_tokens tokens (whole prompts per step); returns the seconds spent. With min_prompt_len,
+        prompt lengths are drawn uniformly from [min_prompt_len, prompt_len] (a mixed decode batch)."""
         blocks_per_seq = cdiv(total_len, self.block_size)
+        lengths = [
+            prompt_len if min_prompt_len is None else self.rng.randint(min_prompt_len, prompt_len)
+            for _ in range(num_seqs)
+        ]
         seconds = 0.0
-        per_step = max(1, max_tokens // prompt_len)
-        for first in range(0, num_seqs, per_step):
+        while lengths:
             new = []
-            for _ in range(first, min(first + per_step, num_seqs)):
+            budget = max_tokens
+            while lengths and (not new or lengths[0] <= budget):
+                n = lengths.pop(0)
+                budget -= n
                 blocks = list(range(self.next_block, self.next_block + blocks_per_seq))
                 self.next_block += blocks_per_seq
-                prompt = [self.rng.randrange(self.vocab) for _ in range(prompt_len)]
+                prompt = [self.rng.randrange(self.vocab) for _ in range(n)]
                 new.append(
                     NewRequestData(
-                        f"r{len(self.engine.requests) + len(new)}", prompt, [], GREEDY, blocks, 0, prompt_len
+                        f"r{len(self.engine.requests) + len(new)}", prompt, [], GREEDY, blocks, 0, n
                     )
                 )
             seconds += self._step(new_requests=new)
@@ -104,8 +118,6 @@ def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[lis
 
 
 def run(args: argparse.Namespace) -> str:
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes)
     decode_steps = 3 if args.quick else args.decode_steps
@@ -115,13 +127,7 @@ def run(args: argparse.Namespace) -> str:
         max(batch_sizes) * cdiv(total_len, args.block_size) + cdiv(args.prefill_len, args.block_size) + 1
     )
     backends, notes = usable_backends(args.backends, device)
-    lines = [
-        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
-        f"(load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs at start), "
-        f"block size {args.block_size}, prompt {args.prompt_len} tokens, {decode_steps} timed decode steps "
-        f"after {warmup} warm-up",
-        "",
-    ]
+    load_average = os.getloadavg()[0]
     decode_rows: dict[str, dict[int, float]] = {}
     prefill_rows: dict[str, float] = {}
     for backend in backends:
@@ -133,6 +139,8 @@ def run(args: argparse.Namespace) -> str:
             block_size=args.block_size,
             num_kv_blocks=num_blocks,
             max_num_batched_tokens=max(args.prefill_len, 8192),
+            cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
+            compile=args.compile,
         )
         bench = Bench(ExecutorEngine.from_config(config))
         # Prefill: one sequence of prefill_len tokens, best of three.
@@ -143,7 +151,9 @@ def run(args: argparse.Namespace) -> str:
         prefill_rows[backend] = args.prefill_len / min(prefill)
         decode_rows[backend] = {}
         for batch in batch_sizes:
-            bench.prefill(batch, args.prompt_len, total_len, max_tokens=8192)
+            bench.prefill(
+                batch, args.prompt_len, total_len, max_tokens=8192, min_prompt_len=args.min_prompt_len
+            )
             bench.decode(warmup)
             decode_rows[backend][batch] = statistics.median(bench.decode(decode_steps))
             bench.reset()
@@ -151,6 +161,16 @@ def run(args: argparse.Namespace) -> str:
                 f"{backend} batch {batch}: {decode_rows[backend][batch] * 1e3:.2f} ms/step", file=sys.stderr
             )
 
+    prompt_desc = (
+        str(args.prompt_len) if args.min_prompt_len is None else f"{args.min_prompt_len}-{args.prompt_len}"
+    )
+    lines = [
+        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"(load average {load_average:.1f} on {os.cpu_count()} CPUs at start), "
+        f"block size {args.block_size}, prompt {prompt_desc} tokens, {decode_steps} timed decode steps "
+        f"after {warmup} warm-up, {'compiled' if args.compile else 'eager'}",
+        "",
+    ]
     lines.append("| batch | " + " | ".join(f"{b} ms/step | {b} tokens/s" for b in backends) + " |")
     lines.append("|---:|" + "---:|---:|" * len(backends))
     for batch in batch_sizes:
@@ -172,11 +192,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(FULL_BATCH_SIZES))
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=128, help="context of each decoding sequence")
+    parser.add_argument(
+        "--min-prompt-len",
+        type=int,
+        default=None,
+        help="draw each decoding sequence's context from [this, --prompt-len] (default: all --prompt-len)",
+    )
     parser.add_argument("--prefill-len", type=int, default=512)
     parser.add_argument("--decode-steps", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default: the executor's --cpu-threads default)",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the forward (executor --compile)"
+    )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
-    print(run(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    if args.min_prompt_len is not None and not 1 <= args.min_prompt_len <= args.prompt_len:
+        parser.error(f"--min-prompt-len must be in [1, --prompt-len={args.prompt_len}]")
+    print(run(args))
     return 0
 
 

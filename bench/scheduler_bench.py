@@ -55,7 +55,7 @@ class NoOpExecutorClient:
 
     async def execute_step(self, step: StepInput) -> StepOutput:
         known = self.known
-        for rid in step.finished_request_ids:
+        for rid in step.forget_request_ids:
             known.pop(rid, None)
         sampled = []
         for r in step.new_requests:

@@ -9,11 +9,68 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 
 BACKEND_NAMES = ("torch", "triton")
+
+
+class PagedAttentionStep(Protocol):
+    """One forward's paged-KV operations, made once per step from its metadata and called by every
+    layer with that layer's pool tensors; a backend may derive what all layers share once here."""
+
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        """`reshape_and_cache` of this step's tokens: key/value [T, Hkv, D]."""
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        """`paged_attention` of this step's tokens into `out`: query and out [T, H, D]."""
+
+
+class KernelStep:
+    """A `PagedAttentionStep` that hands the step's metadata to the kernels in every layer (the
+    Triton kernels take it as it is; nothing to derive once)."""
+
+    def __init__(
+        self,
+        backend: AttentionBackend,
+        slot_mapping: torch.Tensor,  # [T] int64
+        block_table: torch.Tensor,  # [S, max_blocks] int32
+        seq_lens: torch.Tensor,  # [S] int32
+        cu_seqlens_q: torch.Tensor,  # [S + 1] int32
+        block_size: int,
+    ) -> None:
+        self.backend = backend
+        self.slot_mapping = slot_mapping
+        self.block_table = block_table
+        self.seq_lens = seq_lens
+        self.cu_seqlens_q = cu_seqlens_q
+
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> None:
+        self.backend.reshape_and_cache(key, value, k_cache, v_cache, self.slot_mapping)
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        self.backend.paged_attention(
+            query, k_cache, v_cache, self.block_table, self.seq_lens, self.cu_seqlens_q, scale, out=out
+        )
 
 
 class AttentionBackend(NamedTuple):
@@ -21,6 +78,21 @@ class AttentionBackend(NamedTuple):
     reshape_and_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     copy_blocks: Callable[..., None]
+    # (slot_mapping, block_table, seq_lens, cu_seqlens_q, block_size) -> the step's PagedAttentionStep
+    step_type: Callable[..., PagedAttentionStep] | None = None
+
+    def prepare_step(
+        self,
+        slot_mapping: torch.Tensor,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        block_size: int,
+    ) -> PagedAttentionStep:
+        """The per-step object every layer calls (see `PagedAttentionStep`)."""
+        if self.step_type is None:
+            return KernelStep(self, slot_mapping, block_table, seq_lens, cu_seqlens_q, block_size)
+        return self.step_type(slot_mapping, block_table, seq_lens, cu_seqlens_q, block_size)
 
 
 def is_triton_interpreted() -> bool:
@@ -37,9 +109,16 @@ def get_attention_backend(name: str | None, device: torch.device | str) -> Atten
     if name is None:
         name = "triton" if device.type == "cuda" else "torch"
     if name == "torch":
-        from .torch_backend import copy_blocks_torch, paged_attention_torch, reshape_and_cache_torch
+        from .torch_backend import (
+            TorchAttentionStep,
+            copy_blocks_torch,
+            paged_attention_torch,
+            reshape_and_cache_torch,
+        )
 
-        return AttentionBackend("torch", reshape_and_cache_torch, paged_attention_torch, copy_blocks_torch)
+        return AttentionBackend(
+            "torch", reshape_and_cache_torch, paged_attention_torch, copy_blocks_torch, TorchAttentionStep
+        )
     if name == "triton":
         if device.type != "cuda" and not is_triton_interpreted():
             raise ValueError(

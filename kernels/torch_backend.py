@@ -10,28 +10,18 @@ Same signatures and layouts as the Triton kernels:
     cu_seqlens_q    [num_seqs + 1]          int32, query start of each sequence in `query`
     block_mapping   [num_pairs, 2]          int64, (src, dst) block ids
 
-`paged_attention_torch` works on at most two groups of sequences, decodes (q_len == 1) and the rest
-(prefills and chunked prefills), so a long prefill never pads every decode query to its length. For
-each group it gathers K/V for all its sequences at once into [num_seqs, kv_len, num_kv_heads,
-head_dim], pads the queries into [num_seqs, max_q_len] with index tensors, builds one boolean mask
-(causal at each sequence's offset, plus context padding) and calls `scaled_dot_product_attention`
-once. GQA is folded into the query axis: the query heads that share a KV head become extra query
-rows, so K/V are never repeated and a decode is a [group, kv_len] problem per KV head. A group of
-whole prompts of one length (no cached context, no padding) uses `is_causal` instead of a mask,
-which lets SDPA skip the masked half.
-
-The gathered K/V land in a per-thread workspace that is reused across calls (and grows to the
-largest batch seen): a fresh allocation of that size costs more in page faults than the gather.
+The attention itself (groups, length buckets, gathers, SDPA) is in `torch_attention`: everything
+derived from a step's metadata is an `AttentionPlan`. `paged_attention_torch` builds one per call;
+the executor uses `TorchAttentionStep`, which builds the plan and the slots once per forward so that
+every layer reuses them, and a layer costs a KV write, one gather and one SDPA call per group.
 """
 
 from __future__ import annotations
 
-import threading
-
 import torch
-import torch.nn.functional as F
 
 from ._checks import check_copy_blocks, check_paged_attention, check_reshape_and_cache
+from .torch_attention import AttentionPlan
 
 
 def reshape_and_cache_torch(
@@ -51,6 +41,50 @@ def reshape_and_cache_torch(
     v_cache[block_ids, offsets] = value[keep]
 
 
+class TorchAttentionStep:
+    """The torch backend's per-step state (see `backends.PagedAttentionStep`): the slots and the
+    attention plan are derived from the step's metadata once, then every layer reuses them."""
+
+    def __init__(
+        self,
+        slot_mapping: torch.Tensor,  # [T]
+        block_table: torch.Tensor,  # [S, max_blocks]
+        seq_lens: torch.Tensor,  # [S]
+        cu_seqlens_q: torch.Tensor,  # [S + 1]
+        block_size: int,
+    ) -> None:
+        slots = slot_mapping.long()
+        keep = slots >= 0  # [T]
+        # None when every token is cached (the executor never pads): no masked copy of key/value.
+        self.keep = None if bool(keep.all()) else keep
+        self.slots = slots if self.keep is None else slots[keep]  # [n]
+        self.plan = AttentionPlan(block_table, seq_lens, cu_seqlens_q, block_size)
+
+    def write_kv(
+        self,
+        key: torch.Tensor,  # [T, Hkv, D]
+        value: torch.Tensor,  # [T, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    ) -> None:
+        if self.keep is not None:
+            key, value = key[self.keep], value[self.keep]
+        # A flat slot view of the pool (a view, never a copy: the pool is contiguous); one index_copy_
+        # per tensor instead of advanced-index assignment, which builds (block, offset) pairs first.
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, self.slots, key)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, self.slots, value)
+
+    def attend(
+        self,
+        query: torch.Tensor,  # [T, H, D]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,  # [T, H, D]
+    ) -> None:
+        self.plan.attend(query, k_cache, v_cache, scale, out)
+
+
 def copy_blocks_torch(
     k_caches: list[torch.Tensor],
     v_caches: list[torch.Tensor],
@@ -66,26 +100,6 @@ def copy_blocks_torch(
     src, dst = block_mapping[:, 0].long(), block_mapping[:, 1].long()
     for cache in (*k_caches, *v_caches):
         cache[dst] = cache[src]
-
-
-class _Workspace(threading.local):
-    """Per-thread scratch buffers for gathered K/V, one per (device, dtype), grown on demand."""
-
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def get(self, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        buf = self.buffers.get((device, dtype))
-        if buf is None or buf.numel() < numel:
-            # A normal tensor, even when first needed under inference_mode: an inference tensor
-            # could not be written by a later call made outside it.
-            with torch.inference_mode(False):
-                buf = torch.empty(numel, dtype=dtype, device=device)
-            self.buffers[(device, dtype)] = buf
-        return buf[:numel]
-
-
-_workspace = _Workspace()
 
 
 def paged_attention_torch(
@@ -105,101 +119,6 @@ def paged_attention_torch(
     check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     if out is None:
         out = torch.empty_like(query)
-    if query.size(0) == 0:
-        return out
-    q_starts = cu_seqlens_q[:-1].long()  # [S]
-    q_lens = cu_seqlens_q[1:].long() - q_starts  # [S]
-    is_decode = q_lens == 1
-    for group in (is_decode, q_lens > 1):
-        seqs = group.nonzero().squeeze(1)  # [S_group]
-        if seqs.numel() == 0:
-            continue
-        _attend(
-            query,
-            k_cache,
-            v_cache,
-            block_table.index_select(0, seqs),
-            seq_lens.index_select(0, seqs).long(),
-            q_starts.index_select(0, seqs),
-            q_lens.index_select(0, seqs),
-            scale,
-            out,
-        )
+    plan = AttentionPlan(block_table, seq_lens, cu_seqlens_q, k_cache.size(1))
+    plan.attend(query, k_cache, v_cache, scale, out)
     return out
-
-
-def _attend(
-    query: torch.Tensor,  # [T, H, D]
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    block_table: torch.Tensor,  # [S, max_blocks]
-    seq_lens: torch.Tensor,  # [S] int64
-    q_starts: torch.Tensor,  # [S] int64
-    q_lens: torch.Tensor,  # [S] int64, all >= 1
-    scale: float,
-    out: torch.Tensor,  # [T, H, D], written at the group's tokens only
-) -> None:
-    device = query.device
-    num_seqs = seq_lens.size(0)
-    _, num_heads, head_dim = query.shape
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    max_q_len = int(q_lens.max())
-    max_seq_len = int(seq_lens.max())
-    num_kv_blocks = -(-max_seq_len // block_size)
-    kv_len = num_kv_blocks * block_size
-    # Whole prompts of one length: no cached context, nothing padded, plain top-left causal.
-    whole_prompts = max_q_len > 1 and bool(((q_lens == max_q_len) & (seq_lens == max_q_len)).all())
-
-    # Gather K/V through the block table. Entries past a sequence's context may be padding
-    # (0, -1, anything): they are replaced by block 0 and, like every slot past the context, zeroed
-    # before use, because unwritten slots may hold NaN and a masked 0 * NaN would still leak through.
-    block_starts = torch.arange(num_kv_blocks, device=device) * block_size  # [B]
-    block_used = block_starts[None, :] < seq_lens[:, None]  # [S, B]
-    block_ids = torch.where(block_used, block_table[:, :num_kv_blocks].long(), 0).flatten()  # [S * B]
-    kv_numel = num_seqs * kv_len * num_kv_heads * head_dim
-    buf = _workspace.get(2 * kv_numel, query.dtype, device)
-    k = torch.index_select(k_cache, 0, block_ids, out=buf[:kv_numel].view(-1, *k_cache.shape[1:]))
-    v = torch.index_select(v_cache, 0, block_ids, out=buf[kv_numel:].view(-1, *v_cache.shape[1:]))
-    k = k.view(num_seqs, kv_len, num_kv_heads, head_dim)  # [S, L, Hkv, D]
-    v = v.view(num_seqs, kv_len, num_kv_heads, head_dim)  # [S, L, Hkv, D]
-
-    q_local = torch.arange(max_q_len, device=device)  # [Q]
-    q_valid = q_local[None, :] < q_lens[:, None]  # [S, Q]
-    q_index = torch.where(q_valid, q_starts[:, None] + q_local[None, :], 0)  # [S, Q] token of each row
-    q = query[q_index]  # [S, Q, H, D]
-
-    if whole_prompts:
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k[:, :max_q_len].transpose(1, 2),
-            v[:, :max_q_len].transpose(1, 2),
-            is_causal=True,
-            scale=scale,
-            enable_gqa=group > 1,
-        )  # [S, H, Q, D]
-        o = o.transpose(1, 2)  # [S, Q, H, D]
-    else:
-        kv_pos = torch.arange(kv_len, device=device)  # [L]
-        kv_valid = kv_pos[None, :] < seq_lens[:, None]  # [S, L]
-        padded = (~kv_valid).flatten().nonzero().squeeze(1)  # rows of [S * L]
-        k.view(-1, num_kv_heads, head_dim).index_fill_(0, padded, 0)
-        v.view(-1, num_kv_heads, head_dim).index_fill_(0, padded, 0)
-        # Query i sits at absolute position seq_len - q_len + i and sees positions up to it. Padded
-        # query rows (i >= q_len) see the whole context, so no row is fully masked (no NaN).
-        q_pos = (seq_lens - q_lens)[:, None] + q_local[None, :]  # [S, Q]
-        mask = (kv_pos[None, None, :] <= q_pos[:, :, None]) & kv_valid[:, None, :]  # [S, Q, L]
-        mask = mask[:, None].expand(num_seqs, group, max_q_len, kv_len).reshape(num_seqs, 1, -1, kv_len)
-        # Fold the query heads of each KV head into rows: [S, Hkv, group * Q, D], row = g * Q + i.
-        q = q.view(num_seqs, max_q_len, num_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-        q = q.reshape(num_seqs, num_kv_heads, group * max_q_len, head_dim)
-        o = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
-        )  # [S, Hkv, group * Q, D]
-        o = o.view(num_seqs, num_kv_heads, group, max_q_len, head_dim).permute(0, 3, 1, 2, 4)
-        o = o.reshape(num_seqs, max_q_len, num_heads, head_dim)  # [S, Q, H, D]
-
-    if max_q_len == 1:
-        out.index_copy_(0, q_starts, o.view(num_seqs, num_heads, head_dim))
-    else:
-        out[q_index[q_valid]] = o[q_valid]

@@ -93,6 +93,7 @@ class LauncherConfig:
     max_queued_requests: int | None = None
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
+    pools: int = 1  # executor + scheduler pairs; pool i > 0 takes the executor/scheduler ports + 100 * i
     attention_backend: str | None = None
     dtype: str | None = None
     redis_url: str | None = None  # None: start a throwaway Redis
@@ -113,6 +114,8 @@ class LauncherConfig:
             raise ValueError(f"the five ports must differ, got {ports}")
         if self.startup_timeout <= 0 or self.stop_timeout < 0:
             raise ValueError("--startup-timeout must be > 0 and --stop-timeout >= 0")
+        if self.pools < 1:
+            raise ValueError(f"--pools must be >= 1, got {self.pools}")
         if self.max_restarts < 0 or self.restart_window <= 0:
             raise ValueError("--max-restarts must be >= 0 and --restart-window > 0")
         if not 0 <= self.restart_backoff <= self.restart_backoff_max:
@@ -197,20 +200,54 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
           *_opt("--stall-timeout", config.stall_timeout))),
     ]  # fmt: skip
+    if config.pools > 1:
+        wanted = _with_pools(config, wanted, redis_url)
     specs: list[ServiceSpec] = []
     skipped: dict[str, str] = {}
     tiers: dict[str, int] = {}
     for name, needs, ports, flags in wanted:
         missing = [n for n in needs if n in skipped]
-        if not available(name):
+        if not available(name.split("-")[0]):
             skipped[name] = f"module {SUBCOMMANDS[name][0]} not found"
         elif missing:
             skipped[name] = f"needs {', '.join(missing)}"
         else:
             tiers[name] = 1 + max((tiers[n] for n in needs), default=-1)
             address = hostport(near, ports[0])
-            specs.append(ServiceSpec(name, (*PAGEDSERVE, name, *flags), address, ports, needs, tiers[name]))
+            specs.append(
+                ServiceSpec(
+                    name, (*PAGEDSERVE, name.split("-")[0], *flags), address, ports, needs, tiers[name]
+                )
+            )
     return Plan(specs, skipped)
+
+
+def _with_pools(config: LauncherConfig, wanted: list, redis_url: str) -> list:
+    """`--pools N`: executor-i + scheduler-i for i in 1..N-1 (ports + 100 * i), every scheduler
+    with its own --pool-id, and the gateway finding them all in the registry (--redis-url)."""
+    by_name = {w[0]: w for w in wanted}
+    out = [w for w in wanted if w[0] not in ("scheduler", "gateway")]
+    schedulers = []
+    for i in range(config.pools):
+        e_port, s_port = config.executor_port + 100 * i, config.scheduler_port + 100 * i
+        executor, scheduler = ("executor", "scheduler") if i == 0 else (f"executor-{i}", f"scheduler-{i}")
+        if i:
+            flags = _replace_flag(by_name["executor"][3], "--port", str(e_port))
+            out.append((executor, (), (e_port,), flags))
+        flags = _replace_flag(by_name["scheduler"][3], "--port", str(s_port))
+        flags = _replace_flag(flags, "--executor", hostport(config.connect_host, e_port))
+        out.append((scheduler, (executor,), (s_port,), (*flags, "--pool-id", f"pool-{i}")))
+        schedulers.append(scheduler)
+    name, needs, ports, flags = by_name["gateway"]
+    at = flags.index("--scheduler")
+    flags = (*flags[:at], "--redis-url", redis_url, *flags[at + 2 :])
+    out.append((name, ("tokenizer", *schedulers), ports, flags))
+    return out
+
+
+def _replace_flag(flags: tuple[str, ...], flag: str, value: str) -> tuple[str, ...]:
+    at = flags.index(flag)
+    return (*flags[: at + 1], value, *flags[at + 2 :])
 
 
 def redis_spec(binary: str, port: int, data_dir: str) -> ServiceSpec:
@@ -579,6 +616,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--max-queued-requests", type=_positive_int, default=None, metavar="N")
+    kv.add_argument("--pools", type=_positive_int, default=1, metavar="N",
+                    help="executor + scheduler pairs on one Redis (pool i > 0: executor and scheduler ports + 100 * i); "
+                    "the gateway routes over them by what their caches hold")  # fmt: skip
     kv.add_argument("--served-model-name", nargs="+", default=(), metavar="NAME",
                     help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
     kv.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",

@@ -79,11 +79,28 @@ def read_pools(client, *, only_live: bool = True) -> list[PoolInfo]:
     if not ids:
         return []
     pipe = client.pipeline(transaction=False)
+    _queue_reads(pipe, ids)
+    return _parse(ids, pipe.execute(), only_live)
+
+
+async def read_pools_async(client, *, only_live: bool = True) -> list[PoolInfo]:
+    """`read_pools` over a `redis.asyncio` client."""
+    ids = sorted(_text(i) for i in await client.smembers(REGISTRY_KEY))
+    if not ids:
+        return []
+    pipe = client.pipeline(transaction=False)
+    _queue_reads(pipe, ids)
+    return _parse(ids, await pipe.execute(), only_live)
+
+
+def _queue_reads(pipe, ids: list[str]) -> None:
     for pool_id in ids:
         pipe.hgetall(pool_key(pool_id, "info"))
         pipe.hgetall(pool_key(pool_id, "load"))
         pipe.exists(pool_key(pool_id, "lease"))
-    replies = pipe.execute()
+
+
+def _parse(ids: list[str], replies: list, only_live: bool) -> list[PoolInfo]:
     pools = []
     for i, pool_id in enumerate(ids):
         info, load, live = replies[3 * i : 3 * i + 3]

@@ -47,7 +47,7 @@ class StepInput:
     epoch: str  # the executor epoch the scheduler believes in; "" skips the check
     new_requests: list[NewRequestData] = field(default_factory=list)
     cached_requests: list[CachedRequestData] = field(default_factory=list)
-    finished_request_ids: list[str] = field(default_factory=list)  # applied before the forward
+    forget_request_ids: list[str] = field(default_factory=list)  # applied before the forward
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
 
     @property
@@ -150,7 +150,7 @@ def step_to_proto(step: StepInput):
             )
             for r in step.cached_requests
         ],
-        finished_request_ids=step.finished_request_ids,
+        forget_request_ids=step.forget_request_ids,
         block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.block_copies],
         total_num_scheduled_tokens=step.total_num_scheduled_tokens,
     )
@@ -182,7 +182,7 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
             )
             for r in msg.cached_requests
         ],
-        finished_request_ids=list(msg.finished_request_ids),
+        forget_request_ids=list(msg.forget_request_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
     )
     return step, msg.total_num_scheduled_tokens

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedserve.kernels.backends import AttentionBackend
+from pagedserve.kernels.backends import PagedAttentionStep
 
 ATTN_IMPLEMENTATION = "pagedserve"
 STEP_KWARG = "pagedserve_step"  # the keyword that carries StepMetadata to the attention function
@@ -37,13 +37,9 @@ class MissingStepMetadata(RuntimeError):
 class StepMetadata:
     """What every layer's attention needs for one forward; one object shared by all layers."""
 
-    slot_mapping: torch.Tensor  # [T] int64, pool slot each new token's K/V goes to
-    block_table: torch.Tensor  # [S, max_blocks] int32
-    seq_lens: torch.Tensor  # [S] int32, context length including the new tokens
-    cu_seqlens_q: torch.Tensor  # [S + 1] int32
+    paged: PagedAttentionStep  # the backend's per-step state: slots, block tables, its attention plan
     k_caches: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
     v_caches: list[torch.Tensor]
-    backend: AttentionBackend
 
 
 @dataclass(slots=True)
@@ -96,16 +92,70 @@ def pagedserve_attention(
             f"call the model through ModelRunner, which passes {STEP_KWARG}=..."
         )
     layer = getattr(module, LAYER_ATTR)
+    if step is COMPILED_STEP:
+        # Traced by torch.compile: one opaque op, so the graph does not break on the paged KV.
+        return torch.ops.pagedserve.paged_attention(query, key, value, layer, float(scaling)), None
+    return _attend_layer(step, layer, query, key, value, scaling), None
+
+
+def _attend_layer(
+    step: StepMetadata,
+    layer: int,
+    query: torch.Tensor,  # [1, H, T, D]
+    key: torch.Tensor,  # [1, Hkv, T, D]
+    value: torch.Tensor,  # [1, Hkv, T, D]
+    scale: float,
+) -> torch.Tensor:
+    """Writes this layer's new K/V into the pool and attends over it; returns [1, T, H, D]."""
     k_cache, v_cache = step.k_caches[layer], step.v_caches[layer]
     q = query[0].transpose(0, 1)  # [T, H, D]
-    step.backend.reshape_and_cache(
-        key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache, step.slot_mapping
-    )
+    step.paged.write_kv(key[0].transpose(0, 1), value[0].transpose(0, 1), k_cache, v_cache)
     out = q.new_empty(q.shape)  # [T, H, D]
-    step.backend.paged_attention(
-        q, k_cache, v_cache, step.block_table, step.seq_lens, step.cu_seqlens_q, scaling, out=out
-    )
-    return out.unsqueeze(0), None  # [1, T, H, D]
+    step.paged.attend(q, k_cache, v_cache, scale, out)
+    return out.unsqueeze(0)  # [1, T, H, D]
+
+
+class _CompiledStep:
+    """The one object a compiled forward gets as its STEP_KWARG, the same every step, so that
+    torch.compile's guards on it never change; the step's real metadata is set here around each
+    call (`running`) and read by the custom op when it runs, outside the graph."""
+
+    def __init__(self) -> None:
+        self.step: StepMetadata | None = None
+
+    def running(self, step: StepMetadata) -> _CompiledStep:
+        self.step = step
+        return self
+
+    def __enter__(self) -> None:
+        pass
+
+    def __exit__(self, *exc: object) -> None:
+        self.step = None
+
+
+COMPILED_STEP = _CompiledStep()
+
+
+@torch.library.custom_op("pagedserve::paged_attention", mutates_args=())
+def paged_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float
+) -> torch.Tensor:
+    """One layer's KV write and paged attention for a compiled forward: query [1, H, T, D],
+    key/value [1, Hkv, T, D] -> [1, T, H, D]. The pool and the step's metadata are not arguments:
+    they come from COMPILED_STEP, so the graph's inputs stay the model's own. Writing the pool is a
+    side effect the graph does not see, which is safe: only this layer's own op reads its pool layer,
+    and the op's output feeds the rest of the layer, so it is never dropped or reordered past its use."""
+    step = COMPILED_STEP.step
+    if step is None:
+        raise MissingStepMetadata("pagedserve::paged_attention ran outside a compiled step")
+    return _attend_layer(step, layer, query, key, value, scale)
+
+
+@paged_attention_op.register_fake
+def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int, scale: float) -> torch.Tensor:
+    _, num_heads, num_tokens, head_dim = query.shape
+    return query.new_empty((1, num_tokens, num_heads, head_dim))
 
 
 _registered = False

@@ -32,6 +32,9 @@ class ExecutorConfig:
     attention_backend: str | None = None  # None: triton on CUDA, torch elsewhere
     device: str | None = None  # None: cuda when available, else cpu
     seed: int = 0
+    cpu_threads: int | None = None  # torch intra-op threads; None: see placement.default_threads
+    cpu_affinity: tuple[int, ...] | None = None  # cores to pin the process to; None: not pinned
+    compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
 
     @property
     def model_path(self) -> str:
@@ -51,3 +54,7 @@ class ExecutorConfig:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.cpu_affinity is not None and (not self.cpu_affinity or min(self.cpu_affinity) < 0):
+            raise ValueError(f"--cpu-affinity must name core ids >= 0, got {list(self.cpu_affinity)}")

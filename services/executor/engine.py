@@ -6,7 +6,7 @@ builds what the forward needs without changing anything; a malformed step raises
 Only then are the block copies made, the forward run and the tokens sampled; the request states are
 committed last, so a forward that fails for another reason (out of memory) leaves them untouched too.
 
-Order within a step, as the protocol states: finished ids are dropped and block copies made first,
+Order within a step, as the protocol states: forget ids are dropped and block copies made first,
 then new requests join, then cached ones advance. A sequence samples exactly when its scheduled
 tokens reach the end of its known tokens (see `pagedserve.common.step`), and the sampled token is
 appended to its tokens.
@@ -34,6 +34,7 @@ from pagedserve.executor.config import (
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
+from pagedserve.executor.placement import apply_placement, format_cpu_list
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 
 log = logging.getLogger(__name__)
@@ -62,10 +63,23 @@ class ExecutorEngine:
         config.validate()
         torch.manual_seed(config.seed)
         device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # Before the model loads, so that loading already runs on the chosen cores and threads.
+        placement = apply_placement(config.cpu_threads, config.cpu_affinity, device.type)
+        log.info(
+            "%d torch threads (%s); %s cores %s",
+            placement.threads,
+            placement.why,
+            "pinned to" if placement.pinned else "may run on",
+            format_cpu_list(placement.cores),
+        )
         runner = ModelRunner.load(
             config.model_path, dtype=config.dtype, device=device, attention_backend=config.attention_backend
         )
         limits = resolve_limits(runner, config.max_model_len, config.max_num_batched_tokens)
+        if config.compile:
+            seconds = runner.compile(config.block_size)
+            log.info("compiled the forward (torch.compile, inductor) in %.1f s", seconds)
+        # After compiling, so that the compiled forward is what is checked against the dense one.
         runner.self_check(config.block_size)
         spec = runner.kv_cache_spec(config.block_size)
         if config.num_kv_blocks is not None:
@@ -165,7 +179,7 @@ class ExecutorEngine:
         ]
 
     def _commit(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
-        for request_id in plan.finished:
+        for request_id in plan.forget:
             del self.requests[request_id]
         for s in plan.scheduled:
             self.requests[s.state.request_id] = s.state

@@ -8,6 +8,10 @@ attention function, which writes the new K/V into the pool (`reshape_and_cache`)
 pool through the block tables (`paged_attention`). Logits are computed only at the sampled tokens
 (`logits_to_keep` = their flat indices).
 
+With `compile` (the executor's `--compile`), forwards run through torch.compile instead: the
+model gets a constant marker as its step keyword, and each layer's attention is one custom op that
+reads the real step from it (see `attention.paged_attention_op`).
+
 At load a probe forward checks that the architecture really routes attention through the interface
 (every attention module called once, one KV layout for all layers) and assigns each attention module
 its pool layer in call order, so models whose modules lack `layer_idx` work too.
@@ -16,6 +20,7 @@ its pool layer in call order, so models whose modules lack `layer_idx` work too.
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 from torch import nn
@@ -23,6 +28,7 @@ from torch import nn
 from pagedserve.common.sizes import cdiv
 from pagedserve.executor.attention import (
     ATTN_IMPLEMENTATION,
+    COMPILED_STEP,
     LAYER_ATTR,
     STEP_KWARG,
     AttentionProbe,
@@ -79,6 +85,27 @@ class ModelRunner:
             int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
         )
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window = self._probe()
+        self.compiled: nn.Module | None = None  # the torch.compile'd model, once `compile` ran
+
+    def compile(self, block_size: int) -> float:
+        """Runs later forwards through torch.compile (inductor), whole graph, dynamic token count; the
+        paged attention is one custom op per layer (`pagedserve::paged_attention`). Compiles now, by
+        forwards in a throw-away pool for each shape class torch.compile specializes (size 1: T > 1
+        with one and with several sampled rows; T = 1), so no step waits for a compile; returns the
+        seconds it took. Steps that sample no row stay eager (see `forward`)."""
+        start = time.perf_counter()
+        self.compiled = torch.compile(self.model, dynamic=True, fullgraph=True)
+        prompt = [(5 * i + 1) % self.vocab_size for i in range(block_size + 3)]
+        blocks_per_seq = cdiv(len(prompt) + 1, block_size)
+        pool = KVPool(self.kv_cache_spec(block_size), 2 * blocks_per_seq, self.device)
+        tables = [list(range(blocks_per_seq)), list(range(blocks_per_seq, 2 * blocks_per_seq))]
+        n = len(prompt)
+        self.execute([ScheduledSeq(prompt, tables[0], 0, n, True)], pool)  # prefill: T > 1, one row
+        self.execute([ScheduledSeq(prompt, tables[1], 0, n - 1, False)], pool)  # no row: runs eager
+        self.execute([ScheduledSeq(prompt, tables[0], n - 1, 1, True)], pool)  # decode: T = 1
+        both = [ScheduledSeq(prompt, t, n - 1, 1, True) for t in tables]
+        self.execute(both, pool)  # a decode batch: T > 1, several rows
+        return time.perf_counter() - start
 
     @classmethod
     def load(
@@ -171,22 +198,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, pool: KVPool) -> torch.Tensor:
-        step = StepMetadata(
-            slot_mapping=inputs.slot_mapping,
-            block_table=inputs.block_table,
-            seq_lens=inputs.seq_lens,
-            cu_seqlens_q=inputs.cu_seqlens_q,
-            k_caches=pool.k_caches,
-            v_caches=pool.v_caches,
-            backend=self.backend,
+        # Made once per step, shared by every layer (the torch backend plans its gathers here).
+        paged = self.backend.prepare_step(
+            inputs.slot_mapping, inputs.block_table, inputs.seq_lens, inputs.cu_seqlens_q, pool.block_size
         )
-        out = self.model(
-            input_ids=inputs.input_ids[None],  # [1, T]
-            position_ids=inputs.positions[None],  # [1, T]
-            use_cache=False,
-            logits_to_keep=inputs.sample_indices,  # [N]
-            **{STEP_KWARG: step},
-        )
+        step = StepMetadata(paged=paged, k_caches=pool.k_caches, v_caches=pool.v_caches)
+        # A step that samples nothing (prefill chunks only) runs eager: with no logits row to keep,
+        # the compiled graph's output does not depend on the layers, and inductor would drop them,
+        # KV writes included (the custom op's pool write is a side effect the graph does not see).
+        if self.compiled is None or inputs.sample_indices.numel() == 0:
+            out = self.model(
+                input_ids=inputs.input_ids[None],  # [1, T]
+                position_ids=inputs.positions[None],  # [1, T]
+                use_cache=False,
+                logits_to_keep=inputs.sample_indices,  # [N]
+                **{STEP_KWARG: step},
+            )
+        else:
+            with COMPILED_STEP.running(step):
+                out = self.compiled(
+                    input_ids=inputs.input_ids[None],  # [1, T]
+                    position_ids=inputs.positions[None],  # [1, T]
+                    use_cache=False,
+                    logits_to_keep=inputs.sample_indices,  # [N]
+                    **{STEP_KWARG: COMPILED_STEP},
+                )
         return out.logits[0].float()  # [N, V]
 
     @torch.inference_mode()

@@ -260,9 +260,11 @@ def sample(
     device = logits.device
     ban_rows, ban_tokens = _min_tokens_ban(params, output_ids, eos_token_ids, vocab_size)
 
-    # Fast path: every row plain greedy, nothing to mask or report.
+    # Fast path: every row plain greedy, nothing to mask or report: no copy, no penalty, temperature,
+    # top-k/top-p or softmax work. `max(dim).indices` is argmax (the first maximum on ties, NaN wins)
+    # at under half the cost of `argmax` on CPU for a [B, V] float32 tensor.
     if not ban_rows and all(p.greedy and p.logprobs is None and not _has_penalties(p) for p in params):
-        return [(token, None) for token in logits.argmax(dim=-1).tolist()]
+        return [(token, None) for token in logits.max(dim=-1).indices.tolist()]
 
     logits = apply_penalties(logits.to(torch.float32), params, prompt_ids, output_ids)  # [B, V], a copy
     if ban_rows:

@@ -17,6 +17,7 @@ from pagedserve.executor.config import (
     ExecutorConfig,
 )
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import parse_cpu_list
 from pagedserve.executor.servicer import SERVICE_NAME, ExecutorServicer
 from pagedserve.kernels.backends import BACKEND_NAMES
 from pagedserve.v1 import executor_pb2_grpc
@@ -66,6 +67,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the generator shared by unseeded requests"
     )
+    parser.add_argument(
+        "--cpu-threads",
+        type=int,
+        default=None,
+        help="torch threads (default on CPU: one per --cpu-affinity core, else all cores but one, min 1)",
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the model forward (inductor; start-up pays tens of seconds on CPU; default: eager)",
+    )
+    parser.add_argument(
+        "--cpu-affinity",
+        type=_cpu_list,
+        default=None,
+        help="pin the executor to these cores, e.g. 0 or 0,2-3 (default: not pinned)",
+    )
+
+
+def _cpu_list(text: str) -> tuple[int, ...]:
+    try:
+        return parse_cpu_list(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
@@ -83,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         attention_backend=args.attention_backend,
         device=args.device,
         seed=args.seed,
+        cpu_threads=args.cpu_threads,
+        cpu_affinity=args.cpu_affinity,
+        compile=args.compile,
     )
 
 

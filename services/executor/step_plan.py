@@ -44,7 +44,7 @@ class ScheduledRequest:
 
 @dataclass(slots=True)
 class StepPlan:
-    finished: list[str] = field(default_factory=list)  # held ids to drop
+    forget: list[str] = field(default_factory=list)  # held ids to drop
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst)
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # new requests first, then cached
 
@@ -113,8 +113,8 @@ def plan_step(
     plan = StepPlan()
     # Finished ids the executor never saw (aborted before their first step, or sent after a
     # restart) are nothing to drop: forgetting is idempotent.
-    finished = set(step.finished_request_ids)
-    plan.finished = [r for r in dict.fromkeys(step.finished_request_ids) if r in requests]
+    forget = set(step.forget_request_ids)
+    plan.forget = [r for r in dict.fromkeys(step.forget_request_ids) if r in requests]
 
     copy_dsts: set[int] = set()
     for src, dst in step.block_copies:
@@ -133,8 +133,8 @@ def plan_step(
         if r.request_id in seen:
             raise bad(f"{who} appears more than once in the step", "request_id")
         seen.add(r.request_id)
-        if r.request_id in requests and r.request_id not in finished:
-            raise bad(f"{who} is already held; list it in finished_request_ids to re-send it", "request_id")
+        if r.request_id in requests and r.request_id not in forget:
+            raise bad(f"{who} is already held; list it in forget_request_ids to re-send it", "request_id")
         if not r.prompt_token_ids:
             raise bad(f"{who} has an empty prompt", "prompt_token_ids")
         token_ids = [*r.prompt_token_ids, *r.output_token_ids]
@@ -177,8 +177,8 @@ def plan_step(
             raise bad(f"{who} appears more than once in the step", "request_id")
         seen.add(r.request_id)
         state = requests.get(r.request_id)
-        if state is None or r.request_id in finished:
-            why = "is finished in this same step" if state is not None else "is not known to this executor"
+        if state is None or r.request_id in forget:
+            why = "is forgotten in this same step" if state is not None else "is not known to this executor"
             raise bad(f"{who} {why}; send it as a new request", "request_id")
         if r.num_computed_tokens != state.num_computed_tokens:
             raise bad(

@@ -37,7 +37,14 @@ class GatewayConfig:
     grpc_port: int = 50051
     http_port: int = 8000
     tokenizer_address: str = "localhost:50052"
-    scheduler_address: str = "localhost:50053"
+    scheduler_address: str = "localhost:50053"  # one pool: its scheduler (and standbys, after commas)
+    # More static pools, each like scheduler_address; with redis_url, pools come from the registry.
+    more_pools: tuple[str, ...] = ()
+    redis_url: str | None = None  # discover pools (and route by their caches) through the registry
+    routing: str = "cache_aware"  # cache_aware | least_loaded | round_robin
+    routing_prefill_weight: float = 1.0  # cost of one uncached prompt token
+    routing_decode_weight: float = 32.0  # cost of one request running or waiting in a pool
+    migration_limit: int = 3  # times a request may move to another pool when its pool fails
     model: str = ""  # path or hub id of the served model, as given to --model
     # Names a request's `model` may use; the first is the one reported. Empty: `model` itself.
     served_model_names: tuple[str, ...] = ()

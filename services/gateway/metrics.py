@@ -86,6 +86,44 @@ class _DetokenizeCollector(Collector):
             yield CounterMetricFamily(name, help_text, value=getattr(self.stream, attr))
 
 
+class _PoolCollector:
+    """Per pool: requests routed to it, prompt tokens its cache was predicted to hold at
+    routing and those it actually served; and requests moved off a failed pool."""
+
+    def __init__(self) -> None:
+        self.router = None
+
+    def collect(self):
+        router = self.router
+        if router is None:
+            return
+        routed = CounterMetricFamily(
+            "pagedserve_pool_requests_routed", "Requests routed to each pool.", labels=["pool"]
+        )
+        predicted = CounterMetricFamily(
+            "pagedserve_pool_predicted_prefix_hit_tokens",
+            "Prompt tokens the pool's prefix cache held when the request was routed to it.",
+            labels=["pool"],
+        )
+        actual = CounterMetricFamily(
+            "pagedserve_pool_prefix_hit_tokens",
+            "Prompt tokens the pool served from its prefix cache.",
+            labels=["pool"],
+        )
+        for pool in router.pools.values():
+            routed.add_metric([pool.pool_id], pool.routed)
+            predicted.add_metric([pool.pool_id], pool.predicted_hit_tokens)
+            actual.add_metric([pool.pool_id], pool.actual_hit_tokens)
+        yield routed
+        yield predicted
+        yield actual
+        yield CounterMetricFamily(
+            "pagedserve_migrations",
+            "Requests moved to another pool when theirs failed.",
+            value=router.migrations_total,
+        )
+
+
 class GatewayMetrics:
     """A registry of its own, so tests and several gateways in one process never collide."""
 
@@ -95,6 +133,8 @@ class GatewayMetrics:
         self.registry.register(self._scheduler)
         self._detokenize = _DetokenizeCollector()
         self.registry.register(self._detokenize)
+        self._pools = _PoolCollector()
+        self.registry.register(self._pools)
         self.time_to_first_token = Histogram(
             "pagedserve_time_to_first_token_seconds",
             "Seconds from a request's arrival at the gateway to its first token.",
@@ -112,6 +152,9 @@ class GatewayMetrics:
             "Requests in flight through this gateway.",
             registry=self.registry,
         )
+
+    def watch_pools(self, router) -> None:
+        self._pools.router = router
 
     def watch_detokenizer(self, stream) -> None:
         self._detokenize.stream = stream

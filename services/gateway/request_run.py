@@ -159,6 +159,8 @@ class RequestRun:
                 )
         finally:
             stream.cancel()
+            if (finished := getattr(engine.scheduler, "finished", None)) is not None:
+                finished(self.request_id, self.cached_prompt_tokens)
             self.detokenizer.release(
                 [c.key for c in self.choices if c.started and not c.released], self.generation
             )

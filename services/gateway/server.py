@@ -34,11 +34,12 @@ from pagedserve.gateway.config import (
     GatewayConfig,
     RequestLimits,
 )
-from pagedserve.gateway.downstream import SchedulerClient, TokenizerClient, close_all
+from pagedserve.gateway.downstream import TokenizerClient, close_all
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.grpc_service import GatewayServicer
 from pagedserve.gateway.http_api import build_app
 from pagedserve.gateway.metrics import GatewayMetrics
+from pagedserve.gateway.routing import PoolRouter
 from pagedserve.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer", default="localhost:50052", help="tokenizer service address")
     parser.add_argument(
         "--scheduler",
-        default="localhost:50053",
-        help="scheduler address; several, comma-separated, for a pool's scheduler and its standbys",
+        action="append",
+        default=None,
+        help="a pool's scheduler address (its standbys after commas: a:50053,b:50053); repeat the "
+        "flag for more pools (default: localhost:50053 unless --redis-url finds the pools)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=None,
+        help="discover every pool in the registry in this Redis and route by what their caches hold",
+    )
+    parser.add_argument(
+        "--routing",
+        choices=["cache_aware", "least_loaded", "round_robin"],
+        default="cache_aware",
+        help="how a pool is chosen: cache_aware minimizes prefill_weight x uncached prompt tokens + "
+        "decode_weight x (running + waiting requests); least_loaded; round_robin",
+    )
+    parser.add_argument(
+        "--routing-prefill-weight", type=float, default=1.0, help="cost of one uncached prompt token"
+    )
+    parser.add_argument(
+        "--routing-decode-weight",
+        type=float,
+        default=32.0,
+        help="cost of one request running or waiting in a pool",
+    )
+    parser.add_argument(
+        "--migration-limit",
+        type=int,
+        default=3,
+        help="times a request may move to another pool when its pool fails mid-stream",
     )
     parser.add_argument(
         "--stall-timeout",
@@ -163,7 +193,13 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         tokenizer_address=args.tokenizer,
-        scheduler_address=args.scheduler,
+        scheduler_address=(args.scheduler or ["" if args.redis_url else "localhost:50053"])[0],
+        more_pools=tuple((args.scheduler or [])[1:]),
+        redis_url=args.redis_url,
+        routing=args.routing,
+        routing_prefill_weight=args.routing_prefill_weight,
+        routing_decode_weight=args.routing_decode_weight,
+        migration_limit=args.migration_limit,
         stall_timeout=args.stall_timeout,
         model=model,
         served_model_names=names,
@@ -295,10 +331,28 @@ async def drain(engine: Engine, grpc_server: GrpcServer) -> None:
         await engine.wait_idle(2.0)
 
 
+def pools_for(config: GatewayConfig) -> PoolRouter:
+    """The pools this gateway routes over: static ones from --scheduler, the registry's with --redis-url."""
+    static = [a for a in (config.scheduler_address, *config.more_pools) if a]
+    if config.migration_limit < 0:
+        raise SystemExit("--migration-limit must be >= 0")
+    return PoolRouter(
+        static,
+        config.connect_timeout,
+        redis_url=config.redis_url,
+        policy=config.routing,
+        prefill_weight=config.routing_prefill_weight,
+        decode_weight=config.routing_decode_weight,
+        migration_limit=config.migration_limit,
+    )
+
+
 async def serve(config: GatewayConfig) -> None:
     tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
-    scheduler = SchedulerClient(config.scheduler_address, config.connect_timeout)
+    scheduler = pools_for(config)
+    scheduler.start()
     metrics = GatewayMetrics()
+    metrics.watch_pools(scheduler)
     metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
 
@@ -333,7 +387,7 @@ async def serve(config: GatewayConfig) -> None:
             config.host,
             config.http_port,
             config.tokenizer_address,
-            config.scheduler_address,
+            config.scheduler_address or f"pools in {config.redis_url}",
         )
 
     await run_until_signal(stop, started)

@@ -158,7 +158,7 @@ class StepDriver:
                     self.free.extend(s.blocks)
                     self.rng.shuffle(self.free)
             t += 1
-        self.engine.execute_step(StepInput(self.step_id, self.engine.epoch, finished_request_ids=finished))
+        self.engine.execute_step(StepInput(self.step_id, self.engine.epoch, forget_request_ids=finished))
         self.step_id += 1
         assert not self.engine.requests, "every finished request is dropped"
         return [s.outputs for s in seqs]

@@ -74,7 +74,7 @@ def test_recompute_after_preemption_continues_the_same(tiny_model_dir, make_engi
     got = [engine.execute_step(step).sampled[0].token_id]
     got += decode(engine, "r", 4, {16: 2})
     # Preempted: dropped in a housekeeping step (no tokens scheduled), then recomputed elsewhere.
-    out = engine.execute_step(StepInput(5, engine.epoch, finished_request_ids=["r", "never-seen"]))
+    out = engine.execute_step(StepInput(5, engine.epoch, forget_request_ids=["r", "never-seen"]))
     assert out.sampled == [] and not engine.requests
     known = prompt + got
     step = StepInput(
@@ -90,7 +90,7 @@ def test_resend_in_the_same_step_as_its_finish(tiny_model_dir, make_engine) -> N
     engine = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
     new = NewRequestData("r", [5, 6, 7], [], GREEDY, [4], 0, 3)
     first = engine.execute_step(StepInput(0, engine.epoch, new_requests=[new])).sampled[0].token_id
-    again = engine.execute_step(StepInput(1, engine.epoch, new_requests=[new], finished_request_ids=["r"]))
+    again = engine.execute_step(StepInput(1, engine.epoch, new_requests=[new], forget_request_ids=["r"]))
     assert again.sampled[0].token_id == first
     assert engine.requests["r"].token_ids == [5, 6, 7, first]
 

@@ -93,6 +93,20 @@ def test_greedy_is_argmax():
     assert all(lp is None for _, lp in out)
 
 
+def test_greedy_fast_path_equals_the_general_path():
+    # Ties on purpose (few distinct values) and a NaN row: the fast path must pick what the general
+    # path (penalties, temperature, masks) picks for greedy rows, which is argmax's first maximum.
+    gen = torch.Generator().manual_seed(4)
+    logits = torch.randint(0, 4, (16, 300), generator=gen).float()
+    logits[3, 17] = float("nan")
+    fast = sample(logits, [SamplingParams(temperature=0.0)] * 16, [[]] * 16, [[]] * 16, EOS)
+    # logprobs on one row turns the fast path off; every row stays greedy.
+    general_params = [SamplingParams(temperature=0.0)] * 15 + [SamplingParams(temperature=0.0, logprobs=1)]
+    general = sample(logits, general_params, [[]] * 16, [[]] * 16, EOS)
+    assert [t for t, _ in fast] == [t for t, _ in general] == logits.argmax(-1).tolist()
+    assert fast[3][0] == 17
+
+
 def test_greedy_bf16_logits():
     torch.manual_seed(1)
     logits = torch.randn(4, 300).to(torch.bfloat16)

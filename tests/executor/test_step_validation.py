@@ -78,7 +78,7 @@ def step_with(
         epoch=engine.epoch if epoch is None else epoch,
         new_requests=[valid_new()] if new is None else new,
         cached_requests=[CachedRequestData("a", [11], 1, 8)] if cached is None else cached,
-        finished_request_ids=["b"] if finished is None else finished,
+        forget_request_ids=["b"] if finished is None else finished,
         block_copies=[(9, 30)] if copies is None else copies,
     )
 
@@ -90,9 +90,9 @@ def a_decode(**overrides) -> CachedRequestData:
 
 BAD_STEPS: dict[str, tuple[Callable[[ExecutorEngine], StepInput], str]] = {
     "unknown cached id": (lambda e: step_with(e, cached=[a_decode(request_id="zz")]), "'zz' is not known"),
-    "cached id finished in the same step": (
+    "cached id forgotten in the same step": (
         lambda e: step_with(e, cached=[a_decode(), CachedRequestData("b", [], 1, 12)]),
-        "'b' is finished in this same step",
+        "'b' is forgotten in this same step",
     ),
     "duplicate new id": (lambda e: step_with(e, new=[valid_new(), valid_new(blocks=[21])]), "more than once"),
     "duplicate cached id": (

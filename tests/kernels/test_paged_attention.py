@@ -14,7 +14,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from pagedserve.kernels import paged_attention, paged_attention_ref, paged_attention_torch, torch_backend
+from pagedserve.kernels import paged_attention, paged_attention_ref, paged_attention_torch, torch_attention
 
 # Output vs the fp32 reference (computed from the same low-precision inputs, rounded once at the end).
 # bf16/fp16 kernels also round the softmax probabilities to the cache dtype before P @ V.
@@ -261,7 +261,7 @@ def test_torch_backend_inside_and_outside_inference_mode(
     paged_batch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The workspace first allocated under inference_mode must stay writable outside it.
-    monkeypatch.setattr(torch_backend, "_workspace", torch_backend._Workspace())
+    monkeypatch.setattr(torch_attention, "_workspace", torch_attention._Workspace())
     batch = paged_batch(
         [1, 3], [9, 3], num_heads=4, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float32
     )

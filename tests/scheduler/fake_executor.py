@@ -113,7 +113,7 @@ class FakeExecutor:
             if s.samples:
                 token = next_token(state.token_ids[:end], state.sampling.seed, self.vocab_size)
                 sampled.append(SampledToken(state.request_id, token))
-        for request_id in plan.finished:
+        for request_id in plan.forget:
             del self.requests[request_id]
         for s in plan.scheduled:
             self.requests[s.state.request_id] = s.state

@@ -1,0 +1,103 @@
+"""Where the executor's CPU work runs: torch's thread count and, optionally, the cores it is pinned to.
+
+Default (no `--cpu-threads`): on a CPU device, one torch thread per core this process may run on,
+less one, and at least one. The executor is one of several processes (gateway, tokenizer, scheduler,
+Redis) that usually share the machine; a torch thread that shares its core with a busy process stalls
+every parallel region at its barrier, so the whole forward waits for it. Leaving one core to the rest
+of the stack (vLLM on CPU does the same: its worker is pinned, the API server and engine core get the
+other cores) costs at most 1/N of the executor's peak and removes that stall. With `--cpu-affinity`,
+the cores named are the executor's own, so the default is one thread per pinned core. On CUDA the
+default leaves torch's own choice: the host threads only feed the device.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import NamedTuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class Placement(NamedTuple):
+    threads: int
+    cores: tuple[int, ...]  # the cores this process may run on afterwards
+    pinned: bool  # whether --cpu-affinity pinned them
+    why: str  # how the thread count was chosen, for the start-up log
+
+
+def parse_cpu_list(text: str) -> tuple[int, ...]:
+    """'0,2-3' -> (0, 2, 3): the list syntax of taskset -c and /sys/.../cpulist."""
+    cores: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--cpu-affinity: {part!r} is not a core id or a range like 2-5")
+        lo, hi = int(first), int(last or first)
+        if lo > hi:
+            raise ValueError(f"--cpu-affinity: range {part!r} is empty")
+        cores.update(range(lo, hi + 1))
+    if not cores:
+        raise ValueError("--cpu-affinity names no cores")
+    return tuple(sorted(cores))
+
+
+def available_cores() -> tuple[int, ...]:
+    """The cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return tuple(sorted(os.sched_getaffinity(0)))
+    return tuple(range(os.cpu_count() or 1))
+
+
+def default_threads(num_cores: int, pinned: bool) -> int:
+    """All pinned cores; else all cores but one, and at least one (see the module docstring)."""
+    return num_cores if pinned else max(1, num_cores - 1)
+
+
+def apply_placement(
+    cpu_threads: int | None, cpu_affinity: tuple[int, ...] | None, device_type: str
+) -> Placement:
+    """Pins the process (when asked), then sets torch's intra-op thread count; returns what it chose."""
+    pinned = cpu_affinity is not None
+    if pinned:
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError("--cpu-affinity: this platform cannot pin a process to cores")
+        try:
+            os.sched_setaffinity(0, cpu_affinity)
+        except OSError as e:
+            raise ValueError(f"--cpu-affinity {list(cpu_affinity)}: cannot pin to these cores ({e})") from e
+    cores = available_cores()
+    if cpu_threads is not None:
+        threads, why = cpu_threads, "--cpu-threads"
+    elif device_type == "cpu":
+        threads = default_threads(len(cores), pinned)
+        why = (
+            "one per pinned core"
+            if pinned
+            else f"{len(cores)} cores available, one left to the other services"
+        )
+    else:
+        threads, why = torch.get_num_threads(), f"torch's default on {device_type}"
+    torch.set_num_threads(threads)
+    return Placement(threads, cores, pinned, why)
+
+
+def format_cpu_list(cores: tuple[int, ...]) -> str:
+    """(0, 2, 3, 4) -> '0,2-4', the syntax `parse_cpu_list` reads."""
+    parts: list[str] = []
+    start = prev = None
+    for core in sorted(cores):
+        if prev is not None and core == prev + 1:
+            prev = core
+            continue
+        if start is not None:
+            parts.append(str(start) if start == prev else f"{start}-{prev}")
+        start = prev = core
+    if start is not None:
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+    return ",".join(parts)

@@ -1,0 +1,92 @@
+"""--cpu-threads and --cpu-affinity: parsing, the default rule, and that the engine applies them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.placement import (
+    apply_placement,
+    available_cores,
+    default_threads,
+    format_cpu_list,
+    parse_cpu_list,
+)
+from pagedserve.executor.server import add_arguments, config_from_args
+
+
+@pytest.fixture(autouse=True)
+def keep_threads() -> Iterator[None]:
+    """Placement is process-wide: give the other tests back the thread count they started with."""
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_list_syntax() -> None:
+    assert parse_cpu_list("0") == (0,)
+    assert parse_cpu_list("3,0-2, 5") == (0, 1, 2, 3, 5)
+    assert format_cpu_list((0, 1, 2, 3, 5, 7, 8)) == "0-3,5,7-8"
+    assert parse_cpu_list(format_cpu_list((1, 4, 5, 6))) == (1, 4, 5, 6)
+    for bad in ("", "a", "3-1", "1-x", "-1"):
+        with pytest.raises(ValueError, match="--cpu-affinity"):
+            parse_cpu_list(bad)
+
+
+def test_default_threads_leave_one_core_unless_pinned() -> None:
+    assert [default_threads(n, pinned=False) for n in (1, 2, 4, 16)] == [1, 1, 3, 15]
+    assert [default_threads(n, pinned=True) for n in (1, 2, 4)] == [1, 2, 4]
+
+
+def test_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = config_from_args(parser.parse_args(["--cpu-threads", "3", "--cpu-affinity", "0,2-3"]))
+    assert config.cpu_threads == 3 and config.cpu_affinity == (0, 2, 3)
+    assert config_from_args(parser.parse_args([])).cpu_threads is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--cpu-affinity", "zero"])
+    with pytest.raises(ValueError, match="--cpu-threads"):
+        ExecutorConfig(cpu_threads=0).validate()
+
+
+def test_explicit_threads_and_the_cpu_default_are_applied() -> None:
+    placement = apply_placement(1, None, "cpu")
+    assert placement.threads == torch.get_num_threads() == 1
+    placement = apply_placement(None, None, "cpu")
+    assert placement.threads == torch.get_num_threads() == max(1, len(available_cores()) - 1)
+    assert not placement.pinned
+
+
+def test_affinity_pins_the_process() -> None:
+    # In a child process: pinning this test process would slow every later test.
+    core = available_cores()[-1]
+    code = (
+        "import os, torch\n"
+        "from pagedserve.executor.placement import apply_placement\n"
+        f"p = apply_placement(None, ({core},), 'cpu')\n"
+        "print(sorted(os.sched_getaffinity(0)), torch.get_num_threads(), p.pinned)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == [f"[{core}]", "1", "True"]
+
+
+def test_affinity_outside_the_machine_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="cannot pin"):
+        apply_placement(None, (10_000,), "cpu")
+
+
+def test_engine_applies_and_logs_the_thread_count(tiny_model_dir, make_engine, caplog) -> None:
+    path = tiny_model_dir("llama")
+    torch.set_num_threads(2)
+    with caplog.at_level(logging.INFO, logger="pagedserve.executor.engine"):
+        make_engine(path, cpu_threads=1)
+    assert torch.get_num_threads() == 1
+    assert "1 torch threads (--cpu-threads)" in caplog.text
