@@ -263,6 +263,19 @@ def test_addresses_dialed_reach_the_right_service(item):
             assert listener(target, port)["command"][1] == role, (flag, address)
 
 
+def test_gateway_discovers_the_pools_in_redis():
+    """No static pool list: every gateway finds every pool (and a standby that takes one over)
+    in the registry the schedulers write, at the same Redis."""
+    (container,) = pod_spec(named("Deployment", "gateway"))["containers"]
+    f = flags(container)
+    assert "--scheduler" not in f and f["--redis-url"] == "$(REDIS_URL)"
+    for workload, scheduler in pagedserve_containers():
+        if scheduler["command"][1] == "scheduler":
+            assert env_source(scheduler, "REDIS_URL") == env_source(container, "REDIS_URL"), container_id(
+                (workload, scheduler)
+            )
+
+
 def test_redis_url_points_at_the_redis_service():
     (secret,) = [d for d in BASE if d["kind"] == "Secret"]
     url = secret["stringData"]["url"]
