@@ -17,7 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("pagedserve.tokenizer.server", "run the tokenizer service"),
     "scheduler": ("pagedserve.scheduler.server", "run the scheduler service"),
     "executor": ("pagedserve.executor.server", "run the executor service"),
-    "fsck": ("pagedserve.scheduler.fsck", "check a KV pool's block accounting in Redis"),
+    "fsck": ("pagedserve.scheduler.fsck", "check the KV pools' block accounting in Redis (all, or --pool)"),
+    "pools": ("pagedserve.scheduler.pools_cli", "list the executor pools registered in Redis and their load"),
     "bench": ("pagedserve.bench.cli", "drive a running stack with a load and report"),
     "demo": ("pagedserve.demo", "start the stack, send a few prompts, print answers and KV stats, stop"),
 }

@@ -5,6 +5,8 @@ The checks are the `BlockPool` invariants: every block is exactly one of free, u
 of block-table entries that point at the block; free + used + cached == total; the hash map
 and the blocks' hashes agree one to one; no block table belongs to an unknown request.
 The pool is read in one Lua call, so a live scheduler's steps never show half-applied.
+`pagedserve fsck --redis-url URL` checks every pool in the registry (`--pool ID`: that one)
+and exits 1 when any has a problem.
 """
 
 from __future__ import annotations
@@ -136,11 +138,22 @@ def fsck(redis_client, pool_id: str) -> list[str]:
     )
 
 
+def registered_pool_ids(redis_client) -> list[str]:
+    """Every pool id in the registry, live or not: a lapsed pool's accounting is still kept."""
+    from pagedserve.common.pool_registry import REGISTRY_KEY
+
+    return sorted(i.decode() if isinstance(i, bytes) else i for i in redis_client.smembers(REGISTRY_KEY))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--redis-url", required=True, help="Redis holding the pool, e.g. redis://localhost:6379/0"
+        "--redis-url", required=True, help="Redis holding the pools, e.g. redis://localhost:6379/0"
     )
-    parser.add_argument("--pool", required=True, help="pool id (the scheduler's --pool-id)")
+    parser.add_argument(
+        "--pool",
+        default=None,
+        help="pool id (the scheduler's --pool-id); default: every pool in the registry",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -148,10 +161,14 @@ def main(args: argparse.Namespace) -> int:
 
     client = redis.Redis.from_url(args.redis_url, decode_responses=True)
     try:
-        problems = fsck(client, args.pool)
+        pool_ids = [args.pool] if args.pool else registered_pool_ids(client)
+        results = {pool_id: fsck(client, pool_id) for pool_id in pool_ids}
     finally:
         client.close()
-    for line in problems:
-        print(line)
-    print(f"pool {args.pool}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
-    return 1 if problems else 0
+    if not pool_ids:
+        print("no pools registered")
+    for pool_id, problems in results.items():
+        for line in problems:
+            print(f"pool {pool_id}: {line}" if len(pool_ids) > 1 else line)
+        print(f"pool {pool_id}: {'clean' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if any(results.values()) else 0

@@ -1,7 +1,8 @@
 """docker-compose.yml and the Dockerfile, checked without a Docker engine: the structure,
 each command against the service's own parser and against what `pagedserve up` runs, the
-ports, the health checks (each probe is run for real against a stand-in service), and the
-start order."""
+two pools (executor-N + scheduler-N, each its own pool id and advertised address, one Redis),
+the ports, the health checks (each probe is run for real against a stand-in service), and
+the start order."""
 
 from __future__ import annotations
 
@@ -19,7 +20,12 @@ from pagedserve.common.models import REPO_ROOT
 from pagedserve.common.redis_harness import free_port
 from pagedserve.launcher import PAGEDSERVE, LauncherConfig, module_available, plan
 
-APP_SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
+ROLES = ("executor", "tokenizer", "scheduler", "gateway")
+NUM_POOLS = 2
+POOLS = [(f"executor-{n}", f"scheduler-{n}") for n in range(NUM_POOLS)]
+APP_SERVICES = (*(name for pool in POOLS for name in pool), "tokenizer", "gateway")
+# Flags a pool's scheduler takes that `pagedserve up`'s single pool leaves at their defaults.
+POOL_FLAGS = {"--pool-id", "--advertise-address"}
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 DEFAULTS = LauncherConfig(model="unused")
@@ -33,12 +39,17 @@ def flags(argv: list[str]) -> dict[str, str]:
     return dict(zip(argv[::2], argv[1::2], strict=True))
 
 
+def role(name: str) -> str:
+    """The pagedserve service a compose service runs: scheduler-1 runs `pagedserve scheduler`."""
+    return name.split("-")[0]
+
+
 def compose_flags(name: str) -> dict[str, str]:
     return flags(SERVICES[name]["command"][2:])
 
 
 def launcher_flags(name: str) -> dict[str, str]:
-    return flags(list(LAUNCHER[name].command[len(PAGEDSERVE) + 1 :]))
+    return flags(list(LAUNCHER[role(name)].command[len(PAGEDSERVE) + 1 :]))
 
 
 def test_services_and_images():
@@ -62,11 +73,10 @@ def test_only_the_gateway_is_published():
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_command_is_what_pagedserve_up_runs(name):
     command = SERVICES[name]["command"]
-    assert command[:2] == ["pagedserve", name] and name in SUBCOMMANDS
+    assert command[:2] == ["pagedserve", role(name)] and role(name) in SUBCOMMANDS
     ours, theirs = compose_flags(name), launcher_flags(name)
-    assert ours.keys() <= theirs.keys(), (
-        f"flags `pagedserve up` does not pass to {name}: {ours.keys() - theirs.keys()}"
-    )
+    extra = ours.keys() - theirs.keys() - (POOL_FLAGS if role(name) == "scheduler" else set())
+    assert not extra, f"flags `pagedserve up` does not pass to {name}: {extra}"
     assert ours["--host"] == "0.0.0.0"
     if "--model" in theirs:
         assert ours["--model"] == "${PAGEDSERVE_MODEL:-/app/models/tiny-py}"
@@ -74,19 +84,38 @@ def test_command_is_what_pagedserve_up_runs(name):
         if flag.endswith("port") or flag == "--block-size":
             assert value == theirs[flag], f"{name} {flag}: compose {value}, pagedserve up {theirs[flag]}"
         elif flag in ("--executor", "--tokenizer", "--scheduler"):
-            # The same port, reached by the service's name on the compose network.
-            assert value == f"{flag[2:]}:{theirs[flag].rsplit(':', 1)[1]}", (name, flag, value)
-    if name == "scheduler":
+            # The same port, reached by the service's name on the compose network: a pool's
+            # scheduler drives its own executor; the gateway drives pool 0 (until it
+            # discovers the pools through Redis).
+            peer = {"--executor": name.replace("scheduler", "executor"), "--scheduler": "scheduler-0"}
+            expected = peer.get(flag, flag[2:])
+            assert value == f"{expected}:{theirs[flag].rsplit(':', 1)[1]}", (name, flag, value)
+    if role(name) == "scheduler":
         assert ours["--redis-url"] == "redis://redis:6379/0"
+
+
+def test_two_pools_on_one_redis():
+    """Each pool its own executor, pool id and advertised address; all on the one Redis."""
+    pool_ids, redis_urls = set(), set()
+    for n, (executor, scheduler) in enumerate(POOLS):
+        assert SERVICES[executor]["command"][:2] == ["pagedserve", "executor"]
+        ours = compose_flags(scheduler)
+        assert ours["--executor"] == f"{executor}:{compose_flags(executor)['--port']}"
+        assert ours["--pool-id"] == f"pool-{n}"
+        assert ours["--advertise-address"] == f"{scheduler}:{ours['--port']}"
+        pool_ids.add(ours["--pool-id"])
+        redis_urls.add(ours["--redis-url"])
+    assert len(pool_ids) == NUM_POOLS and redis_urls == {"redis://redis:6379/0"}
+    assert {role(name) for name in SERVICES} == {"redis", *ROLES}
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
 def test_command_is_accepted_by_the_services_own_parser(name):
-    if not module_available(name):
-        pytest.skip(f"{SUBCOMMANDS[name][0]} does not exist yet")
+    if not module_available(role(name)):
+        pytest.skip(f"{SUBCOMMANDS[role(name)][0]} does not exist yet")
     argv = SERVICES[name]["command"][1:]
     try:
-        build_parser(name).parse_args(argv)
+        build_parser(role(name)).parse_args(argv)
     except SystemExit as exc:
         pytest.fail(f"`pagedserve {' '.join(argv)}` is refused by {name}'s parser (exit {exc.code})")
 
@@ -104,7 +133,7 @@ def test_health_probe_works(name):
     test = SERVICES[name]["healthcheck"]["test"]
     assert test[1:3] == ["python", "-c"]
     probe = test[3]
-    assert f"'127.0.0.1:{LAUNCHER[name].health_address.rsplit(':', 1)[1]}'" in probe
+    assert f"'127.0.0.1:{LAUNCHER[role(name)].health_address.rsplit(':', 1)[1]}'" in probe
     port = free_port()
     probe = re.sub(r"'127\.0\.0\.1:\d+'", f"'127.0.0.1:{port}'", probe)
     assert subprocess.run([sys.executable, "-c", probe], timeout=60).returncode == 1
@@ -118,11 +147,21 @@ def test_health_probe_works(name):
 
 
 def test_start_order_waits_for_health():
-    needs = {name: set(spec.needs) for name, spec in LAUNCHER.items()}
-    needs["scheduler"].add("redis")
+    # `pagedserve up`'s order, for every pool: scheduler-N needs executor-N (and Redis); a
+    # need of "scheduler" is a need of every pool's scheduler.
     for name in APP_SERVICES:
+        needs = set()
+        for need in LAUNCHER[role(name)].needs:
+            if need == "executor":
+                needs.add(name.replace("scheduler", "executor"))
+            elif need == "scheduler":
+                needs.update(scheduler for _, scheduler in POOLS)
+            else:
+                needs.add(need)
+        if role(name) == "scheduler":
+            needs.add("redis")
         depends = SERVICES[name].get("depends_on", {})
-        assert set(depends) == needs[name], name
+        assert set(depends) == needs, name
         assert all(d["condition"] == "service_healthy" for d in depends.values()), name
 
 
