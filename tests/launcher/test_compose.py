@@ -28,7 +28,8 @@ APP_SERVICES = (*(name for pool in POOLS for name in pool), "tokenizer", "gatewa
 POOL_FLAGS = {"--pool-id", "--advertise-address"}
 COMPOSE = yaml.safe_load((REPO_ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
-DEFAULTS = LauncherConfig(model="unused")
+DEFAULTS = LauncherConfig(model="unused", pools=NUM_POOLS)
+# What `pagedserve up --pools 2` runs: pool 0 is "executor"/"scheduler", pool 1 "executor-1"/...
 LAUNCHER = {
     spec.name: spec for spec in plan(DEFAULTS, "redis://redis:6379/0", available=lambda name: True).specs
 }
@@ -49,7 +50,8 @@ def compose_flags(name: str) -> dict[str, str]:
 
 
 def launcher_flags(name: str) -> dict[str, str]:
-    return flags(list(LAUNCHER[role(name)].command[len(PAGEDSERVE) + 1 :]))
+    ours = role(name) if name.endswith("-0") or "-" not in name else name
+    return flags(list(LAUNCHER[ours].command[len(PAGEDSERVE) + 1 :]))
 
 
 def test_services_and_images():
@@ -81,16 +83,19 @@ def test_command_is_what_pagedserve_up_runs(name):
     if "--model" in theirs:
         assert ours["--model"] == "${PAGEDSERVE_MODEL:-/app/models/tiny-py}"
     for flag, value in ours.items():
-        if flag.endswith("port") or flag == "--block-size":
+        if flag == "--block-size" or (flag.endswith("port") and role(name) in ("tokenizer", "gateway")):
             assert value == theirs[flag], f"{name} {flag}: compose {value}, pagedserve up {theirs[flag]}"
+        elif flag == "--port":  # every pool's services on the default ports, one container each
+            assert value == str(getattr(DEFAULTS, f"{role(name)}_port")), (name, flag, value)
         elif flag in ("--executor", "--tokenizer", "--scheduler"):
             # The same port, reached by the service's name on the compose network: a pool's
-            # scheduler drives its own executor; the gateway drives pool 0 (until it
-            # discovers the pools through Redis).
-            peer = {"--executor": name.replace("scheduler", "executor"), "--scheduler": "scheduler-0"}
+            # scheduler drives its own executor (compose keeps every pool on the default ports,
+            # each in its own container; `pagedserve up` shifts pool i's by 100 * i).
+            peer = {"--executor": name.replace("scheduler", "executor")}
             expected = peer.get(flag, flag[2:])
-            assert value == f"{expected}:{theirs[flag].rsplit(':', 1)[1]}", (name, flag, value)
-    if role(name) == "scheduler":
+            port = theirs[flag].rsplit(":", 1)[1] if flag != "--executor" else str(DEFAULTS.executor_port)
+            assert value == f"{expected}:{port}", (name, flag, value)
+    if role(name) in ("scheduler", "gateway"):
         assert ours["--redis-url"] == "redis://redis:6379/0"
 
 
@@ -152,13 +157,11 @@ def test_start_order_waits_for_health():
     for name in APP_SERVICES:
         needs = set()
         for need in LAUNCHER[role(name)].needs:
-            if need == "executor":
+            if role(need) == "executor":
                 needs.add(name.replace("scheduler", "executor"))
-            elif need == "scheduler":
-                needs.update(scheduler for _, scheduler in POOLS)
-            else:
+            elif role(need) != "scheduler":  # the gateway finds the pools in Redis, as they come
                 needs.add(need)
-        if role(name) == "scheduler":
+        if role(name) in ("scheduler", "gateway"):
             needs.add("redis")
         depends = SERVICES[name].get("depends_on", {})
         assert set(depends) == needs, name
