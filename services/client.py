@@ -214,6 +214,7 @@ def build_request(
     skip_special_tokens: bool | None = None,
     add_generation_prompt: bool = True,
     priority: int = 0,
+    detokenize: bool | None = None,
     **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
     """A `GenerateRequest` from exactly one of `prompt`, `token_ids` or `messages`.
@@ -252,6 +253,8 @@ def build_request(
         msg.add_special_tokens = add_special_tokens
     if skip_special_tokens is not None:
         msg.skip_special_tokens = skip_special_tokens
+    if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
+        msg.detokenize = detokenize
     return msg
 
 

@@ -62,6 +62,7 @@ class GenerationRequest:
     max_tokens_to_fill: bool = False
     # Resolve token strings for logprobs (the HTTP API shows tokens as text, gRPC as ids).
     logprob_token_strings: bool = False
+    detokenize: bool = True  # False: token ids only, no text (gRPC); stop strings are refused
 
 
 @dataclass(slots=True)

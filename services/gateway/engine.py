@@ -193,6 +193,10 @@ class Engine:
 
     def check_limits(self, request: GenerationRequest) -> None:
         """The sizes a request asks for, against `RequestLimits`, before anything is built for it."""
+        if not request.detokenize and request.stop:
+            raise InvalidArgument(
+                "stop strings need text: they cannot go with detokenize=false", field="stop"
+            )
         limits: RequestLimits = self.config.limits
         if request.sampling.n > limits.max_n:
             raise InvalidArgument(

@@ -73,6 +73,7 @@ def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
         request_id=msg.request_id,
         skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
         priority=msg.priority,
+        detokenize=msg.detokenize if msg.HasField("detokenize") else True,
     )
 
 

@@ -213,6 +213,16 @@ class RequestRun:
     async def _deltas(self, update: SchedulerUpdate) -> list[ChoiceDelta]:
         """Detokenize one step's tokens for every live choice (one batch) and apply stop strings."""
         live = [(self.choices[ct.index], ct) for ct in update.choices if not self.choices[ct.index].finished]
+        if not self.request.detokenize:  # token ids only: no text, no detokenizer state
+            deltas = []
+            for choice, ct in live:
+                delta = ChoiceDelta(index=choice.index, token_ids=ct.token_ids, logprobs=ct.logprobs)
+                if ct.finish_reason is not FinishReason.NONE:
+                    delta.finish_reason = ct.finish_reason
+                    choice.finished = True
+                choice.num_tokens += len(ct.token_ids)
+                deltas.append(delta)
+            return deltas
         items = []
         for choice, ct in live:
             finishing = ct.finish_reason is not FinishReason.NONE

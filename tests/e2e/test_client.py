@@ -59,3 +59,14 @@ def test_async_client_stream_closed_early_cancels(stack: Stack) -> None:
 
     assert asyncio.run(run())
     _wait_idle_within(stack, 3.0)  # one step after the deadline; slack for a loaded 2-core machine
+
+
+def test_token_ids_only(stack: Stack) -> None:
+    """detokenize=False: the same token ids as with text, and no text."""
+    with Client(stack.grpc_address, timeout=60) as client:
+        with_text = client.generate(token_ids=[1, 5, 6, 7], max_tokens=12, temperature=0, ignore_eos=True)
+        ids_only = client.generate(
+            token_ids=[1, 5, 6, 7], max_tokens=12, temperature=0, ignore_eos=True, detokenize=False
+        )
+    assert ids_only.choices[0].token_ids == with_text.choices[0].token_ids
+    assert ids_only.choices[0].text == "" and with_text.choices[0].text

@@ -463,3 +463,18 @@ def test_a_scheduler_that_never_comes_back_fails_within_the_stall_timeout() -> N
         return asyncio.get_running_loop().time() - start
 
     assert asyncio.run(scenario()) < 3.0
+
+
+def test_token_ids_only_does_no_detokenizing() -> None:
+    from dataclasses import replace
+
+    scheduler = FakeScheduler(["abcd"])
+    engine, tokenizer = make_engine(scheduler)
+    request = replace(text_request("p", max_tokens=4), detokenize=False)
+    result = asyncio.run(collect(engine, request))
+    (choice,) = result.choices
+    assert choice.token_ids == [ord(c) for c in "abcd"] and choice.text == ""
+    assert choice.finish_reason == FinishReason.LENGTH
+    assert tokenizer.detokenizer.batches == [], "no detokenizing work at all"
+    with pytest.raises(InvalidArgument, match="stop strings need text"):
+        asyncio.run(collect(engine, replace(text_request("p", stop=["x"], max_tokens=4), detokenize=False)))
