@@ -2,10 +2,11 @@
 
 Each request is a streamed greedy `/v1/completions` call with the prompt as token ids,
 `max_tokens` = its output length, `ignore_eos` (vLLM's extra, which pagedserve also takes) so
-every server generates the same number of tokens, and `stream_options.include_usage` so the
-output token count comes from the server's own usage record. The time of every SSE chunk that
+every server generates the same number of tokens, `return_token_ids` (vLLM's extra, also
+taken by both) so each chunk says which tokens it carries, and `stream_options.include_usage`
+so the output token count is checked against the server's own usage record. The time of every SSE chunk that
 carries a choice is recorded, so TTFT, TPOT and ITL are measured the same way for every server
-(`bench/metrics.py`), and each request's whole text is kept to compare greedy outputs.
+(`bench/metrics.py`), and each request's token ids and text are kept to compare greedy outputs.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pagedserve.bench.workload import BenchRequest, arrival_times
 class HttpLoadResult(NamedTuple):
     records: list[RequestRecord]
     texts: list[str]  # each request's whole completion text ("" when it failed)
+    token_ids: list[list[int]]  # each request's generated token ids ([] when it failed)
 
 
 def completion_body(model: str, request: BenchRequest) -> dict[str, object]:
@@ -33,6 +35,7 @@ def completion_body(model: str, request: BenchRequest) -> dict[str, object]:
         "max_tokens": request.output_len,
         "temperature": 0.0,
         "ignore_eos": True,
+        "return_token_ids": True,
         "stream": True,
         "stream_options": {"include_usage": True},
     }
@@ -55,9 +58,13 @@ async def served_model(client, base_url: str) -> str:
     return reply.json()["data"][0]["id"]
 
 
-async def _one(client, url: str, model: str, request: BenchRequest, record: RequestRecord) -> str:
+async def _one(
+    client, url: str, model: str, request: BenchRequest, record: RequestRecord
+) -> tuple[str, list[int]]:
     pieces: list[str] = []
+    ids: list[int] = []
     chunk_times: list[float] = []
+    chunk_counts: list[int] = []
     usage_tokens: int | None = None
     record.sent = time.perf_counter()
     try:
@@ -70,24 +77,27 @@ async def _one(client, url: str, model: str, request: BenchRequest, record: Requ
                 if payload is None:
                     continue
                 if payload.get("choices"):
-                    chunk_times.append(time.perf_counter())
+                    now = time.perf_counter()
+                    new = [t for c in payload["choices"] for t in c.get("token_ids") or []]
                     pieces.append("".join(c.get("text") or "" for c in payload["choices"]))
+                    if new:  # a chunk without tokens (text held back, a finish reason) is no token event
+                        chunk_times.append(now)
+                        chunk_counts.append(len(new))
+                        ids.extend(new)
                 if payload.get("usage"):
                     usage_tokens = payload["usage"]["completion_tokens"]
         if usage_tokens is None:
             raise RuntimeError("the stream ended without a usage record")
         if usage_tokens != request.output_len:
             raise RuntimeError(f"generated {usage_tokens} tokens, asked for {request.output_len}")
-        # One chunk per token is what both servers send; if a server merges tokens into fewer
-        # chunks, the last chunk carries the rest so the token count stays exact.
+        if len(ids) != usage_tokens:
+            raise RuntimeError(f"the chunks carried {len(ids)} token ids, usage says {usage_tokens}")
         record.token_times = chunk_times
-        record.token_counts = [1] * len(chunk_times)
-        if chunk_times:
-            record.token_counts[-1] += usage_tokens - len(chunk_times)
+        record.token_counts = chunk_counts
     except Exception as exc:  # a failed request is reported, not fatal to the run
         record.error = f"{type(exc).__name__}: {exc}"
     record.finished = time.perf_counter()
-    return "".join(pieces)
+    return "".join(pieces), ids
 
 
 async def run_http_load(
@@ -108,15 +118,20 @@ async def run_http_load(
         url = f"{base_url}/v1/completions"
         t0 = time.perf_counter()
 
-        async def paced(i: int) -> str:
+        async def paced(i: int) -> tuple[str, list[int]]:
             delay = t0 + offsets[i] - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             return await _one(client, url, model, requests[i], records[i])
 
-        texts = await asyncio.gather(*(paced(i) for i in range(len(requests))))
+        outputs = await asyncio.gather(*(paced(i) for i in range(len(requests))))
     for r in records:
         r.sent -= t0
         r.finished -= t0
         r.token_times = [t - t0 for t in r.token_times]
-    return HttpLoadResult(records, [t if not r.error else "" for t, r in zip(texts, records, strict=True)])
+    ok = [not r.error for r in records]
+    return HttpLoadResult(
+        records,
+        [text if good else "" for (text, _), good in zip(outputs, ok, strict=True)],
+        [ids if good else [] for (_, ids), good in zip(outputs, ok, strict=True)],
+    )

@@ -61,10 +61,15 @@ def kv_blocks_for(model_path: str, gib: int, block_size: int) -> int:
     return gib * 2**30 // per_block
 
 
-def agreement(a: Sequence[str], b: Sequence[str]) -> tuple[int, list[int]]:
-    """How many requests got the same text from both servers, and the indices that did not."""
+def agreement(a: Sequence, b: Sequence) -> tuple[int, list[int]]:
+    """How many requests got the same output (text or token ids) from both servers, and the
+    indices that did not."""
     differ = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
     return len(a) - len(differ), differ
+
+
+def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def run_json(result: HttpLoadResult) -> dict[str, object]:
@@ -126,8 +131,19 @@ def model_row(name: str, path: str, named, ours: dict[str, HttpLoadResult], thei
                                     "pagedserve": run_json(ours[trace])}  # fmt: skip
         if theirs is not None:
             entry["vllm"] = run_json(theirs[trace])
-            agree, differ = agreement(ours[trace].texts, theirs[trace].texts)
-            entry["texts_agree"] = agree
+            entry["tokens_agree"], token_differ = agreement(ours[trace].token_ids, theirs[trace].token_ids)
+            entry["texts_agree"], differ = agreement(ours[trace].texts, theirs[trace].texts)
+            # same tokens, and vLLM's text is pagedserve's with something in front of it
+            entry["same_tokens_vllm_text_prefixed"] = sum(
+                1
+                for i in differ
+                if i not in token_differ and theirs[trace].texts[i].endswith(ours[trace].texts[i])
+            )
+            entry["tokens_differ"] = [
+                {"index": i, "first_differing_token": _first_difference(ours[trace].token_ids[i],
+                                                                        theirs[trace].token_ids[i])}
+                for i in token_differ
+            ]  # fmt: skip
             entry["texts_differ"] = [
                 {"index": i, "pagedserve": ours[trace].texts[i], "vllm": theirs[trace].texts[i]}
                 for i in differ[:3]

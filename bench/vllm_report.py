@@ -50,20 +50,29 @@ def vllm_section(results: dict) -> str:
         for t in model["traces"]:
             o_tok, o_p50, o_p99, o_tpot, o_fail = _figures(t["pagedserve"])
             v_tok, v_p50, v_p99, v_tpot, v_fail = _figures(t["vllm"])
-            agree = f"{t['texts_agree']}/{t['num_requests']}" if "texts_agree" in t else "n/a"
+            n = t["num_requests"]
+            tokens = f"{t['tokens_agree']}/{n}" if "tokens_agree" in t else "n/a"
+            texts = f"{t['texts_agree']}/{n}" if "texts_agree" in t else "n/a"
             rows.append([model["name"], t["trace"], fmt(o_tok), fmt(v_tok), f"**{fmt(_ratio(o_tok, v_tok), 2)}×**",
                          f"{_ms(o_p50)} / {_ms(v_p50)}", f"{_ms(o_p99)} / {_ms(v_p99)}",
-                         f"{_ms(o_tpot)} / {_ms(v_tpot)}", agree, f"{o_fail} / {v_fail}"])  # fmt: skip
+                         f"{_ms(o_tpot)} / {_ms(v_tpot)}", tokens, texts, f"{o_fail} / {v_fail}"])  # fmt: skip
             if "error" in t["vllm"]:
                 notes.append(
                     f"- {model['name']}, {t['trace']}: vLLM did not run:\n\n```\n{t['vllm']['error']}\n```"
+                )
+            if t.get("same_tokens_vllm_text_prefixed"):
+                notes.append(
+                    f"- {model['name']}, {t['trace']}: {t['same_tokens_vllm_text_prefixed']} request(s) with the same "
+                    "tokens where vLLM's text is pagedserve's with extra text in front: vLLM's stream starts with the "
+                    "whole prompt's text when the prompt's ids decode to end in an incomplete UTF-8 character "
+                    "(random-id prompts do; checked by hand on the committed run)."
                 )
             for run, who in ((t["pagedserve"], "pagedserve"), (t["vllm"], "vLLM")):
                 for e in run.get("errors", []):
                     notes.append(f"- {model['name']}, {t['trace']}, {who}: a request failed: `{e}`")
     main = table(
         ["model", "trace", "pagedserve tok/s", "vLLM tok/s", "ratio", "TTFT p50 ms", "TTFT p99 ms",
-         "TPOT p50 ms", "same greedy text", "failed"], rows, align="llrrrrrrrr",
+         "TPOT p50 ms", "same greedy tokens", "same text", "failed"], rows, align="llrrrrrrrrr",
     )  # fmt: skip
     traces = {t["trace"]: t["description"] for m in results["models"] for t in m["traces"]}
     models = "; ".join(
@@ -92,7 +101,8 @@ Both servers: max_model_len {cs["max_model_len"]}, block size {cs["block_size"]}
 {cs["max_num_seqs"]}, max_num_batched_tokens {cs["max_num_batched_tokens"]}, float32, {cs["kv_cache_gib"]} GiB
 of KV cache (vLLM: `VLLM_CPU_KVCACHE_SPACE`, whole GiB only; pagedserve: the number of blocks that fills
 it). pagedserve runs first, then vLLM, one model after the other; ratios are pagedserve / vLLM from this
-one run. "Same greedy text" counts requests whose whole completion text is identical on both servers.
+one run. "Same greedy tokens" counts requests whose generated token ids (`return_token_ids`) are identical on
+both servers, "same text" those whose whole streamed completion text is.
 
 Traces: {"; ".join(f"*{k}*: {v}" for k, v in traces.items())}. Models: {models}.
 

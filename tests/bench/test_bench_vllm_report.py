@@ -28,7 +28,8 @@ RESULTS = {
     "models": [
         {"name": "tiny", "path": "/m/tiny", "parameters": 3_950_000, "traces": [
             {"trace": "mixed", "description": "48 requests", "num_requests": 48, "pagedserve": _run(600.0, 0.2),
-             "vllm": _run(1200.0, 0.4), "texts_agree": 47},
+             "vllm": _run(1200.0, 0.4), "tokens_agree": 48, "texts_agree": 47,
+             "same_tokens_vllm_text_prefixed": 1},
             {"trace": "shared-prefix", "description": "32 requests", "num_requests": 32,
              "pagedserve": _run(613.0, 0.3), "vllm": {"error": "vllm serve exited with 1:\nboom"}},
         ]},
@@ -44,11 +45,14 @@ def test_section_from_fixed_results(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks\n\nthe suite's text\n")
     assert text.count(BEGIN) == 1 and text.count(END) == 1
     assert (
-        "| tiny | mixed | 600.0 | 1200.0 | **0.50×** | 200 / 400 | 400 / 800 | 50 / 50 | 47/48 | 0 / 0 |"
+        "| tiny | mixed | 600.0 | 1200.0 | **0.50×** | 200 / 400 | 400 / 800 | 50 / 50 | 48/48 | 47/48 | 0 / 0 |"
         in text
     )
     assert "| tiny | shared-prefix | 613.0 | n/a | **n/a×** |" in text
     assert "vllm serve exited with 1:\nboom" in text
+    assert (
+        "mixed: 1 request(s) with the same tokens where vLLM's text is pagedserve's with extra text" in text
+    )
     assert "VLLM_HOST_IP=127.0.0.1" in text and "healthy after 61 s" in text
     write_vllm_section(docs, RESULTS)  # a second write replaces, never appends
     assert docs.read_text() == text
@@ -95,6 +99,7 @@ def test_traces_and_kv_blocks() -> None:
 def test_client_pieces() -> None:
     body = completion_body("m", BenchRequest([5, 6, 7], 9))
     assert body == {"model": "m", "prompt": [5, 6, 7], "max_tokens": 9, "temperature": 0.0, "ignore_eos": True,
+                    "return_token_ids": True,
                     "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
     assert parse_sse_line('data: {"choices": []}') == {"choices": []}
     assert parse_sse_line("data: [DONE]") is None and parse_sse_line("") is None
