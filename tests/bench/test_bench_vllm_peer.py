@@ -60,3 +60,25 @@ def test_serve_command_and_env(tmp_path: Path) -> None:
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert env["PATH"] == "/bin" and "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env
+
+
+def test_peer_selection() -> None:
+    import argparse
+
+    import pytest
+
+    from pagedserve.bench.cli import add_arguments
+    from pagedserve.bench.suite import selected_peers
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert selected_peers(parser.parse_args(["--suite"])) == {"transformers"}
+    assert selected_peers(parser.parse_args(["--suite", "--peers", "transformers,vllm"])) == {
+        "transformers",
+        "vllm",
+    }
+    assert selected_peers(parser.parse_args(["--suite", "--peers", "vllm"])) == {"vllm"}
+    assert selected_peers(parser.parse_args(["--suite", "--vllm-only"])) == {"vllm"}
+    assert selected_peers(parser.parse_args(["--suite", "--skip-peers"])) == set()
+    with pytest.raises(SystemExit, match="sglang"):
+        selected_peers(parser.parse_args(["--suite", "--peers", "sglang"]))

@@ -8,7 +8,14 @@ from pathlib import Path
 from pagedserve.bench.http_load import completion_body, parse_sse_line
 from pagedserve.bench.midsize import midsize_config, parameter_count
 from pagedserve.bench.vllm_compare import agreement, kv_blocks_for, traces
-from pagedserve.bench.vllm_report import BEGIN, END, ratio_rows, replace_section, write_vllm_section
+from pagedserve.bench.vllm_report import (
+    BEGIN,
+    END,
+    existing_section,
+    ratio_rows,
+    replace_section,
+    write_vllm_section,
+)
 from pagedserve.bench.workload import BenchRequest
 from pagedserve.common.models import default_model
 
@@ -63,6 +70,11 @@ def test_ratio_rows_and_replace() -> None:
     assert rows[0] == ("tiny", "mixed", 600.0, 1200.0, 0.5)
     assert rows[1][4] != rows[1][4]  # NaN: vLLM did not run
     assert replace_section(f"a\n{BEGIN}\nold\n{END}\nb\n", f"{BEGIN}new{END}") == f"a\n{BEGIN}new{END}\nb\n"
+    # the whole suite's writer keeps an existing section: it appends what existing_section found
+    kept = existing_section(f"# Benchmarks\n{BEGIN}\nold\n{END}\n")
+    assert kept == f"{BEGIN}\nold\n{END}"
+    assert replace_section("# new report\n", kept) == f"# new report\n\n{BEGIN}\nold\n{END}\n"
+    assert existing_section("# no section\n") is None
 
 
 def test_midsize_parameter_count() -> None:
