@@ -68,6 +68,25 @@ def agreement(a: Sequence, b: Sequence) -> tuple[int, list[int]]:
     return len(a) - len(differ), differ
 
 
+def text_differences(indices: Sequence[int], ours: Sequence[str], theirs: Sequence[str]) -> dict[str, int]:
+    """Requests with the same tokens but different text, by how the texts differ:
+    vllm_prefixed: vLLM's text is pagedserve's with extra text in front;
+    replacement_chars: one text is the other followed by U+FFFD only (bytes that are no valid
+    UTF-8: pagedserve sends them as U+FFFD, vLLM holds them back); other: anything else."""
+    out = {"vllm_prefixed": 0, "replacement_chars": 0, "other": 0}
+    for i in indices:
+        a, b = ours[i], theirs[i]
+        if b.endswith(a) and len(b) > len(a):
+            out["vllm_prefixed"] += 1
+        elif (a.startswith(b) and set(a[len(b) :]) == {"\ufffd"}) or (
+            b.startswith(a) and set(b[len(a) :]) == {"\ufffd"}
+        ):
+            out["replacement_chars"] += 1
+        else:
+            out["other"] += 1
+    return out
+
+
 def _first_difference(a: Sequence[int], b: Sequence[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
@@ -108,7 +127,7 @@ def _vllm(venv, model: str, cs: CompareSettings, named, log, log_dir: Path) -> t
     settings = VllmSettings(model, cs.max_model_len, cs.vllm_block_size, cs.max_num_seqs, cs.max_num_batched_tokens,
                             cs.kv_cache_gib)  # fmt: skip
     server = VllmServer(venv, settings, log_dir / f"vllm-{Path(model).name}.log")
-    env = serve_env(settings, {})
+    env = serve_env(settings, {}, venv.preload_libs())
     how = {"command": serve_command(venv, settings, server.port), "env": env, "log": str(server.log_path)}
     log(f"vLLM: {' '.join(how['command'])}")
     t0 = time.perf_counter()
@@ -133,11 +152,8 @@ def model_row(name: str, path: str, named, ours: dict[str, HttpLoadResult], thei
             entry["vllm"] = run_json(theirs[trace])
             entry["tokens_agree"], token_differ = agreement(ours[trace].token_ids, theirs[trace].token_ids)
             entry["texts_agree"], differ = agreement(ours[trace].texts, theirs[trace].texts)
-            # same tokens, and vLLM's text is pagedserve's with something in front of it
-            entry["same_tokens_vllm_text_prefixed"] = sum(
-                1
-                for i in differ
-                if i not in token_differ and theirs[trace].texts[i].endswith(ours[trace].texts[i])
+            entry["same_tokens_other_text"] = text_differences(
+                [i for i in differ if i not in token_differ], ours[trace].texts, theirs[trace].texts
             )
             entry["tokens_differ"] = [
                 {"index": i, "first_differing_token": _first_difference(ours[trace].token_ids[i],

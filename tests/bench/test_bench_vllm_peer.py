@@ -60,6 +60,11 @@ def test_serve_command_and_env(tmp_path: Path) -> None:
     assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
     assert env["VLLM_CPU_OMP_THREADS_BIND"] == "auto" and env["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
     assert env["PATH"] == "/bin" and "PYTHONPATH" not in env and "VIRTUAL_ENV" not in env
+    assert "LD_PRELOAD" not in env and venv.preload_libs() == ()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "libiomp5.so").write_bytes(b"")
+    env = serve_env(settings, {"LD_PRELOAD": "/x.so"}, venv.preload_libs())
+    assert env["LD_PRELOAD"] == f"{tmp_path / 'lib' / 'libiomp5.so'}:/x.so"
 
 
 def test_peer_selection() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pagedserve.bench.http_load import completion_body, parse_sse_line
 from pagedserve.bench.midsize import midsize_config, parameter_count
-from pagedserve.bench.vllm_compare import agreement, kv_blocks_for, traces
+from pagedserve.bench.vllm_compare import agreement, kv_blocks_for, text_differences, traces
 from pagedserve.bench.vllm_report import (
     BEGIN,
     END,
@@ -36,7 +36,7 @@ RESULTS = {
         {"name": "tiny", "path": "/m/tiny", "parameters": 3_950_000, "traces": [
             {"trace": "mixed", "description": "48 requests", "num_requests": 48, "pagedserve": _run(600.0, 0.2),
              "vllm": _run(1200.0, 0.4), "tokens_agree": 48, "texts_agree": 47,
-             "same_tokens_vllm_text_prefixed": 1},
+             "same_tokens_other_text": {"vllm_prefixed": 1, "replacement_chars": 0, "other": 0}},
             {"trace": "shared-prefix", "description": "32 requests", "num_requests": 32,
              "pagedserve": _run(613.0, 0.3), "vllm": {"error": "vllm serve exited with 1:\nboom"}},
         ]},
@@ -116,3 +116,10 @@ def test_client_pieces() -> None:
     assert parse_sse_line('data: {"choices": []}') == {"choices": []}
     assert parse_sse_line("data: [DONE]") is None and parse_sse_line("") is None
     assert agreement(["a", "b", "c"], ["a", "x", "c"]) == (2, [1])
+    ours = ["abc", "ab\ufffd\ufffd", "xyz"]
+    theirs = ["PROMPTabc", "ab", "xyw"]
+    assert text_differences([0, 1, 2], ours, theirs) == {
+        "vllm_prefixed": 1,
+        "replacement_chars": 1,
+        "other": 1,
+    }
