@@ -4,6 +4,7 @@
     pagedserve bench --gateway localhost:50051 --metrics-url http://localhost:8000/metrics --max-concurrency 8
     pagedserve bench --launch --workload fixed --num-requests 8 --prompt-len 32 --output-len 16
     pagedserve bench --suite [--quick]      # every scenario and peer; writes docs/BENCHMARKS.md
+    pagedserve bench --suite --peers vllm --vllm-only   # pagedserve vs vLLM only (its own section)
 
 A single run prints a markdown table (throughput, TTFT / TPOT / ITL percentiles, KV
 utilization, preemptions, prefix-cache hit rate) and can write it and a JSON record.
@@ -27,7 +28,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--docs", default="docs/BENCHMARKS.md", help="--suite: the report to write")
     parser.add_argument("--results-dir", default="bench/results", help="--suite: where the JSON goes")
-    parser.add_argument("--skip-peers", action="store_true", help="--suite: no transformers peers")
+    parser.add_argument("--skip-peers", action="store_true", help="--suite: no peers at all")
+    parser.add_argument(
+        "--peers", default="transformers",
+        help="--suite: peers to compare with, comma-separated: transformers (in process), vllm (vLLM's CPU "
+             "build, installed into its own venv in the bench cache on first use; both traces on the bundled "
+             "and a mid-size model)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vllm-only", action="store_true",
+        help="--suite: only the vLLM comparison (implies --peers vllm); rewrites only its section of --docs",
+    )  # fmt: skip
+    parser.add_argument(
+        "--vllm-venv",
+        default=None,
+        help="--peers vllm: the venv to use or create (default: the bench cache's)",
+    )
     target = parser.add_argument_group("target")
     target.add_argument("--gateway", default="localhost:50051", help="the gateway's gRPC address")
     target.add_argument(

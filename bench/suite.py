@@ -5,8 +5,9 @@
 (b) capacity of a fixed KV budget, paged vs contiguous reservation;
 (c) sharing: blocks for n = 4 sampling and a shared system prompt, with and without sharing;
 (d) control-plane time per step vs batch size (bench/scheduler_bench.py's measurement);
-(e) TTFT / TPOT under Poisson load at several rates.
-Writes docs/BENCHMARKS.md, docs/bench_*.png and bench/results/bench_<mode>.json.
+(e) TTFT / TPOT under Poisson load at several rates;
+with `--peers vllm`, pagedserve vs vLLM on two traces and two models (bench/vllm_compare.py).
+Writes docs/BENCHMARKS.md, docs/bench_*.png and bench/results/bench_<mode>.json (and bench_vllm.json).
 """
 
 from __future__ import annotations
@@ -103,9 +104,46 @@ def _machine() -> dict[str, object]:
     }
 
 
+def selected_peers(args: argparse.Namespace) -> set[str]:
+    """The --peers names (--skip-peers: none; --vllm-only: vllm alone)."""
+    if args.vllm_only:
+        return {"vllm"}
+    if args.skip_peers:
+        return set()
+    names = {p.strip() for p in args.peers.split(",") if p.strip()}
+    unknown = names - {"transformers", "vllm"}
+    if unknown:
+        raise SystemExit(f"--peers: unknown peer(s) {sorted(unknown)}; choose from transformers, vllm")
+    return names
+
+
+def run_vllm(args: argparse.Namespace) -> int:
+    """pagedserve vs vLLM; writes bench/results/bench_vllm.json and the docs' vLLM section."""
+    from pagedserve.bench.vllm_compare import run_vllm_comparison
+    from pagedserve.bench.vllm_report import ratio_rows, write_vllm_section
+
+    t_start = time.perf_counter()
+    results = {"machine": _machine(), **run_vllm_comparison(Path(args.vllm_venv) if args.vllm_venv else None,
+                                                            log=say, seed=args.seed)}  # fmt: skip
+    results["wall_s"] = time.perf_counter() - t_start
+    results_dir = Path(args.results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / "bench_vllm.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    write_vllm_section(Path(args.docs), results)
+    for model, trace, ours, theirs, ratio in ratio_rows(results):
+        say(f"{model}, {trace}: pagedserve {ours:.0f} vs vLLM {theirs:.0f} output tok/s = {ratio:.2f}x")
+    say(
+        f"vLLM comparison done in {results['wall_s']:.0f}s; wrote {args.docs} and {results_dir / 'bench_vllm.json'}"
+    )
+    return 0
+
+
 def run_suite(args: argparse.Namespace) -> int:
     from pagedserve.bench import accounting, peers
 
+    chosen = selected_peers(args)
+    if args.vllm_only:
+        return run_vllm(args)
     sizes = QUICK if args.quick else FULL
     mode = "quick" if args.quick else "full"
     t_start = time.perf_counter()
@@ -119,7 +157,7 @@ def run_suite(args: argparse.Namespace) -> int:
 
     # (a) throughput: peers first, each alone on the machine.
     peer_results = []
-    if not args.skip_peers:
+    if "transformers" in chosen:
         say(f"transformers static batching (batch {sizes.static_batch})")
         peer_results.append(peers.hf_static(args.model, trace, sizes.static_batch))
         say("transformers continuous batching")
@@ -176,7 +214,7 @@ def run_suite(args: argparse.Namespace) -> int:
 
     write_report(Path(args.docs), results, peer_results, contiguous, shipped, by_rate, cap, share, sizes)
     say(f"done in {results['wall_s']:.0f}s; wrote {args.docs} and {results_dir / f'bench_{mode}.json'}")
-    return 0
+    return run_vllm(args) if "vllm" in chosen else 0
 
 
 def _load_json(result: LoadResult) -> dict[str, object]:

@@ -10,6 +10,7 @@ from pagedserve.bench.accounting import Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import summarize
 from pagedserve.bench.report import fmt, ms, pct, plot_kv, plot_latency, plot_throughput, run_table, table
+from pagedserve.bench.vllm_report import existing_section, replace_section
 
 
 def _ratio(a: float, b: float) -> float:
@@ -240,4 +241,5 @@ after a step, averaged over Stats samples (every 50 ms) taken while a sequence r
 linearly. Prefix hit rate: prefix-cache hit tokens / looked-up prompt tokens during the run (Stats deltas;
 recomputation after a preemption counts as lookups).
 """
-    docs.write_text(text)
+    old = existing_section(docs.read_text()) if docs.exists() else None
+    docs.write_text(text if old is None else replace_section(text, old))

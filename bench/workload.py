@@ -109,3 +109,21 @@ def arrival_times(num_requests: int, rate: float | None, seed: int = 0) -> list[
         out.append(t)
         t += rng.expovariate(rate)
     return out
+
+
+def uniform_lengths(
+    num_requests: int,
+    *,
+    vocab_size: int,
+    prompt_range: tuple[int, int],
+    output_range: tuple[int, int],
+    seed: int = 0,
+) -> list[BenchRequest]:
+    """Prompt and output lengths drawn uniformly from the inclusive ranges given."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        prompt = rng.randint(*prompt_range)
+        output = rng.randint(*output_range)
+        out.append(BenchRequest(_random_ids(rng, prompt, vocab_size), output))
+    return out
