@@ -118,6 +118,8 @@ def fsck(redis_client, pool_id: str) -> list[str]:
     if not raw:
         return [f"pool {pool_id!r}: not found ({keys.meta} does not exist)"]
     snap = json.loads(raw)
+    if snap.get("num_blocks") is None:
+        return [f"pool {pool_id!r}: not initialized ({keys.meta} has no num_blocks)"]
 
     def pairs(flat) -> list[tuple]:
         flat = flat if isinstance(flat, list) else []

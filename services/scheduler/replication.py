@@ -112,7 +112,15 @@ class Replicator:
 
     def _apply(self, ops: StepOps, expected: PoolCounts) -> None:
         token = self.lease.token if self.lease is not None else 0
-        got = self.replica.apply(ops, token).counts
+        try:
+            got = self.replica.apply(ops, token).counts
+        except Fenced:
+            if self.lease is not None and self.lease.token > token:
+                # We took the lease again meanwhile (it had lapsed, e.g. while this process was
+                # stopped): this write's token is our own old one. A whole write follows.
+                self.stale = True
+                return
+            raise
         self.num_writes += 1
         if got != expected:
             log.error("replica counts %s differ from the scheduler's %s; rewriting it whole", got, expected)

@@ -314,7 +314,7 @@ def test_up_restarts_its_killed_redis_on_the_same_port(launch, up_model, full_st
     assert "redis was killed by SIGKILL while serving; restarting it in 0.5s" in up.output()
     assert client.get("pagedserve-test-key") is None  # a new, empty Redis on the same URL
     deadline = time.monotonic() + 30
-    while not (metas := client.keys("pagedserve:*:meta")):
+    while not (metas := [m for m in client.keys("pagedserve:*:meta") if client.hexists(m, "num_blocks")]):
         assert time.monotonic() < deadline, "the scheduler did not rewrite its pool into the new Redis"
         time.sleep(0.2)
     pool_id = metas[0][len("pagedserve:{") : -len("}:meta")]
