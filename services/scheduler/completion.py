@@ -37,10 +37,10 @@ class CompletionMixin:
         forked: dict[int, list[Sequence]] = {}
         bs = self.block_size
         unpublished = self.unpublished
-        for seq, num_tokens in step.seqs:
+        generated = 0
+        for seq, _ in step.seqs:  # (their tokens were counted as computed when the step was planned)
             if seq.status != RUNNING:
-                continue
-            seq.num_computed_tokens += num_tokens
+                continue  # preempted, finished or aborted since: anything it sampled is dropped
             if seq.num_computed_tokens // bs > seq.num_registered_blocks:
                 for index, block_hash, parent_hash, token_ids in seq.take_full_blocks(self.hasher):
                     self.blocks.register(seq.seq_id, index, block_hash, parent_hash, token_ids)
@@ -52,19 +52,22 @@ class CompletionMixin:
                 continue
             token = sampled.get(seq.seq_id)
             if token is None:
-                if seq.num_computed_tokens == seq.num_tokens:
-                    log.warning("executor sampled nothing for %s at the end of its tokens", seq.seq_id)
                 ops.update(seq.seq_id, RUNNING_FIELD, seq.num_computed_tokens, ())
                 continue
+            if not seq.num_pending:
+                log.warning("executor sampled a token for %s that no step asked for", seq.seq_id)
+                continue
+            seq.num_pending -= 1
             token_id = token.token_id
             seq.output_token_ids.append(token_id)
             seq.request.completion_tokens += 1
+            generated += 1
             if seq.check_stop(token_id, eos, max_len):
                 self._push(seq, token_id, token.logprobs)
                 self._finish(seq, token_id)
             else:  # to the client and the replica by publish(), while the next step runs
                 unpublished.append((seq, token_id, token.logprobs, seq.num_computed_tokens))
-        self.stats.generated_tokens += len(output.sampled)
+        self.stats.generated_tokens += generated
         running: list[Sequence] = []
         live = slots = 0
         for seq in self.running:

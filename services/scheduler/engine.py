@@ -22,14 +22,14 @@ from collections.abc import Callable
 
 from pagedserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from pagedserve.common.params import SamplingParams
-from pagedserve.common.step import ExecutorClient, ExecutorInfo
+from pagedserve.common.step import ExecutorClient, ExecutorInfo, StepOutput
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerLimits
 from pagedserve.scheduler.lease import Lease
 from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import ChoiceProgress
 from pagedserve.scheduler.replication import Replicator
-from pagedserve.scheduler.scheduler import Scheduler
+from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,8 @@ class SchedulerEngine:
         self._last_step_failed = False
         self._started_at = time.monotonic()
         self.executor_down_since: float | None = None
+        self.plan_ahead = True  # plan step k + 1 while step k runs (step_ahead)
+        self._in_flight: tuple[ScheduledStep, asyncio.Future] | None = None
         self.control_seconds = 0.0  # scheduling time of the last step on its critical path
 
     @property
@@ -204,6 +206,13 @@ class SchedulerEngine:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
             self._task = None
+        if self._in_flight is not None:  # the step already sent: take its tokens in
+            scheduled, call = self._in_flight
+            self._in_flight = None
+            with contextlib.suppress(Exception):
+                output = await asyncio.wait_for(self._receive(scheduled, call), timeout)
+                if output is not None:
+                    self.scheduler.update(scheduled, output)
         self.scheduler.publish()
         await self.replicator.ship(self.scheduler, final=True)
         with contextlib.suppress(TimeoutError):
@@ -219,7 +228,7 @@ class SchedulerEngine:
             if self.executor_down_since is not None:
                 await self._probe_executor()
                 continue
-            if not self.scheduler.has_work():
+            if not self.scheduler.has_work() and self._in_flight is None:
                 if self.replicator.stale and not self.replicator.fenced:
                     await self.replicator.ship(self.scheduler)  # a whole write, when it is due
                 self._wake.clear()
@@ -228,7 +237,7 @@ class SchedulerEngine:
                     await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                 continue
             try:
-                ran = await self.step()
+                ran = await (self.step_ahead() if self.plan_ahead else self.step())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -244,7 +253,8 @@ class SchedulerEngine:
                 await asyncio.sleep(0)  # let the servicers run between steps
 
     async def step(self) -> bool:
-        """One step; returns whether the executor ran one."""
+        """One step, planned, run and taken in before returning; whether the executor ran one.
+        (The loop runs `step_ahead`; this is the plain form, for tests and benchmarks.)"""
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         await self.replicator.ship(self.scheduler)
@@ -252,38 +262,79 @@ class SchedulerEngine:
         if scheduled.step_input is None:
             self.scheduler.publish()
             return False
-        call = asyncio.ensure_future(self.executor.execute_step(scheduled.step_input))
+        call = self._send(scheduled)
         await asyncio.sleep(0)  # the call is on its way ...
         self.scheduler.publish()  # ... while the last step's tokens go to their streams
+        output = await self._receive(scheduled, call)
+        if output is None:
+            return True
+        t1 = time.perf_counter()
+        self.scheduler.update(scheduled, output)
+        self.control_seconds += time.perf_counter() - t1
+        return True
+
+    async def step_ahead(self) -> bool:
+        """One step of the loop with the next step planned while the executor runs this one
+        (vLLM's async scheduling): when its output arrives the next step is sent at once, and
+        the output is taken in while that one runs. The executor appends the tokens it samples
+        itself, so a decode step needs no token values; a sequence that stopped meanwhile
+        computes one token too many, which is dropped. Whether the executor ran a step."""
+        if self._in_flight is None:
+            scheduled = self.scheduler.schedule()
+            await self.replicator.ship(self.scheduler)
+            if scheduled.step_input is None:
+                self.scheduler.publish()
+                return False
+            self._in_flight = (scheduled, self._send(scheduled))
+            await asyncio.sleep(0)  # the call is on its way before the planning below
+        scheduled, call = self._in_flight
+        self._in_flight = None
+        planned = self.scheduler.schedule()  # step k + 1, while step k runs
+        await self.replicator.ship(self.scheduler)
+        output = await self._receive(scheduled, call)
+        if output is None:  # the pool was reset: the plan counted on step k
+            return True
+        t0 = time.perf_counter()
+        if planned.step_input is not None:
+            self._in_flight = (planned, self._send(planned))
+            await asyncio.sleep(0)  # on its way before step k's output is taken in
+        self.control_seconds = time.perf_counter() - t0  # all that stands between two steps
+        self.scheduler.update(scheduled, output)
+        self.scheduler.publish()
+        return True
+
+    def _send(self, scheduled: ScheduledStep) -> asyncio.Future:
+        return asyncio.ensure_future(self.executor.execute_step(scheduled.step_input))
+
+    async def _receive(self, scheduled: ScheduledStep, call: asyncio.Future) -> StepOutput | None:
+        """The step's output, or None when it failed (the pool is then reset: every running
+        sequence is recomputed, the executor told to forget them)."""
         try:
             output = await call
         except FailedPrecondition as err:
             log.warning("executor epoch changed: %s", err.message)
             await self._recover()
-            return True
+            return None
         except Unavailable as err:
             log.warning("executor unreachable: %s", err.message)
             self._executor_lost()
-            return True
+            return None
         except InvalidArgument as err:
-            # A step the executor finds malformed means we and it disagree; re-send everything
-            # once, and abort the step's requests if it happens again right away.
+            # A step the executor finds malformed means we and it disagree; start over once,
+            # and abort the step's requests if it happens again right away.
             log.error("executor refused step %d: %s", scheduled.step_input.step_id, err.message)
             if self._last_step_failed:
                 for seq, _ in scheduled.seqs:
                     self.scheduler.abort(seq.request.request_id)
             self._last_step_failed = True
             self.scheduler.forget_executor_state()
-            return True
+            return None
         self._last_step_failed = False
         if output.epoch and output.epoch != self.scheduler.epoch:
             log.warning("executor replied from epoch %s, expected %s", output.epoch, self.scheduler.epoch)
             await self._recover()
-            return True
-        t1 = time.perf_counter()
-        self.scheduler.update(scheduled, output)
-        self.control_seconds += time.perf_counter() - t1
-        return True
+            return None
+        return output
 
     # --- executor trouble ------------------------------------------------------------------
 

@@ -67,6 +67,7 @@ class RecoveryMixin:
             seq.block_table = []
             seq.num_computed_tokens = 0
             seq.num_registered_blocks = 0
+            seq.num_pending = 0
             seq.in_executor = False
             seq.status = WAITING
         self.waiting.extend_front(self.running)
@@ -76,9 +77,10 @@ class RecoveryMixin:
 
     def forget_executor_state(self: Scheduler) -> None:
         """The executor may have lost track of our sequences (a step whose reply was lost, or
-        one it refused): the next step drops every running sequence there and re-sends it whole."""
-        for seq in self.running:
-            self._forget(seq)
+        one it refused). The steps planned since count tokens it may never have computed, so
+        every running sequence starts over (mostly prefix-cache hits) and the executor is told
+        to forget them."""
+        self.reset_pool(self.epoch, executor_lost=False)
 
     # --- the replica ---------------------------------------------------------------------
 

@@ -51,6 +51,9 @@ class Sequence:
     num_registered_blocks: int = 0  # leading full blocks known to the prefix cache
     status: SequenceStatus = SequenceStatus.WAITING
     in_executor: bool = False  # the executor holds its state (else it gets a NewRequestData)
+    # Tokens sampled in a step whose output has not arrived yet (0 or 1): the executor holds
+    # it, so the next step can compute it before the scheduler knows its value.
+    num_pending: int = 0
     finish_reason: FinishReason = FinishReason.NONE
 
     @property
@@ -64,10 +67,11 @@ class Sequence:
     @property
     def target_len(self) -> int:
         """Tokens this sequence has to compute before it samples (the prompt sequence of an
-        n > 1 request stops one short of the prompt and never samples)."""
+        n > 1 request stops one short of the prompt and never samples); a token sampled in a
+        step still in flight counts (the executor has it)."""
         if self.index == PROMPT_INDEX:
             return len(self.request.prompt_token_ids) - 1
-        return self.num_tokens
+        return self.num_tokens + self.num_pending
 
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + outputs."""
@@ -82,7 +86,7 @@ class Sequence:
         """(index, hash, parent hash, token ids) of each block that became full since the last
         call, to be registered in the prefix cache; they count as registered from now on."""
         bs = hasher.block_size
-        full = self.num_computed_tokens // bs
+        full = min(self.num_computed_tokens, self.num_tokens) // bs  # blocks whose every token is known
         if full <= self.num_registered_blocks:
             return []
         hashes = self.block_hashes

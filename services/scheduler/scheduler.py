@@ -33,7 +33,7 @@ from pagedserve.scheduler.config import SchedulerLimits
 from pagedserve.scheduler.hashing import BlockHasher, model_salt, token_str
 from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import RecoveryMixin
-from pagedserve.scheduler.request import Request, Sequence, SequenceStatus
+from pagedserve.scheduler.request import PROMPT_INDEX, Request, Sequence, SequenceStatus
 from pagedserve.scheduler.waiting import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -248,19 +248,24 @@ class Scheduler(CompletionMixin, RecoveryMixin):
                 cached_reqs.append(
                     CachedRequestData(seq.seq_id, new_ids, num_tokens, seq.num_computed_tokens)
                 )
-                continue
-            new_reqs.append(
-                NewRequestData(
-                    seq.seq_id,
-                    seq.prompt_token_ids,
-                    list(seq.output_token_ids),
-                    seq.sampling,
-                    list(seq.block_table),
-                    seq.num_computed_tokens,
-                    num_tokens,
+            else:
+                new_reqs.append(
+                    NewRequestData(
+                        seq.seq_id,
+                        seq.prompt_token_ids,
+                        list(seq.output_token_ids),
+                        seq.sampling,
+                        list(seq.block_table),
+                        seq.num_computed_tokens,
+                        num_tokens,
+                    )
                 )
-            )
-            seq.in_executor = True
+                seq.in_executor = True
+            # The step's tokens count as computed from now on, so that the next step can be
+            # planned while this one runs; a step that fails resets the pool (engine.py).
+            seq.num_computed_tokens += num_tokens
+            if seq.index != PROMPT_INDEX and seq.num_computed_tokens == seq.num_tokens + seq.num_pending:
+                seq.num_pending += 1  # it samples in this step
         # (With nothing scheduled the step only tells the executor what to forget.)
         forget, self.forget_ids = self.forget_ids, []
         step = StepInput(next(self._step_ids), self.epoch, new_reqs, cached_reqs, forget, copies)
@@ -273,6 +278,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         seq.block_table = []
         seq.num_computed_tokens = 0
         seq.num_registered_blocks = 0
+        seq.num_pending = 0  # a token in flight for it is dropped; the recompute samples it again
         seq.status = SequenceStatus.WAITING
         self.blocks.log.update(seq.seq_id, "1", 0, ())
         self.running.remove(seq)
