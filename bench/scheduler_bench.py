@@ -32,6 +32,7 @@ from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.engine import SchedulerEngine
 
 SAMPLED_TOKEN = 7
+EXECUTOR_MS = 10.0  # a model forward's time in the planned-ahead measurement
 
 
 class NoOpExecutorClient:
@@ -39,7 +40,10 @@ class NoOpExecutorClient:
     and has computed, and samples `SAMPLED_TOKEN` exactly when the step protocol says a token
     is due (scheduled tokens reach the end of the known tokens)."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 8192, vocab_size: int = 32000):
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 8192, vocab_size: int = 32000,
+                 step_seconds: float = 0.0):  # fmt: skip
+        self.step_seconds = step_seconds  # a model forward's time, slept (the loop runs meanwhile)
+        self.step_starts: list[float] = []  # perf_counter when each step reached the executor
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -54,6 +58,9 @@ class NoOpExecutorClient:
         )  # fmt: skip
 
     async def execute_step(self, step: StepInput) -> StepOutput:
+        self.step_starts.append(time.perf_counter())
+        if self.step_seconds:
+            await asyncio.sleep(self.step_seconds)
         known = self.known
         for rid in step.forget_request_ids:
             known.pop(rid, None)
@@ -161,6 +168,35 @@ async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: 
     }
 
 
+async def exposed_control(pool: BlockPool, batch: int, *, steps: int, block_size: int, num_blocks: int,
+                          executor_ms: float) -> dict[str, float]:  # fmt: skip
+    """Steady decode at `batch` with the step loop's planning ahead (`step_ahead`) and an
+    executor that takes `executor_ms` per step: the time between two steps' arrivals at the
+    executor beyond the executor's own — the control plane left on the critical path."""
+    executor = NoOpExecutorClient(num_blocks, block_size, step_seconds=executor_ms / 1e3)
+    engine = await SchedulerEngine.connect(executor, pool, max_num_seqs=max(batch, 1), max_model_len=8192)
+    sched = engine.scheduler
+    rng = random.Random(2)
+    for i in range(batch):
+        engine.submit(f"b{i}", _prompt(rng, 32 + i % 16), SamplingParams(max_tokens=4096, ignore_eos=True))
+    while len(sched.running) < batch or any(s.num_computed_tokens < s.num_tokens - 1 for s in sched.running):
+        await engine.step_ahead()
+    for _ in range(8):
+        await engine.step_ahead()
+    executor.step_starts.clear()
+    for _ in range(steps):
+        await engine.step_ahead()
+    gaps = sorted(
+        b - a - executor_ms / 1e3
+        for a, b in zip(executor.step_starts[:-1], executor.step_starts[1:], strict=True)
+    )
+    await engine.stop()
+    return {
+        "p50_ms": 1e3 * max(gaps[len(gaps) // 2], 0.0),
+        "p90_ms": 1e3 * max(gaps[int(len(gaps) * 0.9)], 0.0),
+    }
+
+
 class CountingRedis:
     """Counts commands sent by one redis-py client (a pipeline counts once)."""
 
@@ -237,6 +273,19 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(f"| {batch} | {res['p50_ms']:.3f} | {res['p90_ms']:.3f} | {res['cpu_ms']:.3f} | "
                   f"{res['script_ms']:.3f} | {res['round_trips']:.2f} |")  # fmt: skip
+            sys.stdout.flush()
+        print(
+            "\n## Control plane left on the critical path when the next step is planned while the "
+            f"executor runs (the server's loop; a {EXECUTOR_MS:g} ms executor; {steps} steps)\n"
+        )
+        print("| batch | p50 ms | p90 ms |")
+        print("|---|---|---|")
+        for batch in (1, 16, 64, 256):
+            res = asyncio.run(
+                exposed_control(RedisBlockPool(client, f"bench-ex-{uuid.uuid4().hex[:8]}"), batch, steps=steps,
+                                block_size=bs, num_blocks=16384, executor_ms=EXECUTOR_MS)
+            )  # fmt: skip
+            print(f"| {batch} | {res['p50_ms']:.3f} | {res['p90_ms']:.3f} |")
             sys.stdout.flush()
     finally:
         if server is not None:
