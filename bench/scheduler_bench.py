@@ -44,6 +44,7 @@ class NoOpExecutorClient:
                  step_seconds: float = 0.0):  # fmt: skip
         self.step_seconds = step_seconds  # a model forward's time, slept (the loop runs meanwhile)
         self.step_starts: list[float] = []  # perf_counter when each step reached the executor
+        self.step_ends: list[float] = []  # ... and when its output was ready
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.max_model_len = max_model_len
@@ -61,6 +62,7 @@ class NoOpExecutorClient:
         self.step_starts.append(time.perf_counter())
         if self.step_seconds:
             await asyncio.sleep(self.step_seconds)
+        self.step_ends.append(time.perf_counter())
         known = self.known
         for rid in step.forget_request_ids:
             known.pop(rid, None)
@@ -171,8 +173,7 @@ async def control_plane(pool: BlockPool, batch: int, *, steps: int, block_size: 
 async def exposed_control(pool: BlockPool, batch: int, *, steps: int, block_size: int, num_blocks: int,
                           executor_ms: float) -> dict[str, float]:  # fmt: skip
     """Steady decode at `batch` with the step loop's planning ahead (`step_ahead`) and an
-    executor that takes `executor_ms` per step: the time between two steps' arrivals at the
-    executor beyond the executor's own — the control plane left on the critical path."""
+    executor that takes `executor_ms` per step: the time between two steps beyond the executor's own — the control plane left on the critical path."""
     executor = NoOpExecutorClient(num_blocks, block_size, step_seconds=executor_ms / 1e3)
     engine = await SchedulerEngine.connect(executor, pool, max_num_seqs=max(batch, 1), max_model_len=8192)
     sched = engine.scheduler
@@ -184,12 +185,14 @@ async def exposed_control(pool: BlockPool, batch: int, *, steps: int, block_size
     for _ in range(8):
         await engine.step_ahead()
     executor.step_starts.clear()
+    executor.step_ends.clear()
     for _ in range(steps):
         await engine.step_ahead()
-    gaps = sorted(
-        b - a - executor_ms / 1e3
-        for a, b in zip(executor.step_starts[:-1], executor.step_starts[1:], strict=True)
-    )
+    # From one step's output being ready to the next step reaching the executor. A step was in
+    # flight when the lists were cleared: the i-th end recorded is the step before the i-th start.
+    n = min(len(executor.step_ends), len(executor.step_starts))
+    ends, starts = executor.step_ends[:n], executor.step_starts[:n]
+    gaps = sorted(start - end for end, start in zip(ends, starts, strict=True))
     await engine.stop()
     return {
         "p50_ms": 1e3 * max(gaps[len(gaps) // 2], 0.0),
