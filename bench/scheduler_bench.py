@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
         steps = 50 if args.quick else 200
         print(
-            "## Control-plane time on the step's critical path "
+            "## Scheduler time per step, nothing overlapped "
             f"(schedule + update; the Redis write runs beside the executor; {steps} steps)\n"
         )
         print(

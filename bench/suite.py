@@ -232,7 +232,7 @@ def _control_plane(sizes: SuiteSizes) -> list[dict[str, float]]:
 
     import redis
 
-    from pagedserve.bench.scheduler_bench import CountingRedis, control_plane
+    from pagedserve.bench.scheduler_bench import EXECUTOR_MS, CountingRedis, control_plane, exposed_control
     from pagedserve.common.redis_harness import RedisServer
     from pagedserve.scheduler.redis_pool import RedisBlockPool
 
@@ -247,7 +247,19 @@ def _control_plane(sizes: SuiteSizes) -> list[dict[str, float]]:
                               steps=sizes.control_steps, block_size=sizes.block_size, num_blocks=16384,
                               count_round_trips=lambda: counter.count)
             )  # fmt: skip
-            rows.append({"batch": batch, **res})
+            exposed = asyncio.run(
+                exposed_control(RedisBlockPool(client, f"bench-ex-{uuid.uuid4().hex[:8]}"), batch,
+                                steps=sizes.control_steps, block_size=sizes.block_size, num_blocks=16384,
+                                executor_ms=EXECUTOR_MS)
+            )  # fmt: skip
+            rows.append(
+                {
+                    "batch": batch,
+                    **res,
+                    "exposed_p50_ms": exposed["p50_ms"],
+                    "exposed_p90_ms": exposed["p90_ms"],
+                }
+            )
         client.close()
         return rows
     finally:

@@ -78,8 +78,9 @@ def write_report(docs: Path, results: dict, peer_results: Sequence, contiguous: 
         goal_row("KV utilization (live stack, mean of Stats samples)", "≥ 96%", pct(s_ship.kv_utilization),
                  nan_ok(s_ship.kv_utilization, 0.96)),
         goal_row("capacity vs contiguous reservation", "≥ 3×", f"{fmt(r_cap, 2)}×", nan_ok(r_cap, 3)),
-        goal_row("control plane p50 per step at batch 256", "≤ 1 ms", f"{cp256['p50_ms']:.3f} ms",
-                 cp256["p50_ms"] <= 1.0),
+        goal_row("control plane on the critical path, p50 at batch 256", "≤ 0.3 ms",
+                 f"{cp256.get('exposed_p50_ms', cp256['p50_ms']):.3f} ms",
+                 cp256.get("exposed_p50_ms", cp256["p50_ms"]) <= 0.3),
     ], align="llrl")  # fmt: skip
 
     rate_rows = [
@@ -113,7 +114,12 @@ def write_report(docs: Path, results: dict, peer_results: Sequence, contiguous: 
     t_cap = table(
         ["allocator", "peak running", "peak blocks used", "KV util (mean)", "preemptions", "steps"], cap_rows
     )
-    t_cp = table(["batch", "p50 ms", "p90 ms", "Python CPU ms / step", "Redis round trips / step"], cp_rows)
+    t_cp = table(
+        ["batch", "critical path p50 ms", "critical path p90 ms", "whole step p50 ms", "Python CPU ms / step",
+         "Redis round trips / step"],
+        [[r[0], fmt(c.get("exposed_p50_ms", float("nan")), 3), fmt(c.get("exposed_p90_ms", float("nan")), 3), *r[1:2],
+          *r[3:]] for r, c in zip(cp_rows, results["control_plane"], strict=True)],
+    )  # fmt: skip
 
     text = f"""# Benchmarks
 
@@ -188,8 +194,10 @@ the last partial block). System prompt: the prefix cache hands later requests th
 ## (d) Control-plane time per step vs batch size
 
 `{cmd}` (also `python -m pagedserve.bench.scheduler_bench`) — steady decode at a fixed batch with a
-no-op executor: `schedule()` + the one Redis round trip + `update()`, {sizes.control_steps} steps, a local
-redis-server.
+no-op executor, {sizes.control_steps} steps, a local redis-server. *Critical path*: the server's loop,
+which plans step k + 1 while the executor (here taking 10 ms) runs step k — the time from a step's
+output being ready to the next step reaching the executor. *Whole step*: `schedule()` + `update()`
+with nothing overlapped (the Redis write runs beside the executor either way).
 
 {t_cp}
 
