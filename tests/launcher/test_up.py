@@ -12,6 +12,7 @@ which overwrites its environment with its process title.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -323,6 +324,63 @@ def test_up_restarts_its_killed_redis_on_the_same_port(launch, up_model, full_st
     reply = complete(http_url)
     assert reply.status_code == 200, reply.text
 
+    up.proc.send_signal(signal.SIGINT)
+    assert up.wait(60) == 0, up.output()
+    assert_nothing_left(up)
+
+
+def test_up_restarts_a_killed_scheduler_and_streams_resume(launch, up_model, full_stack):
+    """kill -9 the scheduler under 8 running streams: the launcher restarts it, the new one
+    takes the pool over from Redis, the gateway re-attaches every stream, and each text equals
+    its undisturbed run's."""
+    import asyncio
+
+    up, http_url = start_small_stack(launch, up_model)
+    prompts = [
+        "def add(a, b):",
+        "class A:",
+        "import os",
+        "for i in x:",
+        "x = [",
+        "if a:",
+        "while b:",
+        "y = {",
+    ]
+    body = {"max_tokens": 60, "temperature": 0, "ignore_eos": True}
+    undisturbed = [
+        httpx.post(f"{http_url}/v1/completions", json={"prompt": p, **body}, timeout=120).json()["choices"][
+            0
+        ]["text"]
+        for p in prompts
+    ]
+    old = up.started_pids()["scheduler"]
+    started: set[int] = set()
+
+    async def stream(client: httpx.AsyncClient, i: int) -> str:
+        text = ""
+        async with client.stream(
+            "POST", "/v1/completions", json={"prompt": prompts[i], "stream": True, **body}
+        ) as reply:
+            async for line in reply.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                text += "".join(c["text"] for c in event["choices"])
+                started.add(i)
+                if len(started) == len(prompts) and old in up.started_pids().values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(old, signal.SIGKILL)
+        return text
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=http_url, timeout=120) as client:
+            return await asyncio.gather(*(stream(client, i) for i in range(len(prompts))))
+
+    texts = asyncio.run(run())
+    assert texts == undisturbed
+    restarted_pid(up, "scheduler", old)
+    assert "scheduler was killed by SIGKILL while serving" in up.output()
     up.proc.send_signal(signal.SIGINT)
     assert up.wait(60) == 0, up.output()
     assert_nothing_left(up)
