@@ -75,6 +75,8 @@ def error_from_rpc(err: grpc.RpcError, service: str) -> PagedServeError:
     details = err.details() if hasattr(err, "details") else str(err)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(f"{service} is unavailable: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and (details or "").startswith("fenced:"):
+        return errors.Fenced(f"{service}: {details}")
     by_name = {
         "INVALID_ARGUMENT": errors.InvalidArgument,
         "NOT_FOUND": errors.NotFound,

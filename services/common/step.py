@@ -49,6 +49,7 @@ class StepInput:
     cached_requests: list[CachedRequestData] = field(default_factory=list)
     forget_request_ids: list[str] = field(default_factory=list)  # applied before the forward
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
+    fence: int = 0  # the sender's fencing token (0: none); a lower one than seen before is refused
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -153,6 +154,7 @@ def step_to_proto(step: StepInput):
         forget_request_ids=step.forget_request_ids,
         block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.block_copies],
         total_num_scheduled_tokens=step.total_num_scheduled_tokens,
+        fence=step.fence,
     )
 
 
@@ -184,6 +186,7 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
         ],
         forget_request_ids=list(msg.forget_request_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
+        fence=msg.fence,
     )
     return step, msg.total_num_scheduled_tokens
 

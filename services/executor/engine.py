@@ -55,6 +55,7 @@ class ExecutorEngine:
         self.pool = pool
         self.limits = limits
         self.epoch = uuid.uuid4().hex  # a new pool: the scheduler must recompute whatever it placed before
+        self.max_fence = 0  # the highest fencing token a step carried (see execute_step)
         self.requests: dict[str, RequestState] = {}
         self._lock = threading.Lock()
 
@@ -134,6 +135,13 @@ class ExecutorEngine:
         """Runs one step; `claimed_total_tokens` is the sender's total_num_scheduled_tokens, when it sent one."""
         with self._lock:
             start = time.perf_counter()
+            if step.fence:
+                if step.fence < self.max_fence:
+                    raise FailedPrecondition(
+                        f"fenced: step {step.step_id} carries fencing token {step.fence}, but a scheduler "
+                        f"with token {self.max_fence} drives this executor now"
+                    )
+                self.max_fence = step.fence
             if step.epoch and step.epoch != self.epoch:
                 raise FailedPrecondition(
                     f"step {step.step_id}: epoch {step.epoch!r} is not this executor's epoch {self.epoch!r} "

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from pagedserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from pagedserve.common.errors import FailedPrecondition, Fenced, InvalidArgument, Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import ExecutorClient, ExecutorInfo, StepOutput
 from pagedserve.scheduler.block_pool import BlockPool
@@ -128,6 +128,7 @@ class SchedulerEngine:
             resumed,
         )
         replicator = Replicator(pool, lease, model=info.model)
+        scheduler.fence = lease.token if lease is not None else 0
         return cls(
             scheduler, executor, info, replicator, stall_timeout=stall_timeout, attach_timeout=attach_timeout
         )
@@ -255,6 +256,7 @@ class SchedulerEngine:
     async def step(self) -> bool:
         """One step, planned, run and taken in before returning; whether the executor ran one.
         (The loop runs `step_ahead`; this is the plain form, for tests and benchmarks.)"""
+        self._follow_lease()
         t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         await self.replicator.ship(self.scheduler)
@@ -279,6 +281,7 @@ class SchedulerEngine:
         the output is taken in while that one runs. The executor appends the tokens it samples
         itself, so a decode step needs no token values; a sequence that stopped meanwhile
         computes one token too many, which is dropped. Whether the executor ran a step."""
+        self._follow_lease()
         if self._in_flight is None:
             scheduled = self.scheduler.schedule()
             await self.replicator.ship(self.scheduler)
@@ -303,6 +306,12 @@ class SchedulerEngine:
         self.scheduler.publish()
         return True
 
+    def _follow_lease(self) -> None:
+        """Steps carry the lease's current fencing token (it grows when the lease is taken again)."""
+        lease = self.replicator.lease
+        if lease is not None:
+            self.scheduler.fence = lease.token
+
     def _send(self, scheduled: ScheduledStep) -> asyncio.Future:
         return asyncio.ensure_future(self.executor.execute_step(scheduled.step_input))
 
@@ -311,6 +320,10 @@ class SchedulerEngine:
         sequence is recomputed, the executor told to forget them)."""
         try:
             output = await call
+        except Fenced as err:
+            self.replicator.fenced = f"the executor refused this scheduler's steps: {err.message}"
+            log.error("stopping: %s", self.replicator.fenced)
+            return None
         except FailedPrecondition as err:
             log.warning("executor epoch changed: %s", err.message)
             await self._recover()

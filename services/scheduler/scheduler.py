@@ -79,6 +79,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         # the streams and the replica log (see completion.publish)
         self.unpublished: list[tuple] = []
         self.needs_full_write = False  # the replica must get the whole state, not a log
+        self.fence = 0  # the pool lease's fencing token, carried by every step (0: no lease)
         self._aborts: list[str] = []
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
@@ -268,7 +269,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
                 seq.num_pending += 1  # it samples in this step
         # (With nothing scheduled the step only tells the executor what to forget.)
         forget, self.forget_ids = self.forget_ids, []
-        step = StepInput(next(self._step_ids), self.epoch, new_reqs, cached_reqs, forget, copies)
+        step = StepInput(next(self._step_ids), self.epoch, new_reqs, cached_reqs, forget, copies, self.fence)
         return ScheduledStep(step, [(seq, n) for seq, n, _ in planned])
 
     def _preempt(self, seq: Sequence) -> None:

@@ -224,3 +224,19 @@ def test_architectures_that_need_more_than_the_kernels_do_fail_fast() -> None:
         runner_for(transformers.Gemma2Config(**dims, num_key_value_heads=1, head_dim=16))
     with pytest.raises(UnsupportedModel, match="do not pass the forward's keyword arguments"):
         runner_for(transformers.StableLmConfig(**dims, num_key_value_heads=2))
+
+
+def test_a_step_with_an_older_fencing_token_is_refused(tiny_model_dir, make_engine) -> None:
+    """Once a scheduler with fencing token 5 drove the executor, one holding token 3 (it lost
+    the pool's lease) is refused, and its step changes nothing; unfenced steps (0) still run."""
+    from pagedserve.common.errors import FailedPrecondition
+
+    engine = make_engine(tiny_model_dir("llama"), block_size=8, num_kv_blocks=32)
+    new = NewRequestData("r", [5, 6, 7], [], GREEDY, [4], 0, 3)
+    engine.execute_step(StepInput(0, engine.epoch, new_requests=[new], fence=5))
+    stale = NewRequestData("s", [8, 9], [], GREEDY, [5], 0, 2)
+    with pytest.raises(FailedPrecondition, match="fenced: step 1 carries fencing token 3"):
+        engine.execute_step(StepInput(1, engine.epoch, new_requests=[stale], fence=3))
+    assert set(engine.requests) == {"r"}
+    assert engine.execute_step(StepInput(2, engine.epoch, forget_request_ids=["r"], fence=5)).sampled == []
+    assert engine.execute_step(StepInput(3, engine.epoch, new_requests=[stale])).sampled

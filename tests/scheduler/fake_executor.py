@@ -17,7 +17,7 @@ import hashlib
 import uuid
 from array import array
 
-from pagedserve.common.errors import FailedPrecondition
+from pagedserve.common.errors import FailedPrecondition, Fenced
 from pagedserve.common.step import ExecutorInfo, SampledToken, StepInput, StepOutput
 from pagedserve.executor.step_plan import RequestState, plan_step
 
@@ -59,6 +59,7 @@ class FakeExecutor:
         """A new process: new epoch, empty pool, no request state."""
         self.epoch = uuid.uuid4().hex
         self.requests: dict[str, RequestState] = {}
+        self.max_fence = 0  # as the real executor: the highest fencing token seen
         self.slots: list[tuple[int, int] | None] = [None] * (self.num_blocks * self.block_size)
 
     async def info(self) -> ExecutorInfo:
@@ -80,6 +81,10 @@ class FakeExecutor:
         if self.restart_before_step is not None and len(self.steps) == self.restart_before_step:
             self.restart_before_step = None
             self.restart()
+        if step.fence:
+            if step.fence < self.max_fence:
+                raise Fenced(f"fenced: step {step.step_id} carries token {step.fence} < {self.max_fence}")
+            self.max_fence = step.fence
         if step.epoch and step.epoch != self.epoch:
             raise FailedPrecondition(f"epoch {step.epoch} is not {self.epoch}")
         plan = plan_step(

@@ -230,3 +230,30 @@ def test_redis_lost_and_back_empty_is_rewritten_from_the_schedulers_view() -> No
     for out, prompt in zip(outs, prompts.values(), strict=True):
         assert out.tokens[0] == reference(prompt, 150, VOCAB)
     assert saw_down, "not serving while Redis was gone"
+
+
+def test_the_executor_refuses_a_scheduler_that_lost_the_pool(redis_client) -> None:
+    """Two schedulers, one executor: once the second took the pool (a higher fencing token) and
+    stepped, the first one's next step is refused by the executor itself, and it stops."""
+    pool_id = new_pool_id()
+    fake = FakeExecutor(32, 4, VOCAB)
+
+    async def go() -> None:
+        first = await leased_engine(redis_client, pool_id, fake, ttl=0.3)
+        stream = first.submit("a", [5, 6, 7], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))
+        await first.step()
+        await asyncio.sleep(0.35)  # its lease lapses (it is not renewing: its loop is not started)
+        second = await leased_engine(redis_client, pool_id, fake)
+        assert second.scheduler.fence > first.scheduler.fence
+        second.submit("b", [9, 9, 9], SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+        await second.step()  # the executor now knows the higher token
+        assert fake.max_fence == second.scheduler.fence
+        await first.step()
+        assert first.replicator.fenced and "refused" in first.replicator.fenced
+        first.start()
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(drain(stream), 10)
+        await first.stop()
+        await settle(second)
+
+    asyncio.run(go())
