@@ -27,6 +27,7 @@ class StackConfig:
     max_model_len: int = 512
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
+    extra_args: tuple[str, ...] = ()  # more `pagedserve up` flags
 
 
 @dataclass
@@ -56,7 +57,7 @@ class LaunchedStack:
             cmd += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
         for name, port in self.ports.items():
             cmd += [f"--{name}-port", str(port)]
-        return cmd
+        return cmd + list(c.extra_args)
 
     def start(self) -> LaunchedStack:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -94,6 +94,7 @@ class LauncherConfig:
     max_queued_requests: int | None = None
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
+    scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     cpu_threads: int | None = None  # the executor's torch threads (default: its own)
     cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
     compile: bool = False  # the executor's torch.compile'd forward
@@ -204,7 +205,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           "--tokenizer", tokenizer_address, "--scheduler", scheduler_address, *model,
           *_opt("--max-queued-requests", config.max_queued_requests),
           *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
-          *_opt("--stall-timeout", config.stall_timeout))),
+          *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream))),
     ]  # fmt: skip
     if config.pools > 1:
         wanted = _with_pools(config, wanted, redis_url)
@@ -648,6 +649,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
     kv.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                     help="seconds a request may make no progress while a service is away (default: 30)")  # fmt: skip
+    kv.add_argument("--scheduler-stream", choices=["shared", "per-request"], default=None,
+                    help="the gateway's requests on one stream to each scheduler (shared, the default) "
+                    "or a stream each (per-request, for comparison)")  # fmt: skip
     kv.add_argument("--attention-backend", choices=["torch", "triton"], default=None)
     kv.add_argument("--dtype", default=None, help="model dtype, e.g. float32, bfloat16")
     run = parser.add_argument_group("running")

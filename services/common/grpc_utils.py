@@ -69,13 +69,18 @@ def grpc_errors(method: Callable) -> Callable:
 
 def error_from_rpc(err: grpc.RpcError, service: str) -> PagedServeError:
     """Map a failed downstream call to the error this service should answer with."""
-    from pagedserve.common import errors
-
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+    return error_from_status(code.name, details, service)
+
+
+def error_from_status(code: str, details: str, service: str) -> PagedServeError:
+    """The error for a downstream status, given by the name of its `grpc.StatusCode` member."""
+    from pagedserve.common import errors
+
+    if code in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
         return Unavailable(f"{service} is unavailable: {details}")
-    if code == grpc.StatusCode.FAILED_PRECONDITION and (details or "").startswith("fenced:"):
+    if code == "FAILED_PRECONDITION" and (details or "").startswith("fenced:"):
         return errors.Fenced(f"{service}: {details}")
     by_name = {
         "INVALID_ARGUMENT": errors.InvalidArgument,
@@ -83,8 +88,8 @@ def error_from_rpc(err: grpc.RpcError, service: str) -> PagedServeError:
         "RESOURCE_EXHAUSTED": errors.ResourceExhausted,
         "FAILED_PRECONDITION": errors.FailedPrecondition,
     }
-    cls = by_name.get(code.name, PagedServeError)
-    return cls(details or f"{service} failed with {code.name}")
+    cls = by_name.get(code, PagedServeError)
+    return cls(details or f"{service} failed with {code}")
 
 
 class GrpcServer:

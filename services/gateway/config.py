@@ -45,6 +45,8 @@ class GatewayConfig:
     routing: str = "cache_aware"  # cache_aware | least_loaded | round_robin
     routing_prefill_weight: float = 1.0  # cost of one uncached prompt token
     routing_decode_weight: float = 32.0  # cost of one request running or waiting in a pool
+    # shared: all requests on one Connect stream per scheduler; per-request: a Submit call each
+    scheduler_stream: str = "shared"
     migration_limit: int = 3  # times a request may move to another pool when its pool fails
     model: str = ""  # path or hub id of the served model, as given to --model
     # Names a request's `model` may use; the first is the one reported. Empty: `model` itself.

@@ -9,7 +9,6 @@ Every unary call has a deadline, and no call waits for a connection that is down
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -18,18 +17,9 @@ from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.stats import SchedulerStats
-from pagedserve.gateway.datatypes import (
-    ChoiceTokens,
-    FinishReason,
-    Prompt,
-    PromptKind,
-    SchedulerUpdate,
-    TokenizerInfo,
-    TokenLogprob,
-    TopLogprob,
-    Usage,
-)
+from pagedserve.gateway.datatypes import Prompt, PromptKind, TokenizerInfo
 from pagedserve.gateway.detokenize import DetokenizeStream
+from pagedserve.gateway.scheduler_stream import SharedStreams, SharedSubmitStream, SubmitStream
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc, tokenizer_pb2, tokenizer_pb2_grpc
 
 DOWNSTREAM_CHANNEL_OPTIONS = CLIENT_CHANNEL_OPTIONS
@@ -106,32 +96,12 @@ class TokenizerClient:
         await self.channel.close()
 
 
-class SubmitStream:
-    """The updates of one Submit call; `cancel()` ends it from our side."""
-
-    def __init__(self, call: grpc.aio.UnaryStreamCall, service: str) -> None:
-        self._call = call
-        self._service = service
-
-    def cancel(self) -> None:
-        self._call.cancel()
-
-    async def __aiter__(self) -> AsyncIterator[SchedulerUpdate]:
-        try:
-            async for msg in self._call:
-                yield _update_from_proto(msg)
-        except grpc.RpcError as err:
-            if err.code() == grpc.StatusCode.CANCELLED and self._call.cancelled():
-                return
-            raise error_from_rpc(err, self._service) from None
-
-
 class SchedulerClient:
     """Submit, Abort and Stats of a pool's scheduler: one address, or several (the active
     scheduler and its standbys, comma-separated). Calls go to the active one; `failover`
     moves to the next when it stops answering or says it is a standby."""
 
-    def __init__(self, address: str, timeout: float) -> None:
+    def __init__(self, address: str, timeout: float, *, shared_stream: bool = True) -> None:
         self.addresses = [a.strip() for a in address.split(",") if a.strip()]
         if not self.addresses:
             raise ValueError("--scheduler needs at least one address")
@@ -140,6 +110,15 @@ class SchedulerClient:
             grpc.aio.insecure_channel(a, options=DOWNSTREAM_CHANNEL_OPTIONS) for a in self.addresses
         ]
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
+        # Requests ride one Connect call per address (else one Submit call each).
+        self.shared = (
+            [
+                SharedStreams(stub, f"scheduler at {a}")
+                for stub, a in zip(self.stubs, self.addresses, strict=True)
+            ]
+            if shared_stream
+            else None
+        )
         self.active = 0
 
     @property
@@ -165,7 +144,7 @@ class SchedulerClient:
         sampling: SamplingParams,
         priority: int,
         progress: list[tuple[int, list[int], bool]] | None = None,
-    ) -> SubmitStream:
+    ) -> SubmitStream | SharedSubmitStream:
         """Start a request, or with `progress` (index, token ids held, finished) per choice,
         re-attach to one started on a scheduler that is gone."""
         msg = scheduler_pb2.SubmitRequest(
@@ -180,6 +159,8 @@ class SchedulerClient:
                 scheduler_pb2.ChoiceProgress(index=i, token_ids=ids, finished=done)
                 for i, ids, done in progress
             )
+        if self.shared is not None:
+            return self.shared[self.active].submit(msg)
         return SubmitStream(self.stub.Submit(msg), self.service)
 
     async def abort(self, request_id: str) -> bool:
@@ -210,41 +191,9 @@ class SchedulerClient:
         return False
 
     async def close(self) -> None:
+        for shared in self.shared or ():
+            shared.close()
         await asyncio.gather(*(c.close() for c in self.channels), return_exceptions=True)
-
-
-def _logprobs_from_proto(items) -> list[TokenLogprob]:
-    return [
-        TokenLogprob(
-            token_id=lp.token_id,
-            logprob=lp.logprob,
-            top=[TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
-        )
-        for lp in items
-    ]
-
-
-def _update_from_proto(msg: scheduler_pb2.SubmitResponse) -> SchedulerUpdate:
-    usage = None
-    if msg.HasField("usage"):
-        usage = Usage(
-            prompt_tokens=msg.usage.prompt_tokens,
-            completion_tokens=msg.usage.completion_tokens,
-            cached_prompt_tokens=msg.usage.cached_prompt_tokens,
-        )
-    return SchedulerUpdate(
-        choices=[
-            ChoiceTokens(
-                index=c.index,
-                token_ids=list(c.token_ids),
-                logprobs=_logprobs_from_proto(c.logprobs),
-                finish_reason=FinishReason(c.finish_reason),
-            )
-            for c in msg.choices
-        ],
-        usage=usage,
-        cached_prompt_tokens=msg.cached_prompt_tokens,
-    )
 
 
 async def close_all(*clients: TokenizerClient | SchedulerClient) -> None:

@@ -30,7 +30,8 @@ from pagedserve.common.errors import Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.pool_registry import PoolInfo, pool_key, read_pools_async
 from pagedserve.common.stats import SchedulerStats
-from pagedserve.gateway.downstream import SchedulerClient, SubmitStream
+from pagedserve.gateway.downstream import SchedulerClient
+from pagedserve.gateway.scheduler_stream import RequestUpdates
 from pagedserve.scheduler.hashing import BlockHasher, model_salt
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class PoolRouter:
         decode_weight: float = 32.0,
         migration_limit: int = 3,
         refresh: float = 1.0,
+        shared_stream: bool = True,
     ) -> None:
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
@@ -83,9 +85,12 @@ class PoolRouter:
         self.decode_weight = decode_weight
         self.migration_limit = migration_limit
         self.refresh = refresh
+        self.shared_stream = shared_stream  # requests ride one Connect call per scheduler
         self.pools: dict[str, Pool] = {}
         for i, addresses in enumerate(static):
-            self.pools[f"static-{i}"] = Pool(f"static-{i}", SchedulerClient(addresses, timeout))
+            self.pools[f"static-{i}"] = Pool(
+                f"static-{i}", SchedulerClient(addresses, timeout, shared_stream=shared_stream)
+            )
         self.redis = None
         if redis_url:
             import redis.asyncio
@@ -117,7 +122,7 @@ class PoolRouter:
                 )
                 self.pools[pool_id] = Pool(
                     pool_id,
-                    SchedulerClient(info.scheduler, self.timeout),
+                    SchedulerClient(info.scheduler, self.timeout, shared_stream=self.shared_stream),
                     info,
                     hasher=BlockHasher(model_salt(info.model, info.block_size), info.block_size),
                 )
@@ -222,7 +227,7 @@ class PoolRouter:
     ) -> RoutedStream:
         return RoutedStream(self, request_id, prompt_token_ids, sampling, priority, progress)
 
-    async def open(self, stream: RoutedStream) -> SubmitStream:
+    async def open(self, stream: RoutedStream) -> RequestUpdates:
         """Pick the pool (or keep, or migrate) and start the Submit call."""
         rid = stream.request_id
         assigned = self.assignments.get(rid)
@@ -324,7 +329,7 @@ class RoutedStream:
         self.sampling = sampling
         self.priority = priority
         self.progress = progress
-        self._inner: SubmitStream | None = None
+        self._inner: RequestUpdates | None = None
         self._cancelled = False
 
     def cancel(self) -> None:

@@ -41,6 +41,7 @@ from pagedserve.gateway.http_api import build_app
 from pagedserve.gateway.local_detokenize import LocalDetokenizer
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.routing import PoolRouter
+from pagedserve.gateway.scheduler_stream import SCHEDULER_STREAMS
 from pagedserve.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -91,6 +92,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=3,
         help="times a request may move to another pool when its pool fails mid-stream",
+    )
+    parser.add_argument(
+        "--scheduler-stream",
+        choices=SCHEDULER_STREAMS,
+        default="shared",
+        help="shared: one Connect stream per scheduler carries all requests, one message per step; "
+        "per-request: a Submit stream per request (for comparison)",
     )
     parser.add_argument(
         "--stall-timeout",
@@ -209,6 +217,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         routing_prefill_weight=args.routing_prefill_weight,
         routing_decode_weight=args.routing_decode_weight,
         migration_limit=args.migration_limit,
+        scheduler_stream=args.scheduler_stream,
         stall_timeout=args.stall_timeout,
         model=model,
         served_model_names=names,
@@ -353,6 +362,7 @@ def pools_for(config: GatewayConfig) -> PoolRouter:
         prefill_weight=config.routing_prefill_weight,
         decode_weight=config.routing_decode_weight,
         migration_limit=config.migration_limit,
+        shared_stream=config.scheduler_stream == "shared",
     )
 
 

@@ -8,6 +8,7 @@ A slow client therefore gets fewer, bigger messages; it never stalls the loop.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pagedserve.common.outputs import ChoiceTokens, FinishReason, Usage
@@ -31,7 +32,17 @@ class RequestDelta:
 class RequestStream:
     """The merge buffer of one request: `push_*` from the step loop, `get` from the client side."""
 
-    __slots__ = ("request_id", "_choices", "_usage", "_cached", "_cached_sent", "_event", "_done", "_error")
+    __slots__ = (
+        "request_id",
+        "_choices",
+        "_usage",
+        "_cached",
+        "_cached_sent",
+        "_event",
+        "_done",
+        "_error",
+        "_listener",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -42,6 +53,20 @@ class RequestStream:
         self._event = asyncio.Event()
         self._done = False  # the final delta was taken
         self._error: Exception | None = None  # the request failed: raised once the pending tokens are taken
+        # Told (synchronously) whenever something becomes pending: a shared Connect stream
+        # collects its ready requests this way instead of waiting on each one's event.
+        self._listener: Callable[[RequestStream], None] | None = None
+
+    def listen(self, listener: Callable[[RequestStream], None]) -> None:
+        """Call `listener(self)` whenever something new is pending (and now, if it already is)."""
+        self._listener = listener
+        if self._event.is_set() or self._error is not None:
+            listener(self)
+
+    def _notify(self) -> None:
+        self._event.set()
+        if self._listener is not None:
+            self._listener(self)
 
     def push(
         self,
@@ -61,7 +86,7 @@ class RequestStream:
             delta.logprobs.extend(logprobs)
         if finish_reason != FinishReason.NONE:
             delta.finish_reason, delta.stop_token_id = finish_reason, stop_token_id
-        self._event.set()
+        self._notify()
 
     def set_cached_prompt_tokens(self, num_tokens: int) -> None:
         if self._cached is None and not self._cached_sent:
@@ -70,13 +95,13 @@ class RequestStream:
     def finish(self, usage: Usage) -> None:
         if self._error is None:
             self._usage = usage
-        self._event.set()
+        self._notify()
 
     def fail(self, error: Exception) -> None:
         """End the stream with `error` (after the tokens already pushed); later pushes are dropped."""
         if self._usage is None and self._error is None:
             self._error = error
-            self._event.set()
+            self._notify()
 
     @property
     def finished(self) -> bool:
@@ -95,6 +120,17 @@ class RequestStream:
             self._done = True
         self._event.clear()
         return RequestDelta(self.request_id, choices, self._usage, cached)
+
+    def poll(self) -> RequestDelta | Exception | None:
+        """Without waiting: everything pending, else the request's error (once), else None.
+        Call again after a delta: an error may follow the tokens pushed before it."""
+        delta = self.take()
+        if delta is not None:
+            return delta
+        if self._error is not None and not self._done:
+            self._done = True
+            return self._error
+        return None
 
     async def get(self) -> RequestDelta:
         """Wait for the next delta (the last one has `finished`); never call again after it."""

@@ -1,6 +1,7 @@
 """The Scheduler gRPC service: protobuf in, the engine's calls, protobuf out.
 
-Submit streams a request's `RequestDelta`s. The step loop never waits for this stream: a
+Submit streams one request's `RequestDelta`s; Connect carries all of a gateway's requests on
+one stream (see streams.py). The step loop never waits for this stream: a
 client that reads slowly gets fewer, bigger messages. When the client goes away (cancels,
 disconnects) before the last message, the request is aborted and its blocks are freed at the
 next step boundary.
@@ -8,48 +9,19 @@ next step boundary.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import grpc_errors
-from pagedserve.common.params import SamplingParams
 from pagedserve.common.stats import SchedulerStats
-from pagedserve.common.step import logprobs_to_proto
 from pagedserve.scheduler.engine import SchedulerEngine
-from pagedserve.scheduler.output import RequestDelta
-from pagedserve.scheduler.recovery import ChoiceProgress
-from pagedserve.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from pagedserve.scheduler.streams import ConnectSession, delta_to_proto, open_request
+from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "pagedserve.v1.Scheduler"
-
-
-def delta_to_proto(delta: RequestDelta) -> scheduler_pb2.SubmitResponse:
-    msg = scheduler_pb2.SubmitResponse(
-        request_id=delta.request_id,
-        choices=[
-            scheduler_pb2.ChoiceTokens(
-                index=c.index,
-                token_ids=c.token_ids,
-                logprobs=[logprobs_to_proto(lp) for lp in c.logprobs],
-                finish_reason=int(c.finish_reason),
-                stop_token_id=c.stop_token_id,
-            )
-            for c in delta.choices
-        ],
-    )
-    if delta.usage is not None:
-        msg.usage.CopyFrom(
-            common_pb2.Usage(
-                prompt_tokens=delta.usage.prompt_tokens,
-                completion_tokens=delta.usage.completion_tokens,
-                cached_prompt_tokens=delta.usage.cached_prompt_tokens,
-            )
-        )
-    if delta.cached_prompt_tokens is not None:
-        msg.cached_prompt_tokens = delta.cached_prompt_tokens
-    return msg
 
 
 class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
@@ -67,16 +39,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
     @grpc_errors
     async def Submit(self, request: scheduler_pb2.SubmitRequest, context):
         engine = self._engine()
-        sampling = SamplingParams.from_proto(request.sampling)
-        if request.resume:
-            progress = [ChoiceProgress(p.index, p.token_ids, p.finished) for p in request.progress]
-            stream = engine.attach(
-                request.request_id, list(request.prompt_token_ids), sampling, request.priority, progress
-            )
-        else:
-            stream = engine.submit(
-                request.request_id, list(request.prompt_token_ids), sampling, request.priority
-            )
+        stream = open_request(engine, request)
         finished = False
         try:
             while not finished:
@@ -87,6 +50,17 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             if not finished:  # the client went away (or the call was cancelled)
                 log.info("request %s: client gone, aborting", request.request_id)
                 engine.abort(request.request_id)
+
+    @grpc_errors
+    async def Connect(self, request_iterator, context):
+        session = ConnectSession(self._engine())
+        reader = asyncio.ensure_future(session.read(request_iterator))
+        try:
+            async for msg in session.messages(reader):
+                yield msg
+        finally:
+            reader.cancel()
+            session.close()
 
     @grpc_errors
     async def Abort(self, request: scheduler_pb2.AbortRequest, context) -> scheduler_pb2.AbortResponse:
