@@ -35,6 +35,8 @@ class ExecutorConfig:
     cpu_threads: int | None = None  # torch intra-op threads; None: see placement.default_threads
     cpu_affinity: tuple[int, ...] | None = None  # cores to pin the process to; None: not pinned
     compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
+    # CUDA only: no CUDA graphs of decode steps (and no torch.compile even with `compile`)
+    enforce_eager: bool = False
 
     @property
     def model_path(self) -> str:

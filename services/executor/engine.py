@@ -32,6 +32,7 @@ from pagedserve.executor.config import (
     DEFAULT_MIN_BATCHED_TOKENS,
     ExecutorConfig,
 )
+from pagedserve.executor.cuda_graphs import DecodeGraphs
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
@@ -78,7 +79,7 @@ class ExecutorEngine:
             config.model_path, dtype=config.dtype, device=device, attention_backend=config.attention_backend
         )
         limits = resolve_limits(runner, config.max_model_len, config.max_num_batched_tokens)
-        if config.compile:
+        if config.compile and not config.enforce_eager:
             seconds = runner.compile(config.block_size)
             log.info("compiled the forward (torch.compile, inductor) in %.1f s", seconds)
         # After compiling, so that the compiled forward is what is checked against the dense one.
@@ -114,6 +115,16 @@ class ExecutorEngine:
             runner.backend.name,
         )
         log.info(pool.describe(limits.max_model_len))
+        if device.type == "cuda" and runner.backend.name == "triton" and not config.enforce_eager:
+            graphs = DecodeGraphs(runner, pool, limits.max_num_batched_tokens, limits.max_model_len)
+            seconds = graphs.capture()
+            runner.decode_graphs = graphs
+            log.info(
+                "captured CUDA graphs of decode steps for %d batch sizes (1-%d) in %.1f s (--enforce-eager: none)",
+                len(graphs.sizes),
+                graphs.sizes[-1],
+                seconds,
+            )
         return cls(runner, pool, limits)
 
     def info(self) -> ExecutorInfo:

@@ -36,6 +36,7 @@ from pagedserve.executor.attention import (
     StepMetadata,
     register_attention,
 )
+from pagedserve.executor.cuda_graphs import DecodeGraphs
 from pagedserve.executor.inputs import ScheduledSeq, StepInputs, prepare_inputs
 from pagedserve.executor.kv_pool import KVCacheSpec, KVPool
 from pagedserve.kernels.backends import AttentionBackend, get_attention_backend
@@ -86,6 +87,7 @@ class ModelRunner:
         )
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window = self._probe()
         self.compiled: nn.Module | None = None  # the torch.compile'd model, once `compile` ran
+        self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
 
     def compile(self, block_size: int) -> float:
         """Runs later forwards through torch.compile (inductor), whole graph, dynamic token count; the
@@ -193,6 +195,9 @@ class ModelRunner:
     def execute(self, seqs: list[ScheduledSeq], pool: KVPool) -> torch.Tensor:
         """Runs one forward over `seqs`; returns float32 logits [N, V], one row per sampled sequence
         in the order of `seqs`."""
+        graphs = self.decode_graphs
+        if graphs is not None and pool is graphs.pool and (logits := graphs.run(seqs)) is not None:
+            return logits
         inputs = prepare_inputs(seqs, pool.block_size, self.device)
         return self.forward(inputs, pool)
 

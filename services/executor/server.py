@@ -79,6 +79,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model forward (inductor; start-up pays tens of seconds on CPU; default: eager)",
     )
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="on CUDA: no CUDA graphs of decode steps (captured at start-up by default) and no --compile",
+    )
+    parser.add_argument(
         "--cpu-affinity",
         type=_cpu_list,
         default=None,
@@ -111,6 +116,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         cpu_threads=args.cpu_threads,
         cpu_affinity=args.cpu_affinity,
         compile=args.compile,
+        enforce_eager=args.enforce_eager,
     )
 
 
