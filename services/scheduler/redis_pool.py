@@ -51,7 +51,9 @@ class RedisBlockPool(BlockPool):
 
     @classmethod
     def from_url(cls, url: str, pool_id: str) -> RedisBlockPool:
-        return cls(redis.Redis.from_url(url), pool_id)
+        from pagedserve.common.redis_connect import connect
+
+        return cls(connect(url), pool_id)
 
     def _run(self, script, keys: list[str], args: list) -> object:
         try:
