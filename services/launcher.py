@@ -162,7 +162,9 @@ class ServiceSpec(NamedTuple):
     ports: tuple[int, ...]  # every port it binds, checked free before anything starts
     needs: tuple[str, ...]  # services that must be SERVING first
     tier: int  # start order: every service of tier n is SERVING before tier n + 1 starts
-    probe: str = "grpc"  # how it says it is ready: "grpc" (health service SERVING) or "redis" (PING)
+    # How it says it is ready: "grpc" (health service SERVING, over the internal TLS when on),
+    # "public" (the same on the gateway's public port, plain) or "redis" (PING).
+    probe: str = "grpc"
 
 
 class Plan(NamedTuple):
@@ -237,9 +239,11 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
         else:
             tiers[name] = 1 + max((tiers[n] for n in needs), default=-1)
             address = hostport(near, ports[0])
+            # The gateway's public port never speaks the internal mutual TLS.
+            probe = "public" if name == "gateway" else "grpc"
             specs.append(
                 ServiceSpec(
-                    name, (*PAGEDSERVE, name.split("-")[0], *flags), address, ports, needs, tiers[name]
+                    name, (*PAGEDSERVE, name.split("-")[0], *flags), address, ports, needs, tiers[name], probe
                 )
             )
     return Plan(specs, skipped)
@@ -320,6 +324,8 @@ def is_ready(spec: ServiceSpec, timeout: float = 1.0) -> bool:
     """True when `spec`'s process answers its readiness probe."""
     if spec.probe == "redis":
         return redis_ping(spec.health_address, timeout)
+    if spec.probe == "public":
+        return health_check(spec.health_address, timeout=timeout, tls=internal_tls.InternalTLS())
     return health_check(spec.health_address, timeout=timeout)
 
 

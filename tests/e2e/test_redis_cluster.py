@@ -22,7 +22,7 @@ from pagedserve.common.redis_connect import connect
 from pagedserve.common.redis_topologies import LocalRedisCluster
 
 PROMPTS = ["def fibonacci(n):", "class Stack:\n    def push(self, item):", "import os\n\ndef walk(path):",
-           "# sort a list of numbers\ndef sort_numbers(xs):"]  # fmt: skip
+           "# helpers for parsing and printing tables. " * 6 + "\ndef parse(row):"]  # fmt: skip
 NEW_TOKENS = 10
 
 
@@ -56,7 +56,8 @@ def cluster_stack(bundled_model_path: str, tmp_path_factory: pytest.TempPathFact
                 "tokenizer", *(f"{kind}-{p}" for p in pool_ids for kind in ("executor", "scheduler"))
             )
             stack.add_gateway("gateway", "--redis-url", cluster.url, "--routing", "round_robin")
-            stack.wait_serving("gateway")
+            stack.add_gateway("aware", "--redis-url", cluster.url, "--routing", "cache_aware")
+            stack.wait_serving("gateway", "aware")
             yield cluster, stack, pool_ids
         finally:
             stack.stop()
@@ -96,6 +97,20 @@ def test_two_pools_on_a_redis_cluster(cluster_stack) -> None:
         for m in re.finditer(r'pagedserve_pool_requests_routed_total\{pool="([^"]+)"\} (\S+)', metrics)
     }
     assert sorted(p for p, n in routed.items() if n > 0) == pool_ids, metrics
+
+    # cache_aware scores the pools with one pipelined read that spans both nodes: the long
+    # prompt again goes where its blocks are cached, and says so.
+    aware = stack.gateways["aware"]
+    body = {"prompt": PROMPTS[-1], "max_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    reply = httpx.post(f"{aware}/v1/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["choices"][0]["text"] == expected[-1]
+    assert reply.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0, reply.json()
+    metrics = httpx.get(f"{aware}/metrics").text
+    predicted = re.findall(
+        r'pagedserve_pool_predicted_prefix_hit_tokens(?:_total)?\{pool="[^"]+"\} (\S+)', metrics
+    )
+    assert sum(float(v) for v in predicted) > 0, metrics
 
     stack.assert_clean(pool_ids)
     done = subprocess.run([*PAGEDSERVE, "fsck", "--redis-url", cluster.url], capture_output=True, text=True,

@@ -10,9 +10,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import grpc
+import httpx
 from test_up import complete, launch, port_flags, start_small_stack  # noqa: F401  (launch: a fixture)
 
 from pagedserve.common.grpc_utils import health_check
@@ -26,6 +28,13 @@ PASSWORD = "pagedserve-test-secret"
 def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model) -> None:  # noqa: F811
     with LocalRedis(password=PASSWORD) as server:
         up, http_url = start_small_stack(launch, up_model, "--internal-tls", "--redis-url", server.url)
+        # /ready asks the tokenizer and the scheduler over mutual TLS (the first handshakes can
+        # take seconds on a loaded machine).
+        deadline = time.monotonic() + 60
+        while (ready := httpx.get(f"{http_url}/ready", timeout=10)).status_code != 200:
+            assert time.monotonic() < deadline, ready.text
+            time.sleep(0.5)
+        assert ready.json() == {"tokenizer": True, "scheduler": True}
         reply = complete(http_url)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
