@@ -15,6 +15,7 @@ from pathlib import Path
 
 import grpc
 import httpx
+import pytest
 from test_up import complete, launch, port_flags, start_small_stack  # noqa: F401  (launch: a fixture)
 
 from pagedserve.common.grpc_utils import health_check
@@ -80,12 +81,19 @@ def test_up_refuses_a_wrong_redis_password(launch) -> None:  # noqa: F811
         assert "not-the-password" not in out and "started" not in out, out
 
 
-def test_scheduler_refuses_a_wrong_redis_password() -> None:
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["scheduler", "--port", "0", "--executor", "127.0.0.1:1"],
+        ["gateway", "--grpc-port", "0", "--http-port", "0", "--tokenizer", "127.0.0.1:1"],
+    ],
+    ids=["scheduler", "gateway"],
+)
+def test_a_service_refuses_a_wrong_redis_password(argv: list[str]) -> None:
     with LocalRedis(password=PASSWORD) as server:
         wrong = server.url.replace(PASSWORD, "not-the-password")
         done = subprocess.run(
-            [sys.executable, "-m", "pagedserve.cli", "scheduler", "--port", "0", "--executor", "127.0.0.1:1",
-             "--redis-url", wrong],
+            [sys.executable, "-m", "pagedserve.cli", *argv, "--redis-url", wrong],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         out = done.stdout + done.stderr
