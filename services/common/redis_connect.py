@@ -7,8 +7,8 @@
 | `redis+sentinel://[[user]:password@]host:port[,host:port…]/service_name[/db]` | the master Sentinel names `service_name`; the password is the master's, `?sentinel_password=` the sentinels' |
 | `redis+cluster://[[user]:password@]host:port[,host:port…]` | a Redis Cluster, from any of its nodes (`rediss+cluster://` over TLS) |
 
-Cluster and Sentinel URLs take the TLS query options above; nothing else, so a typo is an
-error rather than silently ignored. Every pool's keys share a hash tag (`pagedserve:{ID}:…`)
+Cluster URLs take the TLS query options above, Sentinel URLs `sentinel_password` (they are
+plain: no TLS); nothing else, so a typo is an error rather than silently ignored. Every pool's keys share a hash tag (`pagedserve:{ID}:…`)
 and no script spans two pools, so a Cluster spreads pools over its nodes.
 """
 
@@ -79,12 +79,14 @@ def parse_redis_url(url: str) -> RedisTarget:
         user, _, pw = userinfo.partition(":")
         username, password = (unquote(user) or None), (unquote(pw) or None)
     options = {k: v[-1] for k, v in parse_qs(query).items()}
-    tls_options = {k: options.pop(k) for k in TLS_OPTIONS if k in options}
-    sentinel_password = options.pop("sentinel_password", None) if scheme in SENTINEL_SCHEMES else None
+    sentinel = scheme in SENTINEL_SCHEMES
+    # Sentinel URLs are plain only (no TLS to the sentinels or the master).
+    known = ("sentinel_password",) if sentinel else TLS_OPTIONS
+    tls_options = {k: options.pop(k) for k in TLS_OPTIONS if k in options and not sentinel}
+    sentinel_password = options.pop("sentinel_password", None) if sentinel else None
     if options:
         raise RedisSetupError(
-            f"--redis-url {redact(url)}: unknown option(s) {', '.join(sorted(options))} "
-            f"(known: {', '.join(TLS_OPTIONS)}{', sentinel_password' if scheme in SENTINEL_SCHEMES else ''})"
+            f"--redis-url {redact(url)}: unknown option(s) {', '.join(sorted(options))} (known: {', '.join(known)})"
         )
     nodes = _nodes(hosts, url)
     segments = [s for s in path.split("/") if s]
@@ -136,9 +138,9 @@ def connect(url: str, *, decode_responses: bool = False, socket_timeout: float |
 
     try:
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **kwargs)
-    except redis.exceptions.AuthenticationError:
-        raise
-    except Exception as err:  # the client reads the slot map at once: no node answered
+    except Exception as err:  # the client reads the slot map at once: a refused password, or no node
+        if _is_auth_error(err):
+            raise RedisSetupError(explain(err, url)) from None
         raise redis.exceptions.ConnectionError(
             f"no Redis Cluster node of {redact(url)} answered: {err}"
         ) from err
@@ -176,13 +178,27 @@ def _password(url: str) -> str | None:
     return urlsplit(url).password if target.kind == "single" else target.password
 
 
-def explain(err: BaseException, url: str) -> str:
-    """A start-up message for a Redis error: what failed, at which (redacted) URL, and what to check."""
+# How a refused password reads when a client wraps the AuthenticationError (a cluster client does).
+AUTH_MARKERS = (
+    "WRONGPASS",
+    "invalid username-password",
+    "NOAUTH",
+    "Authentication required",
+    "HELLO must be called",
+)
+
+
+def _is_auth_error(err: BaseException) -> bool:
     import redis
 
+    return isinstance(err, redis.exceptions.AuthenticationError) or any(m in str(err) for m in AUTH_MARKERS)
+
+
+def explain(err: BaseException, url: str) -> str:
+    """A start-up message for a Redis error: what failed, at which (redacted) URL, and what to check."""
     where = redact(url)
     text = str(err)
-    if isinstance(err, redis.exceptions.AuthenticationError):
+    if _is_auth_error(err):
         if "NOAUTH" in text or "Authentication required" in text or _password(url) is None:
             return f"Redis at {where} requires a password: put it in the URL (redis://:PASSWORD@host:port/0)"
         return f"Redis at {where} refused the credentials in the URL ({text})"
@@ -192,9 +208,7 @@ def explain(err: BaseException, url: str) -> str:
 
 
 def _setup_error(err: BaseException, url: str, strict: bool) -> RedisSetupError | None:
-    import redis
-
-    if isinstance(err, redis.exceptions.AuthenticationError):
+    if _is_auth_error(err):
         return RedisSetupError(explain(err, url))
     text = str(err).lower()
     if strict or "certificate" in text or "ssl" in text:
@@ -211,7 +225,7 @@ def check(client, url: str, *, strict: bool = False) -> None:
 
     try:
         client.ping()
-    except (redis.exceptions.RedisError, OSError) as err:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as err:
         raise (_setup_error(err, url, strict) or err) from None
 
 
@@ -221,5 +235,5 @@ async def check_async(client, url: str, *, strict: bool = False) -> None:
 
     try:
         await client.ping()
-    except (redis.exceptions.RedisError, OSError) as err:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException, OSError) as err:
         raise (_setup_error(err, url, strict) or err) from None

@@ -6,7 +6,9 @@ gives the URL that `redis_connect` takes.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -24,6 +26,21 @@ def _cli(port: int, *args: str, password: str | None = None, tls: tuple[str, str
         command += ["--tls", "--cacert", tls[0], "--cert", tls[1], "--key", tls[2]]
     done = subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout)
     return done.stdout + done.stderr
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, Redis' rule) exists and is free too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RedisUnavailable("no free port pair (port, port + 10000) for a cluster node")
 
 
 class RedisNodes:
@@ -125,38 +142,45 @@ class LocalRedis(RedisNodes):
 class LocalRedisCluster(RedisNodes):
     """A Redis Cluster of `masters` nodes (no replicas), slots spread by `redis-cli --cluster create`."""
 
-    def __init__(self, masters: int = 3) -> None:
+    def __init__(self, masters: int = 3, password: str | None = None) -> None:
         super().__init__()
-        self.ports = [free_port() for _ in range(masters)]
+        self.ports = [_cluster_port() for _ in range(masters)]
+        self.password = password
         self.url = ""
 
     def start(self) -> LocalRedisCluster:
         try:
             for port in self.ports:
+                auth = (
+                    ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
+                )
                 self.spawn(f"node-{port}", "--port", str(port), "--cluster-enabled", "yes",
                            "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
-                           "--cluster-node-timeout", "2000")  # fmt: skip
+                           "--cluster-node-timeout", "2000", *auth)  # fmt: skip
             for port in self.ports:
-                self.wait(f"node {port}", lambda p=port: "PONG" in _cli(p, "PING"))
+                self.wait(f"node {port}", lambda p=port: "PONG" in _cli(p, "PING", password=self.password))
             created = _cli(self.ports[0], "--cluster", "create",
                            *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes",
-                           timeout=60)  # fmt: skip
+                           password=self.password, timeout=60)  # fmt: skip
             if "All 16384 slots covered" not in created:
                 raise RedisUnavailable(f"redis-cli --cluster create failed:\n{created[-2000:]}")
             for port in self.ports:
                 self.wait(
                     f"cluster_state:ok at {port}",
-                    lambda p=port: "cluster_state:ok" in _cli(p, "CLUSTER", "INFO"),
+                    lambda p=port: "cluster_state:ok" in _cli(p, "CLUSTER", "INFO", password=self.password),
                 )
         except BaseException:
             self.stop()
             raise
-        self.url = "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        auth = f":{self.password}@" if self.password else ""
+        self.url = f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
         return self
 
     def node_keys(self) -> dict[int, list[str]]:
         """Each node's keys (node port -> keys), read from each node alone."""
-        return {p: [k for k in _cli(p, "--scan").splitlines() if k] for p in self.ports}
+        return {
+            p: [k for k in _cli(p, "--scan", password=self.password).splitlines() if k] for p in self.ports
+        }
 
     def __enter__(self) -> LocalRedisCluster:
         return self.start()

@@ -18,12 +18,13 @@ from pagedserve.common.pool_registry import read_pools, read_pools_async, regist
 from pagedserve.common.redis_connect import (
     RedisSetupError,
     check,
+    check_async,
     connect,
     connect_async,
     parse_redis_url,
     redact,
 )
-from pagedserve.common.redis_topologies import LocalRedis, LocalRedisSentinel
+from pagedserve.common.redis_topologies import LocalRedis, LocalRedisCluster, LocalRedisSentinel
 from pagedserve.scheduler.block_pool import StepOps
 from pagedserve.scheduler.fsck import fsck
 from pagedserve.scheduler.redis_pool import RedisBlockPool
@@ -58,6 +59,10 @@ def test_url_forms() -> None:
         ("redis+cluster://h:7000/3", "only database 0"),
         ("redis+cluster://h", "'h' is not host:port"),
         ("redis+cluster://:secret@h:7000?ssl_ca=/x", "unknown option(s) ssl_ca"),
+        (
+            "redis+sentinel://h:26379/m?ssl_ca_certs=/x",
+            "unknown option(s) ssl_ca_certs (known: sentinel_password)",
+        ),
     ],
 )
 def test_bad_urls_name_the_part(url: str, says: str) -> None:
@@ -153,3 +158,33 @@ def test_sentinel_url() -> None:
         assert done.returncode == 0 and "pool sentinel-pool: clean" in done.stdout, done.stdout + done.stderr
         done = cli("pools", "--redis-url", topo.url, "--json")
         assert done.returncode == 0 and '"pool_id": "sentinel-pool"' in done.stdout, done.stdout + done.stderr
+
+
+def test_cluster_url_with_a_password() -> None:
+    """The block store, fsck and the registry on a 3-node cluster (the whole stack on one:
+    tests/e2e/test_redis_cluster.py); a wrong or missing password is a setup error, sync and
+    asyncio, before any command."""
+    with LocalRedisCluster(masters=3, password="c1uster") as cluster:
+        assert cluster.url.startswith("redis+cluster://:c1uster@127.0.0.1:")
+        exercise(cluster.url, "cluster-pool")
+        holders = [
+            port for port, keys in cluster.node_keys().items() if "pagedserve:{cluster-pool}:meta" in keys
+        ]
+        assert len(holders) == 1
+        done = cli("fsck", "--redis-url", cluster.url)
+        assert done.returncode == 0 and "pool cluster-pool: clean" in done.stdout, done.stdout + done.stderr
+
+        wrong = cluster.url.replace("c1uster", "wrong")
+        with pytest.raises(RedisSetupError, match="refused the credentials") as err:
+            check(connect(wrong), wrong)
+        assert "wrong" not in str(err.value)
+
+        async def check_wrong() -> None:
+            client = connect_async(wrong)
+            try:
+                await check_async(client, wrong)
+            finally:
+                await client.aclose()
+
+        with pytest.raises(RedisSetupError, match="refused the credentials"):
+            asyncio.run(check_wrong())

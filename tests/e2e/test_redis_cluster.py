@@ -1,4 +1,4 @@
-"""The whole stack on a real 3-node Redis Cluster (real processes): two pools whose keys hash
+"""The whole stack on a real 3-node Redis Cluster with a password (real processes): two pools whose keys hash
 to different nodes, a gateway that finds them through the registry (a key of its own slot)
 and routes to both. Greedy text is identical to `transformers`, `pagedserve fsck` over the
 cluster finds every pool clean, and each pool's keys sit together on one node while the
@@ -44,7 +44,7 @@ def pools_on_two_nodes(url: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cluster_stack(bundled_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple]:
-    with LocalRedisCluster(masters=3) as cluster:
+    with LocalRedisCluster(masters=3, password="pagedserve-cluster") as cluster:
         pool_ids = pools_on_two_nodes(cluster.url)
         stack = PoolsStack(bundled_model_path, cluster.url, tmp_path_factory.mktemp("cluster-logs"))
         try:
