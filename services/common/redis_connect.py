@@ -91,6 +91,8 @@ def parse_redis_url(url: str) -> RedisTarget:
     nodes = _nodes(hosts, url)
     segments = [s for s in path.split("/") if s]
     if scheme in CLUSTER_SCHEMES:
+        if tls_options and scheme != "rediss+cluster":
+            raise RedisSetupError(f"--redis-url {redact(url)}: TLS options need rediss+cluster://")
         if segments not in ([], ["0"]):
             raise RedisSetupError(f"--redis-url {redact(url)}: a Redis Cluster has only database 0")
         return RedisTarget("cluster", url, nodes, "", 0, username, password, scheme == "rediss+cluster",
@@ -138,9 +140,12 @@ def connect(url: str, *, decode_responses: bool = False, socket_timeout: float |
 
     try:
         return RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], **kwargs)
-    except Exception as err:  # the client reads the slot map at once: a refused password, or no node
-        if _is_auth_error(err):
-            raise RedisSetupError(explain(err, url)) from None
+    except (
+        Exception
+    ) as err:  # the client reads the slot map at once: a refused password or certificate, or no node
+        setup = _setup_error(err, url, strict=False)
+        if setup is not None:
+            raise setup from None
         raise redis.exceptions.ConnectionError(
             f"no Redis Cluster node of {redact(url)} answered: {err}"
         ) from err

@@ -140,13 +140,19 @@ class LocalRedis(RedisNodes):
 
 
 class LocalRedisCluster(RedisNodes):
-    """A Redis Cluster of `masters` nodes (no replicas), slots spread by `redis-cli --cluster create`."""
+    """A Redis Cluster of `masters` nodes (no replicas), slots spread by `redis-cli --cluster
+    create`; with a password, and TLS only (`tls`: CA, cert, key; the cluster bus too) when given."""
 
-    def __init__(self, masters: int = 3, password: str | None = None) -> None:
+    def __init__(
+        self, masters: int = 3, password: str | None = None, tls: tuple[str, str, str] | None = None
+    ) -> None:
         super().__init__()
         self.ports = [_cluster_port() for _ in range(masters)]
-        self.password = password
+        self.password, self.tls = password, tls
         self.url = ""
+
+    def _cli(self, port: int, *args: str, timeout: float = 10.0) -> str:
+        return _cli(port, *args, password=self.password, tls=self.tls, timeout=timeout)
 
     def start(self) -> LocalRedisCluster:
         try:
@@ -154,33 +160,39 @@ class LocalRedisCluster(RedisNodes):
                 auth = (
                     ["--requirepass", self.password, "--masterauth", self.password] if self.password else []
                 )
-                self.spawn(f"node-{port}", "--port", str(port), "--cluster-enabled", "yes",
+                listen = ["--port", str(port)]
+                if self.tls:
+                    listen = ["--port", "0", "--tls-port", str(port), "--tls-cluster", "yes", "--tls-replication", "yes",
+                              "--tls-ca-cert-file", self.tls[0], "--tls-cert-file", self.tls[1],
+                              "--tls-key-file", self.tls[2], "--tls-auth-clients", "optional"]  # fmt: skip
+                self.spawn(f"node-{port}", *listen, "--cluster-enabled", "yes",
                            "--cluster-config-file", str(self.dir / f"nodes-{port}.conf"),
                            "--cluster-node-timeout", "2000", *auth)  # fmt: skip
             for port in self.ports:
-                self.wait(f"node {port}", lambda p=port: "PONG" in _cli(p, "PING", password=self.password))
-            created = _cli(self.ports[0], "--cluster", "create",
-                           *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes",
-                           password=self.password, timeout=60)  # fmt: skip
+                self.wait(f"node {port}", lambda p=port: "PONG" in self._cli(p, "PING"))
+            created = self._cli(self.ports[0], "--cluster", "create",
+                                *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes",
+                                timeout=60)  # fmt: skip
             if "All 16384 slots covered" not in created:
                 raise RedisUnavailable(f"redis-cli --cluster create failed:\n{created[-2000:]}")
             for port in self.ports:
                 self.wait(
                     f"cluster_state:ok at {port}",
-                    lambda p=port: "cluster_state:ok" in _cli(p, "CLUSTER", "INFO", password=self.password),
+                    lambda p=port: "cluster_state:ok" in self._cli(p, "CLUSTER", "INFO"),
                 )
         except BaseException:
             self.stop()
             raise
         auth = f":{self.password}@" if self.password else ""
-        self.url = f"redis+cluster://{auth}" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+        scheme, query = (
+            ("rediss+cluster", f"?ssl_ca_certs={self.tls[0]}") if self.tls else ("redis+cluster", "")
+        )
+        self.url = f"{scheme}://{auth}" + ",".join(f"127.0.0.1:{p}" for p in self.ports) + query
         return self
 
     def node_keys(self) -> dict[int, list[str]]:
         """Each node's keys (node port -> keys), read from each node alone."""
-        return {
-            p: [k for k in _cli(p, "--scan", password=self.password).splitlines() if k] for p in self.ports
-        }
+        return {p: [k for k in self._cli(p, "--scan").splitlines() if k] for p in self.ports}
 
     def __enter__(self) -> LocalRedisCluster:
         return self.start()

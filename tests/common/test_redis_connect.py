@@ -59,6 +59,7 @@ def test_url_forms() -> None:
         ("redis+cluster://h:7000/3", "only database 0"),
         ("redis+cluster://h", "'h' is not host:port"),
         ("redis+cluster://:secret@h:7000?ssl_ca=/x", "unknown option(s) ssl_ca"),
+        ("redis+cluster://h:7000?ssl_ca_certs=/x", "TLS options need rediss+cluster://"),
         (
             "redis+sentinel://h:26379/m?ssl_ca_certs=/x",
             "unknown option(s) ssl_ca_certs (known: sentinel_password)",
@@ -188,3 +189,14 @@ def test_cluster_url_with_a_password() -> None:
 
         with pytest.raises(RedisSetupError, match="refused the credentials"):
             asyncio.run(check_wrong())
+
+
+def test_rediss_cluster_url(tmp_path) -> None:
+    """A TLS-only cluster (client links and the cluster bus): `rediss+cluster://` with a CA."""
+    files = make_certs(tmp_path)
+    with LocalRedisCluster(masters=3, tls=(files.ca, files.cert, files.key)) as cluster:
+        assert cluster.url.startswith("rediss+cluster://127.0.0.1:") and "ssl_ca_certs=" in cluster.url
+        exercise(cluster.url, "tls-cluster-pool")
+        untrusted = cluster.url.split("?")[0]
+        with pytest.raises(RedisSetupError, match="TLS to Redis"):
+            check(connect(untrusted), untrusted)
