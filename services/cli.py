@@ -43,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
-    return int(module.main(args) or 0)
+    from pagedserve.common.redis_connect import RedisSetupError
+
+    try:
+        return int(module.main(args) or 0)
+    except RedisSetupError as err:  # a --redis-url that cannot work: one line, no traceback
+        print(f"pagedserve {args.command}: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

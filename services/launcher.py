@@ -43,11 +43,13 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import NamedTuple, TextIO
 
 from pagedserve.cli import SUBCOMMANDS
+from pagedserve.common import internal_tls
+from pagedserve.common.certs import make_certs
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.models import default_model
 from pagedserve.common.process import (
@@ -58,6 +60,7 @@ from pagedserve.common.process import (
     stop_all,
     write_line,
 )
+from pagedserve.common.redis_connect import redact
 from pagedserve.common.redis_harness import (
     RedisServer,
     RedisUnavailable,
@@ -102,6 +105,10 @@ class LauncherConfig:
     attention_backend: str | None = None
     dtype: str | None = None
     redis_url: str | None = None  # None: start a throwaway Redis
+    internal_tls: bool = False  # mutual TLS between the services, with certificates made at start
+    internal_tls_cert: str | None = None  # or with these files (every service presents this one)
+    internal_tls_key: str | None = None
+    internal_tls_ca: str | None = None
     startup_timeout: float = 300.0  # seconds for the whole stack to report SERVING
     stop_timeout: float = 10.0  # seconds each tier gets between SIGTERM and SIGKILL
     log_dir: str | None = None  # None: children's output goes to the terminal, prefixed
@@ -125,6 +132,12 @@ class LauncherConfig:
             raise ValueError("--max-restarts must be >= 0 and --restart-window > 0")
         if not 0 <= self.restart_backoff <= self.restart_backoff_max:
             raise ValueError("the restart backoff must be >= 0 and at most its maximum")
+        if self.internal_tls and self.internal_tls_cert:
+            raise ValueError(
+                "give --internal-tls (make certificates) or --internal-tls-cert/-key/-ca, not both"
+            )
+        if self.internal_tls_cert or self.internal_tls_key or self.internal_tls_ca:
+            internal_tls.load(self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
@@ -150,7 +163,9 @@ class ServiceSpec(NamedTuple):
     ports: tuple[int, ...]  # every port it binds, checked free before anything starts
     needs: tuple[str, ...]  # services that must be SERVING first
     tier: int  # start order: every service of tier n is SERVING before tier n + 1 starts
-    probe: str = "grpc"  # how it says it is ready: "grpc" (health service SERVING) or "redis" (PING)
+    # How it says it is ready: "grpc" (health service SERVING, over the internal TLS when on),
+    # "public" (the same on the gateway's public port, plain) or "redis" (PING).
+    probe: str = "grpc"
 
 
 class Plan(NamedTuple):
@@ -209,6 +224,10 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
     ]  # fmt: skip
     if config.pools > 1:
         wanted = _with_pools(config, wanted, redis_url)
+    if config.internal_tls_cert:
+        tls = (*_opt("--internal-tls-cert", config.internal_tls_cert), *_opt("--internal-tls-key", config.internal_tls_key),
+               *_opt("--internal-tls-ca", config.internal_tls_ca))  # fmt: skip
+        wanted = [(name, needs, ports, (*flags, *tls)) for name, needs, ports, flags in wanted]
     specs: list[ServiceSpec] = []
     skipped: dict[str, str] = {}
     tiers: dict[str, int] = {}
@@ -221,9 +240,11 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
         else:
             tiers[name] = 1 + max((tiers[n] for n in needs), default=-1)
             address = hostport(near, ports[0])
+            # The gateway's public port never speaks the internal mutual TLS.
+            probe = "public" if name == "gateway" else "grpc"
             specs.append(
                 ServiceSpec(
-                    name, (*PAGEDSERVE, name.split("-")[0], *flags), address, ports, needs, tiers[name]
+                    name, (*PAGEDSERVE, name.split("-")[0], *flags), address, ports, needs, tiers[name], probe
                 )
             )
     return Plan(specs, skipped)
@@ -281,10 +302,31 @@ def redis_ping(address: str, timeout: float = 1.0) -> bool:
         client.close()
 
 
+def given_redis_problem(url: str, timeout: float = 5.0) -> str | None:
+    """Why the Redis at `url` (given with --redis-url) cannot serve the stack, or None: a bad
+    URL, a refused password, a bad certificate, or no answer at all, said before anything starts."""
+    from pagedserve.common.redis_connect import RedisSetupError, check, connect
+
+    client = None
+    try:
+        client = connect(url, socket_timeout=timeout, socket_connect_timeout=timeout)
+        check(client, url, strict=True)
+    except RedisSetupError as err:
+        return str(err)
+    except Exception as err:  # a cluster client that found no node answering
+        return f"cannot use --redis-url {redact(url)}: {err}"
+    finally:
+        if client is not None:
+            client.close()
+    return None
+
+
 def is_ready(spec: ServiceSpec, timeout: float = 1.0) -> bool:
     """True when `spec`'s process answers its readiness probe."""
     if spec.probe == "redis":
         return redis_ping(spec.health_address, timeout)
+    if spec.probe == "public":
+        return health_check(spec.health_address, timeout=timeout, tls=internal_tls.InternalTLS())
     return health_check(spec.health_address, timeout=timeout)
 
 
@@ -340,12 +382,39 @@ class Launcher:
         self._stop.set()
 
     def run(self) -> int:
+        """Make the internal certificates when asked, then `run_stack`."""
+        if not self.config.internal_tls:
+            if self.config.internal_tls_cert:
+                c = self.config
+                internal_tls.configure(
+                    internal_tls.load(c.internal_tls_cert, c.internal_tls_key, c.internal_tls_ca)
+                )
+            return self.run_stack()
+        cert_dir = tempfile.mkdtemp(prefix="pagedserve-tls-")
+        try:
+            names = tuple(
+                dict.fromkeys(("localhost", "127.0.0.1", self.config.connect_host, socket.gethostname()))
+            )
+            files = make_certs(cert_dir, names)
+            self.say(f"internal mutual TLS: a throwaway CA and certificate in {cert_dir}")
+            self.config = replace(self.config, internal_tls=False, internal_tls_cert=files.cert,
+                                  internal_tls_key=files.key, internal_tls_ca=files.ca)  # fmt: skip
+            internal_tls.configure(internal_tls.load(files.cert, files.key, files.ca))
+            return self.run_stack()
+        finally:
+            shutil.rmtree(cert_dir, ignore_errors=True)
+
+    def run_stack(self) -> int:
         """Start Redis (unless a URL was given) and the planned services; wait; stop all."""
         redis_url = self.config.redis_url
         if redis_url is not None:
+            problem = given_redis_problem(redis_url)
+            if problem:
+                self.say(problem, error=True)
+                return 1
             specs, skipped = plan(self.config, redis_url)
             return self.serve(
-                specs, skipped, extra_endpoints=[("redis", f"{redis_url} (given with --redis-url)")]
+                specs, skipped, extra_endpoints=[("redis", f"{redact(redis_url)} (given with --redis-url)")]
             )
         try:
             binary = ensure_redis_server_binary()
@@ -611,8 +680,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"port of {what} (default: %(default)s)",
         )
     where.add_argument(
-        "--redis-url", default=None, metavar="URL", help="use this Redis instead of starting one"
-    )
+        "--redis-url", default=None, metavar="URL",
+        help="use this Redis instead of starting one (redis://, rediss://, redis+sentinel://, redis+cluster://)",
+    )  # fmt: skip
+    tls = parser.add_argument_group("mutual TLS between the services")
+    tls.add_argument("--internal-tls", action="store_true",
+                     help="make a throwaway CA and certificate with openssl and have every service use them")  # fmt: skip
+    for name, what in (("cert", "certificate every service serves and presents"), ("key", "its private key"),
+                       ("ca", "CA the services check each other against")):  # fmt: skip
+        tls.add_argument(f"--internal-tls-{name}", default=None, metavar="PATH", help=f"or: the {what} (PEM)")
     kv = parser.add_argument_group("KV cache and batching (unset: the service's default)")
     kv.add_argument(
         "--block-size",

@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from pagedserve.common import internal_tls
 from pagedserve.common.errors import PagedServeError, Unavailable
+from pagedserve.common.internal_tls import InternalTLS
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +101,12 @@ class GrpcServer:
     every registered service and the overall server ("") report SERVING once `start()` ran.
     """
 
-    def __init__(self, host: str, port: int, *, max_workers_hint: int = 0) -> None:
+    def __init__(
+        self, host: str, port: int, *, max_workers_hint: int = 0, tls: InternalTLS | None = None
+    ) -> None:
         self.host = host
         self.port = port
+        self.tls = tls  # internal mTLS (tokenizer, scheduler, executor); None or disabled: plain
         self.server = grpc.aio.server(options=CHANNEL_OPTIONS)
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -128,7 +133,11 @@ class GrpcServer:
             reflection.SERVICE_NAME,
         ]
         reflection.enable_server_reflection(names, self.server)
-        self.bound_port = self.server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self.tls is not None and self.tls.enabled:
+            self.bound_port = self.server.add_secure_port(address, self.tls.server_credentials())
+        else:
+            self.bound_port = self.server.add_insecure_port(address)
         if self.bound_port == 0:
             raise OSError(f"could not bind gRPC port {self.host}:{self.port}")
         await self.server.start()
@@ -154,10 +163,13 @@ async def run_until_signal(stop: Callable[[], object], on_started: Callable[[], 
         await res
 
 
-def health_check(address: str, service: str = "", timeout: float = 1.0) -> bool:
-    """True when the server at `address` reports SERVING for `service` (blocking)."""
+def health_check(
+    address: str, service: str = "", timeout: float = 1.0, tls: InternalTLS | None = None
+) -> bool:
+    """True when the server at `address` reports SERVING for `service` (blocking); over the
+    process's internal TLS unless `tls` is given."""
     try:
-        with grpc.insecure_channel(address) as channel:
+        with internal_tls.channel(address, tls=tls) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
             return reply.status == health_pb2.HealthCheckResponse.SERVING

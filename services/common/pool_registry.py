@@ -9,8 +9,9 @@ their load — what every gateway routes by, read from the source of truth.
 | `pagedserve:{ID}:lease` | string | the lease (see `scheduler/lease.py`); no key, no pool |
 
 A pool's own keys share its hash tag, so in a Redis Cluster each pool lives in one slot; the
-set of pool ids is one key of its own. Reading every pool is one pipeline (one round trip on
-a single node), never a script that spans pools.
+set of pool ids is one key of its own, read and written by separate commands. Reading every
+pool is one pipeline, never a script that spans pools: one round trip on a single node, and
+on a Cluster the client sends each node its part at once.
 """
 
 from __future__ import annotations

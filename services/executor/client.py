@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 
+from pagedserve.common import internal_tls
 from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.step import (
     ExecutorInfo,
@@ -26,7 +27,7 @@ class GrpcExecutorClient:
     def __init__(self, address: str, *, timeout: float | None = None) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.aio.insecure_channel(address, options=CLIENT_CHANNEL_OPTIONS)
+        self._channel = internal_tls.aio_channel(address, CLIENT_CHANNEL_OPTIONS)
         self._stub = executor_pb2_grpc.ExecutorStub(self._channel)
 
     async def info(self) -> ExecutorInfo:

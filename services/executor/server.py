@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 
+from pagedserve.common import internal_tls
 from pagedserve.common.cpus import parse_cpu_list
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
@@ -89,6 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="pin the executor to these cores, e.g. 0 or 0,2-3 (default: not pinned)",
     )
+    internal_tls.add_arguments(parser)
 
 
 def _cpu_list(text: str) -> tuple[int, ...]:
@@ -122,7 +124,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
 
 async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServer:
     """Starts serving `engine`; returns the server (its `bound_port` is the port in use)."""
-    server = GrpcServer(host, port)
+    server = GrpcServer(host, port, tls=internal_tls.active())
     server.add(executor_pb2_grpc.add_ExecutorServicer_to_server, ExecutorServicer(engine), SERVICE_NAME)
     await server.start()
     return server
@@ -137,6 +139,11 @@ async def serve(config: ExecutorConfig) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("executor")
+    try:
+        internal_tls.configure_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     try:
         config = config_from_args(args)
         config.validate()

@@ -13,6 +13,7 @@ import asyncio
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from pagedserve.common import internal_tls
 from pagedserve.common.errors import Unavailable
 from pagedserve.common.grpc_utils import CLIENT_CHANNEL_OPTIONS, error_from_rpc
 from pagedserve.common.params import SamplingParams
@@ -48,7 +49,7 @@ class TokenizerClient:
     def __init__(self, address: str, timeout: float, detokenize_timeout: float) -> None:
         self.service = f"tokenizer at {address}"
         self.timeout = timeout
-        self.channel = grpc.aio.insecure_channel(address, options=DOWNSTREAM_CHANNEL_OPTIONS)
+        self.channel = internal_tls.aio_channel(address, DOWNSTREAM_CHANNEL_OPTIONS)
         self.stub = tokenizer_pb2_grpc.TokenizerStub(self.channel)
         self.detokenizer = DetokenizeStream(self.stub, self.service, detokenize_timeout)
 
@@ -106,9 +107,7 @@ class SchedulerClient:
         if not self.addresses:
             raise ValueError("--scheduler needs at least one address")
         self.timeout = timeout
-        self.channels = [
-            grpc.aio.insecure_channel(a, options=DOWNSTREAM_CHANNEL_OPTIONS) for a in self.addresses
-        ]
+        self.channels = [internal_tls.aio_channel(a, DOWNSTREAM_CHANNEL_OPTIONS) for a in self.addresses]
         self.stubs = [scheduler_pb2_grpc.SchedulerStub(c) for c in self.channels]
         # Requests ride one Connect call per address (else one Submit call each).
         self.shared = (

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pagedserve.common.errors import Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.pool_registry import PoolInfo, pool_key, read_pools_async
+from pagedserve.common.redis_connect import RedisSetupError, check_async, connect_async
 from pagedserve.common.stats import SchedulerStats
 from pagedserve.gateway.downstream import SchedulerClient
 from pagedserve.gateway.scheduler_stream import RequestUpdates
@@ -92,12 +93,9 @@ class PoolRouter:
                 f"static-{i}", SchedulerClient(addresses, timeout, shared_stream=shared_stream)
             )
         self.redis = None
+        self.redis_url = redis_url or ""
         if redis_url:
-            import redis.asyncio
-
-            self.redis = redis.asyncio.Redis.from_url(
-                redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
-            )
+            self.redis = connect_async(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
         self.assignments: dict[str, _Assignment] = {}
         self.migrations_total = 0
         self._turn = itertools.count()
@@ -131,6 +129,18 @@ class PoolRouter:
         for pool_id in [p for p, pool in self.pools.items() if pool.info is not None and p not in live]:
             log.info("pool %s left (its lease lapsed)", pool_id)
             await self.pools.pop(pool_id).client.close()
+
+    async def check_redis(self) -> None:
+        """At start-up: `RedisSetupError` when the registry's Redis refuses our credentials or
+        certificates. A Redis that does not answer yet is left to the watcher to retry."""
+        if self.redis is None:
+            return
+        try:
+            await check_async(self.redis, self.redis_url)
+        except RedisSetupError:
+            raise
+        except Exception as err:  # not a configuration error: the watcher retries
+            log.warning("the pool registry's Redis does not answer yet: %s", err)
 
     def start(self) -> None:
         if self.redis is not None and self._watcher is None:

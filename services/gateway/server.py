@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pagedserve.common import internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -182,6 +183,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--tls-cert", default=None, help="PEM certificate file: serve HTTPS and gRPC over TLS"
     )
     parser.add_argument("--tls-key", default=None, help="PEM private key file of --tls-cert")
+    internal_tls.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
@@ -369,6 +371,7 @@ def pools_for(config: GatewayConfig) -> PoolRouter:
 async def serve(config: GatewayConfig) -> None:
     tokenizer = TokenizerClient(config.tokenizer_address, config.connect_timeout, config.detokenize_timeout)
     scheduler = pools_for(config)
+    await scheduler.check_redis()
     scheduler.start()
     metrics = GatewayMetrics()
     metrics.watch_pools(scheduler)
@@ -416,10 +419,17 @@ async def serve(config: GatewayConfig) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("gateway")
+    try:
+        internal_tls.configure_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     config = config_from_args(args)
+    from pagedserve.common.redis_connect import RedisSetupError
+
     try:
         asyncio.run(serve(config))
-    except OSError as err:
+    except (OSError, RedisSetupError) as err:
         log.error("%s", err)
         return 1
     return 0

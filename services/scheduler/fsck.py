@@ -149,7 +149,9 @@ def registered_pool_ids(redis_client) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--redis-url", required=True, help="Redis holding the pools, e.g. redis://localhost:6379/0"
+        "--redis-url",
+        required=True,
+        help="Redis holding the pools, e.g. redis://localhost:6379/0 (Sentinel and Cluster URLs too: see README)",
     )
     parser.add_argument(
         "--pool",
@@ -159,10 +161,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import redis
+    from pagedserve.common.redis_connect import check, connect
 
-    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    client = connect(args.redis_url, decode_responses=True)
     try:
+        check(client, args.redis_url, strict=True)
         pool_ids = [args.pool] if args.pool else registered_pool_ids(client)
         results = {pool_id: fsck(client, pool_id) for pool_id in pool_ids}
     finally:

@@ -70,10 +70,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import redis
+    from pagedserve.common.redis_connect import check, connect
 
-    client = redis.Redis.from_url(args.redis_url, decode_responses=True)
+    client = connect(args.redis_url, decode_responses=True)
     try:
+        check(client, args.redis_url, strict=True)
         pools = read_pools(client, only_live=not args.all)
     finally:
         client.close()

@@ -1,7 +1,10 @@
 """The Lua scripts behind `RedisBlockPool`: one call runs a whole step.
 
-Both scripts take one key, the pool's `meta` key, and derive the pool's other keys from it
-(they share its hash tag, so a Redis Cluster keeps them in one slot). The semantics are those
+Every script touches one pool's keys only. The step, init, load and seed scripts declare one
+key, the pool's `meta` key, and derive the others from it: they share its hash tag, so a Redis
+Cluster keeps them in the declared key's slot, on the node the script is routed to (checked on
+a real 3-node cluster, tests/e2e/test_redis_cluster.py). Declaring every block table a step
+touches would cost an argument per request per step and tell the cluster nothing more. The semantics are those
 of `memory_pool.InMemoryBlockPool`, operation for operation; see `block_pool.StepOps` for
 what each operation means. Blocks are moved in bulk (LPOP with a count, HMGET, multi-field
 HSET, ZADD of many members) so that a step costs few commands inside the script as well.
@@ -367,6 +370,11 @@ out.reqs = reqs
 return cjson.encode(out)
 """
 )
+
+# The pool's counts in one atomic read: KEYS = free, lru, ref.
+COUNTS_LUA = r"""
+return {redis.call('LLEN', KEYS[1]), redis.call('ZCARD', KEYS[2]), redis.call('HLEN', KEYS[3])}
+"""
 
 # The lease: KEYS[1] = meta, KEYS[2] = the lease key; ARGV: holder, ttl ms, lowest token to hand out.
 # Taken when free (or already ours); the fencing token only grows, even over a Redis that lost

@@ -26,7 +26,7 @@ from pagedserve.scheduler.block_pool import (
 )
 from pagedserve.scheduler.fsck import fsck
 from pagedserve.scheduler.redis_keys import PoolKeys
-from pagedserve.scheduler.redis_lua import INIT_LUA, LOAD_LUA, SEED_LUA, STEP_LUA
+from pagedserve.scheduler.redis_lua import COUNTS_LUA, INIT_LUA, LOAD_LUA, SEED_LUA, STEP_LUA
 
 FENCED = "PAGEDSERVE_FENCED"
 
@@ -48,10 +48,13 @@ class RedisBlockPool(BlockPool):
         self._init = client.register_script(INIT_LUA)
         self._load = client.register_script(LOAD_LUA)
         self._seed = client.register_script(SEED_LUA)
+        self._counts = client.register_script(COUNTS_LUA)
 
     @classmethod
     def from_url(cls, url: str, pool_id: str) -> RedisBlockPool:
-        return cls(redis.Redis.from_url(url), pool_id)
+        from pagedserve.common.redis_connect import connect
+
+        return cls(connect(url), pool_id)
 
     def _run(self, script, keys: list[str], args: list) -> object:
         try:
@@ -84,11 +87,8 @@ class RedisBlockPool(BlockPool):
         return StepResult(results, PoolCounts(int(reply["f"]), int(reply["c"]), int(reply["u"])))
 
     def counts(self) -> PoolCounts:
-        pipe = self.client.pipeline(transaction=True)
-        pipe.llen(self.keys.key("free"))
-        pipe.zcard(self.keys.key("lru"))
-        pipe.hlen(self.keys.key("ref"))
-        free, cached, used = pipe.execute()
+        # A script, not MULTI: atomic on a Redis Cluster too (the three keys share one slot).
+        free, cached, used = self._counts(keys=[self.keys.key(k) for k in ("free", "lru", "ref")])
         return PoolCounts(int(free), int(cached), int(used))
 
     # --- reading back, writing whole ---------------------------------------------------

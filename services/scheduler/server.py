@@ -9,6 +9,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from pagedserve.common import internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.step import ExecutorClient
@@ -66,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds a request resumed from Redis waits for its client to re-attach before it is dropped",
     )
+    internal_tls.add_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
@@ -196,7 +198,7 @@ async def _take_pool(
 
 async def _listen(config: SchedulerConfig) -> RunningScheduler:
     """The gRPC server up, NOT_SERVING, with no engine yet (a standby until it holds the pool)."""
-    server = GrpcServer(config.host, config.port)
+    server = GrpcServer(config.host, config.port, tls=internal_tls.active())
     servicer = SchedulerServicer(None, config.pool_id)
     server.add(scheduler_pb2_grpc.add_SchedulerServicer_to_server, servicer, SERVICE_NAME)
     await server.start()
@@ -226,11 +228,16 @@ async def start(
 async def serve(config: SchedulerConfig) -> None:
     import redis
 
+    from pagedserve.common.redis_connect import check, connect
     from pagedserve.executor.client import GrpcExecutorClient
     from pagedserve.scheduler.redis_pool import RedisBlockPool
 
     # A dead Redis must not hang the scheduler: every call gives up after a few seconds.
-    client = redis.Redis.from_url(config.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    client = connect(config.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+    # A wrong password or certificate is a configuration error: stop now, saying so. A Redis
+    # that does not answer yet is waited for (the lease loop retries).
+    with contextlib.suppress(redis.exceptions.ConnectionError, redis.exceptions.TimeoutError):
+        check(client, config.redis_url)
     pool = RedisBlockPool(client, config.pool_id)
     lease = Lease(client, config.pool_id, ttl=config.lease_ttl)
     running = await _listen(config)
@@ -273,15 +280,25 @@ async def serve(config: SchedulerConfig) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging("scheduler")
     try:
+        internal_tls.configure_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    try:
         config = config_from_args(args)
     except ValueError as e:
         log.error("%s", e)
         return 2
     import redis
 
+    from pagedserve.common.redis_connect import RedisSetupError, explain
+
     try:
         asyncio.run(serve(config))
+    except RedisSetupError as e:
+        log.error("%s", e)
+        return 1
     except redis.exceptions.ConnectionError as e:
-        log.error("cannot reach Redis at %s: %s", config.redis_url, e)
+        log.error("%s", explain(e, config.redis_url))
         return 1
     return 0

@@ -13,6 +13,7 @@ import logging
 import os
 from dataclasses import dataclass
 
+from pagedserve.common import internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -71,11 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=_env_int("PAGEDSERVE_TOKENIZER_MAX_INPUT_BYTES", DEFAULT_MAX_INPUT_BYTES),
         help="largest text Encode accepts, in UTF-8 bytes (default: %(default)s)",
     )
+    internal_tls.add_arguments(parser)
 
 
 async def start_server(tokenizer: ServedTokenizer, config: TokenizerConfig) -> GrpcServer:
     """Start serving `tokenizer`; the bound port is `server.bound_port`."""
-    server = GrpcServer(config.host, config.port)
+    server = GrpcServer(config.host, config.port, tls=internal_tls.active())
     server.add(tokenizer_pb2_grpc.add_TokenizerServicer_to_server, TokenizerServicer(tokenizer), SERVICE_NAME)
     await server.start()
     return server
@@ -98,6 +100,11 @@ async def serve(tokenizer: ServedTokenizer, config: TokenizerConfig) -> None:
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("tokenizer")
+    try:
+        internal_tls.configure_from_args(args)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
     config = TokenizerConfig.from_args(args)
     if config.max_input_bytes < 1:
         log.error("--max-input-bytes must be >= 1, got %d", config.max_input_bytes)

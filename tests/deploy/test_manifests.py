@@ -279,7 +279,8 @@ def test_gateway_discovers_the_pools_in_redis():
 def test_redis_url_points_at_the_redis_service():
     (secret,) = [d for d in BASE if d["kind"] == "Secret"]
     url = secret["stringData"]["url"]
-    host, port = re.fullmatch(r"redis://([^:/]+):(\d+)/\d+", url).groups()
+    password, host, port = re.fullmatch(r"redis://:([^@]+)@([^:/]+):(\d+)/\d+", url).groups()
+    assert password == secret["stringData"]["password"], "the URL carries the password Redis requires"
     service = services_by_name()[host]
     assert int(port) in [p["port"] for p in service["spec"]["ports"]]
     (target,) = [w for w in workloads() if selects(service, w)]
@@ -407,6 +408,16 @@ def test_redis_persists_to_a_volume_claim():
     (mount,) = container["volumeMounts"]
     assert mount == {"name": claim["metadata"]["name"], "mountPath": data_dir}
     assert claim["spec"]["resources"]["requests"]["storage"]
+
+
+def test_redis_requires_the_secrets_password():
+    (container,) = pod_spec(named("StatefulSet", "redis"))["containers"]
+    args = container["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDISCLI_AUTH)"
+    (auth,) = [v for v in container["env"] if v["name"] == "REDISCLI_AUTH"]
+    assert auth["valueFrom"]["secretKeyRef"] == {"name": "pagedserve-redis", "key": "password"}
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == ["sh", "-c", "redis-cli ping | grep -q PONG"]
 
 
 def test_gateway_autoscales_on_a_metric_the_gateway_exports():

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from e2e_harness import BLOCK_SIZE, ENV, MAX_MODEL_LEN, PAGEDSERVE, hf_greedy
 from transformers import AutoTokenizer
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.pool_registry import read_pools
 from pagedserve.common.process import ChildProcess, stop_all
+from pagedserve.common.redis_connect import connect
 from pagedserve.common.redis_harness import free_port
 from pagedserve.scheduler.fsck import fsck
 
@@ -109,7 +109,7 @@ class PoolsStack:
             child.close()
 
     def live_pools(self) -> list[str]:
-        client = redis.Redis.from_url(self.redis_url)
+        client = connect(self.redis_url)
         try:
             return [p.pool_id for p in read_pools(client)]
         finally:
@@ -117,7 +117,7 @@ class PoolsStack:
 
     def assert_clean(self, pool_ids: list[str]) -> None:
         """Every listed pool idle (no block referenced) and fsck clean."""
-        client = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        client = connect(self.redis_url, decode_responses=True)
         try:
             deadline = time.monotonic() + 15
             for pool_id in pool_ids:

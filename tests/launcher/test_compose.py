@@ -7,6 +7,7 @@ the start order."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -34,6 +35,9 @@ LAUNCHER = {
     spec.name: spec for spec in plan(DEFAULTS, "redis://redis:6379/0", available=lambda name: True).specs
 }
 FAKE = str(Path(__file__).with_name("fake_service.py"))
+# Every service's Redis URL carries the password Redis is started with (compose interpolates it).
+PASSWORD = "${PAGEDSERVE_REDIS_PASSWORD:-pagedserve-dev-password}"
+REDIS_URL = f"redis://:{PASSWORD}@redis:6379/0"
 
 
 def flags(argv: list[str]) -> dict[str, str]:
@@ -96,7 +100,7 @@ def test_command_is_what_pagedserve_up_runs(name):
             port = theirs[flag].rsplit(":", 1)[1] if flag != "--executor" else str(DEFAULTS.executor_port)
             assert value == f"{expected}:{port}", (name, flag, value)
     if role(name) in ("scheduler", "gateway"):
-        assert ours["--redis-url"] == "redis://redis:6379/0"
+        assert ours["--redis-url"] == REDIS_URL
 
 
 def test_two_pools_on_one_redis():
@@ -110,7 +114,7 @@ def test_two_pools_on_one_redis():
         assert ours["--advertise-address"] == f"{scheduler}:{ours['--port']}"
         pool_ids.add(ours["--pool-id"])
         redis_urls.add(ours["--redis-url"])
-    assert len(pool_ids) == NUM_POOLS and redis_urls == {"redis://redis:6379/0"}
+    assert len(pool_ids) == NUM_POOLS and redis_urls == {REDIS_URL}
     assert {role(name) for name in SERVICES} == {"redis", *ROLES}
 
 
@@ -126,9 +130,29 @@ def test_command_is_accepted_by_the_services_own_parser(name):
 
 
 def test_every_service_has_a_health_check():
-    for name, service in SERVICES.items():
-        assert service["healthcheck"]["test"][0] == "CMD", name
-    assert SERVICES["redis"]["healthcheck"]["test"][1:] == ["redis-cli", "ping"]
+    for name in APP_SERVICES:
+        assert SERVICES[name]["healthcheck"]["test"][0] == "CMD", name
+    assert SERVICES["redis"]["healthcheck"]["test"] == ["CMD-SHELL", "redis-cli ping | grep -q PONG"]
+
+
+def test_redis_requires_the_password_the_services_use():
+    redis = SERVICES["redis"]
+    assert redis["command"] == ["redis-server", "--requirepass", PASSWORD]
+    assert redis["environment"]["REDISCLI_AUTH"] == PASSWORD  # for its health check
+
+
+def test_redis_health_probe_needs_the_password():
+    """The probe, run for real against a password-protected redis-server: healthy with the
+    password in REDISCLI_AUTH, not with a wrong one (redis-cli itself exits 0 on NOAUTH)."""
+    from pagedserve.common.redis_topologies import LocalRedis
+
+    probe = SERVICES["redis"]["healthcheck"]["test"][1]
+    with LocalRedis(password="s3cret") as server:
+        env = {"PATH": os.environ["PATH"], "REDISCLI_PORT": str(server.port)}
+        shell = f"redis-cli -p $REDISCLI_PORT {probe.removeprefix('redis-cli ')}"
+        for auth, code in (("s3cret", 0), ("wrong", 1)):
+            done = subprocess.run(["sh", "-c", shell], env={**env, "REDISCLI_AUTH": auth}, timeout=10)
+            assert done.returncode == code, auth
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)
