@@ -101,6 +101,7 @@ class LauncherConfig:
     cpu_threads: int | None = None  # the executor's torch threads (default: its own)
     cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
     compile: bool = False  # the executor's torch.compile'd forward
+    enforce_eager: bool = False  # the executor's --enforce-eager (no CUDA graphs, no compile)
     pools: int = 1  # executor + scheduler pairs; pool i > 0 takes the executor/scheduler ports + 100 * i
     attention_backend: str | None = None
     dtype: str | None = None
@@ -207,7 +208,8 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--num-kv-blocks", config.num_kv_blocks), *_opt("--kv-cache-memory", config.kv_cache_memory),
           *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend),
           *_opt("--cpu-threads", config.cpu_threads), *_opt("--cpu-affinity", config.cpu_affinity),
-          *(("--compile",) if config.compile else ()))),
+          *(("--compile",) if config.compile else ()),
+          *(("--enforce-eager",) if config.enforce_eager else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
          ("--host", host, "--port", str(config.tokenizer_port), *model)),
         ("scheduler", ("executor",), (config.scheduler_port,),
@@ -716,6 +718,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="the executor's torch threads (default: one per --cpu-affinity core, else all cores but one)")  # fmt: skip
     kv.add_argument("--cpu-affinity", default=None, metavar="CORES",
                     help="pin the executor to these cores, e.g. 1 or 2-3 (the other services keep the rest)")  # fmt: skip
+    kv.add_argument("--enforce-eager", action="store_true",
+                    help="on CUDA: no CUDA graphs of decode steps (captured by default) and no --compile")  # fmt: skip
     kv.add_argument("--compile", action="store_true",
                     help="run the executor's forward through torch.compile (slower start, faster steps)")  # fmt: skip
     kv.add_argument("--pools", type=_positive_int, default=1, metavar="N",
