@@ -190,10 +190,16 @@ class ModelRunner:
         return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, block_size)
 
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq], pool: KVPool) -> torch.Tensor:
+    def execute(
+        self, seqs: list[ScheduledSeq], pool: KVPool, extra_rows: list[int] | None = None
+    ) -> torch.Tensor:
         """Runs one forward over `seqs`; returns float32 logits [N, V], one row per sampled sequence
-        in the order of `seqs`."""
+        in the order of `seqs`, then (with `extra_rows`, flat token indices) one row per extra
+        index: [N + E, V] (prompt logprobs keep logits at prompt positions this way)."""
         inputs = prepare_inputs(seqs, pool.block_size, self.device)
+        if extra_rows:
+            extra = torch.tensor(extra_rows, dtype=torch.int64, device=self.device)  # [E]
+            inputs = inputs._replace(sample_indices=torch.cat([inputs.sample_indices, extra]))
         return self.forward(inputs, pool)
 
     @torch.inference_mode()

@@ -244,6 +244,7 @@ def _update_from_proto(msg: scheduler_pb2.SubmitResponse) -> SchedulerUpdate:
         ],
         usage=usage,
         cached_prompt_tokens=msg.cached_prompt_tokens,
+        prompt_logprobs=_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 

@@ -22,6 +22,8 @@ class RequestDelta:
     choices: list[ChoiceTokens]
     usage: Usage | None = None  # set on the last message
     cached_prompt_tokens: int | None = None  # set on the first message with tokens
+    # entry i: prompt token i + 1's; once, on the first message after all were computed
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -31,7 +33,17 @@ class RequestDelta:
 class RequestStream:
     """The merge buffer of one request: `push_*` from the step loop, `get` from the client side."""
 
-    __slots__ = ("request_id", "_choices", "_usage", "_cached", "_cached_sent", "_event", "_done", "_error")
+    __slots__ = (
+        "request_id",
+        "_choices",
+        "_usage",
+        "_cached",
+        "_cached_sent",
+        "_prompt_logprobs",
+        "_event",
+        "_done",
+        "_error",
+    )
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
@@ -39,6 +51,7 @@ class RequestStream:
         self._usage: Usage | None = None
         self._cached: int | None = None
         self._cached_sent = False
+        self._prompt_logprobs: list[TokenLogprobs] | None = None
         self._event = asyncio.Event()
         self._done = False  # the final delta was taken
         self._error: Exception | None = None  # the request failed: raised once the pending tokens are taken
@@ -67,6 +80,10 @@ class RequestStream:
         if self._cached is None and not self._cached_sent:
             self._cached = num_tokens
 
+    def set_prompt_logprobs(self, logprobs: list[TokenLogprobs]) -> None:
+        """They go out with the next message (the one with the first token, in practice)."""
+        self._prompt_logprobs = logprobs
+
     def finish(self, usage: Usage) -> None:
         if self._error is None:
             self._usage = usage
@@ -91,10 +108,11 @@ class RequestStream:
         cached = None
         if self._cached is not None and any(c.token_ids for c in choices):
             cached, self._cached, self._cached_sent = self._cached, None, True
+        prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
         if self._usage is not None:
             self._done = True
         self._event.clear()
-        return RequestDelta(self.request_id, choices, self._usage, cached)
+        return RequestDelta(self.request_id, choices, self._usage, cached, prompt_logprobs)
 
     async def get(self) -> RequestDelta:
         """Wait for the next delta (the last one has `finished`); never call again after it."""

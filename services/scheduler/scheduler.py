@@ -213,6 +213,8 @@ class Scheduler(CompletionMixin, RecoveryMixin):
             target = seq.target_len
             # Hits only within the first target - 1 tokens: the last one is computed to sample.
             num_full = (target - 1) // bs
+            if seq.needs_prompt_logprobs:
+                num_full = 0  # every prompt position's logits are needed: no hits
             if len(seq.block_hashes) < num_full:
                 start = len(seq.block_hashes) * bs
                 self.hasher.extend(seq.block_hashes, seq.token_ids(start, num_full * bs))
