@@ -3,8 +3,10 @@
 Parsing is strict about types and ranges (a bad field is a 400 naming it, in OpenAI's error
 shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besides OpenAI's
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority, and
-return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first).
+stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
+return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first) and
+prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
+prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`.
 
 Every size a body asks for (n, prompts in a batch, stop strings) is checked against
 `RequestLimits` here, before anything is built for it; every integer must fit its protobuf
