@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hf_reference import reference_greedy as hf_greedy
 from hf_reference import reference_prompt_logprobs
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve.common.outputs import FinishReason
 from pagedserve.executor.client import InProcessExecutorClient
+from pagedserve.scheduler import scheduler as scheduler_module
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
 from .helpers import assert_pool_clean, run_all, settle
@@ -99,4 +101,40 @@ def test_a_preempted_prompt_gives_each_entry_once(tiny_model, redis_client):
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.finish[0] == FinishReason.LENGTH
         check_against_transformers(tiny_model, prompt, out.prompt_logprobs, 1)
+    assert_pool_clean(engine)
+
+
+def test_prompt_rows_per_step_are_capped(tiny_model, redis_client, monkeypatch):
+    monkeypatch.setattr(scheduler_module, "MAX_PROMPT_LOGPROB_ROWS", 5)
+    executor = make_executor(tiny_model, num_kv_blocks=64, block_size=4)
+    steps: list[list[int]] = []  # rows the executor computed per step
+    original = executor.execute_step
+
+    def counting(step, claimed=None):
+        out = original(step, claimed)
+        steps.append([len(p.logprobs) for p in out.prompt_logprobs])
+        return out
+
+    executor.execute_step = counting
+    engine = connect(
+        InProcessExecutorClient(executor), RedisBlockPool(redis_client, "prompt-logprobs-cap"),
+        max_num_batched_tokens=64,
+    )  # fmt: skip
+    prompts = make_prompts([23, 17, 9], TINY_VOCAB, seed=13)
+
+    async def go():
+        streams = [
+            engine.submit("a", prompts[0], greedy(3, prompt_logprobs=2)),
+            engine.submit("b", prompts[1], greedy(3, prompt_logprobs=2)),
+            engine.submit("plain", prompts[2], greedy(3)),
+        ]
+        outs = await run_all(engine, streams)
+        await settle(engine)
+        return outs
+
+    a, b, plain = asyncio.run(go())
+    assert max(sum(rows) for rows in steps) <= 5, steps
+    check_against_transformers(tiny_model, prompts[0], a.prompt_logprobs, 2)
+    check_against_transformers(tiny_model, prompts[1], b.prompt_logprobs, 2)
+    assert plain.prompt_logprobs == [] and plain.tokens[0] == hf_greedy(tiny_model, [prompts[2]], 3)[0]
     assert_pool_clean(engine)
