@@ -246,7 +246,10 @@ def docs_section(text: str, args: argparse.Namespace) -> str:
 {args.streams} concurrent streaming completions, alone and while one client (its own process)
 keeps sending the largest requests the gateway's default limits allow, and ones just past them.
 Bundled model, `pagedserve up` with {args.num_kv_blocks} KV blocks; one run on the shared 2-core
-machine, so the ratio is the result:
+machine (other jobs' load moves the alone waves by 2x, hence one before and one after the attack):
+the ratio is the result, not an assertion. The attacker's accepted asks are real work on the same
+two cores (n = 128 choices of {args.attack_tokens} tokens, a full-context prefill), so some of any
+slowdown is the model's share, not the gateway's:
 
 ```
 {text}
