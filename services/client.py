@@ -89,6 +89,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs only)
 
 
 @dataclass(slots=True)
@@ -263,7 +264,12 @@ def build_request(
 
 def _logprobs(items: Sequence[common_pb2.TokenLogprob]) -> list[TokenLogprob]:
     return [
-        TokenLogprob(lp.token_id, lp.logprob, [TopLogprob(t.token_id, t.logprob) for t in lp.top])
+        TokenLogprob(
+            lp.token_id,
+            lp.logprob,
+            [TopLogprob(t.token_id, t.logprob) for t in lp.top],
+            lp.rank if lp.HasField("rank") else None,
+        )
         for lp in items
     ]
 

@@ -63,6 +63,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # best first
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs set it)
 
 
 @dataclass(slots=True)
@@ -128,11 +129,13 @@ def logprobs_to_proto(lp: TokenLogprobs):
         token_id=lp.token_id,
         logprob=lp.logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        rank=lp.rank,
     )
 
 
 def logprobs_from_proto(msg) -> TokenLogprobs:
-    return TokenLogprobs(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
+    rank = msg.rank if msg.HasField("rank") else None
+    return TokenLogprobs(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top], rank)
 
 
 def step_to_proto(step: StepInput):

@@ -58,12 +58,14 @@ def gather_prompt_logprobs(logits: torch.Tensor, rows: list[PromptRows]) -> list
     targets = torch.tensor([t for r in rows for t in r.targets], dtype=torch.long, device=logits.device)
     max_k = max(r.k for r in rows)
     chosen: list[float] = []
+    ranks: list[int] = []
     top_ids: list[list[int]] = []
     top_values: list[list[float]] = []
     for lo in range(0, logits.shape[0], CHUNK_ROWS):
         logprobs = logits[lo : lo + CHUNK_ROWS].log_softmax(dim=-1)  # [C, V]
         picked = logprobs.gather(1, targets[lo : lo + CHUNK_ROWS, None]).squeeze(1)  # [C]
         chosen.extend(picked.tolist())
+        ranks.extend(((logprobs > picked[:, None]).sum(dim=-1) + 1).tolist())  # [C]
         if max_k:
             values, ids = logprobs.topk(max_k, dim=-1)  # [C, max_k] each, best first
             top_values.extend(values.tolist())
@@ -74,7 +76,7 @@ def gather_prompt_logprobs(logits: torch.Tensor, rows: list[PromptRows]) -> list
         entries = []
         for target in r.targets:
             top = list(zip(top_ids[i][: r.k], top_values[i][: r.k], strict=True)) if r.k else []
-            entries.append(TokenLogprobs(token_id=target, logprob=chosen[i], top=top))
+            entries.append(TokenLogprobs(token_id=target, logprob=chosen[i], top=top, rank=ranks[i]))
             i += 1
         result.append(PromptLogprobs(r.request_id, r.first_token_index, entries))
     return result

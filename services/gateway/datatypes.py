@@ -78,6 +78,7 @@ class TokenLogprob:
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
     token: str | None = None
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs only)
 
 
 @dataclass(slots=True)

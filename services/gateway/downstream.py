@@ -219,6 +219,7 @@ def _logprobs_from_proto(items) -> list[TokenLogprob]:
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+            rank=lp.rank if lp.HasField("rank") else None,
         )
         for lp in items
     ]

@@ -84,6 +84,7 @@ def _logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[common_pb2.TokenLog
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[common_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+            rank=lp.rank,
         )
         for lp in logprobs
     ]

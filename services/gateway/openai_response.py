@@ -105,15 +105,13 @@ def completion_logprobs_json(
 def prompt_logprobs_json(prompt: PromptLogprobs | None, k: int) -> list[dict | None] | None:
     """vLLM's `prompt_logprobs`: null for the first token, then per token a map from token id
     (a string, as JSON keys are) to {logprob, rank, decoded_token} for the prompt's own token and
-    its top `k`. A rank is 1-based; the prompt token's is null when it is not among the top k
-    (the executor does not rank the whole vocabulary)."""
+    its top `k`. Ranks are 1-based, over the whole vocabulary."""
     if prompt is None:
         return None
     entries: list[dict | None] = [None]
     for lp in prompt.logprobs:
         tops = lp.top[:k]
-        own_rank = next((i + 1 for i, t in enumerate(tops) if t.token_id == lp.token_id), None)
-        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": own_rank, "decoded_token": lp.token}}
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.token}}
         for i, t in enumerate(tops):
             entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": i + 1, "decoded_token": t.token})
         entries.append(entry)

@@ -66,6 +66,11 @@ def test_prompt_logprobs_match_transformers(tiny_model_dir, make_engine, num_chu
     got = torch.tensor([lp.logprob for lp in entries])
     chosen = want.gather(1, torch.tensor(prompt[1:])[:, None]).squeeze(1)
     assert torch.allclose(got, chosen, atol=TOL, rtol=0), (got - chosen).abs().max()
+    for i, lp in enumerate(entries):  # the prompt token's rank in the whole vocabulary
+        near = ((want[i] - chosen[i]).abs() < 10 * TOL).sum().item()
+        if near == 1:
+            assert lp.rank == (want[i] > chosen[i]).sum().item() + 1, f"position {i}"
+        assert lp.rank is not None and lp.rank >= 1
     top_values, top_ids = want.topk(K + 1, dim=-1)
     for i, lp in enumerate(entries):
         assert len(lp.top) == K
