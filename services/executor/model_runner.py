@@ -6,7 +6,8 @@ scheduled token of every sequence goes into one flat batch `[1, T]` with explici
 `StepMetadata` rides along as an extra keyword argument that transformers hands to each layer's
 attention function, which writes the new K/V into the pool (`reshape_and_cache`) and attends over the
 pool through the block tables (`paged_attention`). Logits are computed only at the sampled tokens
-(`logits_to_keep` = their flat indices).
+(`logits_to_keep` = their flat indices), and at the prompt positions of requests that ask for
+prompt logprobs (see `prompt_logprobs`).
 
 With `compile` (the executor's `--compile`), forwards run through torch.compile instead: the
 model gets a constant marker as its step keyword, and each layer's attention is one custom op that
