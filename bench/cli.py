@@ -5,6 +5,7 @@
     pagedserve bench --launch --workload fixed --num-requests 8 --prompt-len 32 --output-len 16
     pagedserve bench --suite [--quick]      # every scenario and peer; writes docs/BENCHMARKS.md
     pagedserve bench --suite --peers vllm --vllm-only   # pagedserve vs vLLM only (its own section)
+    pagedserve bench --hostile [--streams 200]   # 200 streams beside one client asking the most
 
 A single run prints a markdown table (throughput, TTFT / TPOT / ITL percentiles, KV
 utilization, preemptions, prefix-cache hit rate) and can write it and a JSON record.
@@ -44,6 +45,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="--peers vllm: the venv to use or create (default: the bench cache's)",
     )
+    parser.add_argument(
+        "--hostile", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+        help="the hostile-client benchmark instead (pagedserve.bench.hostile_bench; the rest of the "
+             "line is its arguments, e.g. --streams 200 --output-len 8)",
+    )  # fmt: skip
     target = parser.add_argument_group("target")
     target.add_argument("--gateway", default="localhost:50051", help="the gateway's gRPC address")
     target.add_argument(
@@ -155,6 +161,12 @@ def single_run(args: argparse.Namespace) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.hostile is not None:
+        from pagedserve.bench import hostile_bench
+
+        parser = argparse.ArgumentParser(prog="pagedserve bench --hostile")
+        hostile_bench.add_arguments(parser)
+        return hostile_bench.main(parser.parse_args(args.hostile))
     if args.suite or args.quick:
         from pagedserve.bench.suite import run_suite
 

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from pagedserve.bench import hostile_bench
 from pagedserve.bench.accounting import Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import summarize
@@ -266,5 +267,8 @@ after a step, averaged over Stats samples (every 50 ms) taken while a sequence r
 linearly. Prefix hit rate: prefix-cache hit tokens / looked-up prompt tokens during the run (Stats deltas;
 recomputation after a preemption counts as lookups).
 """
-    old = existing_section(docs.read_text()) if docs.exists() else None
-    docs.write_text(text if old is None else replace_section(text, old))
+    previous = docs.read_text() if docs.exists() else ""
+    old = existing_section(previous)
+    text = text if old is None else replace_section(text, old)
+    hostile = hostile_bench.existing_section(previous)  # written by hostile_bench, kept here
+    docs.write_text(text if hostile is None else hostile_bench.replace_section(text, hostile))

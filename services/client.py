@@ -28,8 +28,8 @@
 
 Sampling keywords are the fields of `pagedserve.common.params.SamplingParams` (max_tokens,
 temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens); only those given are sent, so the
-gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
+seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens, prompt_logprobs); only those given
+are sent, so the gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
 field (an int32, an int64 seed, a finite float) or text that is not valid Unicode raises
 `InvalidArgument` here, naming the field. `api_key` (default: $PAGEDSERVE_API_KEY) is sent as
 `authorization: Bearer <key>` metadata on every call; `tls=True` (or `root_certificates=`
@@ -61,7 +61,7 @@ INT32 = (-(2**31), 2**31 - 1)
 INT64 = (-(2**63), 2**63 - 1)
 FLOAT32_MAX = 3.4028234663852886e38
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-_INT32_FIELDS = {"max_tokens", "top_k", "n", "logprobs", "min_tokens"}
+_INT32_FIELDS = {"max_tokens", "top_k", "n", "logprobs", "min_tokens", "prompt_logprobs"}
 
 
 class DeadlineExceeded(errors.PagedServeError):
@@ -89,6 +89,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs only)
 
 
 @dataclass(slots=True)
@@ -108,6 +109,8 @@ class GenerationResult:
     model: str
     choices: list[Choice]
     usage: Usage
+    # With prompt_logprobs=k: entry i is prompt token i + 1's (the first token has none)
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -129,6 +132,7 @@ class GenerationDelta:
     model: str
     choices: list[ChoiceDelta]
     usage: Usage | None = None
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first delta, when asked
 
 
 @dataclass(slots=True)
@@ -260,7 +264,12 @@ def build_request(
 
 def _logprobs(items: Sequence[common_pb2.TokenLogprob]) -> list[TokenLogprob]:
     return [
-        TokenLogprob(lp.token_id, lp.logprob, [TopLogprob(t.token_id, t.logprob) for t in lp.top])
+        TokenLogprob(
+            lp.token_id,
+            lp.logprob,
+            [TopLogprob(t.token_id, t.logprob) for t in lp.top],
+            lp.rank if lp.HasField("rank") else None,
+        )
         for lp in items
     ]
 
@@ -280,6 +289,7 @@ def _result(msg: gateway_pb2.GenerateResult) -> GenerationResult:
             for c in msg.choices
         ],
         usage=_usage(msg.usage),
+        prompt_logprobs=_logprobs(msg.prompt_logprobs),
     )
 
 
@@ -294,6 +304,7 @@ def _delta(msg: gateway_pb2.GenerateResponse) -> GenerationDelta:
             for c in msg.choices
         ],
         usage=_usage(msg.usage) if msg.HasField("usage") else None,
+        prompt_logprobs=_logprobs(msg.prompt_logprobs),
     )
 
 

@@ -30,3 +30,15 @@ def reference_greedy(
             )
             outputs.append(out[0, len(prompt) :].tolist())
     return outputs
+
+
+def reference_prompt_logprobs(model_path: str | Path, prompt: list[int]):
+    """transformers' log_softmax of the logits at every prompt position: `[P - 1, V]` float32,
+    row i is prompt token i + 1's distribution (the last position's, for sampling, is left out)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, :-1].float()  # [P - 1, V]
+    return logits.log_softmax(dim=-1)

@@ -31,6 +31,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: sampled token + top k
     min_tokens: int = 0
+    # None: none; k: every prompt token's logprob + top k (computes every prompt position)
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -61,6 +63,11 @@ class SamplingParams:
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidArgument(
                 f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}", field="logprobs"
+            )
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidArgument(
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}",
+                field="prompt_logprobs",
             )
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise InvalidArgument(
@@ -97,6 +104,7 @@ class SamplingParams:
             ignore_eos=msg.ignore_eos,
             logprobs=msg.logprobs if msg.HasField("logprobs") else None,
             min_tokens=msg.min_tokens,
+            prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         )
 
     def to_proto(self):
@@ -121,4 +129,6 @@ class SamplingParams:
             msg.seed = self.seed
         if self.logprobs is not None:
             msg.logprobs = self.logprobs
+        if self.prompt_logprobs is not None:
+            msg.prompt_logprobs = self.prompt_logprobs
         return msg

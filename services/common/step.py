@@ -63,6 +63,7 @@ class TokenLogprobs:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # best first
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs set it)
 
 
 @dataclass(slots=True)
@@ -73,10 +74,21 @@ class SampledToken:
 
 
 @dataclass(slots=True)
+class PromptLogprobs:
+    """Prompt-token logprobs one step computed for one sequence: `logprobs[i]` is prompt token
+    `first_token_index + i`'s (the logits at the position before it, raw: no temperature)."""
+
+    request_id: str
+    first_token_index: int  # >= 1: the first prompt token has nothing before it
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class StepOutput:
     epoch: str
     sampled: list[SampledToken] = field(default_factory=list)
     execute_seconds: float = 0.0
+    prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +129,13 @@ def logprobs_to_proto(lp: TokenLogprobs):
         token_id=lp.token_id,
         logprob=lp.logprob,
         top=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in lp.top],
+        rank=lp.rank,
     )
 
 
 def logprobs_from_proto(msg) -> TokenLogprobs:
-    return TokenLogprobs(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
+    rank = msg.rank if msg.HasField("rank") else None
+    return TokenLogprobs(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top], rank)
 
 
 def step_to_proto(step: StepInput):
@@ -205,6 +219,14 @@ def output_to_proto(out: StepOutput):
             for s in out.sampled
         ],
         execute_seconds=out.execute_seconds,
+        prompt_logprobs=[
+            executor_pb2.PromptLogprobs(
+                request_id=p.request_id,
+                first_token_index=p.first_token_index,
+                logprobs=[logprobs_to_proto(lp) for lp in p.logprobs],
+            )
+            for p in out.prompt_logprobs
+        ],
     )
 
 
@@ -218,6 +240,10 @@ def output_from_proto(msg) -> StepOutput:
             for s in msg.sampled
         ],
         execute_seconds=msg.execute_seconds,
+        prompt_logprobs=[
+            PromptLogprobs(p.request_id, p.first_token_index, [logprobs_from_proto(lp) for lp in p.logprobs])
+            for p in msg.prompt_logprobs
+        ],
     )
 
 

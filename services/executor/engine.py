@@ -24,7 +24,7 @@ import torch
 
 from pagedserve.common.cpus import format_cpu_list
 from pagedserve.common.errors import FailedPrecondition
-from pagedserve.common.step import ExecutorInfo, SampledToken, StepInput, StepOutput
+from pagedserve.common.step import ExecutorInfo, PromptLogprobs, SampledToken, StepInput, StepOutput
 from pagedserve.executor import kv_pool, sampler
 from pagedserve.executor.config import (
     DEFAULT_CPU_KV_CACHE_MEMORY,
@@ -37,6 +37,7 @@ from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
 from pagedserve.executor.placement import apply_placement
+from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 
 log = logging.getLogger(__name__)
@@ -168,22 +169,32 @@ class ExecutorEngine:
                 max_num_batched_tokens=self.limits.max_num_batched_tokens,
                 claimed_total_tokens=claimed_total_tokens,
             )
-            sampled = self._run(plan)
+            sampled, prompt_logprobs = self._run(plan)
             self._commit(plan, sampled)
-            return StepOutput(epoch=self.epoch, sampled=sampled, execute_seconds=time.perf_counter() - start)
+            return StepOutput(
+                epoch=self.epoch,
+                sampled=sampled,
+                execute_seconds=time.perf_counter() - start,
+                prompt_logprobs=prompt_logprobs,
+            )
 
-    def _run(self, plan: StepPlan) -> list[SampledToken]:
+    def _run(self, plan: StepPlan) -> tuple[list[SampledToken], list[PromptLogprobs]]:
         if plan.block_copies:
             mapping = torch.tensor(plan.block_copies, dtype=torch.int64, device=self.pool.device)  # [n, 2]
             self.runner.backend.copy_blocks(self.pool.k_caches, self.pool.v_caches, mapping)
         if not plan.scheduled:
-            return []
+            return [], []
         seqs = [
             ScheduledSeq(s.state.token_ids, s.block_ids, s.state.num_computed_tokens, s.num_tokens, s.samples)
             for s in plan.scheduled
         ]
-        logits = self.runner.execute(seqs, self.pool)  # [N, V]
+        prompt_indices, prompt_rows = plan_prompt_rows(plan.scheduled)
+        logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
         sampling = [s.state for s in plan.scheduled if s.samples]
+        prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
+        return self._sample(logits[: len(sampling)], sampling), prompt_logprobs
+
+    def _sample(self, logits: torch.Tensor, sampling: list[RequestState]) -> list[SampledToken]:
         if not sampling:
             return []
         results = sampler.sample(

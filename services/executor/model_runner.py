@@ -6,7 +6,8 @@ scheduled token of every sequence goes into one flat batch `[1, T]` with explici
 `StepMetadata` rides along as an extra keyword argument that transformers hands to each layer's
 attention function, which writes the new K/V into the pool (`reshape_and_cache`) and attends over the
 pool through the block tables (`paged_attention`). Logits are computed only at the sampled tokens
-(`logits_to_keep` = their flat indices).
+(`logits_to_keep` = their flat indices), and at the prompt positions of requests that ask for
+prompt logprobs (see `prompt_logprobs`).
 
 With `compile` (the executor's `--compile`), forwards run through torch.compile instead: the
 model gets a constant marker as its step keyword, and each layer's attention is one custom op that
@@ -192,13 +193,21 @@ class ModelRunner:
         return KVCacheSpec(self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, block_size)
 
     @torch.inference_mode()
-    def execute(self, seqs: list[ScheduledSeq], pool: KVPool) -> torch.Tensor:
+    def execute(
+        self, seqs: list[ScheduledSeq], pool: KVPool, extra_rows: list[int] | None = None
+    ) -> torch.Tensor:
         """Runs one forward over `seqs`; returns float32 logits [N, V], one row per sampled sequence
-        in the order of `seqs`."""
+        in the order of `seqs`, then (with `extra_rows`, flat token indices) one row per extra
+        index: [N + E, V] (prompt logprobs keep logits at prompt positions this way)."""
         graphs = self.decode_graphs
-        if graphs is not None and pool is graphs.pool and (logits := graphs.run(seqs)) is not None:
-            return logits
+        if not extra_rows and graphs is not None and pool is graphs.pool:
+            logits = graphs.run(seqs)
+            if logits is not None:
+                return logits
         inputs = prepare_inputs(seqs, pool.block_size, self.device)
+        if extra_rows:
+            extra = torch.tensor(extra_rows, dtype=torch.int64, device=self.device)  # [E]
+            inputs = inputs._replace(sample_indices=torch.cat([inputs.sample_indices, extra]))
         return self.forward(inputs, pool)
 
     @torch.inference_mode()

@@ -78,6 +78,16 @@ class TokenLogprob:
     logprob: float
     top: list[TopLogprob] = field(default_factory=list)
     token: str | None = None
+    rank: int | None = None  # 1-based, in the whole vocabulary (prompt logprobs only)
+
+
+@dataclass(slots=True)
+class PromptLogprobs:
+    """A prompt's log-probabilities: every token but the first has one (nothing comes before it)."""
+
+    first_token_id: int
+    first_token: str | None = None  # set when the request asked for token strings
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # entry i: prompt token i + 1
 
 
 @dataclass(slots=True)
@@ -100,6 +110,7 @@ class RequestOutput:
     usage: Usage | None = None
     prompt_token_ids: list[int] | None = None  # on the first message only (of each prompt)
     prompt_index: int = 0  # which prompt of a completions batch; choices are numbered across all
+    prompt_logprobs: PromptLogprobs | None = None  # once, when sampling.prompt_logprobs asked
 
 
 @dataclass(slots=True)
@@ -164,6 +175,7 @@ class SchedulerUpdate:
     choices: list[ChoiceTokens]
     usage: Usage | None
     cached_prompt_tokens: int
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # entry i: prompt token i + 1
 
 
 @dataclass(slots=True)
@@ -196,6 +208,7 @@ class CompletedRequest:
     prompt_token_ids: list[int] = field(default_factory=list)  # the first prompt's
     # Every prompt's ids, by its index in a completions batch.
     prompt_token_ids_by_prompt: dict[int, list[int]] = field(default_factory=dict)
+    prompt_logprobs_by_prompt: dict[int, PromptLogprobs] = field(default_factory=dict)
 
     @classmethod
     def start(cls, request_id: str, n: int) -> CompletedRequest:
@@ -206,6 +219,8 @@ class CompletedRequest:
             self.prompt_token_ids_by_prompt[output.prompt_index] = output.prompt_token_ids
             if output.prompt_index == 0:
                 self.prompt_token_ids = output.prompt_token_ids
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs_by_prompt[output.prompt_index] = output.prompt_logprobs
         for delta in output.choices:
             choice = self.choices[delta.index]
             choice.text += delta.text

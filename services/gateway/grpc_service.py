@@ -44,6 +44,7 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
             "ignore_eos",
             "logprobs",
             "min_tokens",
+            "prompt_logprobs",
         )
         if msg.HasField(name)
     }
@@ -83,6 +84,7 @@ def _logprobs_to_proto(logprobs: list[TokenLogprob]) -> list[common_pb2.TokenLog
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[common_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+            rank=lp.rank,
         )
         for lp in logprobs
     ]
@@ -113,11 +115,15 @@ def output_to_proto(output: RequestOutput, model: str) -> gateway_pb2.GenerateRe
     )
     if output.usage is not None:
         msg.usage.CopyFrom(_usage_to_proto(output.usage))
+    if output.prompt_logprobs is not None:
+        msg.prompt_logprobs.extend(_logprobs_to_proto(output.prompt_logprobs.logprobs))
     return msg
 
 
 def result_to_proto(result: CompletedRequest, model: str) -> gateway_pb2.GenerateResult:
+    prompt = result.prompt_logprobs_by_prompt.get(0)
     return gateway_pb2.GenerateResult(
+        prompt_logprobs=_logprobs_to_proto(prompt.logprobs) if prompt is not None else [],
         request_id=result.request_id,
         model=model,
         usage=_usage_to_proto(result.usage),

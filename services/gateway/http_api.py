@@ -321,7 +321,7 @@ async def _sse(
         output: RequestOutput | None = first
         usage = None
         while output is not None:
-            for chunk in formatter.deltas(output.choices, output.prompt_token_ids):
+            for chunk in formatter.deltas(output.choices, output.prompt_token_ids, output.prompt_logprobs):
                 yield sse_event(chunk)
             usage = output.usage or usage
             output = await anext(outputs, None)

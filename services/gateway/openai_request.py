@@ -3,8 +3,10 @@
 Parsing is strict about types and ranges (a bad field is a 400 naming it, in OpenAI's error
 shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besides OpenAI's
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority, and
-return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first).
+stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
+return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first) and
+prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
+prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`.
 
 Every size a body asks for (n, prompts in a batch, stop strings) is checked against
 `RequestLimits` here, before anything is built for it; every integer must fit its protobuf
@@ -42,6 +44,10 @@ class ApiCall:
     include_usage: bool = False
     return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
     echo: bool = False  # completions: each choice's text starts with its prompt
+    # completions with echo and logprobs: the prompt's tokens lead each choice's logprobs
+    echo_logprobs: bool = False
+    # vLLM's extra: each choice (chat: the response) carries `prompt_logprobs` with this many tops
+    prompt_logprobs: int | None = None
 
     @property
     def request(self) -> GenerationRequest:
@@ -187,6 +193,22 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: Request
     )
 
 
+def _top_count(body: dict, name: str) -> int | None:
+    """A logprobs count: None when absent, else in [0, MAX_LOGPROBS] (the 400 names the field)."""
+    value = _int(body, name, None)
+    if value is not None and not 0 <= value <= MAX_LOGPROBS:
+        raise InvalidArgument(f"{name} must be in [0, {MAX_LOGPROBS}], got {value}", field=name)
+    return value
+
+
+def _prompt_logprobs(body: dict, stream: bool) -> int | None:
+    """vLLM's `prompt_logprobs`; like vLLM, only for whole (non-streamed) answers."""
+    value = _top_count(body, "prompt_logprobs")
+    if value is not None and stream:
+        raise InvalidArgument("prompt_logprobs is not available when stream is true", field="prompt_logprobs")
+    return value
+
+
 def _stream_options(body: dict, stream: bool) -> bool:
     options = _get(body, "stream_options")
     if options is _MISSING:
@@ -220,16 +242,14 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     _common_checks(body)
     _reject(body, "suffix", lambda v: not v, "suffix")
     prompts = _completion_prompts(body, limits)
-    logprobs = _int(body, "logprobs", None)
-    if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
-        raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", field="logprobs")
+    logprobs = _top_count(body, "logprobs")
     echo = _bool(body, "echo", False)
-    if echo and logprobs is not None:
-        raise InvalidArgument(
-            "echo with logprobs is not supported: the prompt's log-probabilities are not computed",
-            field="echo",
-        )
+    stream = _bool(body, "stream", False)
+    prompt_logprobs = _prompt_logprobs(body, stream)
     sampling = _sampling(body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits)
+    # The executor computes the prompt's logprobs once, with the most tops either form wants.
+    asked = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
+    sampling.prompt_logprobs = max(asked) if asked else None
     if len(prompts) * sampling.n > limits.max_n:
         raise InvalidArgument(
             f"{len(prompts)} prompts x n={sampling.n} = {len(prompts) * sampling.n} choices, more than "
@@ -239,13 +259,13 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     best_of = _int(body, "best_of", None)
     if best_of is not None and best_of != sampling.n:
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
-    stream = _bool(body, "stream", False)
     common = _request_fields(body, limits)
+    token_strings = logprobs is not None or prompt_logprobs is not None
     return ApiCall(
         # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).
         requests=[
             GenerationRequest(
-                prompt=p, sampling=_copy(sampling), logprob_token_strings=logprobs is not None, **common
+                prompt=p, sampling=_copy(sampling), logprob_token_strings=token_strings, **common
             )
             for p in prompts
         ],
@@ -254,6 +274,8 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
         include_usage=_stream_options(body, stream),
         return_token_ids=_bool(body, "return_token_ids", False),
         echo=echo,
+        echo_logprobs=echo and logprobs is not None,
+        prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -320,19 +342,25 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
                 f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}", field="top_logprobs"
             )
     logprobs = (top_logprobs or 0) if want_logprobs else None
+    stream = _bool(body, "stream", False)
+    prompt_logprobs = _prompt_logprobs(body, stream)
     # Without max_tokens the engine fills it in once the prompt's length is known.
     sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs, limits)
+    sampling.prompt_logprobs = prompt_logprobs
     request = GenerationRequest(
-        prompt=prompt, sampling=sampling, logprob_token_strings=want_logprobs, **_request_fields(body, limits)
+        prompt=prompt,
+        sampling=sampling,
+        logprob_token_strings=want_logprobs or prompt_logprobs is not None,
+        **_request_fields(body, limits),
     )
     request.max_tokens_to_fill = max_tokens is None
-    stream = _bool(body, "stream", False)
     return ApiCall(
         requests=[request],
         chat=True,
         stream=stream,
         include_usage=_stream_options(body, stream),
         return_token_ids=_bool(body, "return_token_ids", False),
+        prompt_logprobs=prompt_logprobs,
     )
 
 

@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 from pagedserve.common.errors import PagedServeError
-from pagedserve.gateway.datatypes import ChoiceDelta, CompletedRequest, FinishReason, TokenLogprob, Usage
+from pagedserve.gateway.datatypes import (
+    ChoiceDelta,
+    CompletedRequest,
+    FinishReason,
+    PromptLogprobs,
+    TokenLogprob,
+    Usage,
+)
 from pagedserve.gateway.openai_request import ApiCall
 
 
@@ -62,18 +69,53 @@ def chat_logprobs_json(logprobs: list[TokenLogprob]) -> dict:
     }
 
 
-def completion_logprobs_json(logprobs: list[TokenLogprob], text_offset: int) -> dict:
-    """The legacy completions form; `text_offset` is where the first token's text starts."""
-    offsets = []
+def completion_logprobs_json(
+    logprobs: list[TokenLogprob], text_offset: int, prompt: PromptLogprobs | None = None, k: int = 0
+) -> dict:
+    """The legacy completions form; `text_offset` is where the first token's text starts. With
+    `prompt` (echo), the prompt's tokens come first, the first with null logprob and tops, the
+    others with their top `k`."""
+    tokens: list[str] = []
+    token_logprobs: list[float | None] = []
+    top_logprobs: list[dict | None] = []
+    if prompt is not None:
+        tokens.append(prompt.first_token or "")
+        token_logprobs.append(None)
+        top_logprobs.append(None)
+        for lp in prompt.logprobs:
+            tokens.append(lp.token or "")
+            token_logprobs.append(lp.logprob)
+            top_logprobs.append({t.token or "": t.logprob for t in lp.top[:k]})
     for lp in logprobs:
+        tokens.append(lp.token or "")
+        token_logprobs.append(lp.logprob)
+        top_logprobs.append({t.token or "": t.logprob for t in lp.top})
+    offsets = []
+    for token in tokens:
         offsets.append(text_offset)
-        text_offset += len(lp.token or "")
+        text_offset += len(token)
     return {
-        "tokens": [lp.token or "" for lp in logprobs],
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{t.token or "": t.logprob for t in lp.top} for lp in logprobs],
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
         "text_offset": offsets,
     }
+
+
+def prompt_logprobs_json(prompt: PromptLogprobs | None, k: int) -> list[dict | None] | None:
+    """vLLM's `prompt_logprobs`: null for the first token, then per token a map from token id
+    (a string, as JSON keys are) to {logprob, rank, decoded_token} for the prompt's own token and
+    its top `k`. Ranks are 1-based, over the whole vocabulary."""
+    if prompt is None:
+        return None
+    entries: list[dict | None] = [None]
+    for lp in prompt.logprobs:
+        tops = lp.top[:k]
+        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.token}}
+        for i, t in enumerate(tops):
+            entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": i + 1, "decoded_token": t.token})
+        entries.append(entry)
+    return entries
 
 
 def full_response(
@@ -88,6 +130,7 @@ def full_response(
     choices = []
     want_logprobs = call.request.sampling.logprobs is not None
     n = call.request.sampling.n
+    prompts = result.prompt_logprobs_by_prompt
     for c in result.choices:
         choice: dict = {"index": c.index, "finish_reason": c.finish_reason.openai_name}
         if call.chat:
@@ -95,13 +138,26 @@ def full_response(
             choice["logprobs"] = chat_logprobs_json(c.logprobs) if want_logprobs else None
         else:
             choice["text"] = (echo_texts[c.index // n] if echo_texts else "") + c.text
-            choice["logprobs"] = completion_logprobs_json(c.logprobs, 0) if want_logprobs else None
+            choice["logprobs"] = (
+                completion_logprobs_json(
+                    c.logprobs,
+                    0,
+                    prompts.get(c.index // n) if call.echo_logprobs else None,
+                    call.request.sampling.logprobs or 0,
+                )
+                if want_logprobs
+                else None
+            )
+            if call.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = prompt_logprobs_json(
+                    prompts.get(c.index // n), call.prompt_logprobs
+                )
         if call.return_token_ids:
             choice["token_ids"] = c.token_ids
             prompt_index = c.index // call.request.sampling.n
             choice["prompt_token_ids"] = result.prompt_token_ids_by_prompt.get(prompt_index, [])
         choices.append(choice)
-    return {
+    body = {
         "id": response_id,
         "object": "chat.completion" if call.chat else "text_completion",
         "created": created,
@@ -109,6 +165,9 @@ def full_response(
         "choices": choices,
         "usage": usage_json(result.usage),
     }
+    if call.chat and call.prompt_logprobs is not None:  # vLLM puts the chat form on the response
+        body["prompt_logprobs"] = prompt_logprobs_json(prompts.get(0), call.prompt_logprobs)
+    return body
 
 
 class ChunkFormatter:
@@ -135,6 +194,10 @@ class ChunkFormatter:
         # completions logprobs: where each choice's next token starts
         self.text_offsets = [0] * call.num_choices
         self.want_logprobs = call.request.sampling.logprobs is not None
+        # echo with logprobs: each prompt's logprobs (they come with its request's first output),
+        # and the choices whose first chunk has not carried them yet
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}
+        self.echo_logprobs_pending = set(range(call.num_choices)) if call.echo_logprobs else set()
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {
@@ -167,7 +230,15 @@ class ChunkFormatter:
             )
         ]
 
-    def deltas(self, deltas: list[ChoiceDelta], prompt_token_ids: list[int] | None = None) -> list[dict]:
+    def deltas(
+        self,
+        deltas: list[ChoiceDelta],
+        prompt_token_ids: list[int] | None = None,
+        prompt_logprobs: PromptLogprobs | None = None,
+    ) -> list[dict]:
+        n = self.call.request.sampling.n
+        if prompt_logprobs is not None and deltas:
+            self.prompt_logprobs[deltas[0].index // n] = prompt_logprobs
         choices = []
         for d in deltas:
             if d.index in self.echo_pending:
@@ -188,8 +259,18 @@ class ChunkFormatter:
             else:
                 choice["text"] = d.text
                 if self.want_logprobs:
-                    choice["logprobs"] = completion_logprobs_json(d.logprobs, self.text_offsets[d.index])
-                    self.text_offsets[d.index] += sum(len(lp.token or "") for lp in d.logprobs)
+                    prompt = None
+                    if d.index in self.echo_logprobs_pending:
+                        self.echo_logprobs_pending.discard(d.index)
+                        prompt = self.prompt_logprobs.get(d.index // n)
+                    logprobs = completion_logprobs_json(
+                        d.logprobs,
+                        self.text_offsets[d.index],
+                        prompt,
+                        self.call.request.sampling.logprobs or 0,
+                    )
+                    choice["logprobs"] = logprobs
+                    self.text_offsets[d.index] += sum(len(t) for t in logprobs["tokens"])
                 else:
                     choice["logprobs"] = None
             choice["finish_reason"] = d.finish_reason.openai_name

@@ -21,6 +21,7 @@ from pagedserve.gateway.datatypes import (
     DetokenizeItem,
     FinishReason,
     GenerationRequest,
+    PromptLogprobs,
     RequestOutput,
     SchedulerUpdate,
     TokenLogprob,
@@ -95,6 +96,7 @@ class RequestRun:
         updates = aiter(stream)
         done_in_scheduler = False
         first = True
+        prompt_logprobs: list[TokenLogprob] = []  # entry i: prompt token i + 1 (see _prompt_logprobs)
         # While the scheduler is away, re-attach until no progress was made for --stall-timeout
         # (trying for at least a second after the failure).
         last_progress = started
@@ -125,6 +127,7 @@ class RequestRun:
                 if update.usage is not None:
                     self.cached_prompt_tokens = update.usage.cached_prompt_tokens or self.cached_prompt_tokens
                     done_in_scheduler = True
+                prompt_logprobs.extend(update.prompt_logprobs)
                 for ct in update.choices:
                     self.choices[ct.index].token_ids.extend(ct.token_ids)
                     if ct.finish_reason is not FinishReason.NONE:
@@ -146,6 +149,7 @@ class RequestRun:
                         choices=deltas,
                         usage=self._usage() if finished else None,
                         prompt_token_ids=self.prompt_ids if first else None,
+                        prompt_logprobs=await self._prompt_logprobs(prompt_logprobs) if first else None,
                     )
                     first = False
             if not all(c.finished for c in self.choices):
@@ -260,6 +264,20 @@ class RequestRun:
             choice.num_tokens += len(ct.token_ids)
             deltas.append(delta)
         return deltas
+
+    async def _prompt_logprobs(self, logprobs: list[TokenLogprob]) -> PromptLogprobs | None:
+        """The prompt's logprobs for the first output, when the request asked (the scheduler sends
+        them with the first token), with token strings looked up for HTTP."""
+        if self.sampling.prompt_logprobs is None:
+            return None
+        result = PromptLogprobs(self.prompt_ids[0], logprobs=logprobs)
+        first = TokenLogprob(self.prompt_ids[0], 0.0)  # only its string is wanted
+        lookups = self._token_string_items([first, *logprobs])
+        if lookups:
+            strings = iter(await self.detokenizer.detokenize(lookups, self.generation))
+            _fill_token_strings([first, *logprobs], strings)
+            result.first_token = first.token
+        return result
 
     def _in_vocab(self, token_ids: list[int]) -> list[int]:
         """Ids the tokenizer knows. A model's embedding table may be larger than its tokenizer,

@@ -185,6 +185,7 @@ def _logprobs_from_proto(items) -> list[TokenLogprob]:
             token_id=lp.token_id,
             logprob=lp.logprob,
             top=[TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in lp.top],
+            rank=lp.rank if lp.HasField("rank") else None,
         )
         for lp in items
     ]
@@ -210,6 +211,7 @@ def update_from_proto(msg: scheduler_pb2.SubmitResponse) -> SchedulerUpdate:
         ],
         usage=usage,
         cached_prompt_tokens=msg.cached_prompt_tokens,
+        prompt_logprobs=_logprobs_from_proto(msg.prompt_logprobs),
     )
 
 

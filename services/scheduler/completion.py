@@ -38,6 +38,14 @@ class CompletionMixin:
         bs = self.block_size
         unpublished = self.unpublished
         generated = 0
+        if output.prompt_logprobs:
+            # Whatever the sequence's status now (an n > 1 prompt sequence has forked by the time
+            # its last chunk is back): the values are right, and repeats are dropped.
+            by_id = {seq.seq_id: seq for seq, _ in step.seqs}
+            for chunk in output.prompt_logprobs:
+                seq = by_id.get(chunk.request_id)
+                if seq is not None and not seq.request.aborted:
+                    seq.request.add_prompt_logprobs(chunk.first_token_index, chunk.logprobs)
         for seq, _ in step.seqs:  # (their tokens were counted as computed when the step was planned)
             if seq.status != RUNNING:
                 continue  # preempted, finished or aborted since: anything it sampled is dropped

@@ -23,6 +23,8 @@ class RequestDelta:
     choices: list[ChoiceTokens]
     usage: Usage | None = None  # set on the last message
     cached_prompt_tokens: int | None = None  # set on the first message with tokens
+    # entry i: prompt token i + 1's; once, on the first message after all were computed
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
     @property
     def finished(self) -> bool:
@@ -38,6 +40,7 @@ class RequestStream:
         "_usage",
         "_cached",
         "_cached_sent",
+        "_prompt_logprobs",
         "_event",
         "_done",
         "_error",
@@ -50,6 +53,7 @@ class RequestStream:
         self._usage: Usage | None = None
         self._cached: int | None = None
         self._cached_sent = False
+        self._prompt_logprobs: list[TokenLogprobs] | None = None
         self._event = asyncio.Event()
         self._done = False  # the final delta was taken
         self._error: Exception | None = None  # the request failed: raised once the pending tokens are taken
@@ -92,6 +96,10 @@ class RequestStream:
         if self._cached is None and not self._cached_sent:
             self._cached = num_tokens
 
+    def set_prompt_logprobs(self, logprobs: list[TokenLogprobs]) -> None:
+        """They go out with the next message (the one with the first token, in practice)."""
+        self._prompt_logprobs = logprobs
+
     def finish(self, usage: Usage) -> None:
         if self._error is None:
             self._usage = usage
@@ -116,10 +124,11 @@ class RequestStream:
         cached = None
         if self._cached is not None and any(c.token_ids for c in choices):
             cached, self._cached, self._cached_sent = self._cached, None, True
+        prompt_logprobs, self._prompt_logprobs = self._prompt_logprobs, None
         if self._usage is not None:
             self._done = True
         self._event.clear()
-        return RequestDelta(self.request_id, choices, self._usage, cached)
+        return RequestDelta(self.request_id, choices, self._usage, cached, prompt_logprobs)
 
     def poll(self) -> RequestDelta | Exception | None:
         """Without waiting: everything pending, else the request's error (once), else None.

@@ -12,13 +12,17 @@ computes some of the tokens after it (the whole prompt, a chunk of it, or one ne
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, replace
 from enum import IntEnum
 
 from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import TokenLogprobs
 from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher
 from pagedserve.scheduler.output import RequestStream
+
+log = logging.getLogger(__name__)
 
 PROMPT_INDEX = -1  # choice index of the prompt sequence of an n > 1 request
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so distinct choice indices give distinct seeds
@@ -63,6 +67,17 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.request.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Its request still waits for prompt logprobs, so every prompt position must be computed
+        (no prefix-cache hits). Once any token is out, what the client missed is not recomputed."""
+        request = self.request
+        return (
+            request.sampling.prompt_logprobs is not None
+            and not request.prompt_logprobs_sent
+            and not self.output_token_ids
+        )
 
     @property
     def target_len(self) -> int:
@@ -127,6 +142,32 @@ class Request:
     completion_tokens: int = 0
     num_choices_left: int = 0
     aborted: bool = False
+    # With sampling.prompt_logprobs: entry i is prompt token i + 1's, gathered from the steps'
+    # chunks in order; handed to the stream once all len(prompt) - 1 are in.
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
+
+    def add_prompt_logprobs(self, first_token_index: int, logprobs: list[TokenLogprobs]) -> None:
+        """Take one step's chunk; a chunk computed again (after a preemption) adds only what is
+        new, and the whole list goes to the stream once complete."""
+        if self.prompt_logprobs_sent:
+            return
+        skip = len(self.prompt_logprobs) + 1 - first_token_index
+        if skip < 0:  # positions are computed in order and every output is read: not expected
+            log.warning(
+                "%s: prompt logprobs from token %d, but only %d are in; dropped",
+                self.request_id,
+                first_token_index,
+                len(self.prompt_logprobs),
+            )
+            return
+        self.prompt_logprobs.extend(logprobs[skip:])
+        self.flush_prompt_logprobs()
+
+    def flush_prompt_logprobs(self) -> None:
+        if not self.prompt_logprobs_sent and len(self.prompt_logprobs) >= len(self.prompt_token_ids) - 1:
+            self.stream.set_prompt_logprobs(self.prompt_logprobs)
+            self.prompt_logprobs_sent = True
 
     def choice(self, index: int) -> Sequence:
         params = replace(self.sampling, n=1, seed=choice_seed(self.sampling.seed, index))

@@ -39,6 +39,9 @@ from pagedserve.scheduler.waiting import WaitQueue
 log = logging.getLogger(__name__)
 
 RUNNING = SequenceStatus.RUNNING
+# Prompt positions per step whose logits are kept for prompt logprobs: each is a [V] float row
+# in the executor (152k-token vocabularies: 0.6 MB each), so a long prompt's rows come in chunks.
+MAX_PROMPT_LOGPROB_ROWS = 512
 
 
 @dataclass(slots=True)
@@ -81,6 +84,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         self.needs_full_write = False  # the replica must get the whole state, not a log
         self.fence = 0  # the pool lease's fencing token, carried by every step (0: no lease)
         self._aborts: list[str] = []
+        self._prompt_rows_left = MAX_PROMPT_LOGPROB_ROWS  # reset by every schedule()
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
 
@@ -159,10 +163,11 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         max_seqs = self.limits.max_num_seqs
         running = self.running
         preempted = False
+        self._prompt_rows_left = MAX_PROMPT_LOGPROB_ROWS
         i = 0
         while i < len(running) and budget > 0 and len(planned) < max_seqs:
             seq = running[i]
-            num_tokens = min(seq.target_len - seq.num_computed_tokens, budget)
+            num_tokens = self._cap_prompt_rows(seq, min(seq.target_len - seq.num_computed_tokens, budget))
             if num_tokens <= 0:
                 i += 1
                 continue
@@ -182,6 +187,14 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         if not preempted:  # admitting right after preempting would only thrash
             self._admit_waiting(planned, budget)
         return self._build_step(planned, copies)
+
+    def _cap_prompt_rows(self, seq: Sequence, num_tokens: int) -> int:
+        """At most the step's prompt rows left for a sequence that needs prompt logprobs."""
+        if num_tokens <= 0 or not seq.needs_prompt_logprobs:
+            return num_tokens
+        num_tokens = min(num_tokens, self._prompt_rows_left)
+        self._prompt_rows_left -= num_tokens
+        return num_tokens
 
     def _grow(self, seq: Sequence, num_tokens: int, copies: list[tuple[int, int]]) -> list[int] | None:
         """Blocks for `num_tokens` more tokens: a copy of the shared partial last block (the
@@ -213,6 +226,8 @@ class Scheduler(CompletionMixin, RecoveryMixin):
             target = seq.target_len
             # Hits only within the first target - 1 tokens: the last one is computed to sample.
             num_full = (target - 1) // bs
+            if seq.needs_prompt_logprobs:
+                num_full = 0  # every prompt position's logits are needed: no hits
             if len(seq.block_hashes) < num_full:
                 start = len(seq.block_hashes) * bs
                 self.hasher.extend(seq.block_hashes, seq.token_ids(start, num_full * bs))
@@ -220,6 +235,11 @@ class Scheduler(CompletionMixin, RecoveryMixin):
                 (seq.block_hashes[j], token_str(seq.token_ids(j * bs, (j + 1) * bs))) for j in range(num_full)
             ]
             chunk = min(target, budget)
+            if seq.needs_prompt_logprobs:
+                chunk = min(chunk, self._prompt_rows_left)
+                if chunk <= 0:
+                    break  # this step's prompt rows are spent; it stays first in the queue
+                self._prompt_rows_left -= chunk
             admission = self.blocks.admit(seq.seq_id, chain, target, chunk)
             if admission is None:
                 break

@@ -50,6 +50,8 @@ def delta_to_proto(delta: RequestDelta) -> scheduler_pb2.SubmitResponse:
         )
     if delta.cached_prompt_tokens is not None:
         msg.cached_prompt_tokens = delta.cached_prompt_tokens
+    if delta.prompt_logprobs:
+        msg.prompt_logprobs.extend(logprobs_to_proto(lp) for lp in delta.prompt_logprobs)
     return msg
 
 

@@ -333,8 +333,8 @@ def test_echo_with_the_openai_client(stack: Stack) -> None:
         if c.choices
     )
     assert streamed == echoed.choices[0].text
-    with pytest.raises(openai.BadRequestError, match="echo with logprobs is not supported"):
-        client.completions.create(model=stack.model, prompt="x", echo=True, logprobs=1)
+    with pytest.raises(openai.BadRequestError, match=r"logprobs must be in \[0, 20\], got 21"):
+        client.completions.create(model=stack.model, prompt="x", echo=True, logprobs=21)
 
 
 def test_the_developer_role_is_taken_as_system(stack: Stack, http: httpx.Client) -> None:

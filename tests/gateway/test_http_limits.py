@@ -601,7 +601,7 @@ def test_echo_puts_each_prompt_before_its_choices() -> None:
                     texts[c["index"]] = texts.get(c["index"], "") + c["text"]
             assert texts == {0: "p: ab", 1: "p: ab", 2: "ABab", 3: "ABab"}
 
-            reply = await http.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 1})
-            assert_error(reply, 400, "echo with logprobs is not supported", "echo")
+            reply = await http.post("/v1/completions", json={"prompt": "x", "echo": True, "logprobs": 21})
+            assert_error(reply, 400, "logprobs must be in [0, 20], got 21", "logprobs")
 
     run(scenario)

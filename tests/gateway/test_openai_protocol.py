@@ -92,7 +92,10 @@ def test_completion_prompt_in_a_one_element_list() -> None:
         ({"prompt": "x", "stop": ["a", ""]}, "stop"),
         ({"prompt": "x", "stop": 5}, "stop"),
         ({"prompt": "x", "logprobs": 21}, "logprobs"),
-        ({"prompt": "x", "echo": True, "logprobs": 1}, "echo"),
+        ({"prompt": "x", "echo": True, "logprobs": 21}, "logprobs"),
+        ({"prompt": "x", "prompt_logprobs": 21}, "prompt_logprobs"),
+        ({"prompt": "x", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"prompt": "x", "echo": 1}, "echo"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
@@ -232,6 +235,11 @@ def test_chat_max_tokens_forms() -> None:
         ({"messages": [{"content": "x"}]}, "messages"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
         ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "top_logprobs"),
+        ({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 21}, "prompt_logprobs"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 0, "stream": True},
+            "prompt_logprobs",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, "tools"),
     ],
 )

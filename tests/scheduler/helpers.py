@@ -19,6 +19,8 @@ class Collected:
     messages: int = 0
     usage: Usage | None = None
     cached_prompt_tokens: int | None = None
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_logprobs_messages: int = 0  # messages that carried prompt logprobs
 
 
 async def drain(stream: RequestStream) -> Collected:
@@ -28,6 +30,9 @@ async def drain(stream: RequestStream) -> Collected:
         out.messages += 1
         if delta.cached_prompt_tokens is not None:
             out.cached_prompt_tokens = delta.cached_prompt_tokens
+        if delta.prompt_logprobs:
+            out.prompt_logprobs.extend(delta.prompt_logprobs)
+            out.prompt_logprobs_messages += 1
         for choice in delta.choices:
             out.tokens.setdefault(choice.index, []).extend(choice.token_ids)
             out.logprobs.setdefault(choice.index, []).extend(choice.logprobs)
