@@ -74,6 +74,7 @@ class PoolRouter:
         decode_weight: float = 32.0,
         migration_limit: int = 3,
         refresh: float = 1.0,
+        state_redis_url: str | None = None,
     ) -> None:
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
@@ -92,6 +93,15 @@ class PoolRouter:
 
             self.redis = redis.asyncio.Redis.from_url(
                 redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
+            )
+        # Where the pools' blocks are read for the KV map: the registry's Redis, or for static
+        # pools the Redis their schedulers write (`--kv-map-redis-url`); None: no map.
+        self.state_redis = self.redis
+        if self.state_redis is None and state_redis_url:
+            import redis.asyncio
+
+            self.state_redis = redis.asyncio.Redis.from_url(
+                state_redis_url, socket_timeout=2.0, socket_connect_timeout=1.0
             )
         self.assignments: dict[str, _Assignment] = {}
         self.migrations_total = 0
@@ -311,6 +321,8 @@ class PoolRouter:
         await asyncio.gather(*(p.client.close() for p in self.pools.values()), return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
+        if self.state_redis is not None and self.state_redis is not self.redis:
+            await self.state_redis.aclose()
 
 
 class RoutedStream:

@@ -71,6 +71,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="discover every pool in the registry in this Redis and route by what their caches hold",
     )
     parser.add_argument(
+        "--kv-map-redis-url",
+        default=None,
+        help="with static --scheduler pools: the Redis their schedulers write, which GET /v1/kv/map "
+        "and /dashboard read the blocks from (with --redis-url that Redis is used)",
+    )
+    parser.add_argument(
         "--routing",
         choices=["cache_aware", "least_loaded", "round_robin"],
         default="cache_aware",
@@ -204,6 +210,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         scheduler_address=(args.scheduler or ["" if args.redis_url else "localhost:50053"])[0],
         more_pools=tuple((args.scheduler or [])[1:]),
         redis_url=args.redis_url,
+        kv_map_redis_url=args.kv_map_redis_url,
         detokenize=args.detokenize,
         routing=args.routing,
         routing_prefill_weight=args.routing_prefill_weight,
@@ -353,6 +360,7 @@ def pools_for(config: GatewayConfig) -> PoolRouter:
         prefill_weight=config.routing_prefill_weight,
         decode_weight=config.routing_decode_weight,
         migration_limit=config.migration_limit,
+        state_redis_url=config.kv_map_redis_url,
     )
 
 
