@@ -52,6 +52,7 @@
   // --- polling -----------------------------------------------------------------------------------
 
   async function poll() {
+    let wait = POLL_MS;
     if (!paused) {
       try {
         const headers = apiKey ? { Authorization: "Bearer " + apiKey } : {};
@@ -64,6 +65,8 @@
           setStatus(body.error ? body.error.message : resp.statusText, true);
         } else {
           render(body);
+          // A large pool costs a read of Redis and the gateway: spend at most 1/20 of the time on it.
+          wait = Math.max(POLL_MS, 20 * (body.read_ms || 0));
           const t = new Date(body.time_ms).toLocaleTimeString();
           setStatus(`${body.pools.length} pool(s), updated ${t}`, false);
         }
@@ -71,7 +74,7 @@
         setStatus("cannot read the map: " + err.message, true);
       }
     }
-    setTimeout(poll, POLL_MS);
+    setTimeout(poll, wait);
   }
 
   function render(body) {
@@ -356,13 +359,17 @@
     const w = canvas.width;
     const h = canvas.height;
     const pad = 4;
+    const top = 16; // room for the label
     ctx.clearRect(0, 0, w, h);
     let max = fixedMax || 1;
     if (!fixedMax) {
       for (const p of points) for (const [key] of series) if (p[key] !== null) max = Math.max(max, p[key]);
     }
-    const x = (t) => ((t - (now - HISTORY_MS)) / HISTORY_MS) * w;
-    const y = (v) => h - pad - (v / max) * (h - 2 * pad);
+    // The x axis spans what has been seen, up to HISTORY_MS: a fresh page fills its plots at once.
+    const start = points.length ? Math.max(points[0].t, now - HISTORY_MS) : now - HISTORY_MS;
+    const span = Math.max(now - start, 10_000);
+    const x = (t) => ((t - start) / span) * w;
+    const y = (v) => h - pad - (v / max) * (h - pad - top);
     ctx.strokeStyle = "#eceff2";
     ctx.beginPath();
     ctx.moveTo(0, y(max / 2));
@@ -388,7 +395,7 @@
     ctx.font = "10px system-ui, sans-serif";
     const last = points[points.length - 1];
     const now_ = last ? series.map(([key]) => (last[key] === null ? "–" : round(last[key]))).join(" / ") : "";
-    ctx.fillText(`max ${round(max)}   now ${now_}`, 4, 11);
+    ctx.fillText(`max ${round(max)}   now ${now_}   last ${Math.round(span / 1000)} s`, 4, 11);
   }
 
   function round(v) {
