@@ -5,7 +5,10 @@ registry of a real Redis, the `pool` filter, the API key, and the answer when th
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
+import re
+from pathlib import Path
 
 import httpx
 import redis
@@ -15,6 +18,7 @@ from test_http_limits import assert_error, run, serving
 
 from pagedserve.common.pool_registry import pool_key, register
 from pagedserve.common.redis_harness import free_port
+from pagedserve.gateway.dashboard import FILES, STATIC
 from pagedserve.gateway.kv_map import expand_delta_runs, expand_runs
 from pagedserve.gateway.routing import PoolRouter
 from pagedserve.scheduler.block_pool import StepOps
@@ -128,3 +132,13 @@ def test_pool_maps_answer_in_one_round_trip(redis_url: str) -> None:
     stats = admin.info("commandstats")
     assert stats["cmdstat_eval"]["calls"] == 3
     assert "cmdstat_evalsha" not in stats and "cmdstat_script" not in stats
+
+
+def test_page_files_ship_in_the_wheel() -> None:
+    """Every file the gateway serves exists and is package data (an installed wheel has it)."""
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    section = pyproject.split("[tool.setuptools.package-data]", 1)[1]
+    globs = json.loads(re.search(r'^"pagedserve\.gateway" = (\[.*\])$', section, re.MULTILINE).group(1))
+    for file_name, _ in FILES.values():
+        assert (STATIC / file_name).is_file()
+        assert any(fnmatch.fnmatch(f"static/{file_name}", g) for g in globs), file_name
