@@ -13,28 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
-import pytest
 from e2e_harness import NUM_KV_BLOCKS, Stack
 
-CHROMIUM = "/usr/bin/chromium"
 SYSTEM_PROMPT = "You are a careful assistant. Answer in short, plain sentences. " * 3
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    if not os.path.exists(CHROMIUM):
-        pytest.fail(f"this test needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
-    with sync_playwright() as p:
-        # Debian's build, not a downloaded one; --no-sandbox: CI runs as root.
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
-        yield chromium
-        chromium.close()
 
 
 class Streams:
@@ -70,9 +54,8 @@ class Streams:
             thread.join(timeout=30)
 
 
-def test_dashboard_shows_shared_blocks_live(stack: Stack, browser, tmp_path: Path) -> None:
-    # bypass_csp: the page's policy forbids eval, which Playwright's wait_for_function uses.
-    page = browser.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
+def test_dashboard_shows_shared_blocks_live(stack: Stack, chromium, tmp_path: Path) -> None:
+    page = chromium.new_page(viewport={"width": 1400, "height": 1000}, bypass_csp=True)
     errors: list[str] = []
     page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     page.on("pageerror", lambda err: errors.append(str(err)))

@@ -146,15 +146,18 @@
       document.getElementById("pools").appendChild(this.root);
       this.grid = this.root.querySelector(".grid");
       this.list = this.root.querySelector(".requests");
-      this.cells = [];
+      this.cells = null; // DomCells or CanvasCells, made for the pool's size
       this.codes = new Int32Array(0);
       this.requests = new Map(); // request id -> {status, seqs, blocks: Set, computed}
       this.owners = new Map(); // block -> seq ids
       this.history = [];
       this.hovered = null;
       this.pinned = null;
-      this.lit = [];
-      this.grid.addEventListener("mouseover", (event) => this.describeCell(event.target));
+      this.grid.addEventListener("mouseover", (event) => this.describeCell(event));
+      this.grid.addEventListener("mousemove", (event) => this.describeCell(event));
+      window.addEventListener("resize", () => {
+        if (this.cells) this.cells.resize(this.codes);
+      });
     }
 
     update(pool, timeMs) {
@@ -178,33 +181,13 @@
 
     drawCells(pool) {
       const n = pool.num_blocks;
-      if (this.cells.length !== n) {
-        this.grid.replaceChildren();
-        this.grid.style.setProperty("--cell", cellSize(n) + "px");
+      if (!this.cells || this.codes.length !== n) {
         this.grid.setAttribute("aria-label", `${n} KV blocks`);
-        const frag = document.createDocumentFragment();
-        this.cells = new Array(n);
-        for (let b = 0; b < n; b++) {
-          const cell = document.createElement("span");
-          cell.className = "cell";
-          cell.dataset.block = b;
-          cell.dataset.state = "free";
-          cell.dataset.ref = "0";
-          this.cells[b] = cell;
-          frag.appendChild(cell);
-        }
-        this.grid.appendChild(frag);
+        this.cells = n > DOM_CELLS_UP_TO ? new CanvasCells(this.grid, n) : new DomCells(this.grid, n);
         this.codes = new Int32Array(n);
       }
       const codes = expandRuns(pool.blocks, n);
-      for (let b = 0; b < n; b++) {
-        if (codes[b] === this.codes[b]) continue;
-        const cell = this.cells[b];
-        cell.dataset.state = stateOf(codes[b]);
-        cell.dataset.ref = String(Math.max(codes[b], 0));
-        if (codes[b] > 0) cell.dataset.level = String(levelOf(codes[b]));
-        else delete cell.dataset.level;
-      }
+      this.cells.update(codes, this.codes);
       this.codes = codes;
     }
 
@@ -283,30 +266,20 @@
     // Light up the hovered (else the pinned) request's blocks; ring those with ref_cnt > 1,
     // the blocks it shares with its other choices or with other requests.
     light() {
-      for (const cell of this.lit) cell.classList.remove("hl", "shared");
-      this.lit = [];
       const req = this.requests.get(this.hovered || this.pinned || "");
-      this.grid.classList.toggle("focus", Boolean(req));
       for (const li of this.list.children) li.classList.toggle("pinned", li.dataset.request === this.pinned);
-      if (!req) return;
-      for (const b of req.blocks) {
-        const cell = this.cells[b];
-        if (!cell) continue;
-        cell.classList.add("hl");
-        if (this.codes[b] > 1) cell.classList.add("shared");
-        this.lit.push(cell);
-      }
+      if (this.cells) this.cells.light(req ? req.blocks : null, this.codes);
     }
 
-    describeCell(cell) {
-      if (!cell.classList || !cell.classList.contains("cell")) return;
-      const b = Number(cell.dataset.block);
+    describeCell(event) {
+      const b = this.cells ? this.cells.blockAt(event) : -1;
+      if (b < 0 || b >= this.codes.length) return;
       const code = this.codes[b];
       const owners = this.owners.get(b) || [];
       let text = `block ${b}: ${stateOf(code)}`;
       if (code > 0) text += `, ref_cnt ${code}`;
       if (owners.length) text += `\nin the block tables of ${owners.join(", ")}`;
-      cell.title = text;
+      event.target.title = text;
     }
 
     // --- history and plots -------------------------------------------------------------------------
@@ -342,6 +315,161 @@
       chart(q(".chart-hit"), now, h, [["hitRate", "#1b6e2e"]], 100);
       chart(q(".chart-queue"), now, h, [["running", "#2a63c4"], ["waiting", "#b3261e"]]);
       chart(q(".chart-preempt"), now, h, [["preempted", "#b3261e"]]);
+    }
+  }
+
+  // --- the cells of a pool: one element each up to DOM_CELLS_UP_TO blocks, else one canvas ----------
+
+  // Elements carry their state in data attributes (what tests and tools read); past a few
+  // thousand, every change would make the browser repaint them all, so a canvas draws them.
+  const DOM_CELLS_UP_TO = 16384;
+
+  function gridSize(grid, n) {
+    // The grid is `contain: strict` (see the stylesheet): its height is set from the cells
+    // per row that its width holds.
+    const pitch = cellSize(n) + 1; // 1px gap
+    const perRow = Math.max(1, Math.floor((grid.clientWidth + 1) / pitch));
+    const rows = Math.ceil(n / perRow);
+    grid.style.height = rows * pitch + "px";
+    return { pitch, perRow, rows };
+  }
+
+  class DomCells {
+    constructor(grid, n) {
+      this.grid = grid;
+      this.lit = [];
+      grid.classList.remove("canvas-grid");
+      grid.replaceChildren();
+      grid.style.setProperty("--cell", cellSize(n) + "px");
+      this.n = n;
+      gridSize(grid, n);
+      const frag = document.createDocumentFragment();
+      this.cells = new Array(n);
+      for (let b = 0; b < n; b++) {
+        const cell = document.createElement("span");
+        cell.className = "cell";
+        cell.dataset.block = b;
+        cell.dataset.state = "free";
+        cell.dataset.ref = "0";
+        this.cells[b] = cell;
+        frag.appendChild(cell);
+      }
+      grid.appendChild(frag);
+    }
+
+    resize() {
+      gridSize(this.grid, this.n);
+    }
+
+    update(codes, previous) {
+      for (let b = 0; b < this.n; b++) {
+        if (codes[b] === previous[b]) continue;
+        const cell = this.cells[b];
+        cell.dataset.state = stateOf(codes[b]);
+        cell.dataset.ref = String(Math.max(codes[b], 0));
+        if (codes[b] > 0) cell.dataset.level = String(levelOf(codes[b]));
+        else delete cell.dataset.level;
+      }
+    }
+
+    light(blocks, codes) {
+      for (const cell of this.lit) cell.classList.remove("hl", "shared");
+      this.lit = [];
+      this.grid.classList.toggle("focus", Boolean(blocks));
+      if (!blocks) return;
+      for (const b of blocks) {
+        const cell = this.cells[b];
+        if (!cell) continue;
+        cell.classList.add("hl");
+        if (codes[b] > 1) cell.classList.add("shared");
+        this.lit.push(cell);
+      }
+    }
+
+    blockAt(event) {
+      const cell = event.target;
+      return cell.classList && cell.classList.contains("cell") ? Number(cell.dataset.block) : -1;
+    }
+  }
+
+  class CanvasCells {
+    constructor(grid, n) {
+      this.grid = grid;
+      this.n = n;
+      this.canvas = document.createElement("canvas");
+      this.canvas.className = "grid-canvas";
+      grid.classList.add("canvas-grid");
+      grid.replaceChildren(this.canvas);
+      const css = getComputedStyle(document.documentElement);
+      const color = (name) => css.getPropertyValue(name).trim();
+      this.colors = {
+        free: color("--free"),
+        cached: color("--cached"),
+        swapped: color("--swapped"),
+        used: [1, 2, 3, 4, 5, 6].map((level) => color(`--used-${level}`)),
+      };
+      this.faded = new Map(); // colour -> its faded form, for cells outside the lit request
+      this.codes = new Int32Array(n);
+      this.lit = null;
+      this.resize(this.codes);
+    }
+
+    resize(codes) {
+      this.layout = gridSize(this.grid, this.n);
+      this.canvas.width = this.layout.perRow * this.layout.pitch;
+      this.canvas.height = this.layout.rows * this.layout.pitch;
+      this.draw(codes);
+    }
+
+    update(codes) {
+      this.draw(codes);
+    }
+
+    light(blocks, codes) {
+      this.lit = blocks;
+      this.draw(codes);
+    }
+
+    colorOf(code) {
+      if (code > 0) return this.colors.used[levelOf(code) - 1];
+      return code === 0 ? this.colors.free : code === -1 ? this.colors.cached : this.colors.swapped;
+    }
+
+    fade(color) {
+      if (!this.faded.has(color)) {
+        const rgb = [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16));
+        const mixed = rgb.map((v) => Math.round(0.18 * v + 0.82 * 248));
+        this.faded.set(color, `rgb(${mixed.join(",")})`);
+      }
+      return this.faded.get(color);
+    }
+
+    draw(codes) {
+      this.codes = codes;
+      const ctx = this.canvas.getContext("2d");
+      const { pitch, perRow } = this.layout;
+      const size = pitch - 1;
+      ctx.clearRect(0, 0, this.canvas.width, this.canvas.height);
+      let style = "";
+      for (let b = 0; b < this.n; b++) {
+        let color = this.colorOf(codes[b]);
+        if (this.lit && !this.lit.has(b)) color = this.fade(color);
+        if (color !== style) ctx.fillStyle = style = color;
+        ctx.fillRect((b % perRow) * pitch, Math.floor(b / perRow) * pitch, size, size);
+      }
+      if (!this.lit) return;
+      ctx.fillStyle = "#e8453c";
+      for (const b of this.lit) {
+        if (codes[b] > 1) ctx.fillRect((b % perRow) * pitch, Math.floor(b / perRow) * pitch, size, 1);
+      }
+    }
+
+    blockAt(event) {
+      const { pitch, perRow } = this.layout;
+      const rect = this.canvas.getBoundingClientRect();
+      const col = Math.floor((event.clientX - rect.left) / pitch);
+      const row = Math.floor((event.clientY - rect.top) / pitch);
+      return col < perRow ? row * perRow + col : -1;
     }
   }
 
