@@ -53,11 +53,12 @@ def bundled_model_path() -> str:
 CHROMIUM = "/usr/bin/chromium"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def chromium():
     """A headless Debian chromium under Playwright: no browser download, --no-sandbox as CI runs
     as root. Pages opened on it should use bypass_csp=True: the dashboard forbids eval, which
-    Playwright's wait_for_function uses."""
+    Playwright's wait_for_function uses. Module scope: while Playwright's sync API runs, this
+    thread has a running event loop, and other modules' asyncio.run() would refuse to start."""
     from playwright.sync_api import sync_playwright
 
     if not os.path.exists(CHROMIUM):

@@ -17,6 +17,8 @@ STATIC = Path(__file__).parent / "static"
 FILES = {
     "": ("index.html", "text/html; charset=utf-8"),
     "dashboard.js": ("dashboard.js", "text/javascript; charset=utf-8"),
+    "cells.js": ("cells.js", "text/javascript; charset=utf-8"),
+    "chart.js": ("chart.js", "text/javascript; charset=utf-8"),
     "dashboard.css": ("dashboard.css", "text/css; charset=utf-8"),
 }
 # Only our own files run; the page talks to this gateway alone.

@@ -101,10 +101,14 @@ def test_dashboard_files_and_the_api_key() -> None:
             page = await http.get("/dashboard")  # the page holds no data: it loads, then asks
             assert page.status_code == 200 and 'id="keyform"' in page.text
             assert "default-src 'self'" in page.headers["content-security-policy"]
-            for name, kind in (("dashboard.js", "javascript"), ("dashboard.css", "css")):
+            assert "/dashboard/dashboard.js" in page.text and "/dashboard/dashboard.css" in page.text
+            for name, kind in [("dashboard.css", "css")] + [
+                (n, "javascript") for n in FILES if n.endswith(".js")
+            ]:
                 reply = await http.get(f"/dashboard/{name}")
                 assert reply.status_code == 200 and kind in reply.headers["content-type"]
-                assert f"/dashboard/{name}" in page.text
+            script = (await http.get("/dashboard/dashboard.js")).text
+            assert all(f'from "./{n}"' in script for n in ("cells.js", "chart.js"))
             assert_error(await http.get("/dashboard/secrets.txt"), 404, "no such dashboard file")
             assert (await http.get("/dashboard/..%2Fhttp_api.py")).status_code == 404
 
