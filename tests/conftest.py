@@ -1,5 +1,7 @@
 """Fixtures shared by every test package.
 
+`chromium`: Debian's headless chromium driven by Playwright (the dashboard's browser tests).
+
 Redis: a real server for the whole session — a testcontainers container when a Docker
 daemon answers, otherwise a local `redis-server` on a free port. A test that needs Redis
 and cannot get one fails with the reason; it is never skipped.
@@ -46,3 +48,22 @@ def bundled_model_path() -> str:
     if not (BUNDLED_MODEL / "config.json").exists():
         pytest.fail(f"the bundled model is missing at {BUNDLED_MODEL}")
     return str(BUNDLED_MODEL)
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """A headless Debian chromium under Playwright: no browser download, --no-sandbox as CI runs
+    as root. Pages opened on it should use bypass_csp=True: the dashboard forbids eval, which
+    Playwright's wait_for_function uses. Module scope: while Playwright's sync API runs, this
+    thread has a running event loop, and other modules' asyncio.run() would refuse to start."""
+    from playwright.sync_api import sync_playwright
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"this test needs Debian's chromium at {CHROMIUM} (.ci/run installs it)")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"], headless=True)
+        yield browser
+        browser.close()

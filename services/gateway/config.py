@@ -42,6 +42,8 @@ class GatewayConfig:
     more_pools: tuple[str, ...] = ()
     detokenize: str = "local"  # local (in this process) | remote (the tokenizer's Detokenize stream)
     redis_url: str | None = None  # discover pools (and route by their caches) through the registry
+    # Without redis_url: the Redis the static pools' schedulers write, read by /v1/kv/map only.
+    kv_map_redis_url: str | None = None
     routing: str = "cache_aware"  # cache_aware | least_loaded | round_robin
     routing_prefill_weight: float = 1.0  # cost of one uncached prompt token
     routing_decode_weight: float = 32.0  # cost of one request running or waiting in a pool

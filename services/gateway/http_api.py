@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve.common.errors import InvalidArgument, PagedServeError
 from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.dashboard import add_dashboard_routes
 from pagedserve.gateway.datatypes import (
     CompletedRequest,
     PayloadTooLarge,
@@ -41,6 +42,7 @@ from pagedserve.gateway.datatypes import (
     check_bearer,
 )
 from pagedserve.gateway.engine import Engine
+from pagedserve.gateway.kv_map import KvMapReader, encode_body
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.openai_request import ApiCall, parse_chat, parse_completion
 from pagedserve.gateway.openai_response import ChunkFormatter, error_body, full_response
@@ -230,6 +232,20 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
         if card is None:
             return error_response(engine.unknown_model(name))
         return JSONResponse(_model_card(card))
+
+    kv_map = KvMapReader(engine.scheduler)
+
+    @app.get("/v1/kv/map")
+    async def kv_map_view(request: Request, pool: str | None = None) -> Response:
+        """Every block of every pool (`?pool=ID`: one), run-length encoded; see `kv_map.py`."""
+        try:
+            body = await kv_map.read(pool)
+        except PagedServeError as err:
+            return error_response(err)
+        data, headers = await asyncio.to_thread(encode_body, body, request.headers.get("accept-encoding", ""))
+        return Response(data, media_type="application/json", headers=headers)
+
+    add_dashboard_routes(app)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

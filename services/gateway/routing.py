@@ -77,6 +77,7 @@ class PoolRouter:
         migration_limit: int = 3,
         refresh: float = 1.0,
         shared_stream: bool = True,
+        state_redis_url: str | None = None,
     ) -> None:
         if policy not in ROUTING_POLICIES:
             raise ValueError(f"--routing must be one of {', '.join(ROUTING_POLICIES)}, got {policy!r}")
@@ -96,6 +97,11 @@ class PoolRouter:
         self.redis_url = redis_url or ""
         if redis_url:
             self.redis = connect_async(redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
+        # Where the pools' blocks are read for the KV map: the registry's Redis, or for static
+        # pools the Redis their schedulers write (`--kv-map-redis-url`); None: no map.
+        self.state_redis = self.redis
+        if self.state_redis is None and state_redis_url:
+            self.state_redis = connect_async(state_redis_url, socket_timeout=2.0, socket_connect_timeout=1.0)
         self.assignments: dict[str, _Assignment] = {}
         self.migrations_total = 0
         self._turn = itertools.count()
@@ -326,6 +332,8 @@ class PoolRouter:
         await asyncio.gather(*(p.client.close() for p in self.pools.values()), return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
+        if self.state_redis is not None and self.state_redis is not self.redis:
+            await self.state_redis.aclose()
 
 
 class RoutedStream:

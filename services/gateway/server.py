@@ -73,6 +73,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="discover every pool in the registry in this Redis and route by what their caches hold",
     )
     parser.add_argument(
+        "--kv-map-redis-url",
+        default=None,
+        help="with static --scheduler pools: the Redis their schedulers write, which GET /v1/kv/map "
+        "and /dashboard read the blocks from (with --redis-url that Redis is used)",
+    )
+    parser.add_argument(
         "--routing",
         choices=["cache_aware", "least_loaded", "round_robin"],
         default="cache_aware",
@@ -214,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         scheduler_address=(args.scheduler or ["" if args.redis_url else "localhost:50053"])[0],
         more_pools=tuple((args.scheduler or [])[1:]),
         redis_url=args.redis_url,
+        kv_map_redis_url=args.kv_map_redis_url,
         detokenize=args.detokenize,
         routing=args.routing,
         routing_prefill_weight=args.routing_prefill_weight,
@@ -365,6 +372,7 @@ def pools_for(config: GatewayConfig) -> PoolRouter:
         decode_weight=config.routing_decode_weight,
         migration_limit=config.migration_limit,
         shared_stream=config.scheduler_stream == "shared",
+        state_redis_url=config.kv_map_redis_url,
     )
 
 

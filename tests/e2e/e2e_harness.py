@@ -114,6 +114,7 @@ class Stack:
         return [
             "--host", self.host, "--grpc-port", str(grpc_port), "--http-port", str(http_port),
             "--tokenizer", self.tokenizer_address, "--scheduler", ",".join(self.scheduler_addresses),
+            "--kv-map-redis-url", self.redis_url,
             "--model", self.model, "--max-queued-requests", str(max_queued_requests),
             "--stall-timeout", str(self.stall_timeout),
         ]  # fmt: skip

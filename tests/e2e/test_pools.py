@@ -4,7 +4,8 @@ them there. A shared-prefix load gets a prefix-hit rate within 10% of one pool h
 everything with cache_aware routing, and above round_robin's; a pool whose executor or
 scheduler is killed mid-stream loses no request (they move to the other pool, greedy text
 identical to `transformers`); a pool started while traffic runs receives requests; a gateway
-restarted mid-run routes as before. fsck is clean on every surviving pool after each test.
+restarted mid-run routes as before; /v1/kv/map shows every pool. fsck is clean on every
+surviving pool after each test.
 """
 
 from __future__ import annotations
@@ -198,6 +199,21 @@ def test_cache_aware_routing_keeps_prefix_hits_of_one_pool(pools: PoolsStack) ->
     }
     assert set(routed) == {"pool-a", "pool-b"} and sum(routed.values()) >= 20
     pools.assert_clean(["pool-a", "pool-b"])
+
+
+def test_kv_map_shows_every_pool(pools: PoolsStack) -> None:
+    """A registry gateway's /v1/kv/map holds every pool, each with its blocks and its scheduler's
+    counters; a gateway on one static --scheduler without --kv-map-redis-url says what it needs."""
+    url = pools.gateways["cache_aware"]
+    body = httpx.get(f"{url}/v1/kv/map", timeout=30).json()
+    assert [p["pool_id"] for p in body["pools"]] == ["pool-a", "pool-b"]
+    for pool in body["pools"]:
+        assert pool["num_blocks"] == 256 and sum(pool["blocks"][1::2]) == 256
+        assert pool["stats"] is not None and pool["counts"]["used"] == 0
+    one = httpx.get(f"{url}/v1/kv/map", params={"pool": "pool-b"}, timeout=30).json()
+    assert [p["pool_id"] for p in one["pools"]] == ["pool-b"]
+    static = httpx.get(f"{pools.gateways['one_pool']}/v1/kv/map", timeout=30)
+    assert static.status_code == 503 and "--kv-map-redis-url" in static.json()["error"]["message"]
 
 
 PROMPTS = [

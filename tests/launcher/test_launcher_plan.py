@@ -134,6 +134,7 @@ def test_plan_orders_and_wires_every_service():
         "--http-port": "8000",
         "--tokenizer": "127.0.0.1:50052",
         "--scheduler": "127.0.0.1:50053",
+        "--kv-map-redis-url": "redis://127.0.0.1:6390/0",
         "--model": "/models/m",
         "--max-queued-requests": "32",
     }
