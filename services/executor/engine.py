@@ -32,6 +32,7 @@ from pagedserve.executor.config import (
     DEFAULT_MIN_BATCHED_TOKENS,
     ExecutorConfig,
 )
+from pagedserve.executor.grammar import Matcher, StructuredOutputs
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
@@ -57,6 +58,8 @@ class ExecutorEngine:
         self.epoch = uuid.uuid4().hex  # a new pool: the scheduler must recompute whatever it placed before
         self.max_fence = 0  # the highest fencing token a step carried (see execute_step)
         self.requests: dict[str, RequestState] = {}
+        # Grammar matchers of the constrained requests; the tokenizer is read from the model's folder.
+        self.structured = StructuredOutputs(runner.name, runner.vocab_size, runner.eos_token_ids)
         self._lock = threading.Lock()
 
     @classmethod
@@ -157,11 +160,22 @@ class ExecutorEngine:
                 max_num_batched_tokens=self.limits.max_num_batched_tokens,
                 claimed_total_tokens=claimed_total_tokens,
             )
-            sampled = self._run(plan)
-            self._commit(plan, sampled)
+            started = self._start_matchers(plan)
+            sampled = self._run(plan, started)
+            self._commit(plan, sampled, started)
             return StepOutput(epoch=self.epoch, sampled=sampled, execute_seconds=time.perf_counter() - start)
 
-    def _run(self, plan: StepPlan) -> list[SampledToken]:
+    def _start_matchers(self, plan: StepPlan) -> dict[str, Matcher]:
+        """Fresh matchers (output replayed) for the constrained requests this step (re)starts."""
+        return {
+            s.state.request_id: self.structured.start(
+                s.state.request_id, s.state.sampling, s.state.output_token_ids
+            )
+            for s in plan.scheduled
+            if s.state.sampling.constrained and self.requests.get(s.state.request_id) is not s.state
+        }
+
+    def _run(self, plan: StepPlan, started: dict[str, Matcher]) -> list[SampledToken]:
         if plan.block_copies:
             mapping = torch.tensor(plan.block_copies, dtype=torch.int64, device=self.pool.device)  # [n, 2]
             self.runner.backend.copy_blocks(self.pool.k_caches, self.pool.v_caches, mapping)
@@ -175,19 +189,35 @@ class ExecutorEngine:
         sampling = [s.state for s in plan.scheduled if s.samples]
         if not sampling:
             return []
+        mask = None
+        if any(r.sampling.constrained for r in sampling):
+            held = self.structured.matchers
+            mask = self.structured.fill(
+                [
+                    started.get(r.request_id) or held.get(r.request_id) if r.sampling.constrained else None
+                    for r in sampling
+                ]
+            )
         results = sampler.sample(
             logits,
             [r.sampling for r in sampling],
             [r.prompt_token_ids for r in sampling],
             [r.output_token_ids for r in sampling],
             self.runner.eos_token_ids,
+            mask=mask,
         )
         return [
             SampledToken(r.request_id, token_id, logprobs)
             for r, (token_id, logprobs) in zip(sampling, results, strict=True)
         ]
 
-    def _commit(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
+    def _commit(self, plan: StepPlan, sampled: list[SampledToken], started: dict[str, Matcher]) -> None:
+        if started or self.structured.matchers:
+            self.structured.commit(
+                plan.forget,
+                list(started.values()),
+                {t.request_id: t.token_id for t in sampled},
+            )
         for request_id in plan.forget:
             del self.requests[request_id]
         for s in plan.scheduled:
