@@ -251,7 +251,11 @@ class Engine:
                 raise InvalidArgument(
                     "tools: the served model's chat template does not support tools", field="tools"
                 )
-            size = len(prompt.text.encode()) + sum(len(m.content.encode()) for m in prompt.messages)
+            size = (
+                len(prompt.text.encode())
+                + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
+                + len(prompt.tools_json)
+            )
             if info.max_input_bytes and size > info.max_input_bytes:
                 raise InvalidArgument(
                     f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field

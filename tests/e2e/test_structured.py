@@ -284,3 +284,13 @@ def test_grpc_structured_outputs(tool_stack: Stack) -> None:
         assert picked.choices[0].text in ("up", "down")
         with pytest.raises(InvalidArgument, match="structured"):
             sdk.generate("x", max_tokens=4, structured_outputs={"regex": "(unclosed"})
+
+
+def test_tool_choice_auto_answers_in_text(client: openai.OpenAI, tool_stack: Stack) -> None:
+    """The tiny model writes no <tool_call>: the answer stays text (parsing is unit-tested)."""
+    reply = client.chat.completions.create(
+        model=tool_stack.model, messages=ASK, tools=[TIME], max_tokens=6, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None
+    assert isinstance(choice.message.content, str)
