@@ -100,6 +100,13 @@ def validate(kind: str, spec: str, field: str) -> None:
         raise InvalidArgument(f"{field}: {error}", field=field)
 
 
+def warm_up() -> None:
+    """Import the grammar library and parse one tiny grammar, so that the first request with a
+    constraint does not pay for it (the import alone takes ~1 s, more on a busy machine). Run it
+    off the event loop, at start."""
+    build_grammar("regex", "a")
+
+
 def to_proto(kind: str, spec: str):
     """A `pagedserve.v1.StructuredOutput`."""
     from pagedserve.v1 import common_pb2

@@ -117,7 +117,9 @@ class ExecutorEngine:
             runner.backend.name,
         )
         log.info(pool.describe(limits.max_model_len))
-        return cls(runner, pool, limits)
+        engine = cls(runner, pool, limits)
+        engine.structured.warm_up_in_background()
+        return engine
 
     def info(self) -> ExecutorInfo:
         return ExecutorInfo(

@@ -21,6 +21,7 @@ constrained request arrives, and each distinct (kind, spec) is compiled once (an
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,22 +70,36 @@ class StructuredOutputs:
         self.eos_token_ids = tuple(t for t in eos_token_ids if 0 <= t < vocab_size)
         self.matchers: dict[str, Matcher] = {}
         self._compiler = None
+        self._compiler_lock = threading.Lock()
         self._compiled: OrderedDict[tuple[str, str], object] = OrderedDict()
+
+    def warm_up_in_background(self) -> None:
+        """Load the library and the vocabulary now, in a thread, rather than inside the first step
+        that has a constrained request (which would hold up every request in that step)."""
+
+        def load() -> None:
+            try:
+                self._get_compiler()
+            except Exception as exc:  # tried again, and reported, on first use
+                log.info("structured output is not ready: %s", exc)
+
+        threading.Thread(target=load, name="grammar-warm-up", daemon=True).start()
 
     # -- compiling ------------------------------------------------------------------------
 
     def _get_compiler(self):
-        if self._compiler is None:
-            import xgrammar as xgr
-            from transformers import AutoTokenizer
+        with self._compiler_lock:
+            if self._compiler is None:
+                import xgrammar as xgr
+                from transformers import AutoTokenizer
 
-            hf = AutoTokenizer.from_pretrained(self.tokenizer_source)
-            info = xgr.TokenizerInfo.from_huggingface(
-                hf, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
-            )
-            # One thread: the executor's cores belong to the forward; the grammars are small.
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
-        return self._compiler
+                hf = AutoTokenizer.from_pretrained(self.tokenizer_source)
+                info = xgr.TokenizerInfo.from_huggingface(
+                    hf, vocab_size=self.vocab_size, stop_token_ids=list(self.eos_token_ids)
+                )
+                # One thread: the executor's cores belong to the forward; the grammars are small.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+            return self._compiler
 
     def compile(self, kind: str, spec: str):
         """The compiled grammar for (kind, spec); raises `InvalidArgument` for a bad one."""

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 
 import grpc
 import h11
@@ -22,6 +23,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from pagedserve.common import structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -366,6 +368,8 @@ async def serve(config: GatewayConfig) -> None:
         tokenizer.detokenizer = await asyncio.to_thread(LocalDetokenizer.load, config.model)
     metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
+    # Structured-output constraints are parsed on the event loop: load the library beforehand.
+    threading.Thread(target=structured.warm_up, name="grammar-warm-up", daemon=True).start()
 
     http = http_server(engine, metrics)
     http_task = asyncio.create_task(http.serve(), name="http")
