@@ -3,7 +3,8 @@
 - OpenAI's `response_format`: `{"type": "text"}` (none), `{"type": "json_object"}`, or
   `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`;
 - vLLM's `structured_outputs`: exactly one of `json` (a schema, as an object or JSON text),
-  `regex`, `choice` (a list of strings), `grammar` (EBNF) or `json_object: true`.
+  `regex`, `choice` (a list of strings), `grammar` (EBNF) or `json_object: true`; and vLLM's
+  older top-level `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`, read the same.
 
 Each constraint is parsed by the grammar library here, in the gateway (once per distinct spec),
 so that a bad schema, regex or grammar is a 400 naming its field before anything is scheduled.
@@ -64,8 +65,8 @@ def response_format(value) -> tuple[str, str]:
     return "json_schema", _schema_text(spec["schema"], where)
 
 
-def structured_outputs(value) -> tuple[str, str]:
-    """vLLM's `structured_outputs`."""
+def structured_outputs(value, guided: bool = False) -> tuple[str, str]:
+    """vLLM's `structured_outputs` (or, `guided`, its `guided_*` fields gathered in one dict)."""
     field = "structured_outputs"
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field} must be an object", field=field)
@@ -77,7 +78,7 @@ def structured_outputs(value) -> tuple[str, str]:
             field=field,
         )
     (key,) = given
-    where = f"{field}.{key}"
+    where = _field(key, guided)
     item = value[key]
     if key == "json_object":
         if item is not True:
@@ -92,9 +93,20 @@ def structured_outputs(value) -> tuple[str, str]:
     return _STRUCTURED_KEYS[key], item
 
 
+def _field(key: str, guided: bool) -> str:
+    return f"guided_{key}" if guided else f"structured_outputs.{key}"
+
+
 def parse_constraint(body: dict) -> tuple[str, str, str]:
     """(kind, spec, field) of a body's constraint, validated; ("", "", "") when it has none."""
     fmt, outputs = body.get("response_format"), body.get("structured_outputs")
+    guided = {key: body[f"guided_{key}"] for key in _STRUCTURED_KEYS if body.get(f"guided_{key}") is not None}
+    if guided:
+        if outputs is not None:
+            raise InvalidArgument(
+                "structured_outputs and guided_* cannot both be given", field="structured_outputs"
+            )
+        outputs = guided
     if fmt is not None and outputs is not None:
         raise InvalidArgument(
             "response_format and structured_outputs cannot both be given", field="structured_outputs"
@@ -104,9 +116,9 @@ def parse_constraint(body: dict) -> tuple[str, str, str]:
         if kind == "json_schema":
             field = "response_format.json_schema.schema"
     elif outputs is not None:
-        (kind, spec), field = structured_outputs(outputs), "structured_outputs"
+        (kind, spec), field = structured_outputs(outputs, bool(guided)), "structured_outputs"
         if kind:
-            field = f"structured_outputs.{next(k for k in outputs if outputs[k] not in (None, False))}"
+            field = _field(next(k for k in outputs if outputs[k] not in (None, False)), bool(guided))
     else:
         return "", "", ""
     if kind:

@@ -41,6 +41,8 @@ def test_response_format_and_structured_outputs_set_the_constraint() -> None:
     ]:
         call = parse_completion({"prompt": "x", "structured_outputs": given})
         assert call.request.sampling.structured_kind == kind
+    guided = parse_completion({"prompt": "x", "guided_choice": ["a", "b"]}).request.sampling
+    assert (guided.structured_kind, json.loads(guided.structured_spec)) == ("choice", ["a", "b"])
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,7 @@ def test_response_format_and_structured_outputs_set_the_constraint() -> None:
         ({"structured_outputs": {"choice": ["a", ""]}}, "structured_outputs.choice"),
         ({"structured_outputs": {"grammar": "root ::= missing"}}, "structured_outputs.grammar"),
         ({"structured_outputs": {}}, "structured_outputs"),
+        ({"guided_regex": "(x"}, "guided_regex"),
         (
             {"structured_outputs": {"regex": "a"}, "response_format": {"type": "json_object"}},
             "structured_outputs",
