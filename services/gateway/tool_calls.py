@@ -100,19 +100,27 @@ def parse_tools(body: dict) -> tuple[str, ToolChoice | None, dict | None]:
 
 
 def _calls_schema(parameters: dict[str, dict], parallel: bool) -> dict:
-    """A JSON array of one or more calls, each `{"name": <a tool>, "arguments": <its parameters>}`."""
-    one_call = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": name}, "arguments": params},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for name, params in parameters.items()
-    ]
+    """A JSON array of one or more calls, each `{"name": <a tool>, "arguments": <its parameters>}`.
+
+    Each tool's `$defs` move to the root, where its `#/$defs/...` references point once the
+    parameters sit inside the array."""
+    one_call, defs = [], {}
+    for name, params in parameters.items():
+        defs.update(params.get("$defs", {}))
+        params = {k: v for k, v in params.items() if k != "$defs"}
+        one_call.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": name}, "arguments": params},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+        )
     schema: dict = {"type": "array", "minItems": 1, "items": {"anyOf": one_call}}
     if not parallel:
         schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
     return schema
 
 

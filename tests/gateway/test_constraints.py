@@ -95,6 +95,19 @@ def test_tool_choice_constrains_named_and_required() -> None:
     schema = json.loads(required.request.sampling.structured_spec)
     assert schema["type"] == "array" and schema["maxItems"] == 1
     structured.validate("json_schema", required.request.sampling.structured_spec, "tools")
+    # A tool whose parameters refer to their own $defs still compiles inside the array of calls.
+    with_refs = {
+        "type": "function",
+        "function": {
+            "name": "g",
+            "parameters": {
+                "type": "object",
+                "properties": {"p": {"$ref": "#/$defs/point"}},
+                "$defs": {"point": {"type": "object", "properties": {"x": {"type": "integer"}}}},
+            },
+        },
+    }
+    _chat(tools=[TOOL, with_refs], tool_choice="required")
     auto = _chat(tools=[TOOL])
     assert auto.tool_choice.mode == "auto" and not auto.request.sampling.constrained
     history = _chat(
