@@ -45,12 +45,25 @@ class TokenMask:
     rows: list[int]
 
     def apply(self, logits: torch.Tensor) -> None:
-        """Disallowed tokens of the constrained rows of `logits` `[B, V]` (float32) get -inf, in place."""
+        """Disallowed tokens of the constrained rows of `logits` `[B, V]` (float32) get -inf, in place.
+
+        On the CPU through xgrammar's kernel; on an accelerator by unpacking the bits with torch
+        ops (`apply_unpacked`), which need no kernel built for the device."""
+        if logits.device.type != "cpu":
+            self.apply_unpacked(logits)
+            return
         import xgrammar as xgr
 
-        xgr.apply_token_bitmask_inplace(
-            logits, self.bitmask.to(logits.device, non_blocking=True), indices=self.rows
-        )
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask, indices=self.rows)
+
+    def apply_unpacked(self, logits: torch.Tensor) -> None:
+        """`apply` in plain torch ops, on any device."""
+        device = logits.device
+        rows = torch.tensor(self.rows, device=device)  # [R]
+        words = self.bitmask[self.rows].to(device, non_blocking=True)  # [R, W] int32
+        shifts = torch.arange(32, dtype=torch.int32, device=device)  # [32]
+        allowed = ((words.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)[:, : logits.shape[1]]  # [R, V]
+        logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
 @dataclass(slots=True)

@@ -114,6 +114,25 @@ def test_sampler_mask_leaves_other_rows_alone(outputs: StructuredOutputs) -> Non
     assert both[1][0] == max(_allowed(outputs, matcher), key=lambda t: logits[1, t].item())
 
 
+def test_torch_unpacking_equals_the_cpu_kernel(outputs: StructuredOutputs, tokenizer) -> None:
+    """The accelerator path (plain torch ops) masks exactly what xgrammar's CPU kernel masks."""
+    eos = tokenizer.eos_token_id
+    matchers = [
+        outputs.start("a", _params("json_schema", json.dumps(SCHEMA)), []),
+        None,
+        outputs.start("b", _params("regex", "[0-9]{2}"), []),
+        outputs.start("c", _params("grammar", "root ::= missing"), []),  # EOS only
+    ]
+    mask = outputs.fill(matchers)
+    logits = torch.randn(4, outputs.vocab_size)
+    kernel, unpacked = logits.clone(), logits.clone()
+    mask.apply(kernel)
+    mask.apply_unpacked(unpacked)
+    assert torch.equal(kernel, unpacked)
+    assert torch.equal(kernel[1], logits[1]), "an unconstrained row is untouched"
+    assert torch.isfinite(kernel[3]).nonzero().flatten().tolist() == [eos]
+
+
 def _drive(
     engine,
     request_id: str,
