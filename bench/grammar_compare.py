@@ -2,7 +2,8 @@
 
 For each of xgrammar and llguidance that is installed (`pip install llguidance` to compare; only
 xgrammar is a dependency): tokenizer set-up, compiling a typical JSON schema and a regex, filling
-the next-token bitmask for a batch of 32 matchers per step while they walk a valid answer, and
+the next-token bitmask for a batch of 32 matchers per step while they walk a valid answer (each a
+few tokens apart, so the rows are in different states), and
 applying the `[32, V]` bitmask to float32 logits on the CPU. Medians; see docs/STRUCTURED_OUTPUTS.md.
 
     python -m pagedserve.bench.grammar_compare [--model models/tiny-py] [--batch 32]
@@ -44,12 +45,16 @@ def _ms(fn: Callable[[], object], repeat: int) -> float:
     return statistics.median(times) * 1e3
 
 
+STAGGER = 8  # matcher i runs i % STAGGER tokens ahead, so the rows are in different states
+
+
 def _walk(
     fill: Callable[[], None], apply: Callable[[torch.Tensor], None], advance, ids, logits
 ) -> tuple[float, float]:
-    """Median ms per step to fill the batch's bitmask and to apply it, over the answer's tokens."""
+    """Median ms per step to fill the batch's bitmask and to apply it, as the matchers walk the
+    answer; `advance(step)` moves every matcher one token on."""
     fills, applies = [], []
-    for token in ids:
+    for step in range(len(ids) - STAGGER):
         start = time.perf_counter()
         fill()
         fills.append(time.perf_counter() - start)
@@ -57,8 +62,21 @@ def _walk(
         start = time.perf_counter()
         apply(scratch)
         applies.append(time.perf_counter() - start)
-        advance(token)
+        advance(step)
     return statistics.median(fills) * 1e3, statistics.median(applies) * 1e3
+
+
+def _stagger(matchers: list, accept: Callable[[object, int], bool], ids: list[int]) -> Callable[[int], None]:
+    """Put matcher i `i % STAGGER` tokens ahead; the returned `advance(step)` keeps them so."""
+    for i, m in enumerate(matchers):
+        for token in ids[: i % STAGGER]:
+            assert accept(m, token)
+
+    def advance(step: int) -> None:
+        for i, m in enumerate(matchers):
+            assert accept(m, ids[step + i % STAGGER])
+
+    return advance
 
 
 def bench_xgrammar(hf, vocab_size: int, batch: int, ids: list[int], logits: torch.Tensor) -> dict[str, float]:
@@ -80,9 +98,7 @@ def bench_xgrammar(hf, vocab_size: int, batch: int, ids: list[int], logits: torc
         for i, m in enumerate(matchers):
             m.fill_next_token_bitmask(bitmask, i)
 
-    def advance(token: int) -> None:
-        assert all(m.accept_token(token) for m in matchers)
-
+    advance = _stagger(matchers, lambda m, t: m.accept_token(t), ids)
     fill_ms, apply_ms = _walk(
         fill, lambda x: xgr.apply_token_bitmask_inplace(x, bitmask), advance, ids, logits
     )
@@ -121,9 +137,7 @@ def bench_llguidance(
         for i, m in enumerate(matchers):
             llguidance.torch.fill_next_token_bitmask(m, bitmask, i)
 
-    def advance(token: int) -> None:
-        assert all(m.consume_token(token) for m in matchers)
-
+    advance = _stagger(matchers, lambda m, t: m.consume_token(t), ids)
     apply = lambda x: llguidance.torch.apply_token_bitmask_inplace(x, bitmask)  # noqa: E731
     fill_ms, apply_ms = _walk(fill, apply, advance, ids, logits)
     return {
