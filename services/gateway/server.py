@@ -14,7 +14,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import threading
 
 import grpc
 import h11
@@ -368,8 +367,9 @@ async def serve(config: GatewayConfig) -> None:
         tokenizer.detokenizer = await asyncio.to_thread(LocalDetokenizer.load, config.model)
     metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
-    # Structured-output constraints are parsed on the event loop: load the library beforehand.
-    threading.Thread(target=structured.warm_up, name="grammar-warm-up", daemon=True).start()
+    # Structured-output constraints are parsed on the event loop: load the library before serving
+    # (off the loop), so that no request waits for the import and the gateway's memory is settled.
+    await asyncio.to_thread(structured.warm_up)
 
     http = http_server(engine, metrics)
     http_task = asyncio.create_task(http.serve(), name="http")
