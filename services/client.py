@@ -50,10 +50,11 @@ from typing import Any
 
 import grpc
 
-from pagedserve.common import errors
+from pagedserve.common import errors, structured
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
 from pagedserve.common.outputs import Usage
 from pagedserve.common.params import SamplingParams
+from pagedserve.gateway import constraints
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 
 FINISH_REASONS = {1: "stop", 2: "length", 3: "abort"}
@@ -206,6 +207,18 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
     return msg
 
 
+def _constraint(outputs: dict[str, Any] | None, fmt: dict[str, Any] | None) -> tuple[str, str]:
+    if outputs is not None and fmt is not None:
+        raise errors.InvalidArgument(
+            "pass structured_outputs or response_format, not both", field="structured_outputs"
+        )
+    if outputs is not None:
+        return constraints.structured_outputs(outputs)
+    if fmt is not None:
+        return constraints.response_format(fmt)
+    return "", ""
+
+
 def build_request(
     prompt: str | None = None,
     *,
@@ -219,9 +232,16 @@ def build_request(
     add_generation_prompt: bool = True,
     priority: int = 0,
     detokenize: bool | None = None,
+    structured_outputs: dict[str, Any] | None = None,
+    response_format: dict[str, Any] | None = None,
     **sampling: Any,
 ) -> gateway_pb2.GenerateRequest:
     """A `GenerateRequest` from exactly one of `prompt`, `token_ids` or `messages`.
+
+    The output may be constrained as over HTTP: `structured_outputs` in vLLM's form (exactly one
+    of `json` (a schema), `regex`, `choice` (a list of strings), `grammar` (EBNF), `json_object`)
+    or `response_format` in OpenAI's (`{"type": "json_schema", "json_schema": {"schema": ...}}`
+    or `{"type": "json_object"}`); the gateway refuses a bad one with INVALID_ARGUMENT.
 
     Raises `InvalidArgument` (naming the field) for a value protobuf cannot carry."""
     given = [x is not None for x in (prompt, token_ids, messages)]
@@ -253,6 +273,9 @@ def build_request(
                 add_generation_prompt=add_generation_prompt,
             )
         )
+    kind, spec = _constraint(structured_outputs, response_format)
+    if kind:
+        msg.sampling.structured.CopyFrom(structured.to_proto(kind, spec))
     if add_special_tokens is not None:
         msg.add_special_tokens = add_special_tokens
     if skip_special_tokens is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
@@ -33,6 +34,10 @@ class SamplingParams:
     min_tokens: int = 0
     # None: none; k: every prompt token's logprob + top k (computes every prompt position)
     prompt_logprobs: int | None = None
+    # Structured output (see `pagedserve.common.structured`): "" for free text, else a kind and
+    # its spec. Two plain strings, so the constraint survives asdict / JSON records unchanged.
+    structured_kind: str = ""
+    structured_spec: str = ""
 
     @property
     def greedy(self) -> bool:
@@ -74,6 +79,18 @@ class SamplingParams:
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
                 field="min_tokens",
             )
+        if self.structured_kind or self.structured_spec:
+            structured.check_shape(self.structured_kind, self.structured_spec)
+            # The constraint ends a sequence by allowing only EOS once the output is complete;
+            # these two would forbid exactly that token.
+            if self.ignore_eos:
+                raise InvalidArgument(
+                    "ignore_eos cannot be combined with structured output", field="ignore_eos"
+                )
+            if self.min_tokens:
+                raise InvalidArgument(
+                    "min_tokens cannot be combined with structured output", field="min_tokens"
+                )
         if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:
@@ -86,9 +103,14 @@ class SamplingParams:
                 f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
             )
 
+    @property
+    def constrained(self) -> bool:
+        return bool(self.structured_kind)
+
     @classmethod
     def from_proto(cls, msg) -> SamplingParams:  # msg: pagedserve.v1.SamplingParams
         """Proto to dataclass; unset optional fields take their non-zero defaults."""
+        kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
         return cls(
             max_tokens=msg.max_tokens if msg.max_tokens else 16,
             temperature=msg.temperature if msg.HasField("temperature") else 1.0,
@@ -105,6 +127,8 @@ class SamplingParams:
             logprobs=msg.logprobs if msg.HasField("logprobs") else None,
             min_tokens=msg.min_tokens,
             prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+            structured_kind=kind,
+            structured_spec=spec,
         )
 
     def to_proto(self):
@@ -131,4 +155,6 @@ class SamplingParams:
             msg.logprobs = self.logprobs
         if self.prompt_logprobs is not None:
             msg.prompt_logprobs = self.prompt_logprobs
+        if self.structured_kind:
+            msg.structured.CopyFrom(structured.to_proto(self.structured_kind, self.structured_spec))
         return msg

@@ -33,6 +33,7 @@ from pagedserve.executor.config import (
     ExecutorConfig,
 )
 from pagedserve.executor.cuda_graphs import DecodeGraphs
+from pagedserve.executor.grammar import Matcher, StructuredOutputs
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
@@ -59,6 +60,8 @@ class ExecutorEngine:
         self.epoch = uuid.uuid4().hex  # a new pool: the scheduler must recompute whatever it placed before
         self.max_fence = 0  # the highest fencing token a step carried (see execute_step)
         self.requests: dict[str, RequestState] = {}
+        # Grammar matchers of the constrained requests; the tokenizer is read from the model's folder.
+        self.structured = StructuredOutputs(runner.name, runner.vocab_size, runner.eos_token_ids)
         self._lock = threading.Lock()
 
     @classmethod
@@ -126,7 +129,9 @@ class ExecutorEngine:
                 graphs.sizes[-1],
                 seconds,
             )
-        return cls(runner, pool, limits)
+        engine = cls(runner, pool, limits)
+        engine.structured.warm_up_in_background()
+        return engine
 
     def info(self) -> ExecutorInfo:
         return ExecutorInfo(
@@ -169,8 +174,9 @@ class ExecutorEngine:
                 max_num_batched_tokens=self.limits.max_num_batched_tokens,
                 claimed_total_tokens=claimed_total_tokens,
             )
-            sampled, prompt_logprobs = self._run(plan)
-            self._commit(plan, sampled)
+            started = self._start_matchers(plan)
+            sampled, prompt_logprobs = self._run(plan, started)
+            self._commit(plan, sampled, started)
             return StepOutput(
                 epoch=self.epoch,
                 sampled=sampled,
@@ -178,7 +184,19 @@ class ExecutorEngine:
                 prompt_logprobs=prompt_logprobs,
             )
 
-    def _run(self, plan: StepPlan) -> tuple[list[SampledToken], list[PromptLogprobs]]:
+    def _start_matchers(self, plan: StepPlan) -> dict[str, Matcher]:
+        """Fresh matchers (output replayed) for the constrained requests this step (re)starts."""
+        return {
+            s.state.request_id: self.structured.start(
+                s.state.request_id, s.state.sampling, s.state.output_token_ids
+            )
+            for s in plan.scheduled
+            if s.state.sampling.constrained and self.requests.get(s.state.request_id) is not s.state
+        }
+
+    def _run(
+        self, plan: StepPlan, started: dict[str, Matcher]
+    ) -> tuple[list[SampledToken], list[PromptLogprobs]]:
         if plan.block_copies:
             mapping = torch.tensor(plan.block_copies, dtype=torch.int64, device=self.pool.device)  # [n, 2]
             self.runner.backend.copy_blocks(self.pool.k_caches, self.pool.v_caches, mapping)
@@ -192,24 +210,42 @@ class ExecutorEngine:
         logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
         sampling = [s.state for s in plan.scheduled if s.samples]
         prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
-        return self._sample(logits[: len(sampling)], sampling), prompt_logprobs
+        return self._sample(logits[: len(sampling)], sampling, started), prompt_logprobs
 
-    def _sample(self, logits: torch.Tensor, sampling: list[RequestState]) -> list[SampledToken]:
+    def _sample(
+        self, logits: torch.Tensor, sampling: list[RequestState], started: dict[str, Matcher]
+    ) -> list[SampledToken]:
         if not sampling:
             return []
+        mask = None
+        if any(r.sampling.constrained for r in sampling):
+            held = self.structured.matchers
+            mask = self.structured.fill(
+                [
+                    started.get(r.request_id) or held.get(r.request_id) if r.sampling.constrained else None
+                    for r in sampling
+                ]
+            )
         results = sampler.sample(
             logits,
             [r.sampling for r in sampling],
             [r.prompt_token_ids for r in sampling],
             [r.output_token_ids for r in sampling],
             self.runner.eos_token_ids,
+            mask=mask,
         )
         return [
             SampledToken(r.request_id, token_id, logprobs)
             for r, (token_id, logprobs) in zip(sampling, results, strict=True)
         ]
 
-    def _commit(self, plan: StepPlan, sampled: list[SampledToken]) -> None:
+    def _commit(self, plan: StepPlan, sampled: list[SampledToken], started: dict[str, Matcher]) -> None:
+        if started or self.structured.matchers:
+            self.structured.commit(
+                plan.forget,
+                list(started.values()),
+                {t.request_id: t.token_id for t in sampled},
+            )
         for request_id in plan.forget:
             del self.requests[request_id]
         for s in plan.scheduled:

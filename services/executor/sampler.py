@@ -6,7 +6,9 @@ vocabulary). Each row goes through, in vLLM's order:
 1. penalties on the raw logits (`apply_penalties`): repetition over prompt ∪ output,
    presence and frequency over the output only;
 2. `min_tokens`: while a sequence has fewer outputs than `min_tokens`, its EOS ids (unless
-   `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`);
+   `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`); then structured
+   output: tokens a row's grammar does not allow are set to -inf, all rows at once from one
+   bitmask (`mask`, see `pagedserve.executor.grammar`);
 3. temperature: greedy rows (`SamplingParams.greedy`) take the argmax here; the rest are
    divided by their temperature;
 4. top-k, then top-p over the top-k survivors renormalized (`apply_top_k_top_p`), then
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from typing import Protocol
 
 import torch
 
@@ -53,6 +56,12 @@ def step_seed(seed: int, num_output_tokens: int) -> int:
     `torch.Generator.manual_seed` takes it on every device.
     """
     return _splitmix64(_splitmix64(seed & _MASK64) + num_output_tokens) >> 1
+
+
+class TokenMask(Protocol):
+    """Allowed tokens per row (structured output); `apply` sets the rest to -inf in place."""
+
+    def apply(self, logits: torch.Tensor) -> None: ...
 
 
 def _has_penalties(p: SamplingParams) -> bool:
@@ -243,10 +252,12 @@ def sample(
     prompt_ids: Sequence[Sequence[int]],
     output_ids: Sequence[Sequence[int]],
     eos_token_ids: tuple[int, ...],
+    mask: TokenMask | None = None,
 ) -> list[tuple[int, TokenLogprobs | None]]:
     """Sample one token per row of `logits` `[B, V]` (any float dtype; computed in float32).
 
-    `params`, `prompt_ids` and `output_ids` (generated so far) have one entry per row.
+    `params`, `prompt_ids` and `output_ids` (generated so far) have one entry per row; `mask`
+    (structured output) the tokens each constrained row may sample.
     Returns `(token_id, logprobs or None)` per row, in row order. See the module docstring
     for the order of operations, seeding, and what the logprobs are computed from (after
     penalties and temperature, before top-k/top-p/min-p truncation).
@@ -263,12 +274,18 @@ def sample(
     # Fast path: every row plain greedy, nothing to mask or report: no copy, no penalty, temperature,
     # top-k/top-p or softmax work. `max(dim).indices` is argmax (the first maximum on ties, NaN wins)
     # at under half the cost of `argmax` on CPU for a [B, V] float32 tensor.
-    if not ban_rows and all(p.greedy and p.logprobs is None and not _has_penalties(p) for p in params):
+    if (
+        mask is None
+        and not ban_rows
+        and all(p.greedy and p.logprobs is None and not _has_penalties(p) for p in params)
+    ):
         return [(token, None) for token in logits.max(dim=-1).indices.tolist()]
 
     logits = apply_penalties(logits.to(torch.float32), params, prompt_ids, output_ids)  # [B, V], a copy
     if ban_rows:
         logits[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = float("-inf")
+    if mask is not None:
+        mask.apply(logits)
 
     tokens = logits.argmax(dim=-1)  # [B] the answer for greedy rows
     temperatures = [p.temperature if p.temperature > 0.0 else 1.0 for p in params]

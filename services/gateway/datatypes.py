@@ -25,6 +25,9 @@ class PromptKind(IntEnum):
 class ChatMessage:
     role: str
     content: str
+    tool_calls_json: str = ""  # an assistant turn's `tool_calls`, as JSON text
+    tool_call_id: str = ""  # a tool turn: the call it answers
+    name: str = ""
 
 
 @dataclass(slots=True)
@@ -37,6 +40,7 @@ class Prompt:
     messages: list[ChatMessage] = field(default_factory=list)
     add_special_tokens: bool = True  # text only
     add_generation_prompt: bool = True  # chat only
+    tools_json: str = ""  # chat only: OpenAI's `tools` list as JSON text, for the template
 
     @property
     def is_empty(self) -> bool:
@@ -166,6 +170,7 @@ class TokenizerInfo:
     eos_token_ids: tuple[int, ...]
     has_chat_template: bool
     max_input_bytes: int
+    chat_template_supports_tools: bool = False
 
 
 @dataclass(slots=True)

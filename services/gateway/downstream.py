@@ -63,6 +63,7 @@ class TokenizerClient:
             eos_token_ids=tuple(reply.eos_token_ids),
             has_chat_template=reply.has_chat_template,
             max_input_bytes=reply.max_input_bytes,
+            chat_template_supports_tools=reply.chat_template_supports_tools,
         )
 
     async def encode(self, prompt: Prompt) -> list[int]:
@@ -75,9 +76,17 @@ class TokenizerClient:
             request = tokenizer_pb2.EncodeRequest(
                 chat=tokenizer_pb2.ChatMessages(
                     messages=[
-                        tokenizer_pb2.ChatMessage(role=m.role, content=m.content) for m in prompt.messages
+                        tokenizer_pb2.ChatMessage(
+                            role=m.role,
+                            content=m.content,
+                            tool_calls_json=m.tool_calls_json,
+                            tool_call_id=m.tool_call_id,
+                            name=m.name,
+                        )
+                        for m in prompt.messages
                     ],
                     add_generation_prompt=prompt.add_generation_prompt,
+                    tools_json=prompt.tools_json,
                 )
             )
         try:

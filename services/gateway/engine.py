@@ -24,6 +24,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from pagedserve.common import structured
 from pagedserve.common.errors import (
     InvalidArgument,
     NotFound,
@@ -34,7 +35,6 @@ from pagedserve.common.errors import (
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.config import GatewayConfig, RequestLimits
 from pagedserve.gateway.datatypes import (
-    ChatMessage,
     DetokenizeItem,
     GenerationRequest,
     ModelInfo,
@@ -213,6 +213,11 @@ class Engine:
                 f"stop strings are {total} characters in all, more than the limit of {limits.max_stop_chars}",
                 field="stop",
             )
+        sampling = request.sampling
+        if sampling.structured_kind or sampling.structured_spec:
+            # Parsed once per distinct spec (cached): a bad schema, regex or grammar is refused
+            # here, never in the executor. HTTP bodies were checked under their own field names.
+            structured.validate(sampling.structured_kind, sampling.structured_spec, "structured")
 
     async def prepare(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         """Validate and tokenize; raise `InvalidArgument`/`NotFound` before anything is allocated."""
@@ -242,7 +247,15 @@ class Engine:
         else:
             if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
                 raise InvalidArgument("the served model has no chat template", field="messages")
-            size = len(prompt.text.encode()) + sum(len(m.content.encode()) for m in prompt.messages)
+            if prompt.tools_json and not info.chat_template_supports_tools:
+                raise InvalidArgument(
+                    "tools: the served model's chat template does not support tools", field="tools"
+                )
+            size = (
+                len(prompt.text.encode())
+                + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
+                + len(prompt.tools_json)
+            )
             if info.max_input_bytes and size > info.max_input_bytes:
                 raise InvalidArgument(
                     f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
@@ -265,9 +278,7 @@ class Engine:
         except InvalidArgument:
             if prompt.kind is not PromptKind.CHAT or not any(m.role == "developer" for m in prompt.messages):
                 raise
-        messages = [
-            ChatMessage("system" if m.role == "developer" else m.role, m.content) for m in prompt.messages
-        ]
+        messages = [replace(m, role="system") if m.role == "developer" else m for m in prompt.messages]
         return await self.tokenizer.encode(replace(prompt, messages=messages))
 
     async def prompt_text(self, request: GenerationRequest) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.params import SamplingParams
@@ -48,7 +49,10 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
         )
         if msg.HasField(name)
     }
-    return SamplingParams(**values, stop_token_ids=list(msg.stop_token_ids))
+    kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
+    return SamplingParams(
+        **values, stop_token_ids=list(msg.stop_token_ids), structured_kind=kind, structured_spec=spec
+    )
 
 
 def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
@@ -61,8 +65,12 @@ def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
     elif kind == "chat":
         prompt = Prompt(
             PromptKind.CHAT,
-            messages=[ChatMessage(role=m.role, content=m.content) for m in msg.chat.messages],
+            messages=[
+                ChatMessage(m.role, m.content, m.tool_calls_json, m.tool_call_id, m.name)
+                for m in msg.chat.messages
+            ],
             add_generation_prompt=msg.chat.add_generation_prompt,
+            tools_json=msg.chat.tools_json,
         )
     else:
         raise InvalidArgument("input must be set: text, token_ids or chat", field="input")

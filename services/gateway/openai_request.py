@@ -16,13 +16,17 @@ lone surrogates), so that nothing fails later with a 500.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 
+from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import MAX_LOGPROBS, SamplingParams
 from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.constraints import parse_constraint
 from pagedserve.gateway.datatypes import ChatMessage, GenerationRequest, Prompt, PromptKind
+from pagedserve.gateway.tool_calls import ToolChoice, parse_tools
 
 COMPLETIONS_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -48,6 +52,7 @@ class ApiCall:
     echo_logprobs: bool = False
     # vLLM's extra: each choice (chat: the response) carries `prompt_logprobs` with this many tops
     prompt_logprobs: int | None = None
+    tool_choice: ToolChoice | None = None  # chat with tools: how to read tool calls from the output
 
     @property
     def request(self) -> GenerationRequest:
@@ -174,7 +179,13 @@ def _reject(body: dict, name: str, ok, why: str) -> None:
         raise InvalidArgument(f"{name} is not supported: {why}", field=name)
 
 
-def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: RequestLimits) -> SamplingParams:
+def _sampling(
+    body: dict,
+    max_tokens: int,
+    logprobs: int | None,
+    limits: RequestLimits,
+    constraint: tuple[str, str] = ("", ""),
+) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 1.0),
@@ -190,6 +201,8 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: Request
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
         min_tokens=_int(body, "min_tokens", 0),
+        structured_kind=constraint[0],
+        structured_spec=constraint[1],
     )
 
 
@@ -246,7 +259,10 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     echo = _bool(body, "echo", False)
     stream = _bool(body, "stream", False)
     prompt_logprobs = _prompt_logprobs(body, stream)
-    sampling = _sampling(body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits)
+    kind, spec, _ = parse_constraint(body)
+    sampling = _sampling(
+        body, _int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits, (kind, spec)
+    )
     # The executor computes the prompt's logprobs once, with the most tops either form wants.
     asked = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
     sampling.prompt_logprobs = max(asked) if asked else None
@@ -319,8 +335,17 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     """A /v1/chat/completions body. Without max_tokens the answer may fill the context."""
     limits = limits or RequestLimits()
     _common_checks(body)
-    _reject(body, "tools", lambda v: not v, "tool calls")
-    _reject(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text", "only text")
+    kind, spec, _ = parse_constraint(body)
+    tools_json, tool_choice, tool_schema = parse_tools(body)
+    if tool_schema is not None:
+        if kind:
+            raise InvalidArgument(
+                f"tool_choice {body.get('tool_choice')!r} constrains the output itself: it cannot be "
+                "combined with response_format or structured_outputs",
+                field="tool_choice",
+            )
+        kind, spec = "json_schema", json.dumps(tool_schema, separators=(",", ":"))
+        structured.validate(kind, spec, "tools")
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise InvalidArgument("messages must be a list of {role, content} objects", field="messages")
@@ -328,6 +353,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
         PromptKind.CHAT,
         messages=[_chat_message(m, i) for i, m in enumerate(messages)],
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
+        tools_json=tools_json,
     )
     max_tokens = _int(body, "max_completion_tokens", None)
     if max_tokens is None:
@@ -345,7 +371,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     stream = _bool(body, "stream", False)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # Without max_tokens the engine fills it in once the prompt's length is known.
-    sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs, limits)
+    sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs, limits, (kind, spec))
     sampling.prompt_logprobs = prompt_logprobs
     request = GenerationRequest(
         prompt=prompt,
@@ -361,6 +387,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
         include_usage=_stream_options(body, stream),
         return_token_ids=_bool(body, "return_token_ids", False),
         prompt_logprobs=prompt_logprobs,
+        tool_choice=tool_choice,
     )
 
 
@@ -388,7 +415,38 @@ def _chat_message(message, position: int) -> ChatMessage:
         content = "".join(parts)
     elif not isinstance(content, str):
         raise InvalidArgument(f"{where}.content must be a string or a list of text parts", field="messages")
-    return ChatMessage(role=role, content=check_text(content, f"{where}.content", "messages"))
+    return ChatMessage(
+        role=role,
+        content=check_text(content, f"{where}.content", "messages"),
+        tool_calls_json=_tool_calls_json(message.get("tool_calls"), where),
+        tool_call_id=_optional_text(message, "tool_call_id", where),
+        name=_optional_text(message, "name", where),
+    )
+
+
+def _optional_text(message: dict, key: str, where: str) -> str:
+    value = message.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}.{key} must be a string", field="messages")
+    return check_text(value, f"{where}.{key}", "messages")
+
+
+def _tool_calls_json(calls, where: str) -> str:
+    """An assistant message's `tool_calls`, checked, as JSON text (ASCII: no lone surrogate survives)."""
+    if calls is None or calls == []:
+        return ""
+    if not isinstance(calls, list):
+        raise InvalidArgument(f"{where}.tool_calls must be a list", field="messages")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidArgument(
+                f"{where}.tool_calls[{i}] must be {{id, type: function, function: {{name, arguments}}}}",
+                field="messages",
+            )
+    return json.dumps(calls)
 
 
 def _request_fields(body: dict, limits: RequestLimits) -> dict:

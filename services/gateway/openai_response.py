@@ -12,6 +12,19 @@ from pagedserve.gateway.datatypes import (
     Usage,
 )
 from pagedserve.gateway.openai_request import ApiCall
+from pagedserve.gateway.tool_calls import ToolChoice, extract_tool_calls
+
+
+def chat_message(tool_choice: ToolChoice | None, text: str, finish: FinishReason) -> tuple[dict, str | None]:
+    """The assistant message of a finished chat choice and its finish_reason: tool calls found in
+    the text (see `tool_calls`) fill `tool_calls`, and the reason is then "tool_calls"."""
+    if tool_choice is None or tool_choice.mode == "none" or finish is FinishReason.ABORT:
+        return {"role": "assistant", "content": text}, finish.openai_name
+    content, calls = extract_tool_calls(tool_choice, text)
+    if not calls:
+        return {"role": "assistant", "content": text}, finish.openai_name
+    message = {"role": "assistant", "content": content, "tool_calls": [c.to_json() for c in calls]}
+    return message, "tool_calls" if finish is FinishReason.STOP else finish.openai_name
 
 
 def error_body(err: PagedServeError) -> tuple[int, dict]:
@@ -134,7 +147,9 @@ def full_response(
     for c in result.choices:
         choice: dict = {"index": c.index, "finish_reason": c.finish_reason.openai_name}
         if call.chat:
-            choice["message"] = {"role": "assistant", "content": c.text}
+            choice["message"], choice["finish_reason"] = chat_message(
+                call.tool_choice, c.text, c.finish_reason
+            )
             choice["logprobs"] = chat_logprobs_json(c.logprobs) if want_logprobs else None
         else:
             choice["text"] = (echo_texts[c.index // n] if echo_texts else "") + c.text
@@ -198,6 +213,10 @@ class ChunkFormatter:
         # and the choices whose first chunk has not carried them yet
         self.prompt_logprobs: dict[int, PromptLogprobs] = {}
         self.echo_logprobs_pending = set(range(call.num_choices)) if call.echo_logprobs else set()
+        # Chat with tools: each choice's text is held until it finishes, since whether it is a
+        # tool call (and where the call starts and ends) is known only then.
+        tools = call.tool_choice
+        self.held_text: dict[int, str] | None = {} if tools is not None and tools.mode != "none" else None
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {
@@ -241,6 +260,11 @@ class ChunkFormatter:
             self.prompt_logprobs[deltas[0].index // n] = prompt_logprobs
         choices = []
         for d in deltas:
+            if self.held_text is not None:
+                choice = self._held_delta(d)
+                if choice is not None:
+                    choices.append(choice)
+                continue
             if d.index in self.echo_pending:
                 d.text = self.echo_pending.pop(d.index) + d.text
             if (
@@ -280,6 +304,22 @@ class ChunkFormatter:
                     choice["prompt_token_ids"] = prompt_token_ids
             choices.append(choice)
         return [self._chunk(choices)] if choices else []
+
+    def _held_delta(self, d: ChoiceDelta) -> dict | None:
+        """Tool mode: hold the text; at the finish, one delta with the content or the tool calls."""
+        assert self.held_text is not None
+        text = self.held_text.get(d.index, "") + d.text
+        if d.finish_reason is FinishReason.NONE:
+            self.held_text[d.index] = text
+            return None
+        self.held_text.pop(d.index, None)
+        message, finish = chat_message(self.call.tool_choice, text, d.finish_reason)
+        delta: dict = {}
+        if message["content"]:
+            delta["content"] = message["content"]
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
+        return {"index": d.index, "delta": delta, "logprobs": None, "finish_reason": finish}
 
     def usage(self, usage: Usage) -> list[dict]:
         """The final usage-only chunk, when stream_options.include_usage asked for it."""

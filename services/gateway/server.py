@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pagedserve.common import internal_tls
+from pagedserve.common import internal_tls, structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -387,6 +387,9 @@ async def serve(config: GatewayConfig) -> None:
         tokenizer.detokenizer = await asyncio.to_thread(LocalDetokenizer.load, config.model)
     metrics.watch_detokenizer(tokenizer.detokenizer)
     engine = Engine(config, tokenizer, scheduler, metrics)
+    # Structured-output constraints are parsed on the event loop: load the library before serving
+    # (off the loop), so that no request waits for the import and the gateway's memory is settled.
+    await asyncio.to_thread(structured.warm_up)
 
     http = http_server(engine, metrics)
     http_task = asyncio.create_task(http.serve(), name="http")

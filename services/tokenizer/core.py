@@ -9,6 +9,7 @@ Bad input raises `InvalidArgument` naming the field and the limit.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,32 @@ class ChatMessage:
 
     role: str
     content: str
+    tool_calls_json: str = ""  # an assistant turn's calls: OpenAI's `tool_calls` list as JSON text
+    tool_call_id: str = ""  # a tool turn: the call it answers
+    name: str = ""  # a tool turn: the function's name
+
+    def to_template(self) -> dict:
+        """The message as chat templates read it. A call's `arguments` arrive as JSON text (OpenAI's
+        form); templates index into them (`arguments.items()`, `arguments | tojson`), so a JSON
+        object is handed over decoded."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls_json:
+            calls = json.loads(self.tool_calls_json)
+            for call in calls:
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    try:
+                        arguments = json.loads(function["arguments"])
+                    except ValueError:
+                        continue
+                    if isinstance(arguments, dict):
+                        function["arguments"] = arguments
+            message["tool_calls"] = calls
+        if self.tool_call_id:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name:
+            message["name"] = self.name
+        return message
 
 
 class Encoding(NamedTuple):
@@ -91,6 +118,15 @@ class ServedTokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self.hf, "chat_template", None))
 
+    @property
+    def chat_template_supports_tools(self) -> bool:
+        """Whether the template reads the `tools` variable (a template that does not would drop
+        the tools silently, and the model would never see them)."""
+        template = getattr(self.hf, "chat_template", None)
+        if isinstance(template, dict):  # named templates: the "tool_use" one, or the default
+            template = template.get("tool_use") or template.get("default") or ""
+        return bool(template) and re.search(r"\btools\b", template) is not None
+
     # -- validation ---------------------------------------------------------------------
 
     def check_text(self, text: str, field: str = "text") -> None:
@@ -130,6 +166,7 @@ class ServedTokenizer:
         *,
         add_special_tokens: bool = False,
         add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
     ) -> Encoding:
         """Token ids of plain text, or of a conversation rendered with the chat template.
 
@@ -139,11 +176,18 @@ class ServedTokenizer:
         if isinstance(source, str):
             self.check_text(source)
             return Encoding(self.hf.encode(source, add_special_tokens=add_special_tokens), source)
-        rendered = self.render_chat(source, add_generation_prompt=add_generation_prompt)
+        rendered = self.render_chat(source, add_generation_prompt=add_generation_prompt, tools=tools)
         return Encoding(self.hf.encode(rendered, add_special_tokens=False), rendered)
 
-    def render_chat(self, messages: Sequence[ChatMessage], *, add_generation_prompt: bool = True) -> str:
-        """The conversation as text, through the tokenizer's chat template."""
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        *,
+        add_generation_prompt: bool = True,
+        tools: list[dict] | None = None,
+    ) -> str:
+        """The conversation as text, through the tokenizer's chat template; `tools` (OpenAI's
+        list) are handed to the template, which must support them."""
         if not self.has_chat_template:
             raise InvalidArgument(
                 f"the tokenizer of {self.model} has no chat template: send text instead of chat messages",
@@ -155,15 +199,26 @@ class ServedTokenizer:
         for i, message in enumerate(messages):
             if not message.role:
                 raise InvalidArgument(f"chat.messages[{i}].role is empty", field="chat.messages.role")
-            content_bytes += len(message.content.encode("utf-8", errors="replace"))
+            content_bytes += len(message.content.encode("utf-8", errors="replace")) + len(
+                message.tool_calls_json
+            )
         if content_bytes > self.max_input_bytes:  # before rendering a huge conversation
             raise InvalidArgument(
                 f"chat is {content_bytes} bytes, over the limit of {self.max_input_bytes} bytes", field="chat"
             )
-        conversation = [{"role": m.role, "content": m.content} for m in messages]
+        if tools and not self.chat_template_supports_tools:
+            raise InvalidArgument(
+                f"the chat template of {self.model} does not support tools: send no tools", field="tools"
+            )
+        try:
+            conversation = [m.to_template() for m in messages]
+        except ValueError:
+            raise InvalidArgument(
+                "chat.messages: tool_calls is not valid JSON", field="chat.messages"
+            ) from None
         try:
             rendered = self.hf.apply_chat_template(
-                conversation, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
             )
         except Exception as exc:  # jinja2 errors, including the template's raise_exception()
             raise InvalidArgument(f"the chat template rejected the messages: {exc}", field="chat") from None

@@ -9,6 +9,7 @@ few ids each and run on the loop.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -40,10 +41,14 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         which = request.WhichOneof("input")
         if which == "chat":
-            messages = [ChatMessage(m.role, m.content) for m in request.chat.messages]
+            messages = [
+                ChatMessage(m.role, m.content, m.tool_calls_json, m.tool_call_id, m.name)
+                for m in request.chat.messages
+            ]
+            tools = _tools(request.chat.tools_json)
             encoding = await self._run(
                 lambda: self.tokenizer.encode(
-                    messages, add_generation_prompt=add_generation_prompt(request.chat)
+                    messages, add_generation_prompt=add_generation_prompt(request.chat), tools=tools
                 )
             )
         elif which == "text":
@@ -108,7 +113,21 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             bos_token_id=-1 if tok.bos_token_id is None else tok.bos_token_id,
             has_chat_template=tok.has_chat_template,
             max_input_bytes=tok.max_input_bytes,
+            chat_template_supports_tools=tok.chat_template_supports_tools,
         )
+
+
+def _tools(tools_json: str) -> list[dict] | None:
+    """`ChatMessages.tools_json`: OpenAI's `tools` list as JSON text, or empty for none."""
+    if not tools_json:
+        return None
+    try:
+        tools = json.loads(tools_json)
+    except ValueError:
+        raise InvalidArgument("chat.tools_json is not valid JSON", field="tools") from None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise InvalidArgument("chat.tools_json must be a JSON list of objects", field="tools")
+    return tools
 
 
 def add_generation_prompt(chat: pb.ChatMessages) -> bool:

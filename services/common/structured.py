@@ -1,0 +1,135 @@
+"""Structured output: what a request's constraint is, and the grammar it compiles to.
+
+A constraint travels as two strings on `SamplingParams` (`structured_kind`, `structured_spec`),
+so that it survives every form the parameters take (protobuf, the scheduler's JSON record in
+Redis) unchanged. Kinds and their spec:
+
+| kind          | spec                                   | OpenAI / vLLM field                         |
+|---------------|----------------------------------------|---------------------------------------------|
+| `json_schema` | the schema as JSON text                | response_format json_schema, structured_outputs.json |
+| `json_object` | "" (any JSON object)                   | response_format json_object                 |
+| `regex`       | a regular expression                   | structured_outputs.regex                    |
+| `choice`      | a JSON list of strings                 | structured_outputs.choice                   |
+| `grammar`     | EBNF (GBNF style, root rule `root`)    | structured_outputs.grammar                  |
+
+`build_grammar` turns one into an xgrammar `Grammar`; it needs no tokenizer, so the gateway
+runs it to refuse a bad schema, regex or grammar before anything is scheduled, and the
+executor runs the same function before compiling against its vocabulary. xgrammar is
+imported only here and in `pagedserve.executor.grammar`, and only when a constraint is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+
+from pagedserve.common.errors import InvalidArgument
+
+KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
+MAX_SPEC_CHARS = 1 << 16  # a schema or grammar larger than this is refused before compiling
+# JSON output without free whitespace: a small model cannot spend its tokens on blank runs,
+# and ", " / ": " are the separators models see most in their training text.
+_JSON_OPTIONS = {"any_whitespace": False}
+# xgrammar's messages start with "[time] /path/to/file.cc:line: ".
+_LOCATION = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
+
+
+def check_shape(kind: str, spec: str, field: str = "structured") -> None:
+    """Cheap checks every service can make without the grammar library."""
+    if kind not in KINDS:
+        raise InvalidArgument(f"{field}: unknown kind {kind!r}; one of {', '.join(KINDS)}", field=field)
+    if kind != "json_object" and not spec:
+        raise InvalidArgument(f"{field}.{kind} is empty", field=field)
+    if len(spec) > MAX_SPEC_CHARS:
+        raise InvalidArgument(
+            f"{field}.{kind} is {len(spec)} characters, more than the limit of {MAX_SPEC_CHARS}", field=field
+        )
+
+
+def choice_spec(choices: list[str], field: str) -> str:
+    """The spec of a choice constraint, after checking it is a non-empty list of non-empty strings."""
+    if not isinstance(choices, list) or not choices:
+        raise InvalidArgument(f"{field} must be a non-empty list of strings", field=field)
+    if not all(isinstance(c, str) and c for c in choices):
+        raise InvalidArgument(f"{field} must hold non-empty strings only", field=field)
+    return json.dumps(choices, ensure_ascii=False)
+
+
+def _ebnf_literal(text: str) -> str:
+    # A JSON string literal is also an EBNF one: the same quote and backslash escapes.
+    return json.dumps(text, ensure_ascii=False)
+
+
+def build_grammar(kind: str, spec: str, field: str = "structured"):
+    """An xgrammar `Grammar` for the constraint; `InvalidArgument` naming `field` when it is bad."""
+    check_shape(kind, spec, field)
+    import xgrammar as xgr
+
+    try:
+        if kind == "json_schema":
+            return xgr.Grammar.from_json_schema(spec, **_JSON_OPTIONS)
+        if kind == "json_object":
+            return xgr.Grammar.from_json_schema('{"type": "object"}', **_JSON_OPTIONS)
+        if kind == "regex":
+            return xgr.Grammar.from_regex(spec)
+        if kind == "choice":
+            return xgr.Grammar.from_ebnf("root ::= " + " | ".join(_ebnf_literal(c) for c in json.loads(spec)))
+        return xgr.Grammar.from_ebnf(spec)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        message = _LOCATION.sub("", str(exc).strip()).strip()
+        what = {"json_schema": "JSON schema", "regex": "regex", "grammar": "grammar"}.get(kind, kind)
+        raise InvalidArgument(f"{field}: invalid {what}: {message}", field=field) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _check_cached(kind: str, spec: str) -> str | None:
+    try:
+        build_grammar(kind, spec, field="")
+    except InvalidArgument as exc:
+        return exc.message.removeprefix(": ")
+    return None
+
+
+def validate(kind: str, spec: str, field: str) -> None:
+    """`build_grammar`'s verdict, remembered per distinct (kind, spec): a client that sends the same
+    schema with every request pays for parsing it once."""
+    check_shape(kind, spec, field)
+    error = _check_cached(kind, spec)
+    if error is not None:
+        raise InvalidArgument(f"{field}: {error}", field=field)
+
+
+def warm_up() -> None:
+    """Import the grammar library and parse one tiny grammar, so that the first request with a
+    constraint does not pay for it (the import alone takes ~1 s, more on a busy machine). Run it
+    off the event loop, at start."""
+    build_grammar("regex", "a")
+
+
+def to_proto(kind: str, spec: str):
+    """A `pagedserve.v1.StructuredOutput`."""
+    from pagedserve.v1 import common_pb2
+
+    msg = common_pb2.StructuredOutput()
+    if kind == "json_object":
+        msg.json_object = True
+    elif kind == "choice":
+        msg.choice.choices.extend(json.loads(spec))
+    else:
+        setattr(msg, kind, spec)
+    return msg
+
+
+def from_proto(msg, field: str = "structured") -> tuple[str, str]:
+    """(kind, spec) of a `StructuredOutput`; ("", "") when none is set."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return "", ""
+    if kind == "json_object":
+        if not msg.json_object:
+            raise InvalidArgument(f"{field}.json_object must be true when set", field=field)
+        return kind, ""
+    if kind == "choice":
+        return kind, choice_spec(list(msg.choice.choices), f"{field}.choice")
+    return kind, getattr(msg, kind)
