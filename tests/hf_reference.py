@@ -30,3 +30,43 @@ def reference_greedy(
             )
             outputs.append(out[0, len(prompt) :].tolist())
     return outputs
+
+
+def reference_beams(
+    model_path: str | Path,
+    prompt: list[int],
+    num_beams: int,
+    max_new_tokens: int,
+    *,
+    length_penalty: float = 1.0,
+    early_stopping: bool | str = False,
+    eos_token_id: int | None = None,
+) -> list[tuple[list[int], float]]:
+    """transformers' beam search (`num_return_sequences = num_beams`): (generated ids, the
+    EOS included when one ended it, and sequences_scores) per returned beam, best first.
+    `eos_token_id` None: no EOS at all (the search runs to max_new_tokens)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])  # [1, P]
+    with torch.no_grad():
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            num_return_sequences=num_beams,
+            do_sample=False,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+            eos_token_id=eos_token_id,
+            pad_token_id=0 if eos_token_id is None else eos_token_id,
+            return_dict_in_generate=True,
+            output_scores=True,
+        )
+    beams = []
+    for row, indices, score in zip(out.sequences, out.beam_indices, out.sequences_scores, strict=True):
+        length = int((indices != -1).sum())  # the generated length of this hypothesis
+        beams.append((row[len(prompt) : len(prompt) + length].tolist(), float(score)))
+    return beams

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pagedserve.common.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
+# Beam search's `early_stopping`, as transformers takes it; the proto enum's values in order.
+EARLY_STOPPING_VALUES: tuple[bool | str, ...] = (False, False, True, "never")
 
 
 @dataclass(slots=True)
@@ -31,6 +33,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: sampled token + top k
     min_tokens: int = 0
+    use_beam_search: bool = False  # n is then the beam width (see scheduler/beam.py)
+    length_penalty: float = 1.0  # beam search: score = sum(logprobs) / generated_len ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +72,8 @@ class SamplingParams:
                 f"min_tokens must be in [0, max_tokens={self.max_tokens}], got {self.min_tokens}",
                 field="min_tokens",
             )
+        if self.use_beam_search:
+            self._validate_beam_search()
         if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:
@@ -78,6 +85,34 @@ class SamplingParams:
             raise InvalidArgument(
                 f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
             )
+
+    def _validate_beam_search(self) -> None:
+        """What beam search cannot be combined with: it ranks hypotheses by the model's own
+        log-probabilities (greedy, no truncation or penalty) and returns whole beams at the end."""
+        if self.early_stopping not in (True, False, "never"):
+            raise InvalidArgument(
+                f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
+                field="early_stopping",
+            )
+        if self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
+            raise InvalidArgument("length_penalty must be a finite number", field="length_penalty")
+        unsupported = (
+            ("temperature", self.temperature != 0.0, "must be 0"),
+            ("top_p", self.top_p != 1.0, "must be 1"),
+            ("top_k", self.top_k not in (0, -1), "must be 0 or -1"),
+            ("min_p", self.min_p != 0.0, "must be 0"),
+            ("repetition_penalty", self.repetition_penalty != 1.0, "must be 1"),
+            ("presence_penalty", self.presence_penalty != 0.0, "must be 0"),
+            ("frequency_penalty", self.frequency_penalty != 0.0, "must be 0"),
+            ("logprobs", self.logprobs is not None, "is not supported"),
+            ("min_tokens", self.min_tokens != 0, "must be 0"),
+            ("stop_token_ids", bool(self.stop_token_ids), "are not supported"),
+        )
+        for name, bad, rule in unsupported:
+            if bad:
+                raise InvalidArgument(
+                    f"{name} {rule} with use_beam_search (got {getattr(self, name)!r})", field=name
+                )
 
     @classmethod
     def from_proto(cls, msg) -> SamplingParams:  # msg: pagedserve.v1.SamplingParams
@@ -97,6 +132,9 @@ class SamplingParams:
             ignore_eos=msg.ignore_eos,
             logprobs=msg.logprobs if msg.HasField("logprobs") else None,
             min_tokens=msg.min_tokens,
+            use_beam_search=msg.use_beam_search,
+            length_penalty=msg.length_penalty if msg.HasField("length_penalty") else 1.0,
+            early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
         )
 
     def to_proto(self):
@@ -116,9 +154,17 @@ class SamplingParams:
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty,
+            early_stopping=early_stopping_to_proto(self.early_stopping),
         )
         if self.seed is not None:
             msg.seed = self.seed
         if self.logprobs is not None:
             msg.logprobs = self.logprobs
         return msg
+
+
+def early_stopping_to_proto(value: bool | str) -> int:
+    """True, False or "never" as the `pagedserve.v1.EarlyStopping` value."""
+    return {False: 1, True: 2, "never": 3}[value]

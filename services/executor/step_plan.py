@@ -32,6 +32,7 @@ class RequestState:
     sampling: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    num_beam_candidates: int = 0  # beam search: candidates returned with each sampled token
 
 
 @dataclass(slots=True)
@@ -160,6 +161,11 @@ def plan_step(
             raise bad(
                 f"{who}: num_computed_tokens={r.num_computed_tokens} is negative", "num_computed_tokens"
             )
+        if not 0 <= r.num_beam_candidates <= vocab_size:
+            raise bad(
+                f"{who}: num_beam_candidates={r.num_beam_candidates} is not in [0, vocab_size={vocab_size}]",
+                "num_beam_candidates",
+            )
         state = RequestState(
             request_id=r.request_id,
             prompt_token_ids=list(r.prompt_token_ids),
@@ -168,6 +174,7 @@ def plan_step(
             sampling=r.sampling,
             block_ids=list(r.block_ids),
             num_computed_tokens=r.num_computed_tokens,
+            num_beam_candidates=r.num_beam_candidates,
         )
         plan.scheduled.append(schedule(who, state, state.block_ids, r.num_scheduled_tokens))
 

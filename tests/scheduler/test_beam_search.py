@@ -1,0 +1,207 @@
+"""Beam search in the engine against transformers' `generate(num_beams=n)`, on a real executor.
+
+The scheduler drives an in-process `ExecutorEngine` over a real Redis. For random Llama and
+Qwen2 models (float32) and the bundled model, prompts of several lengths, early_stopping
+True/False/"never", length penalties other than 1, with EOS reached and without: the returned
+beams, their order and token ids equal transformers'; their scores agree to 1e-4. Beams share
+blocks while they run (fewer used than unshared copies would need) and fsck is clean after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+import torch
+from hf_reference import reference_beams, reference_greedy
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+from pagedserve.common.outputs import FinishReason
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.sizes import cdiv
+from pagedserve.common.step import StepInput, StepOutput
+from pagedserve.executor.client import InProcessExecutorClient
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.scheduler.engine import SchedulerEngine
+from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+from .helpers import Collected, assert_pool_clean, run_all, settle
+from .test_with_executor import make_prompts
+
+VOCAB = 384
+SCORE_TOLERANCE = 1e-4
+PROBE = [11, 12, 13, 14, 15]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def save_with_likely_eos(model, path: Path) -> int:
+    """Make the 3rd token of PROBE's greedy continuation the model's EOS, so that beams reach it."""
+    model.save_pretrained(path)
+    eos = reference_greedy(path, [PROBE], 3)[0][2]
+    model.config.eos_token_id = eos
+    model.generation_config.eos_token_id = eos
+    model.save_pretrained(path)
+    return eos
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def random_model(request, tmp_path_factory) -> tuple[Path, int]:
+    torch.manual_seed(7)
+    common = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        bos_token_id=1, pad_token_id=0, initializer_range=0.2,
+    )  # fmt: skip
+    config = LlamaConfig(**common) if request.param == "llama" else Qwen2Config(**common)
+    path = tmp_path_factory.mktemp(f"beam-{request.param}")
+    eos = save_with_likely_eos(AutoModelForCausalLM.from_config(config), path)
+    return path, eos
+
+
+def make_engine(model: str | Path, redis_client, name: str, num_blocks: int, block_size: int = 4, **limits):
+    executor = ExecutorEngine.from_config(
+        ExecutorConfig(
+            model=str(model), device="cpu", attention_backend="torch", block_size=block_size,
+            num_kv_blocks=num_blocks, max_num_batched_tokens=1024,
+            max_model_len=min(128, num_blocks * block_size),
+        )
+    )  # fmt: skip
+    client = WatchingClient(executor)
+    engine = asyncio.run(SchedulerEngine.connect(client, RedisBlockPool(redis_client, name), **limits))
+    client.engine_ref = engine
+    return engine, executor, client
+
+
+class WatchingClient(InProcessExecutorClient):
+    """Records, before each step, the blocks in use against what unshared beams would hold."""
+
+    def __init__(self, engine: ExecutorEngine) -> None:
+        super().__init__(engine)
+        self.engine_ref: SchedulerEngine | None = None
+        self.samples: list[tuple[int, int]] = []  # (blocks used, blocks n unshared copies need)
+
+    async def execute_step(self, step: StepInput) -> StepOutput:
+        sched = self.engine_ref.scheduler
+        beams = [s for r in sched.requests.values() if r.beam is not None for s in r.seqs if s.block_table]
+        if len(beams) > 1:
+            unshared = sum(cdiv(s.num_tokens, sched.block_size) for s in beams)
+            self.samples.append((sched.blocks.counts().num_used, unshared))
+        return await super().execute_step(step)
+
+
+def beam_params(n: int, max_tokens: int, *, eos: bool, **kw) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, n=n, use_beam_search=True, ignore_eos=not eos, **kw
+    )
+
+
+def assert_same_beams(out: Collected, want: list[tuple[list[int], float]], params: SamplingParams, what: str):
+    got = [out.tokens[i] for i in range(len(want))]
+    assert got == [tokens for tokens, _ in want], what
+    for i, (tokens, score) in enumerate(want):
+        cumulative, beam_score = out.scores[i]
+        assert beam_score == pytest.approx(score, abs=SCORE_TOLERANCE), f"{what}: beam {i}"
+        assert cumulative == pytest.approx(score * len(tokens) ** params.length_penalty, abs=1e-3)
+        ended_by_eos = out.stop_token[i] != -1
+        assert out.finish[i] == (FinishReason.STOP if ended_by_eos else FinishReason.LENGTH)
+    assert out.usage.completion_tokens == sum(len(t) for t in got)
+
+
+CASES = [  # (prompt length, n, max_tokens, eos, early_stopping, length_penalty)
+    (5, 3, 8, True, False, 1.0),
+    (1, 2, 6, True, True, 1.0),
+    (13, 4, 7, True, "never", 2.0),
+    (9, 3, 9, True, False, -0.5),
+    (5, 2, 7, True, "never", 0.0),
+    (22, 3, 6, False, False, 1.0),
+    (6, 4, 5, False, True, 0.7),
+]
+
+
+def test_beams_equal_transformers_on_random_models(random_model, redis_client):
+    path, eos = random_model
+    engine, executor, client = make_engine(path, redis_client, f"beam-{path.name}", num_blocks=256)
+    prompts = [PROBE if length == 5 else p for length, p in zip(
+        [c[0] for c in CASES], make_prompts([c[0] for c in CASES], VOCAB, seed=3), strict=True
+    )]  # fmt: skip
+    params = [
+        beam_params(n, mt, eos=e, early_stopping=es, length_penalty=lp) for _, n, mt, e, es, lp in CASES
+    ]
+
+    async def go():
+        streams = [
+            engine.submit(f"b{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        outs = await run_all(engine, streams, timeout=120)
+        await settle(engine)
+        return outs
+
+    outs = asyncio.run(go())
+    reached_eos = 0
+    for i, (out, case) in enumerate(zip(outs, CASES, strict=True)):
+        _, n, max_tokens, has_eos, es, lp = case
+        want = reference_beams(
+            path, prompts[i], n, max_tokens, length_penalty=lp, early_stopping=es,
+            eos_token_id=eos if has_eos else None,
+        )  # fmt: skip
+        assert_same_beams(out, want, params[i], f"case {case}")
+        reached_eos += sum(tokens[-1] == eos for tokens, _ in want if has_eos)
+    assert reached_eos > 0  # some hypotheses ended with EOS
+    assert client.samples and all(used <= unshared for used, unshared in client.samples)
+    assert any(used < unshared for used, unshared in client.samples)  # blocks were shared
+    assert_pool_clean(engine)
+    assert executor.requests == {}
+
+
+def test_beams_on_the_bundled_model_share_blocks(bundled_model_path, redis_client):
+    engine, executor, client = make_engine(bundled_model_path, redis_client, "beam-bundled", num_blocks=128)
+    eos = executor.info().eos_token_ids[0]
+    prompt = make_prompts([10], executor.info().vocab_size, seed=5)[0]
+    params = beam_params(4, 12, eos=True, length_penalty=1.5, early_stopping="never")
+    plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        streams = [engine.submit("beam", prompt, params), engine.submit("plain", prompt[:7], plain)]
+        outs = await run_all(engine, streams, timeout=120)
+        await settle(engine)
+        return outs
+
+    out, out_plain = asyncio.run(go())
+    want = reference_beams(
+        bundled_model_path, prompt, 4, 12, length_penalty=1.5, early_stopping="never", eos_token_id=eos
+    )
+    assert_same_beams(out, want, params, "bundled")
+    assert out_plain.tokens[0] == reference_greedy(bundled_model_path, [prompt[:7]], 6)[0]
+    assert any(used < unshared for used, unshared in client.samples)
+    assert_pool_clean(engine)
+
+
+def test_a_preempted_beam_request_starts_over_and_gives_the_same_beams(random_model, redis_client):
+    path, eos = random_model
+    # 3 beams of up to 24 + 12 tokens: 9 blocks each unshared; 20 blocks in all, with a plain
+    # request competing for them, so that the newest (the beams) gets preempted.
+    engine, executor, _ = make_engine(
+        path, redis_client, f"beam-preempt-{path.name}", num_blocks=20, max_num_batched_tokens=64
+    )
+    prompt, other = make_prompts([24, 30], VOCAB, seed=9)
+    params = beam_params(3, 12, eos=False, length_penalty=1.0)
+    plain = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        streams = [engine.submit("plain", other, plain), engine.submit("beam", prompt, params)]
+        outs = await run_all(engine, streams, timeout=120)
+        await settle(engine)
+        return outs
+
+    out_plain, out = asyncio.run(go())
+    assert engine.scheduler.stats.num_preemptions > 0
+    assert_same_beams(out, reference_beams(path, prompt, 3, 12), params, "preempted")
+    assert out_plain.tokens[0] == reference_greedy(path, [other], 40)[0]
+    assert_pool_clean(engine)
