@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
-from pagedserve.common.params import SamplingParams
+from pagedserve.common.params import EARLY_STOPPING_VALUES, SamplingParams
 from pagedserve.gateway.datatypes import (
     ChatMessage,
     CompletedRequest,
@@ -44,9 +44,18 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
             "ignore_eos",
             "logprobs",
             "min_tokens",
+            "use_beam_search",
+            "length_penalty",
         )
         if msg.HasField(name)
     }
+    if msg.HasField("early_stopping"):
+        values["early_stopping"] = EARLY_STOPPING_VALUES[msg.early_stopping]
+    if values.get("use_beam_search"):
+        values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
+    elif "length_penalty" in values or "early_stopping" in values:
+        name = "length_penalty" if "length_penalty" in values else "early_stopping"
+        raise InvalidArgument(f"{name} needs use_beam_search set to true", field=name)
     return SamplingParams(**values, stop_token_ids=list(msg.stop_token_ids))
 
 
@@ -107,6 +116,8 @@ def output_to_proto(output: RequestOutput, model: str) -> gateway_pb2.GenerateRe
                 token_ids=d.token_ids,
                 logprobs=_logprobs_to_proto(d.logprobs),
                 finish_reason=int(d.finish_reason),
+                cumulative_logprob=d.cumulative_logprob,
+                beam_score=d.beam_score,
             )
             for d in output.choices
         ],
@@ -128,6 +139,8 @@ def result_to_proto(result: CompletedRequest, model: str) -> gateway_pb2.Generat
                 token_ids=c.token_ids,
                 logprobs=_logprobs_to_proto(c.logprobs),
                 finish_reason=int(c.finish_reason),
+                cumulative_logprob=c.cumulative_logprob,
+                beam_score=c.beam_score,
             )
             for c in result.choices
         ],

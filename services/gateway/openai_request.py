@@ -4,7 +4,10 @@ Parsing is strict about types and ranges (a bad field is a 400 naming it, in Ope
 shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besides OpenAI's
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority, and
-return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first).
+return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first); and beam
+search as vLLM's `use_beam_search` (n is the beam width; temperature defaults to 0 with it)
+with transformers' `length_penalty` and `early_stopping` (true, false or "never"). Beam
+search answers all at once: `stream: true` with it is refused.
 
 Every size a body asks for (n, prompts in a batch, stop strings) is checked against
 `RequestLimits` here, before anything is built for it; every integer must fit its protobuf
@@ -168,10 +171,45 @@ def _reject(body: dict, name: str, ok, why: str) -> None:
         raise InvalidArgument(f"{name} is not supported: {why}", field=name)
 
 
+def _early_stopping(body: dict) -> bool | str:
+    value = _get(body, "early_stopping")
+    if value is _MISSING:
+        return False
+    if value not in (True, False, "never") or isinstance(value, int | float) and not isinstance(value, bool):
+        raise InvalidArgument(
+            f'early_stopping must be true, false or "never", got {_show(value)}', field="early_stopping"
+        )
+    return value
+
+
+def _check_beam_search(body: dict, sampling: SamplingParams, stream: bool) -> None:
+    """What beam search cannot go with at this layer (the rest: `SamplingParams.validate`)."""
+    if not sampling.use_beam_search:
+        for name in ("length_penalty", "early_stopping"):
+            if _get(body, name) is not _MISSING:
+                raise InvalidArgument(f"{name} needs use_beam_search set to true", field=name)
+        return
+    if stream:
+        raise InvalidArgument(
+            "stream is not supported with use_beam_search: the beams are returned all at once", field="stream"
+        )
+
+
 def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: RequestLimits) -> SamplingParams:
+    beam = _bool(body, "use_beam_search", False)
+    if beam:
+        n = _int(
+            body,
+            "n",
+            1,
+            hi=limits.max_beam_width,
+            limit=" with use_beam_search (the gateway's --max-beam-width)",
+        )
+    else:
+        n = _int(body, "n", 1, hi=limits.max_n, limit=" (the gateway's --max-n)")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_float(body, "temperature", 1.0),
+        temperature=_float(body, "temperature", 0.0 if beam else 1.0),
         top_p=_float(body, "top_p", 1.0),
         top_k=_int(body, "top_k", 0),
         min_p=_float(body, "min_p", 0.0),
@@ -179,11 +217,14 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: Request
         presence_penalty=_float(body, "presence_penalty", 0.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
         seed=_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
-        n=_int(body, "n", 1, hi=limits.max_n, limit=" (the gateway's --max-n)"),
+        n=n,
         stop_token_ids=_int_list(body, "stop_token_ids"),
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
         min_tokens=_int(body, "min_tokens", 0),
+        use_beam_search=beam,
+        length_penalty=_float(body, "length_penalty", 1.0),
+        early_stopping=_early_stopping(body),
     )
 
 
@@ -240,6 +281,7 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     if best_of is not None and best_of != sampling.n:
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
     stream = _bool(body, "stream", False)
+    _check_beam_search(body, sampling, stream)
     common = _request_fields(body, limits)
     return ApiCall(
         # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).
@@ -327,6 +369,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     )
     request.max_tokens_to_fill = max_tokens is None
     stream = _bool(body, "stream", False)
+    _check_beam_search(body, sampling, stream)
     return ApiCall(
         requests=[request],
         chat=True,

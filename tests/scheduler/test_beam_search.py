@@ -27,7 +27,7 @@ from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
-from .helpers import Collected, assert_pool_clean, run_all, settle
+from .helpers import Collected, assert_pool_clean, drain, run_all, settle
 from .test_with_executor import make_prompts
 
 VOCAB = 384
@@ -205,3 +205,84 @@ def test_a_preempted_beam_request_starts_over_and_gives_the_same_beams(random_mo
     assert_same_beams(out, reference_beams(path, prompt, 3, 12), params, "preempted")
     assert out_plain.tokens[0] == reference_greedy(path, [other], 40)[0]
     assert_pool_clean(engine)
+
+
+def test_beams_taken_over_by_another_scheduler_start_over(random_model, redis_client):
+    """A scheduler dies with beams in flight (their blocks and state in Redis): the next one
+    drops them, restarts the search from the prompt when the client re-attaches, and gets
+    transformers' beams; nothing leaks."""
+    from pagedserve.scheduler.lease import Lease
+    from pagedserve.scheduler.recovery import ChoiceProgress
+
+    path, eos = random_model
+    pool_id = f"beam-takeover-{path.name}"
+    executor = ExecutorEngine.from_config(
+        ExecutorConfig(
+            model=str(path), device="cpu", attention_backend="torch", block_size=4,
+            num_kv_blocks=128, max_num_batched_tokens=1024, max_model_len=128,
+        )
+    )  # fmt: skip
+    prompt = make_prompts([14], VOCAB, seed=11)[0]
+    params = beam_params(3, 10, eos=True, early_stopping="never", length_penalty=1.3)
+
+    async def connect(ttl: float) -> SchedulerEngine:
+        lease = Lease(redis_client, pool_id, ttl=ttl)
+        assert lease.acquire() == 0.0
+        client = InProcessExecutorClient(executor)
+        return await SchedulerEngine.connect(client, RedisBlockPool(redis_client, pool_id), lease=lease)
+
+    async def go():
+        first = await connect(0.3)
+        first.submit("beam", prompt, params)
+        request = first.scheduler.requests["beam"]
+        while not (len(request.seqs) == 3 and len(request.seqs[0].output_token_ids) >= 3):
+            await first.step()
+        await first.step()
+        await first.replicator.flush()
+        assert first.pool.counts().num_used > 0  # beams hold blocks in Redis
+        await asyncio.sleep(0.35)  # kill -9: the first never writes again; its lease lapses
+        second = await connect(5.0)
+        assert list(second.scheduler.detached) == ["beam"]
+        stream = second.attach("beam", prompt, params, 0, [ChoiceProgress(i, []) for i in range(3)])
+        second.start()
+        out = await asyncio.wait_for(drain(stream), 60)
+        await settle(second)
+        return out, second
+
+    out, second = asyncio.run(go())
+    want = reference_beams(path, prompt, 3, 10, length_penalty=1.3, early_stopping="never", eos_token_id=eos)
+    assert_same_beams(out, want, params, "taken over")
+    assert_pool_clean(second)
+    assert executor.requests == {}
+
+
+def test_beams_recomputed_after_the_executor_restarts(random_model, redis_client):
+    from .test_with_executor import RestartingClient
+
+    path, eos = random_model
+
+    def executor() -> ExecutorEngine:
+        return ExecutorEngine.from_config(
+            ExecutorConfig(
+                model=str(path), device="cpu", attention_backend="torch", block_size=4,
+                num_kv_blocks=96, max_num_batched_tokens=1024, max_model_len=128,
+            )
+        )  # fmt: skip
+
+    first, second = executor(), executor()
+    client = RestartingClient(first, second, at=6)
+    pool = RedisBlockPool(redis_client, f"beam-restart-{path.name}")
+    engine = asyncio.run(SchedulerEngine.connect(client, pool))
+    prompt = make_prompts([9], VOCAB, seed=12)[0]
+    params = beam_params(3, 10, eos=True)
+
+    async def go():
+        outs = await run_all(engine, [engine.submit("beam", prompt, params)], timeout=60)
+        await settle(engine)
+        return outs[0]
+
+    out = asyncio.run(go())
+    assert engine.scheduler.stats.executor_restarts == 1
+    assert_same_beams(out, reference_beams(path, prompt, 3, 10, eos_token_id=eos), params, "restarted")
+    assert_pool_clean(engine)
+    assert second.requests == {}
