@@ -44,7 +44,8 @@ def reference_beams(
 ) -> list[tuple[list[int], float]]:
     """transformers' beam search (`num_return_sequences = num_beams`): (generated ids, the
     EOS included when one ended it, and sequences_scores) per returned beam, best first.
-    `eos_token_id` None: no EOS at all (the search runs to max_new_tokens)."""
+    `eos_token_id` None: no EOS at all (the search runs to max_new_tokens). With one beam
+    transformers decodes greedily and has no score: it is given as None."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -58,13 +59,17 @@ def reference_beams(
             num_beams=num_beams,
             num_return_sequences=num_beams,
             do_sample=False,
-            length_penalty=length_penalty,
-            early_stopping=early_stopping,
+            **({"length_penalty": length_penalty, "early_stopping": early_stopping} if num_beams > 1 else {}),
             eos_token_id=eos_token_id,
             pad_token_id=0 if eos_token_id is None else eos_token_id,
             return_dict_in_generate=True,
             output_scores=True,
         )
+    if num_beams == 1:
+        tokens = out.sequences[0, len(prompt) :].tolist()
+        if eos_token_id in tokens:
+            tokens = tokens[: tokens.index(eos_token_id) + 1]
+        return [(tokens, None)]
     beams = []
     for row, indices, score in zip(out.sequences, out.beam_indices, out.sequences_scores, strict=True):
         length = int((indices != -1).sum())  # the generated length of this hypothesis

@@ -22,6 +22,9 @@ every running beam at once and answers with the next beams. It reproduces the be
   early_stopping=True, `width` hypotheses are kept; (c) every kept candidate finished
   (max_new_tokens reached).
 - The answer is the kept hypotheses, best score first.
+- Width 1 is greedy decoding, as `generate(num_beams=1)` is: the best candidate goes on, and
+  ends the search when it is an EOS or the last of max_new_tokens (its score is still
+  reported, with the length penalty).
 
 Deviations: ties between equal scores are broken by (beam, token id) order, which
 `torch.topk` does not promise; scores are summed in float64 from the executor's float32
@@ -78,6 +81,8 @@ class BeamSearch:
         width = self.width
         num_generated = len(outputs[0])
         new_len = num_generated + 1
+        if width == 1:
+            return self._greedy(scores[0], outputs[0], candidates[0][0], eos_token_ids, max_new_tokens)
         ranked = sorted(
             (
                 (score + logprob, b, token)
@@ -116,3 +121,19 @@ class BeamSearch:
             not self.improvable or (self.early_stopping is True and len(self.finished) >= width) or all(ends)
         )
         return [] if self.done else running
+
+    def _greedy(
+        self,
+        score: float,
+        output: Sequence[int],
+        best: tuple[int, float],
+        eos_token_ids: Collection[int],
+        max_new_tokens: int,
+    ) -> list[NextBeam]:
+        token, logprob = best
+        total, new_len = score + logprob, len(output) + 1
+        if token in eos_token_ids or new_len >= max_new_tokens:
+            self.finished = [Hypothesis(total / new_len**self.length_penalty, total, [*output, token])]
+            self.done = True
+            return []
+        return [NextBeam(0, token, total)]

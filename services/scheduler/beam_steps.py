@@ -28,6 +28,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from pagedserve.common.outputs import FinishReason, Usage
+from pagedserve.common.sizes import cdiv
 from pagedserve.scheduler.beam import num_candidates
 from pagedserve.scheduler.request import BEAM_INDEX, Request, Sequence, SequenceStatus
 
@@ -77,20 +78,18 @@ class BeamMixin:
         return i + n, budget - n, preempted
 
     def _beam_blocks_needed(self: Scheduler, group: list[Sequence]) -> int:
-        """Blocks for one more token in each beam: a fresh block where the last one is full,
-        else a copy of a shared last block for every sharer but the last one to copy."""
+        """Blocks `_grow` takes for one more token in each beam: fresh blocks past the table's
+        end, and a copy of a shared partial last block for each sharer but the last to copy."""
         bs = self.block_size
         needed = 0
         sharers: dict[int, int] = {}
         for seq in group:
-            if seq.num_computed_tokens % bs == 0:
-                needed += 1
-            else:
-                last = seq.block_table[-1]
-                sharers[last] = sharers.get(last, 0) + 1
-        for block, count in sharers.items():
-            ref = self.blocks.ref_cnt(block)
-            needed += count - 1 if ref == count else min(count, ref - 1)
+            computed, table = seq.num_computed_tokens, seq.block_table
+            needed += max(cdiv(computed + 1, bs) - len(table), 0)
+            if computed % bs and table and self.blocks.ref_cnt(table[-1]) > 1:
+                sharers[table[-1]] = sharers.get(table[-1], 0) + 1
+        for block, count in sharers.items():  # after count - 1 copies the last sharer holds it alone
+            needed += count - 1 if self.blocks.ref_cnt(block) == count else count
         return needed
 
     def _preempt_beams(self: Scheduler, request: Request) -> None:

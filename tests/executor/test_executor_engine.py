@@ -240,3 +240,33 @@ def test_a_step_with_an_older_fencing_token_is_refused(tiny_model_dir, make_engi
     assert set(engine.requests) == {"r"}
     assert engine.execute_step(StepInput(2, engine.epoch, forget_request_ids=["r"], fence=5)).sampled == []
     assert engine.execute_step(StepInput(3, engine.epoch, new_requests=[stale])).sampled
+
+
+def test_beam_candidates_are_the_models_top_log_probabilities(tiny_model_dir, make_engine) -> None:
+    """A beam-search sequence's step returns its best `num_beam_candidates` next tokens by
+    log_softmax of the raw logits, best first, as transformers' beam search scores them; a
+    request without the field gets none."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir("llama")
+    prompt, other = make_prompts((13, 6), VOCAB, seed=8)
+    beam = SamplingParams(max_tokens=4, temperature=0.0, n=3, use_beam_search=True)
+    engine = make_engine(path, block_size=8, num_kv_blocks=32)
+    step = StepInput(
+        0,
+        engine.epoch,
+        new_requests=[
+            NewRequestData("beam", prompt, [], beam, [0, 1], 0, 13, num_beam_candidates=6),
+            NewRequestData("plain", other, [], GREEDY, [2], 0, 6),
+        ],
+    )
+    out = {s.request_id: s for s in engine.execute_step(step).sampled}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()  # [V]
+    values, ids = logits.log_softmax(dim=-1).topk(6)
+    candidates = out["beam"].beam_candidates
+    assert [t for t, _ in candidates] == ids.tolist()
+    assert [lp for _, lp in candidates] == pytest.approx(values.tolist(), abs=1e-5)
+    assert out["beam"].token_id == candidates[0][0]  # the sampled token is the argmax
+    assert out["plain"].beam_candidates == []
