@@ -40,8 +40,8 @@ def reference_beams(
     *,
     length_penalty: float = 1.0,
     early_stopping: bool | str = False,
-    eos_token_id: int | None = None,
-) -> list[tuple[list[int], float]]:
+    eos_token_id: int | list[int] | None = None,
+) -> list[tuple[list[int], float | None]]:
     """transformers' beam search (`num_return_sequences = num_beams`): (generated ids, the
     EOS included when one ended it, and sequences_scores) per returned beam, best first.
     `eos_token_id` None: no EOS at all (the search runs to max_new_tokens). With one beam
@@ -49,6 +49,9 @@ def reference_beams(
     import torch
     from transformers import AutoModelForCausalLM
 
+    eos_ids = (
+        [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else eos_token_id
+    )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     ids = torch.tensor([prompt])  # [1, P]
     with torch.no_grad():
@@ -61,14 +64,15 @@ def reference_beams(
             do_sample=False,
             **({"length_penalty": length_penalty, "early_stopping": early_stopping} if num_beams > 1 else {}),
             eos_token_id=eos_token_id,
-            pad_token_id=0 if eos_token_id is None else eos_token_id,
+            pad_token_id=eos_ids[0] if eos_ids else 0,
             return_dict_in_generate=True,
             output_scores=True,
         )
     if num_beams == 1:
         tokens = out.sequences[0, len(prompt) :].tolist()
-        if eos_token_id in tokens:
-            tokens = tokens[: tokens.index(eos_token_id) + 1]
+        ends = [i for i, t in enumerate(tokens) if t in eos_ids]
+        if ends:
+            tokens = tokens[: ends[0] + 1]
         return [(tokens, None)]
     beams = []
     for row, indices, score in zip(out.sequences, out.beam_indices, out.sequences_scores, strict=True):

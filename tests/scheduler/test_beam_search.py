@@ -288,3 +288,28 @@ def test_beams_recomputed_after_the_executor_restarts(random_model, redis_client
     assert_same_beams(out, reference_beams(path, prompt, 3, 10, eos_token_id=eos), params, "restarted")
     assert_pool_clean(engine)
     assert second.requests == {}
+
+
+@pytest.mark.parametrize(
+    ("limits", "n", "max_tokens", "words"),
+    [
+        ({"num_blocks": 30}, 4, 30, "needs 38 KV blocks"),  # 2 shared + 4 beams x (11 - 2) blocks of 4
+        ({"max_num_seqs": 3}, 4, 4, "do not fit one step"),
+        ({"max_num_batched_tokens": 2}, 3, 4, "do not fit one step"),
+        ({"vocab_size": 9}, 5, 4, "candidate tokens"),  # 2 x 5 candidates
+    ],
+)
+def test_beam_requests_that_can_never_run_are_refused_naming_n(limits, n, max_tokens, words) -> None:
+    from pagedserve.common.errors import InvalidArgument
+    from pagedserve.scheduler.admission import check_admissible
+    from pagedserve.scheduler.config import SchedulerLimits
+
+    base = dict(
+        max_num_seqs=64, max_num_batched_tokens=256, max_queued_requests=8, max_model_len=128,
+        num_blocks=1000, block_size=4, eos_token_ids=frozenset({2}), vocab_size=VOCAB,
+    )  # fmt: skip
+    params = beam_params(n, max_tokens, eos=True)
+    with pytest.raises(InvalidArgument) as err:
+        check_admissible(SchedulerLimits(**{**base, **limits}), "r", [5] * 11, params)
+    assert err.value.field == "n" and words in err.value.message
+    check_admissible(SchedulerLimits(**base), "r", [5] * 11, params)  # fits the default limits
