@@ -171,6 +171,8 @@ class BeamMixin:
                 hyp.cumulative_logprob,
                 hyp.score,
             )
+        for index in range(len(hypotheses), request.sampling.n):  # (never with a real vocabulary)
+            request.stream.push(index, [], None, FinishReason.LENGTH)
         request.completion_tokens = sum(len(h.token_ids) for h in hypotheses)
         self._end_beam_request(request)
 

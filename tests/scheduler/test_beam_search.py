@@ -313,3 +313,27 @@ def test_beam_requests_that_can_never_run_are_refused_naming_n(limits, n, max_to
         check_admissible(SchedulerLimits(**{**base, **limits}), "r", [5] * 11, params)
     assert err.value.field == "n" and words in err.value.message
     check_admissible(SchedulerLimits(**base), "r", [5] * 11, params)  # fits the default limits
+
+
+def test_abort_mid_search_ends_every_beam_and_frees_the_blocks(random_model, redis_client):
+    path, _ = random_model
+    engine, executor, _ = make_engine(path, redis_client, f"beam-abort-{path.name}", num_blocks=128)
+    prompt = make_prompts([10], VOCAB, seed=13)[0]
+
+    async def go():
+        stream = engine.submit("beam", prompt, beam_params(4, 60, eos=False))
+        request = engine.scheduler.requests["beam"]
+        engine.start()
+        while not (len(request.seqs) == 4 and len(request.seqs[0].output_token_ids) >= 4):
+            await asyncio.sleep(0.002)
+        assert engine.scheduler.blocks.counts().num_used > 0
+        assert engine.abort("beam")
+        out = await asyncio.wait_for(drain(stream), 30)
+        await settle(engine)
+        return out
+
+    out = asyncio.run(go())
+    assert out.finish == {i: FinishReason.ABORT for i in range(4)}
+    assert all(tokens == [] for tokens in out.tokens.values())
+    assert_pool_clean(engine)
+    assert executor.requests == {}
