@@ -30,6 +30,9 @@ class NewRequestData:
     num_computed_tokens: int  # leading tokens already in the pool (prefix-cache hit)
     num_scheduled_tokens: int  # tokens to compute now, starting at num_computed_tokens
     num_beam_candidates: int = 0  # beam search: candidates to return with each sampled token
+    # Beam search: the held sequence this one continues; then the prompt is empty and the
+    # tokens are the parent's first num_computed_tokens, then output_token_ids (executor.proto).
+    fork_of: str = ""
 
 
 @dataclass(slots=True)
@@ -143,6 +146,7 @@ def step_to_proto(step: StepInput):
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 num_beam_candidates=r.num_beam_candidates,
+                fork_of=r.fork_of,
             )
             for r in step.new_requests
         ],
@@ -177,6 +181,7 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
                 num_beam_candidates=r.num_beam_candidates,
+                fork_of=r.fork_of,
             )
             for r in msg.new_requests
         ],

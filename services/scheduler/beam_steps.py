@@ -18,6 +18,10 @@ sequences and blocks:
   (mostly prefix-cache hits). The same after the executor's pool is lost, or when another
   scheduler takes the request over from Redis: the per-beam state is not kept, and the
   search, being deterministic, gives the same answer again.
+- Each new beam reaches the executor as a new request that forks its parent's state there
+  (`NewRequestData.fork_of`: the parent's tokens up to the shared KV, then the new token),
+  so a step sends O(1) per beam, never the prompt again; the parents are forgotten in the
+  same step. A beam whose parent is gone from the executor is sent whole.
 - The client gets nothing until the search is done, then the `width` best hypotheses as
   choices 0..width-1, best first, each with its cumulative log-probability and score.
 """
@@ -29,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.sizes import cdiv
+from pagedserve.common.step import NewRequestData
 from pagedserve.scheduler.beam import num_candidates
 from pagedserve.scheduler.request import BEAM_INDEX, Request, Sequence, SequenceStatus
 
@@ -46,6 +51,23 @@ class BeamMixin:
             return 0
         params = seq.request.sampling
         return num_candidates(params.n, len(self._beam_eos(seq.request)))
+
+    def _beam_fork_data(self: Scheduler, seq: Sequence, num_tokens: int) -> NewRequestData | None:
+        """A new beam whose parent the executor still holds (its forget goes in this same
+        step) is sent as a fork of it: its new token only, not its whole prompt and outputs."""
+        if not seq.fork_parent or seq.fork_parent not in self.forget_ids:
+            return None
+        return NewRequestData(
+            seq.seq_id,
+            [],
+            seq.token_ids(seq.num_computed_tokens, seq.num_tokens),
+            seq.sampling,
+            list(seq.block_table),
+            seq.num_computed_tokens,
+            num_tokens,
+            self._num_beam_candidates(seq),
+            seq.fork_parent,
+        )
 
     def _beam_eos(self: Scheduler, request: Request) -> frozenset[int]:
         return frozenset() if request.sampling.ignore_eos else self.limits.eos_token_ids

@@ -61,6 +61,7 @@ class Sequence:
     num_pending: int = 0
     finish_reason: FinishReason = FinishReason.NONE
     cumulative_logprob: float = 0.0  # a beam's score: the sum of its tokens' log-probabilities
+    fork_parent: str = ""  # a beam: the sequence it continues (the executor may fork it from there)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -165,6 +166,7 @@ class Request:
         seq = Sequence(f"{self.request_id}#b{self.num_beam_seqs}", self, BEAM_INDEX, self.sampling)
         self.num_beam_seqs += 1
         if parent is not None:
+            seq.fork_parent = parent.seq_id
             seq.output_token_ids = [*parent.output_token_ids, token_id]
             seq.block_table = list(parent.block_table)
             seq.num_computed_tokens = parent.num_computed_tokens

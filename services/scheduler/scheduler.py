@@ -256,7 +256,8 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
                 )
             else:
                 new_reqs.append(
-                    NewRequestData(
+                    self._beam_fork_data(seq, num_tokens)
+                    or NewRequestData(
                         seq.seq_id,
                         seq.prompt_token_ids,
                         list(seq.output_token_ids),

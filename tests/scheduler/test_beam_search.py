@@ -337,3 +337,43 @@ def test_abort_mid_search_ends_every_beam_and_frees_the_blocks(random_model, red
     assert all(tokens == [] for tokens in out.tokens.values())
     assert_pool_clean(engine)
     assert executor.requests == {}
+
+
+def test_beam_groups_that_do_not_fit_one_step_take_turns(random_model, redis_client):
+    """With room for 4 sequences per step, two searches of 3 beams alternate (a group runs
+    whole or not at all); a beam not run right after its parent is sent whole, not forked."""
+    path, eos = random_model
+    engine, executor, _ = make_engine(
+        path, redis_client, f"beam-turns-{path.name}", num_blocks=128, max_num_seqs=4
+    )
+    prompts = make_prompts([7, 12], VOCAB, seed=14)
+    params = beam_params(3, 8, eos=True, early_stopping=True)
+    sent_whole = []
+    build = engine.scheduler._build_step
+
+    def spy(planned, copies):
+        step = build(planned, copies)
+        if step.step_input is not None:
+            assert len(step.seqs) <= 4
+            sent_whole.extend(
+                r.request_id
+                for r in step.step_input.new_requests
+                if not r.fork_of and "#b0" not in r.request_id
+            )
+        return step
+
+    engine.scheduler._build_step = spy
+
+    async def go():
+        streams = [engine.submit(f"t{i}", p, params) for i, p in enumerate(prompts)]
+        outs = await run_all(engine, streams, timeout=60)
+        await settle(engine)
+        return outs
+
+    outs = asyncio.run(go())
+    for i, out in enumerate(outs):
+        want = reference_beams(path, prompts[i], 3, 8, early_stopping=True, eos_token_id=eos)
+        assert_same_beams(out, want, params, f"t{i}")
+    assert sent_whole  # some beams waited a step and were sent whole
+    assert_pool_clean(engine)
+    assert executor.requests == {}
