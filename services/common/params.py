@@ -74,6 +74,12 @@ class SamplingParams:
             )
         if self.use_beam_search:
             self._validate_beam_search()
+        elif self.length_penalty != 1.0 or self.early_stopping is not False:
+            name = "length_penalty" if self.length_penalty != 1.0 else "early_stopping"
+            raise InvalidArgument(
+                f"{name} only applies to beam search: set use_beam_search, or leave {name} at its default",
+                field=name,
+            )
         if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:

@@ -53,9 +53,6 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
         values["early_stopping"] = EARLY_STOPPING_VALUES[msg.early_stopping]
     if values.get("use_beam_search"):
         values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
-    elif "length_penalty" in values or "early_stopping" in values:
-        name = "length_penalty" if "length_penalty" in values else "early_stopping"
-        raise InvalidArgument(f"{name} needs use_beam_search set to true", field=name)
     return SamplingParams(**values, stop_token_ids=list(msg.stop_token_ids))
 
 

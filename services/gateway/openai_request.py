@@ -182,31 +182,18 @@ def _early_stopping(body: dict) -> bool | str:
     return value
 
 
-def _check_beam_search(body: dict, sampling: SamplingParams, stream: bool) -> None:
+def _check_beam_search(sampling: SamplingParams, stream: bool) -> None:
     """What beam search cannot go with at this layer (the rest: `SamplingParams.validate`)."""
-    if not sampling.use_beam_search:
-        for name in ("length_penalty", "early_stopping"):
-            if _get(body, name) is not _MISSING:
-                raise InvalidArgument(f"{name} needs use_beam_search set to true", field=name)
-        return
-    if stream:
+    if stream and sampling.use_beam_search:
         raise InvalidArgument(
-            "stream is not supported with use_beam_search: the beams are returned all at once", field="stream"
+            "stream is not supported with use_beam_search: beams come all at once", field="stream"
         )
 
 
 def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: RequestLimits) -> SamplingParams:
     beam = _bool(body, "use_beam_search", False)
-    if beam:
-        n = _int(
-            body,
-            "n",
-            1,
-            hi=limits.max_beam_width,
-            limit=" with use_beam_search (the gateway's --max-beam-width)",
-        )
-    else:
-        n = _int(body, "n", 1, hi=limits.max_n, limit=" (the gateway's --max-n)")
+    n_limit = (limits.max_beam_width, " with use_beam_search (the gateway's --max-beam-width)")
+    n_hi, n_why = n_limit if beam else (limits.max_n, " (the gateway's --max-n)")
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=_float(body, "temperature", 0.0 if beam else 1.0),
@@ -217,7 +204,7 @@ def _sampling(body: dict, max_tokens: int, logprobs: int | None, limits: Request
         presence_penalty=_float(body, "presence_penalty", 0.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
         seed=_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
-        n=n,
+        n=_int(body, "n", 1, hi=n_hi, limit=n_why),
         stop_token_ids=_int_list(body, "stop_token_ids"),
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
@@ -281,7 +268,7 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     if best_of is not None and best_of != sampling.n:
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
     stream = _bool(body, "stream", False)
-    _check_beam_search(body, sampling, stream)
+    _check_beam_search(sampling, stream)
     common = _request_fields(body, limits)
     return ApiCall(
         # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).
@@ -369,7 +356,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     )
     request.max_tokens_to_fill = max_tokens is None
     stream = _bool(body, "stream", False)
-    _check_beam_search(body, sampling, stream)
+    _check_beam_search(sampling, stream)
     return ApiCall(
         requests=[request],
         chat=True,

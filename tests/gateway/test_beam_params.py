@@ -51,13 +51,17 @@ def test_http_beam_refusals(body: dict, field: str, words: str) -> None:
     assert err.value.field == field and words in err.value.message
 
 
-@pytest.mark.parametrize("name", ["length_penalty", "early_stopping"])
-def test_beam_fields_need_beam_search(name: str) -> None:
+@pytest.mark.parametrize(("name", "value"), [("length_penalty", 2.0), ("early_stopping", True)])
+def test_beam_fields_need_beam_search(name: str, value) -> None:
+    """As vLLM: a beam-search field set to anything but its default needs use_beam_search."""
+    parse_completion(
+        {"prompt": "x", "length_penalty": 1.0, "early_stopping": False}
+    ).request.sampling.validate()
     with pytest.raises(InvalidArgument) as err:
-        parse_completion({"prompt": "x", name: True if name == "early_stopping" else 2.0})
-    assert err.value.field == name
+        parse_completion({"prompt": "x", name: value}).request.sampling.validate()
+    assert err.value.field == name and "use_beam_search" in err.value.message
     with pytest.raises(InvalidArgument) as err:
-        request_from_proto(build_request("x", **{name: True if name == "early_stopping" else 2.0}))
+        request_from_proto(build_request("x", **{name: value})).sampling.validate()
     assert err.value.field == name
 
 
