@@ -39,7 +39,7 @@ def _ids(stack: Stack, text: str) -> list[int]:
 
 
 def _want(stack: Stack, prompt: list[int], n: int, max_tokens: int, **kw) -> list[tuple[list[int], float]]:
-    eos = stack.stats().eos_token_ids[0]
+    eos = list(stack.stats().eos_token_ids)
     return reference_beams(stack.model, prompt, n, max_tokens, eos_token_id=eos, **kw)
 
 
@@ -65,9 +65,9 @@ def test_http_completions_beams_equal_transformers(stack: Stack, http: httpx.Cli
         choices = reply.json()["choices"]
         want = _want(stack, prompt, n, max_tokens, length_penalty=lp, early_stopping=es)
         _check_choices(choices, want, lp)
-        eos = stack.stats().eos_token_ids[0]
+        eos = set(stack.stats().eos_token_ids)
         for c, (tokens, _) in zip(choices, want, strict=True):
-            assert c["finish_reason"] == ("stop" if tokens[-1] == eos else "length")
+            assert c["finish_reason"] == ("stop" if tokens[-1] in eos else "length")
         usage = reply.json()["usage"]
         assert usage["completion_tokens"] == sum(len(t) for t, _ in want)
 
@@ -194,3 +194,49 @@ def test_concurrent_beam_and_plain_requests(stack: Stack) -> None:
         assert [c.token_ids for c in result.choices] == [t for t, _ in want]
     greedy = results[3].choices[0].token_ids
     assert all(r.choices[0].token_ids == greedy for r in results[3:])
+
+
+@pytest.fixture(scope="module")
+def bundled_with_likely_eos(bundled_model_path: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A copy of the bundled model (weights and tokenizer) whose EOS is a token it emits soon
+    after PROMPT (the 3rd of its greedy continuation), so that beams end with EOS."""
+    import json
+    import shutil
+
+    from hf_reference import reference_greedy
+
+    path = tmp_path_factory.mktemp("bundled-eos-e2e") / "tiny-py"
+    shutil.copytree(bundled_model_path, path)
+    prompt = AutoTokenizer.from_pretrained(path)(PROMPT)["input_ids"]
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = [reference_greedy(path, [prompt], 3)[0][2], config["eos_token_id"][-1]]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return str(path)
+
+
+def test_beams_ending_with_eos_over_both_apis(
+    bundled_with_likely_eos: str, fresh_redis_url, tmp_path
+) -> None:
+    from e2e_harness import running_stack
+
+    with running_stack(bundled_with_likely_eos, fresh_redis_url(), tmp_path) as eos_stack:
+        prompt = _ids(eos_stack, PROMPT)
+        want = _want(eos_stack, prompt, 3, 12, length_penalty=0.7)
+        eos = set(eos_stack.stats().eos_token_ids)
+        assert any(tokens[-1] in eos for tokens, _ in want)  # EOS is reached
+        body = {"prompt": prompt, "max_tokens": 12, "n": 3, "use_beam_search": True, "length_penalty": 0.7}
+        reply = httpx.post(
+            f"{eos_stack.http_url}/v1/completions", json={**body, "return_token_ids": True}, timeout=120
+        )
+        assert reply.status_code == 200, reply.text
+        choices = reply.json()["choices"]
+        _check_choices(choices, want, 0.7)
+        assert [c["finish_reason"] for c in choices] == [
+            "stop" if t[-1] in eos else "length" for t, _ in want
+        ]
+        with Client(eos_stack.grpc_address, timeout=120) as client:
+            result = client.generate(
+                token_ids=prompt, max_tokens=12, n=3, use_beam_search=True, length_penalty=0.7
+            )
+        assert [c.token_ids for c in result.choices] == [t for t, _ in want]
+        assert [c.finish_reason for c in result.choices] == [c["finish_reason"] for c in choices]

@@ -162,25 +162,60 @@ def test_beams_equal_transformers_on_random_models(random_model, redis_client):
     assert executor.requests == {}
 
 
-def test_beams_on_the_bundled_model_share_blocks(bundled_model_path, redis_client):
-    engine, executor, client = make_engine(bundled_model_path, redis_client, "beam-bundled", num_blocks=128)
-    eos = executor.info().eos_token_ids[0]
-    prompt = make_prompts([10], executor.info().vocab_size, seed=5)[0]
-    params = beam_params(4, 12, eos=True, length_penalty=1.5, early_stopping="never")
+@pytest.fixture(scope="module")
+def bundled_with_likely_eos(bundled_model_path, tmp_path_factory) -> Path:
+    """The bundled weights with an EOS it emits (its own EOS ids never come in a few tokens):
+    the 3rd token of a prompt's greedy continuation, beside its second EOS id."""
+    import json
+    import shutil
+
+    path = tmp_path_factory.mktemp("bundled-eos") / "tiny-py"
+    shutil.copytree(bundled_model_path, path)
+    prompt = make_prompts([6], VOCAB, seed=21)[0]
+    likely = reference_greedy(path, [prompt], 3)[0][2]
+    config = json.loads((path / "generation_config.json").read_text())
+    config["eos_token_id"] = [likely, config["eos_token_id"][-1]]
+    (path / "generation_config.json").write_text(json.dumps(config))
+    return path
+
+
+@pytest.mark.parametrize("eos_reached", [False, True])
+def test_beams_on_the_bundled_model_share_blocks(
+    bundled_model_path, bundled_with_likely_eos, redis_client, eos_reached
+):
+    """The bundled weights (two EOS ids: each beam offers 3 x n candidates), prompts of 3, 6,
+    10 and 25 tokens beside a plain request; with its own EOS ids (never reached in 12
+    tokens), and with a likely one (hypotheses end with it)."""
+    path = bundled_with_likely_eos if eos_reached else Path(bundled_model_path)
+    engine, executor, client = make_engine(path, redis_client, f"beam-bundled-{eos_reached}", num_blocks=160)
+    eos = list(executor.info().eos_token_ids)
+    assert len(eos) == 2
+    prompts = make_prompts([3, 10, 25], VOCAB, seed=5) + [make_prompts([6], VOCAB, seed=21)[0]]
+    settings = [(4, 12, 1.5, "never"), (3, 10, 1.0, False), (2, 12, 0.8, True), (3, 11, 1.0, False)]
+    params = [
+        beam_params(n, mt, eos=True, length_penalty=lp, early_stopping=es) for n, mt, lp, es in settings
+    ]
     plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 
     async def go():
-        streams = [engine.submit("beam", prompt, params), engine.submit("plain", prompt[:7], plain)]
+        streams = [
+            engine.submit(f"beam{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+        ]
+        streams.append(engine.submit("plain", prompts[1][:7], plain))
         outs = await run_all(engine, streams, timeout=120)
         await settle(engine)
         return outs
 
-    out, out_plain = asyncio.run(go())
-    want = reference_beams(
-        bundled_model_path, prompt, 4, 12, length_penalty=1.5, early_stopping="never", eos_token_id=eos
-    )
-    assert_same_beams(out, want, params, "bundled")
-    assert out_plain.tokens[0] == reference_greedy(bundled_model_path, [prompt[:7]], 6)[0]
+    *outs, out_plain = asyncio.run(go())
+    ended_by_eos = 0
+    for i, (out, (n, mt, lp, es)) in enumerate(zip(outs, settings, strict=True)):
+        want = reference_beams(
+            path, prompts[i], n, mt, length_penalty=lp, early_stopping=es, eos_token_id=eos
+        )
+        assert_same_beams(out, want, params[i], f"bundled prompt {i}")
+        ended_by_eos += sum(tokens[-1] in eos for tokens, _ in want)
+    assert (ended_by_eos > 0) == eos_reached
+    assert out_plain.tokens[0] == reference_greedy(path, [prompts[1][:7]], 6)[0]
     assert any(used < unshared for used, unshared in client.samples)
     assert_pool_clean(engine)
 
