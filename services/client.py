@@ -28,8 +28,10 @@
 
 Sampling keywords are the fields of `pagedserve.common.params.SamplingParams` (max_tokens,
 temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
-seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens, prompt_logprobs); only those given
-are sent, so the gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
+seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens, prompt_logprobs, and for beam search
+use_beam_search, length_penalty, early_stopping (True, False or "never"); with beam search, n
+is the beam width and each choice carries `cumulative_logprob` and `beam_score`); only those given are sent, so the
+gateway tells an unset field (its default) from 0. A value that does not fit its protobuf
 field (an int32, an int64 seed, a finite float) or text that is not valid Unicode raises
 `InvalidArgument` here, naming the field. `api_key` (default: $PAGEDSERVE_API_KEY) is sent as
 `authorization: Bearer <key>` metadata on every call; `tls=True` (or `root_certificates=`
@@ -53,7 +55,7 @@ import grpc
 from pagedserve.common import errors, structured
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
 from pagedserve.common.outputs import Usage
-from pagedserve.common.params import SamplingParams
+from pagedserve.common.params import SamplingParams, early_stopping_to_proto
 from pagedserve.gateway import constraints
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
 
@@ -102,6 +104,8 @@ class Choice:
     token_ids: list[int]
     finish_reason: str | None  # "stop", "length" or "abort"
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float | None = None  # beam search: the sum of its tokens' log-probabilities
+    beam_score: float | None = None  # beam search: the length-penalized score it was ranked by
 
 
 @dataclass(slots=True)
@@ -123,6 +127,8 @@ class ChoiceDelta:
     token_ids: list[int]
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    cumulative_logprob: float | None = None  # beam search, on the last delta
+    beam_score: float | None = None  # beam search, on the last delta
 
 
 @dataclass(slots=True)
@@ -198,10 +204,16 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             msg.seed = _int(name, value, INT64)
         elif name == "stop_token_ids":
             msg.stop_token_ids.extend(_int(name, t, INT32) for t in value)
-        elif name == "ignore_eos":
+        elif name in ("ignore_eos", "use_beam_search"):
             if not isinstance(value, bool):
-                raise errors.InvalidArgument(f"ignore_eos must be true or false, got {value!r}", field=name)
-            msg.ignore_eos = value
+                raise errors.InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
+            setattr(msg, name, value)
+        elif name == "early_stopping":
+            if value not in (True, False, "never") or not isinstance(value, bool | str):
+                raise errors.InvalidArgument(
+                    f'early_stopping must be True, False or "never", got {value!r}', field=name
+                )
+            msg.early_stopping = early_stopping_to_proto(value)
         else:
             setattr(msg, name, _float(name, value))
     return msg
@@ -307,7 +319,13 @@ def _result(msg: gateway_pb2.GenerateResult) -> GenerationResult:
         model=msg.model,
         choices=[
             Choice(
-                c.index, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason), _logprobs(c.logprobs)
+                c.index,
+                c.text,
+                list(c.token_ids),
+                FINISH_REASONS.get(c.finish_reason),
+                _logprobs(c.logprobs),
+                c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+                c.beam_score if c.HasField("beam_score") else None,
             )
             for c in msg.choices
         ],
@@ -322,7 +340,13 @@ def _delta(msg: gateway_pb2.GenerateResponse) -> GenerationDelta:
         model=msg.model,
         choices=[
             ChoiceDelta(
-                c.index, c.text, list(c.token_ids), FINISH_REASONS.get(c.finish_reason), _logprobs(c.logprobs)
+                c.index,
+                c.text,
+                list(c.token_ids),
+                FINISH_REASONS.get(c.finish_reason),
+                _logprobs(c.logprobs),
+                c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+                c.beam_score if c.HasField("beam_score") else None,
             )
             for c in msg.choices
         ],

@@ -44,3 +44,7 @@ class ChoiceTokens:
     logprobs: list = field(default_factory=list)  # one entry per token, when asked for
     finish_reason: FinishReason = FinishReason.NONE
     stop_token_id: int = -1  # the EOS or stop token id that ended the choice
+    # Beam search, on the choice's last message: the sum of its tokens' log-probabilities, and
+    # the length-penalized score it was ranked by (transformers' sequences_scores).
+    cumulative_logprob: float | None = None
+    beam_score: float | None = None

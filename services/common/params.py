@@ -12,6 +12,8 @@ from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
+# Beam search's `early_stopping`, as transformers takes it; the proto enum's values in order.
+EARLY_STOPPING_VALUES: tuple[bool | str, ...] = (False, False, True, "never")
 
 
 @dataclass(slots=True)
@@ -38,6 +40,9 @@ class SamplingParams:
     # its spec. Two plain strings, so the constraint survives asdict / JSON records unchanged.
     structured_kind: str = ""
     structured_spec: str = ""
+    use_beam_search: bool = False  # n is then the beam width (see scheduler/beam.py)
+    length_penalty: float = 1.0  # beam search: score = sum(logprobs) / generated_len ** length_penalty
+    early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
 
     @property
     def greedy(self) -> bool:
@@ -91,6 +96,14 @@ class SamplingParams:
                 raise InvalidArgument(
                     "min_tokens cannot be combined with structured output", field="min_tokens"
                 )
+        if self.use_beam_search:
+            self._validate_beam_search()
+        elif self.length_penalty != 1.0 or self.early_stopping is not False:
+            name = "length_penalty" if self.length_penalty != 1.0 else "early_stopping"
+            raise InvalidArgument(
+                f"{name} only applies to beam search: set use_beam_search, or leave {name} at its default",
+                field=name,
+            )
         if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:
@@ -106,6 +119,34 @@ class SamplingParams:
     @property
     def constrained(self) -> bool:
         return bool(self.structured_kind)
+
+    def _validate_beam_search(self) -> None:
+        """What beam search cannot be combined with: it ranks hypotheses by the model's own
+        log-probabilities (greedy, no truncation or penalty) and returns whole beams at the end."""
+        if self.early_stopping not in (True, False, "never"):
+            raise InvalidArgument(
+                f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
+                field="early_stopping",
+            )
+        if self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
+            raise InvalidArgument("length_penalty must be a finite number", field="length_penalty")
+        unsupported = (
+            ("temperature", self.temperature != 0.0, "must be 0"),
+            ("top_p", self.top_p != 1.0, "must be 1"),
+            ("top_k", self.top_k not in (0, -1), "must be 0 or -1"),
+            ("min_p", self.min_p != 0.0, "must be 0"),
+            ("repetition_penalty", self.repetition_penalty != 1.0, "must be 1"),
+            ("presence_penalty", self.presence_penalty != 0.0, "must be 0"),
+            ("frequency_penalty", self.frequency_penalty != 0.0, "must be 0"),
+            ("logprobs", self.logprobs is not None, "is not supported"),
+            ("min_tokens", self.min_tokens != 0, "must be 0"),
+            ("stop_token_ids", bool(self.stop_token_ids), "are not supported"),
+        )
+        for name, bad, rule in unsupported:
+            if bad:
+                raise InvalidArgument(
+                    f"{name} {rule} with use_beam_search (got {getattr(self, name)!r})", field=name
+                )
 
     @classmethod
     def from_proto(cls, msg) -> SamplingParams:  # msg: pagedserve.v1.SamplingParams
@@ -129,6 +170,9 @@ class SamplingParams:
             prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
             structured_kind=kind,
             structured_spec=spec,
+            use_beam_search=msg.use_beam_search,
+            length_penalty=msg.length_penalty if msg.HasField("length_penalty") else 1.0,
+            early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
         )
 
     def to_proto(self):
@@ -148,6 +192,9 @@ class SamplingParams:
             stop_token_ids=self.stop_token_ids,
             ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens,
+            use_beam_search=self.use_beam_search,
+            length_penalty=self.length_penalty,
+            early_stopping=early_stopping_to_proto(self.early_stopping),
         )
         if self.seed is not None:
             msg.seed = self.seed
@@ -158,3 +205,8 @@ class SamplingParams:
         if self.structured_kind:
             msg.structured.CopyFrom(structured.to_proto(self.structured_kind, self.structured_spec))
         return msg
+
+
+def early_stopping_to_proto(value: bool | str) -> int:
+    """True, False or "never" as the `pagedserve.v1.EarlyStopping` value."""
+    return {False: 1, True: 2, "never": 3}[value]

@@ -29,6 +29,10 @@ class NewRequestData:
     block_ids: list[int]  # the whole block table
     num_computed_tokens: int  # leading tokens already in the pool (prefix-cache hit)
     num_scheduled_tokens: int  # tokens to compute now, starting at num_computed_tokens
+    num_beam_candidates: int = 0  # beam search: candidates to return with each sampled token
+    # Beam search: the held sequence this one continues; then the prompt is empty and the
+    # tokens are the parent's first num_computed_tokens, then output_token_ids (executor.proto).
+    fork_of: str = ""
 
 
 @dataclass(slots=True)
@@ -71,6 +75,8 @@ class SampledToken:
     request_id: str
     token_id: int
     logprobs: TokenLogprobs | None = None
+    # Beam search: the best (token id, log_softmax of the raw logits), best first.
+    beam_candidates: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -153,6 +159,8 @@ def step_to_proto(step: StepInput):
                 block_ids=r.block_ids,
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
+                num_beam_candidates=r.num_beam_candidates,
+                fork_of=r.fork_of,
             )
             for r in step.new_requests
         ],
@@ -186,6 +194,8 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
                 block_ids=list(r.block_ids),
                 num_computed_tokens=r.num_computed_tokens,
                 num_scheduled_tokens=r.num_scheduled_tokens,
+                num_beam_candidates=r.num_beam_candidates,
+                fork_of=r.fork_of,
             )
             for r in msg.new_requests
         ],
@@ -206,7 +216,7 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
 
 
 def output_to_proto(out: StepOutput):
-    from pagedserve.v1 import executor_pb2
+    from pagedserve.v1 import common_pb2, executor_pb2
 
     return executor_pb2.ExecuteStepResponse(
         epoch=out.epoch,
@@ -215,6 +225,7 @@ def output_to_proto(out: StepOutput):
                 request_id=s.request_id,
                 token_id=s.token_id,
                 logprob=logprobs_to_proto(s.logprobs) if s.logprobs is not None else None,
+                beam_candidates=[common_pb2.TopLogprob(token_id=t, logprob=p) for t, p in s.beam_candidates],
             )
             for s in out.sampled
         ],
@@ -235,7 +246,10 @@ def output_from_proto(msg) -> StepOutput:
         epoch=msg.epoch,
         sampled=[
             SampledToken(
-                s.request_id, s.token_id, logprobs_from_proto(s.logprob) if s.HasField("logprob") else None
+                s.request_id,
+                s.token_id,
+                logprobs_from_proto(s.logprob) if s.HasField("logprob") else None,
+                [(c.token_id, c.logprob) for c in s.beam_candidates],
             )
             for s in msg.sampled
         ],

@@ -9,7 +9,9 @@ committed last, so a forward that fails for another reason (out of memory) leave
 Order within a step, as the protocol states: forget ids are dropped and block copies made first,
 then new requests join, then cached ones advance. A sequence samples exactly when its scheduled
 tokens reach the end of its known tokens (see `pagedserve.common.step`), and the sampled token is
-appended to its tokens.
+appended to its tokens. A beam-search sequence (`num_beam_candidates` > 0) also returns its
+best next tokens by log-probability; the scheduler picks the beams from those and sends each
+chosen continuation as a new sequence, so the token appended here is never computed.
 """
 
 from __future__ import annotations
@@ -234,10 +236,18 @@ class ExecutorEngine:
             self.runner.eos_token_ids,
             mask=mask,
         )
-        return [
+        out = [
             SampledToken(r.request_id, token_id, logprobs)
             for r, (token_id, logprobs) in zip(sampling, results, strict=True)
         ]
+        beam_rows = [i for i, r in enumerate(sampling) if r.num_beam_candidates]
+        if beam_rows:
+            counts = [sampling[i].num_beam_candidates for i in beam_rows]
+            for i, candidates in zip(
+                beam_rows, sampler.beam_candidates(logits, beam_rows, counts), strict=True
+            ):
+                out[i].beam_candidates = candidates
+        return out
 
     def _commit(self, plan: StepPlan, sampled: list[SampledToken], started: dict[str, Matcher]) -> None:
         if started or self.structured.matchers:

@@ -246,6 +246,19 @@ def _logprobs(
     return result
 
 
+def beam_candidates(
+    logits: torch.Tensor, rows: list[int], counts: list[int]
+) -> list[list[tuple[int, float]]]:
+    """Beam search's candidates: for each row in `rows` of `logits` `[B, V]`, its `counts[i]`
+    best (token id, log-probability), best first, from log_softmax of the raw logits in
+    float32, as transformers scores beams (no penalty, temperature or truncation)."""
+    index = torch.tensor(rows, device=logits.device)
+    logprobs = logits[index].to(torch.float32).log_softmax(dim=-1)  # [R, V]
+    values, ids = logprobs.topk(max(counts), dim=-1)  # [R, max(counts)] each, best first
+    values, ids = values.tolist(), ids.tolist()
+    return [list(zip(ids[k][:n], values[k][:n], strict=True)) for k, n in enumerate(counts)]
+
+
 def sample(
     logits: torch.Tensor,
     params: Sequence[SamplingParams],

@@ -8,11 +8,12 @@ states it reads, so a rejected step leaves the executor exactly as it was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
-from pagedserve.common.step import StepInput
+from pagedserve.common.step import NewRequestData, StepInput
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class RequestState:
     sampling: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    num_beam_candidates: int = 0  # beam search: candidates returned with each sampled token
 
 
 @dataclass(slots=True)
@@ -135,10 +137,15 @@ def plan_step(
         seen.add(r.request_id)
         if r.request_id in requests and r.request_id not in forget:
             raise bad(f"{who} is already held; list it in forget_request_ids to re-send it", "request_id")
-        if not r.prompt_token_ids:
-            raise bad(f"{who} has an empty prompt", "prompt_token_ids")
-        token_ids = [*r.prompt_token_ids, *r.output_token_ids]
-        bad_ids = [t for t in token_ids if not 0 <= t < vocab_size]
+        if r.fork_of:
+            prompt_ids, token_ids = _forked_tokens(who, r, requests, bad)
+            checked = r.output_token_ids
+        else:
+            if not r.prompt_token_ids:
+                raise bad(f"{who} has an empty prompt", "prompt_token_ids")
+            prompt_ids = r.prompt_token_ids
+            token_ids = checked = [*r.prompt_token_ids, *r.output_token_ids]
+        bad_ids = [t for t in checked if not 0 <= t < vocab_size]
         if bad_ids:
             raise bad(
                 f"{who}: token id {bad_ids[0]} is outside the vocabulary [0, {vocab_size})",
@@ -160,14 +167,20 @@ def plan_step(
             raise bad(
                 f"{who}: num_computed_tokens={r.num_computed_tokens} is negative", "num_computed_tokens"
             )
+        if not 0 <= r.num_beam_candidates <= vocab_size:
+            raise bad(
+                f"{who}: num_beam_candidates={r.num_beam_candidates} is not in [0, vocab_size={vocab_size}]",
+                "num_beam_candidates",
+            )
         state = RequestState(
             request_id=r.request_id,
-            prompt_token_ids=list(r.prompt_token_ids),
-            output_token_ids=list(r.output_token_ids),
+            prompt_token_ids=list(prompt_ids),
+            output_token_ids=token_ids[len(prompt_ids) :],
             token_ids=token_ids,
             sampling=r.sampling,
             block_ids=list(r.block_ids),
             num_computed_tokens=r.num_computed_tokens,
+            num_beam_candidates=r.num_beam_candidates,
         )
         plan.scheduled.append(schedule(who, state, state.block_ids, r.num_scheduled_tokens))
 
@@ -215,3 +228,23 @@ def _check_no_shared_writes(plan: StepPlan, block_size: int, bad) -> None:
                         "block_ids",
                     )
             writers.setdefault(block, []).append((lo, hi, s.state.request_id))
+
+
+def _forked_tokens(
+    who: str, r: NewRequestData, requests: dict[str, RequestState], bad: Callable[..., InvalidArgument]
+) -> tuple[list[int], list[int]]:
+    """(prompt, all tokens) of a beam forked from a held request: the parent's prompt and first
+    num_computed_tokens tokens (the KV it shares), then the new request's output_token_ids."""
+    parent = requests.get(r.fork_of)
+    if parent is None:
+        raise bad(f"{who} forks {r.fork_of!r}, which this executor does not hold", "fork_of")
+    if r.prompt_token_ids:
+        raise bad(f"{who} forks {r.fork_of!r}: its prompt_token_ids must be empty", "prompt_token_ids")
+    base = r.num_computed_tokens
+    if not len(parent.prompt_token_ids) <= base <= len(parent.token_ids):
+        raise bad(
+            f"{who} forks {r.fork_of!r} at num_computed_tokens={base}, outside its outputs "
+            f"[{len(parent.prompt_token_ids)}, {len(parent.token_ids)}]",
+            "num_computed_tokens",
+        )
+    return parent.prompt_token_ids, [*parent.token_ids[:base], *r.output_token_ids]

@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 # OpenAI's own limit on `n` ("Expected a value <= 128"), so clients written for OpenAI or
 # vLLM never meet a lower one; each choice costs the gateway a detokenizer and a stop matcher.
 DEFAULT_MAX_N = 128
+# Beams per beam-search request: each step ranks width x 2 width candidates and each beam may
+# hold its own blocks, so a wide search costs far more than as many plain choices.
+DEFAULT_MAX_BEAM_WIDTH = 8
 # Stop strings are matched against every choice's text at every step: cost ~ n x total length.
 DEFAULT_MAX_STOP_STRINGS = 64
 DEFAULT_MAX_STOP_CHARS = 4096
@@ -22,6 +25,7 @@ class RequestLimits:
     """Sizes a request may ask for; every one is checked before anything is built for it."""
 
     max_n: int = DEFAULT_MAX_N  # choices per request (n, times the prompts of a batch)
+    max_beam_width: int = DEFAULT_MAX_BEAM_WIDTH  # n with use_beam_search
     max_stop_strings: int = DEFAULT_MAX_STOP_STRINGS
     max_stop_chars: int = DEFAULT_MAX_STOP_CHARS  # total characters over all stop strings
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP body; larger gets 413 unread

@@ -103,6 +103,10 @@ class ChoiceDelta:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
+    # Beam search, on the last delta: the sum of the tokens' log-probabilities, and the
+    # length-penalized score the beams were ranked by.
+    cumulative_logprob: float | None = None
+    beam_score: float | None = None
 
 
 @dataclass(slots=True)
@@ -203,6 +207,8 @@ class CompletedChoice:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.NONE
+    cumulative_logprob: float | None = None  # beam search
+    beam_score: float | None = None  # beam search
 
 
 @dataclass(slots=True)
@@ -233,5 +239,7 @@ class CompletedRequest:
             choice.logprobs.extend(delta.logprobs)
             if delta.finish_reason is not FinishReason.NONE:
                 choice.finish_reason = delta.finish_reason
+            if delta.beam_score is not None:
+                choice.cumulative_logprob, choice.beam_score = delta.cumulative_logprob, delta.beam_score
         if output.usage is not None:
             self.usage = output.usage

@@ -202,6 +202,15 @@ class Engine:
             raise InvalidArgument(
                 f"n must be <= {limits.max_n} (the gateway's --max-n), got {request.sampling.n}", field="n"
             )
+        if request.sampling.use_beam_search:
+            if request.sampling.n > limits.max_beam_width:
+                raise InvalidArgument(
+                    f"n must be <= {limits.max_beam_width} with use_beam_search (the gateway's "
+                    f"--max-beam-width), got {request.sampling.n}",
+                    field="n",
+                )
+            if request.stop:
+                raise InvalidArgument("stop strings are not supported with use_beam_search", field="stop")
         if len(request.stop) > limits.max_stop_strings:
             raise InvalidArgument(
                 f"stop has {len(request.stop)} strings, more than the limit of {limits.max_stop_strings}",

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
-from pagedserve.common.params import SamplingParams
+from pagedserve.common.params import EARLY_STOPPING_VALUES, SamplingParams
 from pagedserve.gateway.datatypes import (
     ChatMessage,
     CompletedRequest,
@@ -46,9 +46,15 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
             "logprobs",
             "min_tokens",
             "prompt_logprobs",
+            "use_beam_search",
+            "length_penalty",
         )
         if msg.HasField(name)
     }
+    if msg.HasField("early_stopping"):
+        values["early_stopping"] = EARLY_STOPPING_VALUES[msg.early_stopping]
+    if values.get("use_beam_search"):
+        values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
     kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
     return SamplingParams(
         **values, stop_token_ids=list(msg.stop_token_ids), structured_kind=kind, structured_spec=spec
@@ -117,6 +123,8 @@ def output_to_proto(output: RequestOutput, model: str) -> gateway_pb2.GenerateRe
                 token_ids=d.token_ids,
                 logprobs=_logprobs_to_proto(d.logprobs),
                 finish_reason=int(d.finish_reason),
+                cumulative_logprob=d.cumulative_logprob,
+                beam_score=d.beam_score,
             )
             for d in output.choices
         ],
@@ -142,6 +150,8 @@ def result_to_proto(result: CompletedRequest, model: str) -> gateway_pb2.Generat
                 token_ids=c.token_ids,
                 logprobs=_logprobs_to_proto(c.logprobs),
                 finish_reason=int(c.finish_reason),
+                cumulative_logprob=c.cumulative_logprob,
+                beam_score=c.beam_score,
             )
             for c in result.choices
         ],

@@ -6,7 +6,10 @@ fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
 return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first) and
 prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
-prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`.
+prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`. Beam search as
+vLLM's `use_beam_search` (n is the beam width; temperature defaults to 0 with it) with
+transformers' `length_penalty` and `early_stopping` (true, false or "never"). Beam search
+answers all at once: `stream: true` with it is refused.
 
 Every size a body asks for (n, prompts in a batch, stop strings) is checked against
 `RequestLimits` here, before anything is built for it; every integer must fit its protobuf
@@ -179,6 +182,25 @@ def _reject(body: dict, name: str, ok, why: str) -> None:
         raise InvalidArgument(f"{name} is not supported: {why}", field=name)
 
 
+def _early_stopping(body: dict) -> bool | str:
+    value = _get(body, "early_stopping")
+    if value is _MISSING:
+        return False
+    if value not in (True, False, "never") or isinstance(value, int | float) and not isinstance(value, bool):
+        raise InvalidArgument(
+            f'early_stopping must be true, false or "never", got {_show(value)}', field="early_stopping"
+        )
+    return value
+
+
+def _check_beam_search(sampling: SamplingParams, stream: bool) -> None:
+    """What beam search cannot go with at this layer (the rest: `SamplingParams.validate`)."""
+    if stream and sampling.use_beam_search:
+        raise InvalidArgument(
+            "stream is not supported with use_beam_search: beams come all at once", field="stream"
+        )
+
+
 def _sampling(
     body: dict,
     max_tokens: int,
@@ -186,9 +208,12 @@ def _sampling(
     limits: RequestLimits,
     constraint: tuple[str, str] = ("", ""),
 ) -> SamplingParams:
+    beam = _bool(body, "use_beam_search", False)
+    n_limit = (limits.max_beam_width, " with use_beam_search (the gateway's --max-beam-width)")
+    n_hi, n_why = n_limit if beam else (limits.max_n, " (the gateway's --max-n)")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=_float(body, "temperature", 1.0),
+        temperature=_float(body, "temperature", 0.0 if beam else 1.0),
         top_p=_float(body, "top_p", 1.0),
         top_k=_int(body, "top_k", 0),
         min_p=_float(body, "min_p", 0.0),
@@ -196,13 +221,16 @@ def _sampling(
         presence_penalty=_float(body, "presence_penalty", 0.0),
         frequency_penalty=_float(body, "frequency_penalty", 0.0),
         seed=_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
-        n=_int(body, "n", 1, hi=limits.max_n, limit=" (the gateway's --max-n)"),
+        n=_int(body, "n", 1, hi=n_hi, limit=n_why),
         stop_token_ids=_int_list(body, "stop_token_ids"),
         ignore_eos=_bool(body, "ignore_eos", False),
         logprobs=logprobs,
         min_tokens=_int(body, "min_tokens", 0),
         structured_kind=constraint[0],
         structured_spec=constraint[1],
+        use_beam_search=beam,
+        length_penalty=_float(body, "length_penalty", 1.0),
+        early_stopping=_early_stopping(body),
     )
 
 
@@ -275,6 +303,7 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     best_of = _int(body, "best_of", None)
     if best_of is not None and best_of != sampling.n:
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
+    _check_beam_search(sampling, stream)
     common = _request_fields(body, limits)
     token_strings = logprobs is not None or prompt_logprobs is not None
     return ApiCall(
@@ -380,6 +409,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
         **_request_fields(body, limits),
     )
     request.max_tokens_to_fill = max_tokens is None
+    _check_beam_search(sampling, stream)
     return ApiCall(
         requests=[request],
         chat=True,

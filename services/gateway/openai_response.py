@@ -171,6 +171,9 @@ def full_response(
             choice["token_ids"] = c.token_ids
             prompt_index = c.index // call.request.sampling.n
             choice["prompt_token_ids"] = result.prompt_token_ids_by_prompt.get(prompt_index, [])
+        if c.beam_score is not None:  # beam search: each beam's scores (vLLM's and transformers')
+            choice["cumulative_logprob"] = c.cumulative_logprob
+            choice["beam_score"] = c.beam_score
         choices.append(choice)
     body = {
         "id": response_id,

@@ -220,7 +220,13 @@ class RequestRun:
         if not self.request.detokenize:  # token ids only: no text, no detokenizer state
             deltas = []
             for choice, ct in live:
-                delta = ChoiceDelta(index=choice.index, token_ids=ct.token_ids, logprobs=ct.logprobs)
+                delta = ChoiceDelta(
+                    index=choice.index,
+                    token_ids=ct.token_ids,
+                    logprobs=ct.logprobs,
+                    cumulative_logprob=ct.cumulative_logprob,
+                    beam_score=ct.beam_score,
+                )
                 if ct.finish_reason is not FinishReason.NONE:
                     delta.finish_reason = ct.finish_reason
                     choice.finished = True
@@ -250,7 +256,12 @@ class RequestRun:
         for (choice, ct), text in zip(live, texts, strict=False):
             result = choice.matcher.feed(text)
             delta = ChoiceDelta(
-                index=choice.index, text=result.text, token_ids=ct.token_ids, logprobs=ct.logprobs
+                index=choice.index,
+                text=result.text,
+                token_ids=ct.token_ids,
+                logprobs=ct.logprobs,
+                cumulative_logprob=ct.cumulative_logprob,
+                beam_score=ct.beam_score,
             )
             if lookups:
                 _fill_token_strings(delta.logprobs, token_strings)

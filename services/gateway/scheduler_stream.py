@@ -206,6 +206,8 @@ def update_from_proto(msg: scheduler_pb2.SubmitResponse) -> SchedulerUpdate:
                 token_ids=list(c.token_ids),
                 logprobs=_logprobs_from_proto(c.logprobs),
                 finish_reason=FinishReason(c.finish_reason),
+                cumulative_logprob=c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+                beam_score=c.beam_score if c.HasField("beam_score") else None,
             )
             for c in msg.choices
         ],

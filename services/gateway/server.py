@@ -27,6 +27,7 @@ from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signa
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
 from pagedserve.gateway.config import (
+    DEFAULT_MAX_BEAM_WIDTH,
     DEFAULT_MAX_JSON_DEPTH,
     DEFAULT_MAX_N,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -153,6 +154,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: %(default)s, OpenAI's own limit)",
     )
     limits.add_argument(
+        "--max-beam-width",
+        type=int,
+        default=DEFAULT_MAX_BEAM_WIDTH,
+        help="most beams (n) of a use_beam_search request (default: %(default)s)",
+    )
+    limits.add_argument(
         "--max-stop-strings", type=int, default=DEFAULT_MAX_STOP_STRINGS, help="most stop strings per request"
     )
     limits.add_argument(
@@ -194,7 +201,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     model = args.model or default_model()
-    for flag in ("max_queued_requests", "max_n", "max_stop_strings", "max_stop_chars", "max_request_bytes"):
+    for flag in (
+        "max_queued_requests",
+        "max_n",
+        "max_beam_width",
+        "max_stop_strings",
+        "max_stop_chars",
+        "max_request_bytes",
+    ):
         if getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
     if args.max_json_depth < 2:
@@ -235,6 +249,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         shutdown_timeout=args.shutdown_timeout,
         limits=RequestLimits(
             max_n=args.max_n,
+            max_beam_width=args.max_beam_width,
             max_stop_strings=args.max_stop_strings,
             max_stop_chars=args.max_stop_chars,
             max_request_bytes=args.max_request_bytes,

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.sizes import cdiv
+from pagedserve.scheduler.beam import num_candidates
 from pagedserve.scheduler.config import SchedulerLimits
 
 
@@ -31,6 +32,8 @@ def check_admissible(
             f"prompt_token_ids: {bad} is outside the vocabulary [0, {limits.vocab_size})",
             field="prompt_token_ids",
         )
+    if sampling.use_beam_search:
+        _check_beam_width(limits, sampling)
     total = len(prompt_token_ids) + sampling.max_tokens
     if total > limits.max_model_len:
         raise InvalidArgument(
@@ -44,9 +47,30 @@ def check_admissible(
     shared = (len(prompt_token_ids) - 1) // bs if n > 1 else 0  # full blocks of the shared prompt
     needed = shared + n * (per_sequence - shared)
     if needed > limits.num_blocks:
-        choices = f" for each of n={n} choices" if n > 1 else ""
+        what = "beams" if sampling.use_beam_search else "choices"
+        choices = f" for each of n={n} {what}" if n > 1 else ""
         raise InvalidArgument(
             f"prompt + max_tokens = {total} tokens{choices} needs {needed} KV blocks of {bs} tokens; "
             f"the pool has {limits.num_blocks}",
             field="n" if n > 1 and per_sequence <= limits.num_blocks else "max_tokens",
+        )
+
+
+def _check_beam_width(limits: SchedulerLimits, sampling: SamplingParams) -> None:
+    """Every beam of a request runs in the same step, and each step ranks candidates that
+    must be distinct tokens: the width must fit a step and the vocabulary."""
+    n = sampling.n
+    step = min(limits.max_num_seqs, limits.max_num_batched_tokens)
+    if n > step:
+        raise InvalidArgument(
+            f"n={n} beams do not fit one step: the scheduler runs at most {step} sequences per step "
+            "(--max-num-seqs, --max-num-batched-tokens)",
+            field="n",
+        )
+    num_eos = 0 if sampling.ignore_eos else len(limits.eos_token_ids)
+    if num_candidates(n, num_eos) > limits.vocab_size:
+        raise InvalidArgument(
+            f"n={n} beams need {num_candidates(n, num_eos)} candidate tokens per step; the vocabulary "
+            f"has {limits.vocab_size}",
+            field="n",
         )

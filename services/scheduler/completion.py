@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.step import StepOutput
 from pagedserve.scheduler.block_pool import status_field
-from pagedserve.scheduler.request import PROMPT_INDEX, Sequence, SequenceStatus
+from pagedserve.scheduler.request import BEAM_INDEX, PROMPT_INDEX, Sequence, SequenceStatus
 
 if TYPE_CHECKING:
     from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
@@ -34,7 +34,8 @@ class CompletionMixin:
         ops = self.blocks.log
         sampled = {s.request_id: s for s in output.sampled}
         eos, max_len = self.limits.eos_token_ids, self.limits.max_model_len
-        forked: dict[int, list[Sequence]] = {}
+        forked: dict[int, list[Sequence]] = {}  # id(seq) -> the sequences that replace it
+        beam_outputs: dict[str, dict] = {}  # request id -> {beam id: candidates}
         bs = self.block_size
         unpublished = self.unpublished
         generated = 0
@@ -52,6 +53,9 @@ class CompletionMixin:
             if seq.num_computed_tokens // bs > seq.num_registered_blocks:
                 for index, block_hash, parent_hash, token_ids in seq.take_full_blocks(self.hasher):
                     self.blocks.register(seq.seq_id, index, block_hash, parent_hash, token_ids)
+            if seq.index == BEAM_INDEX:
+                self._take_beam_output(seq, sampled.get(seq.seq_id), beam_outputs)
+                continue
             if seq.index == PROMPT_INDEX:
                 if seq.num_computed_tokens >= seq.target_len:
                     forked[id(seq)] = self._fork_choices(seq)
@@ -76,6 +80,8 @@ class CompletionMixin:
             else:  # to the client and the replica by publish(), while the next step runs
                 unpublished.append((seq, token_id, token.logprobs, seq.num_computed_tokens))
         self.stats.generated_tokens += generated
+        if beam_outputs:
+            self._advance_beams(beam_outputs, forked)
         running: list[Sequence] = []
         live = slots = 0
         for seq in self.running:
@@ -156,6 +162,9 @@ class CompletionMixin:
             request = self.detached.pop(request_id, None)
             if request is not None:  # resumed, never re-attached: nobody is listening
                 self._drop_detached(request)
+            return
+        if request.beam is not None:
+            self._abort_beams(request)
             return
         for seq in request.seqs:
             if seq.status == SequenceStatus.FINISHED:

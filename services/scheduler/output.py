@@ -92,6 +92,21 @@ class RequestStream:
             delta.finish_reason, delta.stop_token_id = finish_reason, stop_token_id
         self._notify()
 
+    def push_beam(
+        self,
+        index: int,
+        token_ids: list[int],
+        finish_reason: FinishReason,
+        stop_token_id: int,
+        cumulative_logprob: float,
+        beam_score: float,
+    ) -> None:
+        """A beam-search choice, whole, with its scores (it ends with this message)."""
+        self.push(index, token_ids, None, finish_reason, stop_token_id)
+        delta = self._choices.get(index)
+        if delta is not None:
+            delta.cumulative_logprob, delta.beam_score = cumulative_logprob, beam_score
+
     def set_cached_prompt_tokens(self, num_tokens: int) -> None:
         if self._cached is None and not self._cached_sent:
             self._cached = num_tokens

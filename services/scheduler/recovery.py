@@ -63,6 +63,7 @@ class RecoveryMixin:
         self.needs_full_write = True
         forget = [] if executor_lost else self.forget_ids + [s.seq_id for s in self.running if s.in_executor]
         self.forget_ids = forget
+        self._restart_beams()
         for seq in self.running:
             seq.block_table = []
             seq.num_computed_tokens = 0
@@ -133,6 +134,11 @@ class RecoveryMixin:
             request = self._new_request(request_id, first.prompt_token_ids, first.sampling, first.priority)
             if any(s.index == PROMPT_INDEX for s in states):
                 request.seqs = request.initial_sequences()  # nothing sampled yet: start over
+            elif first.sampling.use_beam_search:  # beams are not resumed: the search starts over
+                request.seqs = request.initial_sequences()
+                for s in states:
+                    if s.seq_id != request.seqs[0].seq_id:
+                        self.blocks.drop(s.seq_id)
             else:
                 request.num_choices_left = first.sampling.n
                 request.seqs = []

@@ -8,6 +8,9 @@ copy-on-write of the shared partial block) with its own seed.
 
 There is no prefill or decode phase: a sequence only has `num_computed_tokens`, and each step
 computes some of the tokens after it (the whole prompt, a chunk of it, or one new token).
+
+A beam-search request (beam_steps.py) runs its beams as sequences with index BEAM_INDEX: one
+over the prompt first, then `width` beams that replace each other every step.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from enum import IntEnum
 from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import TokenLogprobs
+from pagedserve.scheduler.beam import BeamSearch
 from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher
 from pagedserve.scheduler.output import RequestStream
 
 log = logging.getLogger(__name__)
 
 PROMPT_INDEX = -1  # choice index of the prompt sequence of an n > 1 request
+BEAM_INDEX = -2  # index of every sequence of a beam-search request (its choices exist at the end)
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so distinct choice indices give distinct seeds
 _SEED_MASK = (1 << 63) - 1
 
@@ -59,6 +64,8 @@ class Sequence:
     # it, so the next step can compute it before the scheduler knows its value.
     num_pending: int = 0
     finish_reason: FinishReason = FinishReason.NONE
+    cumulative_logprob: float = 0.0  # a beam's score: the sum of its tokens' log-probabilities
+    fork_parent: str = ""  # a beam: the sequence it continues (the executor may fork it from there)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -86,6 +93,8 @@ class Sequence:
         step still in flight counts (the executor has it)."""
         if self.index == PROMPT_INDEX:
             return len(self.request.prompt_token_ids) - 1
+        if self.index == BEAM_INDEX:  # its next token is chosen from the candidates in flight
+            return self.num_tokens
         return self.num_tokens + self.num_pending
 
     def token_ids(self, start: int, end: int) -> list[int]:
@@ -169,6 +178,9 @@ class Request:
             self.stream.set_prompt_logprobs(self.prompt_logprobs)
             self.prompt_logprobs_sent = True
 
+    beam: BeamSearch | None = None  # beam search's state, when sampling.use_beam_search
+    num_beam_seqs: int = 0  # beam sequences made so far (their ids are unique per request)
+
     def choice(self, index: int) -> Sequence:
         params = replace(self.sampling, n=1, seed=choice_seed(self.sampling.seed, index))
         suffix = "" if self.sampling.n == 1 else f"#{index}"
@@ -190,11 +202,30 @@ class Request:
         self.seqs = children
         return children
 
+    def beam_sequence(self, parent: Sequence | None = None, token_id: int = -1) -> Sequence:
+        """The beam over the prompt (no parent), or `parent`'s continuation with `token_id`,
+        sharing its progress (the blocks are forked by the caller)."""
+        seq = Sequence(f"{self.request_id}#b{self.num_beam_seqs}", self, BEAM_INDEX, self.sampling)
+        self.num_beam_seqs += 1
+        if parent is not None:
+            seq.fork_parent = parent.seq_id
+            seq.output_token_ids = [*parent.output_token_ids, token_id]
+            seq.block_table = list(parent.block_table)
+            seq.num_computed_tokens = parent.num_computed_tokens
+            seq.block_hashes = list(parent.block_hashes)
+            seq.num_registered_blocks = parent.num_registered_blocks
+            seq.status = SequenceStatus.RUNNING
+        return seq
+
     def initial_sequences(self) -> list[Sequence]:
         """One sequence per choice, or the shared prompt sequence when n > 1 and there is a
         prompt prefix to share (a one-token prompt has none)."""
         n = self.sampling.n
         self.num_choices_left = n
+        if self.sampling.use_beam_search:  # (again after a preemption: the search starts over)
+            s = self.sampling
+            self.beam = BeamSearch(n, s.length_penalty, s.early_stopping)
+            return [self.beam_sequence()]
         if n > 1 and len(self.prompt_token_ids) > 1:
             return [self.prompt_sequence()]
         return [self.choice(i) for i in range(n)]

@@ -27,13 +27,14 @@ from pagedserve.common.errors import InvalidArgument, ResourceExhausted
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.scheduler.admission import check_admissible
+from pagedserve.scheduler.beam_steps import BeamMixin
 from pagedserve.scheduler.block_manager import BlockManager
 from pagedserve.scheduler.completion import CompletionMixin
 from pagedserve.scheduler.config import SchedulerLimits
 from pagedserve.scheduler.hashing import BlockHasher, model_salt, token_str
 from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import RecoveryMixin
-from pagedserve.scheduler.request import PROMPT_INDEX, Request, Sequence, SequenceStatus
+from pagedserve.scheduler.request import BEAM_INDEX, PROMPT_INDEX, Request, Sequence, SequenceStatus
 from pagedserve.scheduler.waiting import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class ScheduledStep(NamedTuple):
     seqs: list[tuple[Sequence, int]]  # each scheduled sequence and its num_scheduled_tokens
 
 
-class Scheduler(CompletionMixin, RecoveryMixin):
+class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
     def __init__(self, limits: SchedulerLimits, epoch: str) -> None:
         self.limits = limits
         self.epoch = epoch
@@ -167,6 +168,10 @@ class Scheduler(CompletionMixin, RecoveryMixin):
         i = 0
         while i < len(running) and budget > 0 and len(planned) < max_seqs:
             seq = running[i]
+            if seq.index == BEAM_INDEX and len(seq.request.seqs) > 1:  # all of its beams, or none
+                i, budget, cut = self._plan_beams(i, planned, copies, budget)
+                preempted = preempted or cut
+                continue
             num_tokens = self._cap_prompt_rows(seq, min(seq.target_len - seq.num_computed_tokens, budget))
             if num_tokens <= 0:
                 i += 1
@@ -271,7 +276,8 @@ class Scheduler(CompletionMixin, RecoveryMixin):
                 )
             else:
                 new_reqs.append(
-                    NewRequestData(
+                    self._beam_fork_data(seq, num_tokens)
+                    or NewRequestData(
                         seq.seq_id,
                         seq.prompt_token_ids,
                         list(seq.output_token_ids),
@@ -279,6 +285,7 @@ class Scheduler(CompletionMixin, RecoveryMixin):
                         list(seq.block_table),
                         seq.num_computed_tokens,
                         num_tokens,
+                        self._num_beam_candidates(seq),
                     )
                 )
                 seq.in_executor = True
@@ -294,6 +301,9 @@ class Scheduler(CompletionMixin, RecoveryMixin):
 
     def _preempt(self, seq: Sequence) -> None:
         """Free the sequence's blocks and put it back at the front of the queue (recompute)."""
+        if seq.index == BEAM_INDEX:
+            self._preempt_beams(seq.request)
+            return
         self.blocks.free(seq.seq_id)
         self._forget(seq)
         seq.block_table = []

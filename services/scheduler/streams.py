@@ -36,6 +36,8 @@ def delta_to_proto(delta: RequestDelta) -> scheduler_pb2.SubmitResponse:
                 logprobs=[logprobs_to_proto(lp) for lp in c.logprobs],
                 finish_reason=int(c.finish_reason),
                 stop_token_id=c.stop_token_id,
+                cumulative_logprob=c.cumulative_logprob,
+                beam_score=c.beam_score,
             )
             for c in delta.choices
         ],

@@ -240,3 +240,73 @@ def test_a_step_with_an_older_fencing_token_is_refused(tiny_model_dir, make_engi
     assert set(engine.requests) == {"r"}
     assert engine.execute_step(StepInput(2, engine.epoch, forget_request_ids=["r"], fence=5)).sampled == []
     assert engine.execute_step(StepInput(3, engine.epoch, new_requests=[stale])).sampled
+
+
+def test_beam_candidates_are_the_models_top_log_probabilities(tiny_model_dir, make_engine) -> None:
+    """A beam-search sequence's step returns its best `num_beam_candidates` next tokens by
+    log_softmax of the raw logits, best first, as transformers' beam search scores them; a
+    request without the field gets none."""
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir("llama")
+    prompt, other = make_prompts((13, 6), VOCAB, seed=8)
+    beam = SamplingParams(max_tokens=4, temperature=0.0, n=3, use_beam_search=True)
+    engine = make_engine(path, block_size=8, num_kv_blocks=32)
+    step = StepInput(
+        0,
+        engine.epoch,
+        new_requests=[
+            NewRequestData("beam", prompt, [], beam, [0, 1], 0, 13, num_beam_candidates=6),
+            NewRequestData("plain", other, [], GREEDY, [2], 0, 6),
+        ],
+    )
+    out = {s.request_id: s for s in engine.execute_step(step).sampled}
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1].float()  # [V]
+    values, ids = logits.log_softmax(dim=-1).topk(6)
+    candidates = out["beam"].beam_candidates
+    assert [t for t, _ in candidates] == ids.tolist()
+    assert [lp for _, lp in candidates] == pytest.approx(values.tolist(), abs=1e-5)
+    assert out["beam"].token_id == candidates[0][0]  # the sampled token is the argmax
+    assert out["plain"].beam_candidates == []
+
+
+def test_a_beam_forks_a_held_request_without_its_prompt(tiny_model_dir, make_engine) -> None:
+    """`fork_of`: the child takes the parent's prompt and first num_computed_tokens tokens (the
+    parent's forget in the same step applies after) and continues with its own token, exactly
+    as if it had been sent whole; an unknown parent is refused, naming the field."""
+    from pagedserve.common.errors import InvalidArgument
+
+    path = tiny_model_dir("llama")
+    (prompt,) = make_prompts((11,), VOCAB, seed=9)
+    beam = SamplingParams(max_tokens=8, temperature=0.0, n=2, use_beam_search=True)
+    engine = make_engine(path, block_size=8, num_kv_blocks=32)
+    first = StepInput(0, engine.epoch, new_requests=[NewRequestData("p", prompt, [], beam, [0, 1], 0, 11, 4)])
+    candidates = engine.execute_step(first).sampled[0].beam_candidates
+    second_best = candidates[1][0]  # not the token the executor appended to "p" itself
+    # Block 1 holds tokens 8..10 of "p"; the child writes token 11 there after a copy into 2.
+    fork = NewRequestData("c", [], [second_best], beam, [0, 2], 11, 1, 4, fork_of="p")
+    step = StepInput(1, engine.epoch, new_requests=[fork], forget_request_ids=["p"], block_copies=[(1, 2)])
+    got = engine.execute_step(step).sampled[0]
+    assert "p" not in engine.requests and engine.requests["c"].token_ids == [
+        *prompt,
+        second_best,
+        got.token_id,
+    ]
+
+    whole = make_engine(path, block_size=8, num_kv_blocks=32)
+    again = StepInput(
+        0, whole.epoch, new_requests=[NewRequestData("c", prompt, [second_best], beam, [0, 1], 0, 12, 4)]
+    )
+    want = whole.execute_step(again).sampled[0]
+    assert got.token_id == want.token_id
+    assert [t for t, _ in got.beam_candidates] == [t for t, _ in want.beam_candidates]
+    assert [lp for _, lp in got.beam_candidates] == pytest.approx(
+        [lp for _, lp in want.beam_candidates], abs=1e-5
+    )
+
+    orphan = NewRequestData("d", [], [5], beam, [3], 4, 1, 4, fork_of="gone")
+    with pytest.raises(InvalidArgument) as err:
+        engine.execute_step(StepInput(2, engine.epoch, new_requests=[orphan]))
+    assert err.value.field == "fork_of" and "c" in engine.requests  # the refused step changed nothing

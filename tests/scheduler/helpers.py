@@ -16,6 +16,7 @@ class Collected:
     logprobs: dict[int, list] = field(default_factory=dict)
     finish: dict[int, FinishReason] = field(default_factory=dict)
     stop_token: dict[int, int] = field(default_factory=dict)
+    scores: dict[int, tuple[float, float]] = field(default_factory=dict)  # beam: (cumulative, score)
     messages: int = 0
     usage: Usage | None = None
     cached_prompt_tokens: int | None = None
@@ -39,6 +40,8 @@ async def drain(stream: RequestStream) -> Collected:
             if choice.finish_reason != FinishReason.NONE:
                 out.finish[choice.index] = choice.finish_reason
                 out.stop_token[choice.index] = choice.stop_token_id
+            if choice.beam_score is not None:
+                out.scores[choice.index] = (choice.cumulative_logprob, choice.beam_score)
         if delta.finished:
             out.usage = delta.usage
             return out
