@@ -35,6 +35,7 @@ class ExecutorConfig:
     cpu_threads: int | None = None  # torch intra-op threads; None: see placement.default_threads
     cpu_affinity: tuple[int, ...] | None = None  # cores to pin the process to; None: not pinned
     compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
+    swap_space: float | None = None  # GiB of CPU blocks; None: 4 on CUDA (capped), 0 on CPU (swap_space.py)
 
     @property
     def model_path(self) -> str:
@@ -54,6 +55,8 @@ class ExecutorConfig:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.swap_space is not None and self.swap_space < 0:
+            raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
         if self.cpu_affinity is not None and (not self.cpu_affinity or min(self.cpu_affinity) < 0):

@@ -79,6 +79,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch.compile the model forward (inductor; start-up pays tens of seconds on CPU; default: eager)",
     )
     parser.add_argument(
+        "--swap-space",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GiB of CPU blocks for swap preemption (pinned on CUDA; default: 4 on CUDA, capped at a "
+        "quarter of host memory; 0 on CPU)",
+    )
+    parser.add_argument(
         "--cpu-affinity",
         type=_cpu_list,
         default=None,
@@ -111,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         cpu_threads=args.cpu_threads,
         cpu_affinity=args.cpu_affinity,
         compile=args.compile,
+        swap_space=args.swap_space,
     )
 
 
