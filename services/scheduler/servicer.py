@@ -119,4 +119,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             resumed_total=stats.num_resumed,
             pool_id=self.pool_id,
             blocks_digest=engine.blocks_digest() if request.with_digest else "",
+            cpu_blocks_total=sched.blocks.num_cpu_blocks,
+            swapped_blocks=sched.num_swapped_blocks,
+            swap_out_blocks_total=stats.swap_out_blocks,
+            swap_in_blocks_total=stats.swap_in_blocks,
         ).to_proto()
