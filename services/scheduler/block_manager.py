@@ -328,5 +328,4 @@ class BlockManager(SwapBlocksMixin):
             cpu_free_list=list(self.cpu_free_list),
             cpu_ref=dict(self.cpu_ref),
             cpu_tables=dict(self.cpu_tables),
-            gpu_tables=dict(self.tables),
         )

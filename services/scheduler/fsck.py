@@ -5,8 +5,7 @@ The checks are the `BlockPool` invariants: every block is exactly one of free, u
 of block-table entries that point at the block; free + used + cached == total; the hash map
 and the blocks' hashes agree one to one; no block table belongs to an unknown request. The
 CPU blocks of the swap space: each exactly one of free or used (by swapped-out sequences' CPU
-tables), ref counts equal to CPU-table entries, free + used == total, and no sequence holds a
-GPU and a CPU table at once.
+tables), ref counts equal to CPU-table entries, free + used == total.
 The pool is read in one Lua call, so a live scheduler's steps never show half-applied.
 `pagedserve fsck --redis-url URL` checks every pool in the registry (`--pool ID`: that one)
 and exits 1 when any has a problem.
@@ -128,7 +127,6 @@ def check_cpu_state(
     cpu_free_list: list[int],
     cpu_ref: dict[int, int],
     cpu_tables: dict[str, list[int]],
-    gpu_tables: dict[str, list[int]],
     reqs: Iterable[str] | None = None,
 ) -> list[str]:
     """Every broken invariant of the CPU blocks (swap space), one line each."""
@@ -155,8 +153,6 @@ def check_cpu_state(
     for rid, table in cpu_tables.items():
         if len(set(table)) != len(table):
             problems.append(f"request {rid}: cpu table {table} holds a block twice")
-        if gpu_tables.get(rid):
-            problems.append(f"request {rid}: holds a GPU table and a CPU table at once")
     total = len(cpu_free_list) + len(cpu_ref)
     if total != num_cpu_blocks:
         problems.append(
@@ -201,7 +197,6 @@ def fsck(redis_client, pool_id: str) -> list[str]:
         cpu_free_list=ints(snap["cfree"]),
         cpu_ref={int(b): int(c) for b, c in pairs(snap["cref"])},
         cpu_tables={rid: ints(table) for rid, table in pairs(snap["ctables"])},
-        gpu_tables=tables,
         reqs=reqs,
     )
 

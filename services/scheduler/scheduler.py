@@ -176,7 +176,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, SwapMixin):
                 continue
             new_ids = self._grow(seq, num_tokens, copies)
             while new_ids is None:
-                group, refund = self._preempt_group(running[-1], planned, copies)
+                group, refund = self._preempt_group(running[-1], seq, planned, copies)
                 budget += refund
                 preempted = True
                 if seq in group:

@@ -85,12 +85,20 @@ class SwapMixin:
         return len(self.blocks.cpu_ref)
 
     def _preempt_group(
-        self: Scheduler, victim: Sequence, planned: list, copies: list[tuple[int, int]]
+        self: Scheduler, victim: Sequence, growing: Sequence, planned: list, copies: list[tuple[int, int]]
     ) -> tuple[list[Sequence], int]:
         """Preempt the running sequences of `victim`'s request, by swap when the policy says so
-        and the CPU blocks are there, else by recompute. Members already planned in this step
-        are taken out of `planned` (with their copy-on-writes). Returns (the group, the token
-        budget given back)."""
+        and the CPU blocks are there, else by recompute, so that `growing` gets its blocks.
+        Members already planned in this step are taken out of `planned` (with their
+        copy-on-writes). Returns (the preempted sequences, the token budget given back).
+
+        When the victim is a sibling of `growing` (its own group is the newest), preempting the
+        whole group would not let it grow (and a group that fills the pool alone, e.g. choices
+        that lost their sharing to an executor restart, would swap out and in forever): only the
+        victim is preempted, by recompute."""
+        if victim.request is growing.request:
+            self._preempt(victim)
+            return [victim], 0
         group = [s for s in self.running if s.request is victim.request]
         members = {id(s) for s in group}
         refund = 0

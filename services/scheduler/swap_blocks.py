@@ -4,7 +4,8 @@ Part of `BlockManager` (block_manager.py). The executor holds `num_cpu_blocks` b
 same per-block layout as its GPU pool (`--swap-space`). A CPU block is exactly one of free (on
 `cpu_free_list`) or used (`cpu_ref` > 0, pointed at by `cpu_tables` entries); free + used ==
 num_cpu_blocks, and cpu_ref equals the number of CPU-table entries that point at the block.
-A sequence holds a GPU table or a CPU table, never both.
+The scheduler never gives a sequence a device table and a CPU table at once (the op language
+would allow it; the accounting stays consistent either way).
 
 Sharing survives a swap: `swap_out` of a group (the live sequences of one request, e.g. the
 choices of an n > 1 request) maps each distinct GPU block to ONE CPU block, so a prompt block
