@@ -139,7 +139,8 @@ class Scheduler(CompletionMixin, RecoveryMixin, SwapMixin):
 
     def load_record(self) -> str:
         """The pool's load as the registry stores it: "running,waiting,tokens,ms"."""
-        return f"{len(self.running)},{len(self.waiting)},{self.stats.live_tokens},{int(time.time() * 1000)}"
+        waiting = len(self.waiting) + self.num_swapped_seqs
+        return f"{len(self.running)},{waiting},{self.stats.live_tokens},{int(time.time() * 1000)}"
 
     def has_work(self) -> bool:
         return bool(

@@ -103,7 +103,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             blocks_cached=counts.num_cached,
             blocks_free=counts.num_free,
             requests_running=len(sched.running),
-            requests_waiting=len(sched.waiting),
+            requests_waiting=len(sched.waiting) + sched.num_swapped_seqs,
             preemptions_total=stats.num_preemptions,
             prefix_cache_hit_tokens=stats.prefix_hit_tokens,
             prefix_cache_query_tokens=stats.prefix_query_tokens,

@@ -80,6 +80,11 @@ class SwapMixin:
         self.swap_in_pairs: list[tuple[int, int]] = []  # (cpu, device)
 
     @property
+    def num_swapped_seqs(self: Scheduler) -> int:
+        """Sequences swapped out (they count as waiting in Stats and the pool's load)."""
+        return sum(len(group) for group in self.swapped)
+
+    @property
     def num_swapped_blocks(self: Scheduler) -> int:
         """CPU blocks holding swapped-out KV."""
         return len(self.blocks.cpu_ref)

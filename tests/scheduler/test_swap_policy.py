@@ -194,3 +194,51 @@ def test_executor_restart_while_swapped_falls_back_to_recompute(build):
     assert_outputs(load, outs)  # nothing lost, nothing repeated
     assert_pool_clean(engine)
     assert_cpu_free(engine)
+
+
+def test_abort_while_swapped_frees_the_cpu_blocks(build):
+    engine, fake = build(24, 40, preemption_mode="swap", max_num_batched_tokens=64)
+    load = mixed_load(seed=6)
+
+    async def go():
+        streams = {rid: engine.submit(rid, p, s) for rid, p, s in load}
+        for _ in range(500):
+            await engine.step()
+            if engine.scheduler.swapped:
+                break
+        victim = engine.scheduler.swapped[0][0].request.request_id
+        assert engine.scheduler.num_swapped_blocks > 0
+        assert engine.abort(victim)
+        rest = [rid for rid, _, _ in load if rid != victim]
+        outs = await run_all(engine, [streams[rid] for rid in rest])
+        await settle(engine)
+        return victim, rest, outs
+
+    victim, rest, outs = asyncio.run(go())
+    assert all(group[0].request.request_id != victim for group in engine.scheduler.swapped)
+    by_id = {rid: (p, s) for rid, p, s in load}
+    for rid, out in zip(rest, outs, strict=True):
+        assert out.tokens == expected(*by_id[rid]), rid
+    assert_pool_clean(engine)
+    assert_cpu_free(engine)
+
+
+def test_seeded_pool_with_cpu_tables_round_trips(redis_client):
+    """A whole rewrite of the replica (after a failed write) carries the CPU blocks exactly."""
+    from pagedserve.scheduler.block_pool import StepOps
+    from pagedserve.scheduler.memory_pool import InMemoryBlockPool
+    from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+    mem = InMemoryBlockPool(8, 4, "e", "m", num_cpu_blocks=6)
+    ops = StepOps()
+    ops.allocate("p", 3)
+    ops.fork("p", "c")
+    ops.swap_out(["p", "c"], [3, 2])
+    ops.allocate("q", 2)
+    mem.apply(ops)
+    snap = mem.snapshot()
+    assert snap.cpu_ref == {0: 2, 1: 2, 2: 1}
+    pool = RedisBlockPool(redis_client, "swap-seed")
+    pool.seed(snap, [], "e", "m")
+    assert pool.snapshot().differences(snap) == []
+    assert pool.check() == []
