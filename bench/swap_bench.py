@@ -81,6 +81,7 @@ def run_mode(args: argparse.Namespace, mode: str, prompts: list[list[int]]) -> d
         "mode": mode,
         "wall_s": round(wall, 2),
         "output_tok_s": round(tokens / wall, 1),
+        "steps": delta("pagedserve_steps_total"),
         "preemptions": delta("pagedserve_preemptions_total"),
         "swap_out_blocks": delta("pagedserve_swap_out_blocks_total"),
         "swap_in_blocks": delta("pagedserve_swap_in_blocks_total"),
@@ -105,10 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_mode(args, mode, prompts) for mode in ("recompute", "swap")]
     same = runs[0]["texts"] == runs[1]["texts"]
     ratio = runs[1]["output_tok_s"] / runs[0]["output_tok_s"]
-    print(f"{'mode':<10} {'tok/s':>8} {'wall s':>8} {'preempt':>8} {'swap out':>9} {'swap in':>8}")
+    print(
+        f"{'mode':<10} {'tok/s':>8} {'wall s':>8} {'steps':>6} {'preempt':>8} {'swap out':>9} {'swap in':>8}"
+    )
     for r in runs:
         print(
-            f"{r['mode']:<10} {r['output_tok_s']:>8} {r['wall_s']:>8} {r['preemptions']:>8} "
+            f"{r['mode']:<10} {r['output_tok_s']:>8} {r['wall_s']:>8} {r['steps']:>6} {r['preemptions']:>8} "
             f"{r['swap_out_blocks']:>9} {r['swap_in_blocks']:>8}"
         )
     print(f"swap / recompute throughput: {ratio:.2f}x; same texts: {same}")

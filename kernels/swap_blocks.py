@@ -43,8 +43,13 @@ def swap_blocks(src_kv: torch.Tensor, dst_kv: torch.Tensor, block_mapping: torch
     src = mapping[:, 0].to(src_kv.device)  # [n]
     dst = mapping[:, 1].to(dst_kv.device)  # [n]
     moved = src_kv.index_select(2, src)  # [2, L, n, bs, Hkv, D] on the source's device
-    if dst_kv.is_cuda and not moved.is_cuda:
-        moved = moved.pin_memory()  # a page-locked staging buffer: the upload runs at full speed
+    if dst_kv.device.type == "cpu":
+        # Blocking: the CPU scatter below must not read the buffer before the download lands.
+        dst_kv.index_copy_(2, dst, moved.cpu())
+        return
+    if not moved.is_cuda:
+        moved = moved.pin_memory()  # a page-locked staging buffer: the upload runs asynchronously
+    # The scatter is queued on the same stream as the upload, so it runs after it.
     dst_kv.index_copy_(2, dst, moved.to(dst_kv.device, non_blocking=True))
 
 
