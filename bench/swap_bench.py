@@ -9,8 +9,10 @@ recompute a preempted group computes its prompt and every choice's outputs again
 cache only keeps full blocks that were not evicted meanwhile); with swap its KV goes to the
 executor's CPU blocks (`--swap-space`) and comes back. Reported per mode: output tok/s (every
 choice's tokens over the wall time from the first request sent to the last answer), wall time,
-preemptions and blocks swapped, and whether both runs gave the same texts (they must). One run;
-the ratio is the result, the machine is shared. Raw figures: bench/results/bench_swap.json.
+steps, prefill tokens computed (prompt tokens looked up in the prefix cache and not found there:
+a recompute's extra work shows here), preemptions and blocks swapped, and whether both runs gave
+the same texts (they must). One run; the machine is shared, so the step and prefill counts are
+the steadier figures, the wall-clock ratio moves with the machine's load. Raw figures: bench/results/bench_swap.json.
 """
 
 from __future__ import annotations
@@ -82,6 +84,9 @@ def run_mode(args: argparse.Namespace, mode: str, prompts: list[list[int]]) -> d
         "wall_s": round(wall, 2),
         "output_tok_s": round(tokens / wall, 1),
         "steps": delta("pagedserve_steps_total"),
+        # prompt tokens (and, for a recompute, earlier outputs) computed rather than served from the cache
+        "prefill_computed": delta("pagedserve_prefix_cache_query_tokens_total")
+        - delta("pagedserve_prefix_cache_hit_tokens_total"),
         "preemptions": delta("pagedserve_preemptions_total"),
         "swap_out_blocks": delta("pagedserve_swap_out_blocks_total"),
         "swap_in_blocks": delta("pagedserve_swap_in_blocks_total"),
