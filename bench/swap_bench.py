@@ -111,14 +111,18 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run_mode(args, mode, prompts) for mode in ("recompute", "swap")]
     same = runs[0]["texts"] == runs[1]["texts"]
     ratio = runs[1]["output_tok_s"] / runs[0]["output_tok_s"]
-    print(
-        f"{'mode':<10} {'tok/s':>8} {'wall s':>8} {'steps':>6} {'preempt':>8} {'swap out':>9} {'swap in':>8}"
-    )
+    columns = {
+        "tok/s": "output_tok_s",
+        "wall s": "wall_s",
+        "steps": "steps",
+        "prefill": "prefill_computed",
+        "preempt": "preemptions",
+        "swap out": "swap_out_blocks",
+        "swap in": "swap_in_blocks",
+    }
+    print(f"{'mode':<10}" + "".join(f"{title:>9}" for title in columns))
     for r in runs:
-        print(
-            f"{r['mode']:<10} {r['output_tok_s']:>8} {r['wall_s']:>8} {r['steps']:>6} {r['preemptions']:>8} "
-            f"{r['swap_out_blocks']:>9} {r['swap_in_blocks']:>8}"
-        )
+        print(f"{r['mode']:<10}" + "".join(f"{r[key]:>9}" for key in columns.values()))
     print(f"swap / recompute throughput: {ratio:.2f}x; same texts: {same}")
     result = {
         "config": {k: v for k, v in vars(args).items() if k != "out"},
