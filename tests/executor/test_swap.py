@@ -93,3 +93,21 @@ def test_no_swap_space_refuses_swaps(tiny_model_dir, make_engine) -> None:
     ) as e:
         engine.execute_step(StepInput(0, engine.epoch, swap_out=[(1, 0)]))
     assert e.value.field == "swap_out"
+
+
+def test_swap_space_sizing(monkeypatch) -> None:
+    from pagedserve.executor import swap_space
+    from pagedserve.executor.config import ExecutorConfig
+    from pagedserve.executor.kv_pool import KVCacheSpec
+
+    spec = KVCacheSpec(num_layers=4, num_kv_heads=4, head_dim=32, dtype=torch.float32, block_size=16)
+    assert spec.bytes_per_block == 64 * 1024
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert swap_space.num_cpu_blocks(spec, None, cpu) == 0  # CPU: off unless asked for
+    assert swap_space.num_cpu_blocks(spec, 0.5, cpu) == 8192
+    monkeypatch.setattr(swap_space, "host_memory_bytes", lambda: 64 << 30)
+    assert swap_space.num_cpu_blocks(spec, None, cuda) == 4 * 16384  # 4 GiB on CUDA ...
+    monkeypatch.setattr(swap_space, "host_memory_bytes", lambda: 8 << 30)
+    assert swap_space.num_cpu_blocks(spec, None, cuda) == 2 * 16384  # ... at most a quarter of the host's
+    with pytest.raises(ValueError, match="--swap-space must be >= 0 GiB, got -1"):
+        ExecutorConfig(swap_space=-1).validate()
