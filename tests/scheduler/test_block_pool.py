@@ -282,3 +282,38 @@ def test_free_and_drop_release_cpu_tables(pool_factory):
     assert res.counts == PoolCounts(4, 0, 0)
     snap = pool.snapshot()
     assert snap.cpu_tables == {} and snap.cpu_ref == {} and sorted(snap.cpu_free_list) == [0, 1, 2, 3]
+
+
+def test_init_frees_cpu_tables_and_a_new_epoch_resets_the_swap_space(pool_factory):
+    pool = pool_factory(num_blocks=6, block_size=2, num_cpu_blocks=4)
+    tokens = [1, 2, 3, 4]
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2), o.allocate("b", 2)))
+    step(pool, lambda o: o.swap_out(["b"], [2]))
+    # same executor: the cache is kept, every table (device and CPU) freed
+    assert pool.init(6, 2, "epoch-0", "model", 4) is True
+    snap = pool.snapshot()
+    assert (snap.cpu_tables, snap.cpu_ref, sorted(snap.cpu_free_list)) == ({}, {}, [0, 1, 2, 3])
+    assert pool.counts() == PoolCounts(num_free=4, num_cached=2, num_used=0)
+    # another swap space size means another executor: everything reset
+    assert pool.init(6, 2, "epoch-0", "model", 3) is False
+    assert pool.snapshot().cpu_free_list == [0, 1, 2]
+
+
+def test_fsck_reports_broken_cpu_blocks(redis_client):
+    from pagedserve.scheduler import fsck as fsck_cli
+    from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+    pool = RedisBlockPool(redis_client, "broken-cpu")
+    pool.init(6, 2, "e", "m", 4)
+    step(pool, lambda o: (o.allocate("a", 2), o.swap_out(["a"], [2])))
+    assert fsck_cli.fsck(redis_client, "broken-cpu") == []
+    keys = pool.keys
+    redis_client.hset(keys.key("cref"), "0", 3)  # more references than CPU-table entries
+    redis_client.rpush(keys.key("cfree"), "1")  # a swapped block also free
+    redis_client.rpush(keys.ctable("ghost"), "3")  # a CPU table of an unknown request
+    problems = fsck_cli.fsck(redis_client, "broken-cpu")
+    assert "cpu block 0: ref_cnt 3 but 1 cpu-table entries" in problems
+    assert "cpu block 1: is free+swapped (must be exactly one)" in problems
+    assert "cpu block 3: ref_cnt 0 but 1 cpu-table entries" in problems
+    assert "request ghost: has a cpu table but is not in the request set" in problems
+    assert "cpu free 3 + swapped 2 = 5 != 4" in problems
