@@ -27,7 +27,7 @@ class StackConfig:
     max_model_len: int = 512
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None
-    extra_args: tuple[str, ...] = ()  # more `pagedserve up` flags
+    extra_args: tuple[str, ...] = ()  # more `pagedserve up` flags (e.g. --swap-space, --preemption-mode)
 
 
 @dataclass
@@ -55,6 +55,7 @@ class LaunchedStack:
         ]  # fmt: skip
         if c.max_num_batched_tokens:
             cmd += ["--max-num-batched-tokens", str(c.max_num_batched_tokens)]
+        cmd += list(c.extra_args)
         for name, port in self.ports.items():
             cmd += [f"--{name}-port", str(port)]
         return cmd + list(c.extra_args)

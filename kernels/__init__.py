@@ -8,6 +8,7 @@ selector always load; the Triton kernels and references are exported only when t
 from __future__ import annotations
 
 from .backends import BACKEND_NAMES, AttentionBackend, get_attention_backend
+from .swap_blocks import swap_blocks, swap_blocks_ref
 from .torch_backend import copy_blocks_torch, paged_attention_torch, reshape_and_cache_torch
 
 __all__ = [
@@ -17,6 +18,8 @@ __all__ = [
     "copy_blocks_torch",
     "paged_attention_torch",
     "reshape_and_cache_torch",
+    "swap_blocks",
+    "swap_blocks_ref",
 ]
 
 try:

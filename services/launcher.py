@@ -102,6 +102,8 @@ class LauncherConfig:
     cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
     compile: bool = False  # the executor's torch.compile'd forward
     enforce_eager: bool = False  # the executor's --enforce-eager (no CUDA graphs, no compile)
+    swap_space: float | None = None  # the executor's --swap-space (GiB of CPU blocks)
+    preemption_mode: str | None = None  # the scheduler's --preemption-mode
     pools: int = 1  # executor + scheduler pairs; pool i > 0 takes the executor/scheduler ports + 100 * i
     attention_backend: str | None = None
     dtype: str | None = None
@@ -208,6 +210,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--num-kv-blocks", config.num_kv_blocks), *_opt("--kv-cache-memory", config.kv_cache_memory),
           *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend),
           *_opt("--cpu-threads", config.cpu_threads), *_opt("--cpu-affinity", config.cpu_affinity),
+          *_opt("--swap-space", config.swap_space),
           *(("--compile",) if config.compile else ()),
           *(("--enforce-eager",) if config.enforce_eager else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
@@ -216,6 +219,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
          ("--host", host, "--port", str(config.scheduler_port), "--executor", executor_address,
           "--redis-url", redis_url, *_opt("--max-num-seqs", config.max_num_seqs), *batching,
           *_opt("--max-queued-requests", config.max_queued_requests),
+          *_opt("--preemption-mode", config.preemption_mode),
           *_opt("--stall-timeout", config.stall_timeout))),
         ("gateway", ("tokenizer", "scheduler"), (config.grpc_port, config.http_port),
          ("--host", host, "--grpc-port", str(config.grpc_port), "--http-port", str(config.http_port),
@@ -721,6 +725,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="pin the executor to these cores, e.g. 1 or 2-3 (the other services keep the rest)")  # fmt: skip
     kv.add_argument("--enforce-eager", action="store_true",
                     help="on CUDA: no CUDA graphs of decode steps (captured by default) and no --compile")  # fmt: skip
+    kv.add_argument(
+        "--swap-space",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="the executor's CPU swap space in GiB (default: 4 on CUDA, 0 on CPU)",
+    )
+    kv.add_argument(
+        "--preemption-mode",
+        choices=["auto", "recompute", "swap"],
+        default=None,
+        help="how the scheduler preempts when blocks run out (default: auto)",
+    )
     kv.add_argument("--compile", action="store_true",
                     help="run the executor's forward through torch.compile (slower start, faster steps)")  # fmt: skip
     kv.add_argument("--pools", type=_positive_int, default=1, metavar="N",

@@ -31,6 +31,10 @@ class SchedulerStats:
     resumed_total: int = 0
     pool_id: str = ""
     blocks_digest: str = ""
+    cpu_blocks_total: int = 0
+    swapped_blocks: int = 0
+    swap_out_blocks_total: int = 0
+    swap_in_blocks_total: int = 0
 
     @classmethod
     def from_proto(cls, msg) -> SchedulerStats:  # msg: pagedserve.v1.StatsResponse

@@ -54,6 +54,8 @@ class StepInput:
     forget_request_ids: list[str] = field(default_factory=list)  # applied before the forward
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst), before the forward
     fence: int = 0  # the sender's fencing token (0: none); a lower one than seen before is refused
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu) block, first of all
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device) block, after swap_out
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -110,6 +112,7 @@ class ExecutorInfo:
     eos_token_ids: tuple[int, ...]
     attention_backend: str
     device: str
+    num_cpu_blocks: int = 0  # the swap space; 0: the executor cannot swap
 
 
 class ExecutorClient(Protocol):
@@ -177,6 +180,8 @@ def step_to_proto(step: StepInput):
         block_copies=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.block_copies],
         total_num_scheduled_tokens=step.total_num_scheduled_tokens,
         fence=step.fence,
+        swap_out=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.swap_out],
+        swap_in=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.swap_in],
     )
 
 
@@ -211,6 +216,8 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
         forget_request_ids=list(msg.forget_request_ids),
         block_copies=[(c.src, c.dst) for c in msg.block_copies],
         fence=msg.fence,
+        swap_out=[(c.src, c.dst) for c in msg.swap_out],
+        swap_in=[(c.src, c.dst) for c in msg.swap_in],
     )
     return step, msg.total_num_scheduled_tokens
 
@@ -276,6 +283,7 @@ def info_to_proto(info: ExecutorInfo):
         eos_token_ids=list(info.eos_token_ids),
         attention_backend=info.attention_backend,
         device=info.device,
+        num_cpu_blocks=info.num_cpu_blocks,
     )
 
 
@@ -292,4 +300,5 @@ def info_from_proto(msg) -> ExecutorInfo:
         eos_token_ids=tuple(msg.eos_token_ids),
         attention_backend=msg.attention_backend,
         device=msg.device,
+        num_cpu_blocks=msg.num_cpu_blocks,
     )

@@ -37,6 +37,7 @@ class ExecutorConfig:
     compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
     # CUDA only: no CUDA graphs of decode steps (and no torch.compile even with `compile`)
     enforce_eager: bool = False
+    swap_space: float | None = None  # GiB of CPU blocks; None: 4 on CUDA (capped), 0 on CPU (swap_space.py)
 
     @property
     def model_path(self) -> str:
@@ -56,6 +57,8 @@ class ExecutorConfig:
             raise ValueError(f"--max-model-len must be >= 1, got {self.max_model_len}")
         if self.max_num_batched_tokens is not None and self.max_num_batched_tokens < 1:
             raise ValueError(f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}")
+        if self.swap_space is not None and self.swap_space < 0:
+            raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
         if self.cpu_affinity is not None and (not self.cpu_affinity or min(self.cpu_affinity) < 0):

@@ -6,8 +6,10 @@ builds what the forward needs without changing anything; a malformed step raises
 Only then are the block copies made, the forward run and the tokens sampled; the request states are
 committed last, so a forward that fails for another reason (out of memory) leaves them untouched too.
 
-Order within a step, as the protocol states: forget ids are dropped and block copies made first,
-then new requests join, then cached ones advance. A sequence samples exactly when its scheduled
+Order within a step, as the protocol states: swap-outs (device -> CPU) first, then swap-ins
+(CPU -> device), then block copies; forget ids are dropped, then new requests join, then cached
+ones advance. Swap-outs come first because the device blocks they read may be handed out again in
+the same step (as swap-in or copy destinations, or for new tokens). A sequence samples exactly when its scheduled
 tokens reach the end of its known tokens (see `pagedserve.common.step`), and the sampled token is
 appended to its tokens. A beam-search sequence (`num_beam_candidates` > 0) also returns its
 best next tokens by log-probability; the scheduler picks the beams from those and sends each
@@ -42,6 +44,7 @@ from pagedserve.executor.model_runner import ModelRunner
 from pagedserve.executor.placement import apply_placement
 from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
+from pagedserve.executor.swap_space import SwapSpace, num_cpu_blocks
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +58,13 @@ class EngineLimits:
 class ExecutorEngine:
     """Holds the model runner, the KV pool and every request's state; thread-safe (one step at a time)."""
 
-    def __init__(self, runner: ModelRunner, pool: KVPool, limits: EngineLimits) -> None:
+    def __init__(
+        self, runner: ModelRunner, pool: KVPool, limits: EngineLimits, num_cpu_blocks: int = 0
+    ) -> None:
         self.runner = runner
         self.pool = pool
         self.limits = limits
+        self.swap = SwapSpace(pool, num_cpu_blocks)
         self.epoch = uuid.uuid4().hex  # a new pool: the scheduler must recompute whatever it placed before
         self.max_fence = 0  # the highest fencing token a step carried (see execute_step)
         self.requests: dict[str, RequestState] = {}
@@ -131,7 +137,7 @@ class ExecutorEngine:
                 graphs.sizes[-1],
                 seconds,
             )
-        engine = cls(runner, pool, limits)
+        engine = cls(runner, pool, limits, num_cpu_blocks(spec, config.swap_space, device))
         engine.structured.warm_up_in_background()
         return engine
 
@@ -148,6 +154,7 @@ class ExecutorEngine:
             eos_token_ids=self.runner.eos_token_ids,
             attention_backend=self.runner.backend.name,
             device=str(self.runner.device),
+            num_cpu_blocks=self.swap.num_blocks,
         )
 
     def execute_step(self, step: StepInput, claimed_total_tokens: int | None = None) -> StepOutput:
@@ -175,6 +182,7 @@ class ExecutorEngine:
                 max_model_len=self.limits.max_model_len,
                 max_num_batched_tokens=self.limits.max_num_batched_tokens,
                 claimed_total_tokens=claimed_total_tokens,
+                num_cpu_blocks=self.swap.num_blocks,
             )
             started = self._start_matchers(plan)
             sampled, prompt_logprobs = self._run(plan, started)
@@ -199,6 +207,8 @@ class ExecutorEngine:
     def _run(
         self, plan: StepPlan, started: dict[str, Matcher]
     ) -> tuple[list[SampledToken], list[PromptLogprobs]]:
+        self.swap.swap_out(plan.swap_out)
+        self.swap.swap_in(plan.swap_in)
         if plan.block_copies:
             mapping = torch.tensor(plan.block_copies, dtype=torch.int64, device=self.pool.device)  # [n, 2]
             self.runner.backend.copy_blocks(self.pool.k_caches, self.pool.v_caches, mapping)

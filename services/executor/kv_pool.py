@@ -1,7 +1,9 @@
 """The physical paged KV pool: one `k_cache` and one `v_cache` per attention layer.
 
 Layout, per layer: `[num_blocks, block_size, num_kv_heads, head_dim]` in the model dtype. A slot is
-`block_id * block_size + offset`. The pool only holds tensors; which block belongs to whom is the
+`block_id * block_size + offset`. All layers are views of one tensor `kv` of shape
+`[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]` (K then V), so that moving a block
+of every layer to or from the swap space (swap_space.py) is one gather and one scatter. The pool only holds tensors; which block belongs to whom is the
 scheduler's business (in Redis), and the executor only reads and writes through block tables.
 
 Sizing, in order of precedence: an explicit block count, a byte budget, or (on CUDA) a fraction of
@@ -48,6 +50,11 @@ class KVCacheSpec:
         return cdiv(max_model_len, self.block_size)
 
 
+def stacked_shape(spec: KVCacheSpec, num_blocks: int) -> tuple[int, ...]:
+    """[2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]: K and V of every layer."""
+    return (2, spec.num_layers, num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
+
+
 class KVPool:
     """Per-layer K/V block tensors. Invariant: every layer's tensors share one shape and dtype."""
 
@@ -58,15 +65,11 @@ class KVPool:
         self.num_blocks = num_blocks
         self.block_size = spec.block_size
         self.device = torch.device(device)
-        shape = (num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
         # Zeroed, not empty: unwritten slots are masked by the kernels anyway, but zeros keep a
         # fresh pool deterministic and make the memory resident now rather than mid-step.
-        self.k_caches: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)
-        ]
-        self.v_caches: list[torch.Tensor] = [
-            torch.zeros(shape, dtype=spec.dtype, device=self.device) for _ in range(spec.num_layers)
-        ]
+        self.kv = torch.zeros(stacked_shape(spec, num_blocks), dtype=spec.dtype, device=self.device)
+        self.k_caches: list[torch.Tensor] = list(self.kv[0])  # per layer [num_blocks, bs, Hkv, D] views
+        self.v_caches: list[torch.Tensor] = list(self.kv[1])
 
     @property
     def num_bytes(self) -> int:

@@ -85,6 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on CUDA: no CUDA graphs of decode steps (captured at start-up by default) and no --compile",
     )
     parser.add_argument(
+        "--swap-space",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="GiB of CPU blocks for swap preemption (pinned on CUDA; default: 4 on CUDA, capped at a "
+        "quarter of host memory; 0 on CPU)",
+    )
+    parser.add_argument(
         "--cpu-affinity",
         type=_cpu_list,
         default=None,
@@ -119,6 +127,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         cpu_affinity=args.cpu_affinity,
         compile=args.compile,
         enforce_eager=args.enforce_eager,
+        swap_space=args.swap_space,
     )
 
 

@@ -48,6 +48,8 @@ class ScheduledRequest:
 class StepPlan:
     forget: list[str] = field(default_factory=list)  # held ids to drop
     block_copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst)
+    swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu)
+    swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device)
     scheduled: list[ScheduledRequest] = field(default_factory=list)  # new requests first, then cached
 
     @property
@@ -65,6 +67,7 @@ def plan_step(
     max_model_len: int,
     max_num_batched_tokens: int,
     claimed_total_tokens: int | None = None,
+    num_cpu_blocks: int = 0,
 ) -> StepPlan:
     """Validates the whole step; returns the plan or raises InvalidArgument. Reads `requests` only."""
     where = f"step {step.step_id}"
@@ -128,6 +131,11 @@ def plan_step(
     if copy_dsts & sources:
         raise bad(f"blocks {sorted(copy_dsts & sources)} are both copied from and copied to", "block_copies")
     plan.block_copies = list(step.block_copies)
+    plan.swap_out = _check_swaps(step.swap_out, "swap_out", num_blocks, num_cpu_blocks, bad)
+    plan.swap_in = _check_swaps(step.swap_in, "swap_in", num_cpu_blocks, num_blocks, bad)
+    if {c for _, c in plan.swap_out} & {c for c, _ in plan.swap_in}:
+        # The swap-outs run first: a CPU block read by a swap-in would already be overwritten.
+        raise bad("a CPU block is both swapped out to and swapped in from in one step", "swap_in")
 
     seen: set[str] = set()
     for r in step.new_requests:
@@ -207,6 +215,24 @@ def plan_step(
 
     _check_no_shared_writes(plan, block_size, bad)
     return plan
+
+
+def _check_swaps(
+    pairs: list[tuple[int, int]], name: str, num_src: int, num_dst: int, bad
+) -> list[tuple[int, int]]:
+    """Each (src, dst) inside its pool ([0, num_src) and [0, num_dst)); destinations distinct."""
+    if pairs and (num_src == 0 or num_dst == 0):
+        raise bad(f"{name}: this executor has no swap space (--swap-space 0)", name)
+    dsts: set[int] = set()
+    for src, dst in pairs:
+        if not (0 <= src < num_src and 0 <= dst < num_dst):
+            raise bad(
+                f"{name} ({src} -> {dst}) is outside the pools ([0, {num_src}) -> [0, {num_dst}))", name
+            )
+        if dst in dsts:
+            raise bad(f"{name}: block {dst} is the destination of more than one swap", name)
+        dsts.add(dst)
+    return list(pairs)
 
 
 def _check_no_shared_writes(plan: StepPlan, block_size: int, bad) -> None:

@@ -20,6 +20,8 @@ _GAUGES = [
     ("pagedserve_requests_running", "requests_running", "Sequences running in the scheduler."),
     ("pagedserve_requests_waiting", "requests_waiting", "Sequences waiting in the scheduler."),
     ("pagedserve_kv_utilization", "kv_utilization", "Live tokens over allocated slots in the last step."),
+    ("pagedserve_kv_cpu_blocks_total", "cpu_blocks_total", "CPU blocks in the executor's swap space."),
+    ("pagedserve_kv_swapped_blocks", "swapped_blocks", "CPU blocks holding swapped-out KV."),
 ]
 _COUNTERS = [
     (
@@ -35,6 +37,8 @@ _COUNTERS = [
     ("pagedserve_preemptions", "preemptions_total", "Requests preempted for lack of KV blocks."),
     ("pagedserve_generated_tokens", "generated_tokens_total", "Tokens generated."),
     ("pagedserve_steps", "steps_total", "Scheduler steps run."),
+    ("pagedserve_swap_out_blocks", "swap_out_blocks_total", "KV blocks swapped out to CPU blocks."),
+    ("pagedserve_swap_in_blocks", "swap_in_blocks_total", "KV blocks swapped back in from CPU blocks."),
 ]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)

@@ -312,7 +312,8 @@ class PoolRouter:
         for s in good[1:]:
             for f in ("blocks_total", "blocks_used", "blocks_cached", "blocks_free", "requests_running",
                       "requests_waiting", "preemptions_total", "prefix_cache_hit_tokens",
-                      "prefix_cache_query_tokens", "generated_tokens_total", "steps_total", "resumed_total"):  # fmt: skip
+                      "prefix_cache_query_tokens", "generated_tokens_total", "steps_total", "resumed_total",
+                      "cpu_blocks_total", "swapped_blocks", "swap_out_blocks_total", "swap_in_blocks_total"):  # fmt: skip
                 setattr(total, f, getattr(total, f) + getattr(s, f))
             total.max_model_len = min(total.max_model_len, s.max_model_len) or total.max_model_len
         return total

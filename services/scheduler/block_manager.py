@@ -10,7 +10,8 @@ ops with the same data layout, so it arrives at the same state: same ids, same L
 Invariants (`check()`): every block is exactly one of free (on the free list, no hash), used
 (ref_cnt > 0) or cached-evictable (ref_cnt == 0, a hash, in the LRU); a block's ref_cnt equals
 the number of block-table entries pointing at it; free + used + cached == num_blocks; the
-hash map and each block's hash agree one to one. Operations that can run out of blocks check
+hash map and each block's hash agree one to one. CPU blocks (swap space) are either free or
+used by swapped-out sequences' CPU tables (swap_blocks.py). Operations that can run out of blocks check
 first and change nothing when the blocks are not there (None: backpressure is a value).
 """
 
@@ -38,6 +39,7 @@ from pagedserve.scheduler.block_pool import (
     StepOps,
 )
 from pagedserve.scheduler.hashing import token_str
+from pagedserve.scheduler.swap_blocks import SwapBlocksMixin
 
 
 class HashEntry(NamedTuple):
@@ -58,6 +60,10 @@ class PoolSnapshot:
     hash_map: dict[str, HashEntry] = field(default_factory=dict)
     tables: dict[str, list[int]] = field(default_factory=dict)
     tick: int = 0  # the LRU clock
+    num_cpu_blocks: int = 0
+    cpu_free_list: list[int] = field(default_factory=list)  # head first
+    cpu_ref: dict[int, int] = field(default_factory=dict)
+    cpu_tables: dict[str, list[int]] = field(default_factory=dict)
 
     def digest(self) -> str:
         """A short digest of the accounting (not the LRU clock), equal for equal pools."""
@@ -70,6 +76,10 @@ class PoolSnapshot:
                 self.lru,
                 sorted((h, list(e)) for h, e in self.hash_map.items()),
                 sorted(self.tables.items()),
+                self.num_cpu_blocks,
+                self.cpu_free_list,
+                sorted(self.cpu_ref.items()),
+                sorted(self.cpu_tables.items()),
             ],
             separators=(",", ":"),
         )
@@ -78,7 +88,19 @@ class PoolSnapshot:
     def differences(self, other: PoolSnapshot) -> list[str]:
         """What differs from `other`, one line per part (empty when equal)."""
         out = []
-        for name in ("num_blocks", "block_size", "free_list", "ref", "lru", "hash_map", "tables"):
+        for name in (
+            "num_blocks",
+            "block_size",
+            "free_list",
+            "ref",
+            "lru",
+            "hash_map",
+            "tables",
+            "num_cpu_blocks",
+            "cpu_free_list",
+            "cpu_ref",
+            "cpu_tables",
+        ):
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 out.append(f"{name}: {_describe(mine)} != {_describe(theirs)}")
@@ -90,15 +112,16 @@ def _describe(value) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
-class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+class BlockManager(SwapBlocksMixin):
+    def __init__(self, num_blocks: int, block_size: int, num_cpu_blocks: int = 0) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.num_cpu_blocks = num_cpu_blocks
         self.log = StepOps()  # changes not yet shipped to the replica
         self.reset()
 
     def reset(self) -> None:
-        """Every block free, no table, no cached hash (the log is left alone)."""
+        """Every block free (GPU and CPU), no table, no cached hash (the log is left alone)."""
         self.free_list: deque[int] = deque(range(self.num_blocks))
         self.ref: dict[int, int] = {}
         self.lru: OrderedDict[int, int] = OrderedDict()  # block -> tick released, oldest first
@@ -106,6 +129,7 @@ class BlockManager:
         self.block_hash: dict[int, str] = {}
         self.tables: dict[str, list[int]] = {}
         self.tick = 0
+        self.reset_cpu()
 
     def take_log(self) -> StepOps:
         log, self.log = self.log, StepOps()
@@ -128,7 +152,7 @@ class BlockManager:
 
     def free(self, rid: str) -> None:
         """Drop the table, last block first (so its tail is evicted first)."""
-        if rid in self.tables:
+        if rid in self.tables or rid in self.cpu_tables:
             self._free(rid)
             self.log.ops.append([FREE, rid])
 
@@ -238,6 +262,10 @@ class BlockManager:
         return block
 
     def _free(self, rid: str) -> None:
+        self._free_gpu(rid)
+        self._free_cpu(rid)
+
+    def _free_gpu(self, rid: str) -> None:
         ref = self.ref
         for block in reversed(self.tables.pop(rid, ())):
             left = ref[block] - 1
@@ -263,6 +291,10 @@ class BlockManager:
             dict(self.hash_map),
             {rid: list(t) for rid, t in self.tables.items()},
             self.tick,
+            self.num_cpu_blocks,
+            list(self.cpu_free_list),
+            dict(self.cpu_ref),
+            {rid: list(t) for rid, t in self.cpu_tables.items()},
         )
 
     def restore(self, snap: PoolSnapshot) -> None:
@@ -275,9 +307,13 @@ class BlockManager:
         self.block_hash = {e.block: h for h, e in snap.hash_map.items()}
         self.tables = {rid: list(t) for rid, t in snap.tables.items()}
         self.tick = snap.tick
+        self.num_cpu_blocks = snap.num_cpu_blocks
+        self.cpu_free_list = deque(snap.cpu_free_list)
+        self.cpu_ref = dict(snap.cpu_ref)
+        self.cpu_tables = {rid: list(t) for rid, t in snap.cpu_tables.items()}
 
     def check(self) -> list[str]:
-        from pagedserve.scheduler.fsck import check_state
+        from pagedserve.scheduler.fsck import check_cpu_state, check_state
 
         return check_state(
             num_blocks=self.num_blocks,
@@ -287,4 +323,9 @@ class BlockManager:
             hash_map={h: e.block for h, e in self.hash_map.items()},
             block_hash=dict(self.block_hash),
             tables=dict(self.tables),
+        ) + check_cpu_state(
+            num_cpu_blocks=self.num_cpu_blocks,
+            cpu_free_list=list(self.cpu_free_list),
+            cpu_ref=dict(self.cpu_ref),
+            cpu_tables=dict(self.cpu_tables),
         )

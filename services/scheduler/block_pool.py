@@ -39,6 +39,10 @@ FREE, ALLOC, ADMIT, FORK, COW, REG, SAVE, DROP = (
     "save",
     "drop",
 )
+# Swap (swap_blocks.py): ["swapout", [rid...], [num_blocks...]] moves each sequence's first
+# blocks to CPU blocks (one per distinct GPU block) and frees its GPU table;
+# ["swapin", [rid...]] moves CPU tables back to GPU blocks. Their request id slot is a list.
+SWAP_OUT, SWAP_IN = "swapout", "swapin"
 # Progress records (`StepOps.update`, one per running sequence per step) are the bulk of a
 # step, so they skip JSON: "rid US status US num_computed US outputs RS", parsed with one
 # pattern in Lua. Request ids never hold control characters (the scheduler refuses them).
@@ -62,6 +66,11 @@ class BlockCopy(NamedTuple):
     dst: int
 
 
+class SwapMapping(NamedTuple):
+    ok: bool
+    pairs: list[tuple[int, int]]  # (src, dst): (gpu, cpu) for a swap-out, (cpu, gpu) for a swap-in
+
+
 class PoolCounts(NamedTuple):
     num_free: int  # on the free list (no hash, no reference)
     num_cached: int  # cached and evictable (a hash, no reference)
@@ -77,7 +86,7 @@ class PoolCounts(NamedTuple):
         return self.num_free + self.num_cached
 
 
-OpResult = Allocation | Admission | BlockCopy | None
+OpResult = Allocation | Admission | BlockCopy | SwapMapping | None
 
 
 @dataclass(slots=True)
@@ -229,6 +238,15 @@ class StepOps:
             f"{request_id}{US}{status}{US}{num_computed_tokens}{US}{_outputs_str(new_output_token_ids)}{RS}"
         )
 
+    def swap_out(self, request_ids: Sequence[str], lengths: Sequence[int]) -> int:
+        """Move the first `lengths[i]` blocks of each table to CPU blocks, one per distinct GPU
+        block (sharing kept), and free the GPU tables. All or nothing."""
+        return self._add([SWAP_OUT, list(request_ids), list(lengths)])
+
+    def swap_in(self, request_ids: Sequence[str]) -> int:
+        """Move each CPU table back to GPU blocks, one per distinct CPU block. All or nothing."""
+        return self._add([SWAP_IN, list(request_ids)])
+
     def drop(self, request_id: str) -> None:
         """Forget a request: free its table (if any) and delete its state."""
         self._add([DROP, request_id])
@@ -267,12 +285,13 @@ class BlockPool(ABC):
     block_size: int
 
     @abstractmethod
-    def init(self, num_blocks: int, block_size: int, epoch: str, model: str) -> bool:
+    def init(self, num_blocks: int, block_size: int, epoch: str, model: str, num_cpu_blocks: int = 0) -> bool:
         """Make the pool match an executor. When the stored pool has the same geometry, epoch
         and model, its cached blocks are kept and every leftover table is freed (a scheduler
         restart: the blocks of what was not committed are recomputed, mostly as cache hits);
         otherwise the blocks are reset. Stored request states are kept either way, for the
-        new scheduler to resume. Returns whether the cache was kept."""
+        new scheduler to resume. CPU tables (swapped-out sequences) are freed like GPU ones: a
+        new scheduler recomputes what was swapped. Returns whether the cache was kept."""
 
     fence: int = 0  # this writer's fencing token (0: none, e.g. an unleased test pool)
 
@@ -315,6 +334,9 @@ def decode_result(op: list, raw) -> OpResult:
         return Admission(bool(raw[0]), int(raw[1]), _int_list(raw[2]))
     if code == COW:
         return BlockCopy(bool(raw[0]), int(raw[1]), int(raw[2]))
+    if code in (SWAP_OUT, SWAP_IN):
+        moved = raw[1] if isinstance(raw[1], list) else []
+        return SwapMapping(bool(raw[0]), [(int(a), int(b)) for a, b in moved])
     return None
 
 

@@ -18,6 +18,7 @@ from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.step import StepOutput
 from pagedserve.scheduler.block_pool import status_field
 from pagedserve.scheduler.request import BEAM_INDEX, PROMPT_INDEX, Sequence, SequenceStatus
+from pagedserve.scheduler.swap import SWAPPED_FIELD
 
 if TYPE_CHECKING:
     from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
@@ -111,6 +112,8 @@ class CompletionMixin:
                 ops.update_token(seq.seq_id, RUNNING_FIELD, num_computed, token_id)
             elif seq.status == SequenceStatus.WAITING:  # preempted meanwhile: the token is kept
                 ops.update(seq.seq_id, "1", 0, (token_id,))
+            elif seq.status == SequenceStatus.SWAPPED:
+                ops.update(seq.seq_id, SWAPPED_FIELD, seq.num_computed_tokens, (token_id,))
 
     def _push(self: Scheduler, seq: Sequence, token_id: int, logprobs) -> None:
         stop_id = token_id if seq.finish_reason == FinishReason.STOP else -1
@@ -136,6 +139,8 @@ class CompletionMixin:
         when it was the last choice."""
         if seq.status == SequenceStatus.WAITING:
             self.waiting.discard(seq)
+        elif seq.status == SequenceStatus.SWAPPED:
+            self._discard_swapped(seq)
         seq.status = SequenceStatus.FINISHED
         seq.block_table = []
         self._forget(seq)

@@ -30,6 +30,7 @@ from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import ChoiceProgress
 from pagedserve.scheduler.replication import Replicator
 from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
+from pagedserve.scheduler.swap import DEFAULT_SWAP_MIN_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,8 @@ class SchedulerEngine:
         info_timeout: float | None = None,
         stall_timeout: float = 30.0,
         attach_timeout: float = 30.0,
+        preemption_mode: str = "auto",
+        swap_min_tokens: int = DEFAULT_SWAP_MIN_TOKENS,
     ) -> SchedulerEngine:
         """Wait for the executor's Info, take the pool over from its replica (blocks and
         in-flight requests), and build the scheduler. With a lease, hold it first."""
@@ -110,10 +113,14 @@ class SchedulerEngine:
             max_num_batched_tokens=max_num_batched_tokens,
             max_queued_requests=max_queued_requests,
             max_model_len=max_model_len,
+            preemption_mode=preemption_mode,
+            swap_min_tokens=swap_min_tokens,
         )
         if lease is not None:
             pool.fence = lease.token
-        kept = await asyncio.to_thread(pool.init, info.num_blocks, info.block_size, info.epoch, info.model)
+        kept = await asyncio.to_thread(
+            pool.init, info.num_blocks, info.block_size, info.epoch, info.model, info.num_cpu_blocks
+        )
         snap, stored = await asyncio.to_thread(lambda: (pool.snapshot(), pool.load_requests()))
         scheduler = Scheduler(limits, info.epoch)
         resumed = scheduler.take_over(snap, stored)
@@ -397,6 +404,8 @@ class SchedulerEngine:
                 self.info.block_size,
             )
         self.info = info
+        # The swap space may differ (another --swap-space): the reset below sizes it anew.
+        self.scheduler.blocks.num_cpu_blocks = info.num_cpu_blocks
         log.warning("executor pool lost (new epoch %s): recomputing running requests", info.epoch)
         self.scheduler.reset_pool(info.epoch)
 

@@ -3,7 +3,9 @@
 The checks are the `BlockPool` invariants: every block is exactly one of free, used
 (ref_cnt > 0) or cached-evictable (ref_cnt == 0 with a hash); each ref_cnt equals the number
 of block-table entries that point at the block; free + used + cached == total; the hash map
-and the blocks' hashes agree one to one; no block table belongs to an unknown request.
+and the blocks' hashes agree one to one; no block table belongs to an unknown request. The
+CPU blocks of the swap space: each exactly one of free or used (by swapped-out sequences' CPU
+tables), ref counts equal to CPU-table entries, free + used == total.
 The pool is read in one Lua call, so a live scheduler's steps never show half-applied.
 `pagedserve fsck --redis-url URL` checks every pool in the registry (`--pool ID`: that one)
 and exits 1 when any has a problem.
@@ -17,9 +19,10 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 
 from pagedserve.scheduler.redis_keys import PoolKeys
-from pagedserve.scheduler.redis_lua import SCAN_TABLES_LUA
+from pagedserve.scheduler.redis_lua import SCAN_CPU_TABLES_LUA, SCAN_TABLES_LUA
 
-# Reads the whole pool at once. KEYS[1] = the meta key; ARGV[1] = SCAN pattern of table keys.
+# Reads the whole pool at once. KEYS[1] = the meta key; ARGV[1], ARGV[2] = SCAN patterns of
+# table and ctable keys.
 SNAPSHOT_LUA = (
     r"""
 local meta = KEYS[1]
@@ -40,10 +43,17 @@ end
 out.hash = hash_block
 out.bhash = redis.call('HGETALL', P .. 'bhash')
 out.reqs = redis.call('SMEMBERS', P .. 'reqs')
+out.num_cpu_blocks = tonumber(redis.call('HGET', meta, 'num_cpu_blocks') or '0')
+out.cfree = redis.call('LRANGE', P .. 'cfree', 0, -1)
+out.cref = redis.call('HGETALL', P .. 'cref')
 """
     + SCAN_TABLES_LUA
     + r"""
 out.tables = tables
+"""
+    + SCAN_CPU_TABLES_LUA
+    + r"""
+out.ctables = ctables
 return cjson.encode(out)
 """
 )
@@ -111,10 +121,53 @@ def check_state(
     return problems
 
 
+def check_cpu_state(
+    *,
+    num_cpu_blocks: int,
+    cpu_free_list: list[int],
+    cpu_ref: dict[int, int],
+    cpu_tables: dict[str, list[int]],
+    reqs: Iterable[str] | None = None,
+) -> list[str]:
+    """Every broken invariant of the CPU blocks (swap space), one line each."""
+    problems: list[str] = []
+    where: dict[int, list[str]] = defaultdict(list)
+    for block in cpu_free_list:
+        where[block].append("free")
+    for block, cnt in cpu_ref.items():
+        where[block].append("swapped")
+        if cnt <= 0:
+            problems.append(f"cpu block {block}: ref_cnt {cnt} stored (only counts > 0 are kept)")
+    for block in range(num_cpu_blocks):
+        states = where.get(block, [])
+        if len(states) != 1:
+            problems.append(f"cpu block {block}: is {'+'.join(states) or 'nowhere'} (must be exactly one)")
+    for block in sorted(set(where) - set(range(num_cpu_blocks))):
+        problems.append(f"cpu block {block}: outside the swap space [0, {num_cpu_blocks})")
+    entries = Counter(block for table in cpu_tables.values() for block in table)
+    for block in sorted(set(entries) | set(cpu_ref)):
+        if entries.get(block, 0) != cpu_ref.get(block, 0):
+            problems.append(
+                f"cpu block {block}: ref_cnt {cpu_ref.get(block, 0)} but {entries.get(block, 0)} cpu-table entries"
+            )
+    for rid, table in cpu_tables.items():
+        if len(set(table)) != len(table):
+            problems.append(f"request {rid}: cpu table {table} holds a block twice")
+    total = len(cpu_free_list) + len(cpu_ref)
+    if total != num_cpu_blocks:
+        problems.append(
+            f"cpu free {len(cpu_free_list)} + swapped {len(cpu_ref)} = {total} != {num_cpu_blocks}"
+        )
+    if reqs is not None:
+        for rid in sorted(set(cpu_tables) - set(reqs)):
+            problems.append(f"request {rid}: has a cpu table but is not in the request set")
+    return problems
+
+
 def fsck(redis_client, pool_id: str) -> list[str]:
     """Check pool `pool_id` in Redis; returns the problems found (empty when consistent)."""
     keys = PoolKeys(pool_id)
-    raw = redis_client.eval(SNAPSHOT_LUA, 1, keys.meta, keys.table_scan_pattern)
+    raw = redis_client.eval(SNAPSHOT_LUA, 1, keys.meta, keys.table_scan_pattern, keys.ctable_scan_pattern)
     if not raw:
         return [f"pool {pool_id!r}: not found ({keys.meta} does not exist)"]
     snap = json.loads(raw)
@@ -128,6 +181,8 @@ def fsck(redis_client, pool_id: str) -> list[str]:
     def ints(values) -> list[int]:
         return [int(v) for v in values] if isinstance(values, list) else []
 
+    tables = {rid: ints(table) for rid, table in pairs(snap["tables"])}
+    reqs = snap["reqs"] if isinstance(snap["reqs"], list) else []
     return check_state(
         num_blocks=int(snap["num_blocks"]),
         free_list=ints(snap["free"]),
@@ -135,8 +190,14 @@ def fsck(redis_client, pool_id: str) -> list[str]:
         lru=ints(snap["lru"]),
         hash_map={h: int(b) for h, b in pairs(snap["hash"])},
         block_hash={int(b): h for b, h in pairs(snap["bhash"])},
-        tables={rid: ints(table) for rid, table in pairs(snap["tables"])},
-        reqs=snap["reqs"] if isinstance(snap["reqs"], list) else [],
+        tables=tables,
+        reqs=reqs,
+    ) + check_cpu_state(
+        num_cpu_blocks=int(snap.get("num_cpu_blocks") or 0),
+        cpu_free_list=ints(snap["cfree"]),
+        cpu_ref={int(b): int(c) for b, c in pairs(snap["cref"])},
+        cpu_tables={rid: ints(table) for rid, table in pairs(snap["ctables"])},
+        reqs=reqs,
     )
 
 

@@ -18,6 +18,8 @@ from pagedserve.scheduler.block_pool import (
     FREE,
     REG,
     SAVE,
+    SWAP_IN,
+    SWAP_OUT,
     Admission,
     Allocation,
     BlockCopy,
@@ -27,6 +29,7 @@ from pagedserve.scheduler.block_pool import (
     StepOps,
     StepResult,
     StoredRequest,
+    SwapMapping,
     parse_outputs,
     parse_progress,
 )
@@ -34,10 +37,17 @@ from pagedserve.scheduler.hashing import parse_token_str
 
 
 class InMemoryBlockPool(BlockPool):
-    def __init__(self, num_blocks: int = 0, block_size: int = 16, epoch: str = "", model: str = "") -> None:
+    def __init__(
+        self,
+        num_blocks: int = 0,
+        block_size: int = 16,
+        epoch: str = "",
+        model: str = "",
+        num_cpu_blocks: int = 0,
+    ) -> None:
         self.epoch = epoch
         self.model = model
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, num_cpu_blocks)
         self.states: dict[str, dict[str, str]] = {}
         self.outputs: dict[str, str] = {}
         self.fence = 0
@@ -52,18 +62,19 @@ class InMemoryBlockPool(BlockPool):
 
     # --- lifecycle ---------------------------------------------------------------------
 
-    def init(self, num_blocks: int, block_size: int, epoch: str, model: str) -> bool:
-        same = (num_blocks, block_size, epoch, model) == (
+    def init(self, num_blocks: int, block_size: int, epoch: str, model: str, num_cpu_blocks: int = 0) -> bool:
+        same = (num_blocks, block_size, epoch, model, num_cpu_blocks) == (
             self.num_blocks,
             self.block_size,
             self.epoch,
             self.model,
+            self.blocks.num_cpu_blocks,
         )
         if same:
-            for rid in list(self.blocks.tables):
+            for rid in [*self.blocks.tables, *self.blocks.cpu_tables]:
                 self.blocks._free(rid)
             return True
-        self.blocks = BlockManager(num_blocks, block_size)
+        self.blocks = BlockManager(num_blocks, block_size, num_cpu_blocks)
         self.epoch, self.model = epoch, model
         return False
 
@@ -103,6 +114,12 @@ class InMemoryBlockPool(BlockPool):
             blocks.fork(rid, op[2])
         elif code == COW:
             return blocks.cow(rid) or BlockCopy(False, -1, -1)
+        elif code == SWAP_OUT:
+            moved = blocks.swap_out(rid, op[2])
+            return SwapMapping(moved is not None, moved or [])
+        elif code == SWAP_IN:
+            moved = blocks.swap_in(rid)
+            return SwapMapping(moved is not None, moved or [])
         elif code == REG:
             blocks.register(rid, op[2], op[3], op[4], parse_token_str(op[5]))
         elif code == SAVE:
@@ -140,7 +157,7 @@ class InMemoryBlockPool(BlockPool):
 
     def seed(self, snap: PoolSnapshot, requests: list[list], epoch: str, model: str) -> None:
         """Take the whole pool as `snap` says, and these request states (SAVE op fields)."""
-        self.blocks = BlockManager(snap.num_blocks, snap.block_size)
+        self.blocks = BlockManager(snap.num_blocks, snap.block_size, snap.num_cpu_blocks)
         self.blocks.restore(snap)
         self.epoch, self.model = epoch, model
         self.states.clear()

@@ -2,12 +2,16 @@
 
 Part of `Scheduler` (scheduler.py).
 - Executor pool lost (a new epoch): every block is dropped and each running sequence is
-  recomputed with its outputs so far; streams go on.
+  recomputed with its outputs so far; streams go on. Swapped-out sequences too: their CPU
+  blocks went with the executor, so they fall back to recompute (nothing is lost: the outputs
+  are the scheduler's).
 - Takeover (a restarted scheduler, or a standby whose predecessor's lease lapsed): the block
   manager takes the replica's blocks, and every stored in-flight request is rebuilt with its
   outputs so far, detached, until its client re-attaches (`attach`) with the tokens it has
   already delivered. The longer of the two output lists wins: both are prefixes of what the
   old scheduler generated, so a client sees every token exactly once.
+  The replica's CPU tables are freed with its device tables (`BlockPool.init`), so a sequence
+  that was swapped out is recomputed like one that was running.
 - A re-attach for a request the replica never heard of (it arrived after the last write)
   starts it from the client's tokens, as a continuation.
 """
@@ -71,8 +75,9 @@ class RecoveryMixin:
             seq.num_pending = 0
             seq.in_executor = False
             seq.status = WAITING
-        self.waiting.extend_front(self.running)
+        self.waiting.extend_front([*self.running, *self._requeue_swapped()])
         self.running = []
+        self.swap_out_pairs, self.swap_in_pairs = [], []
         if executor_lost:
             self.stats.executor_restarts += 1
 

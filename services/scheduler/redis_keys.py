@@ -5,13 +5,16 @@ tag, so a whole pool sits in one slot and one script can touch all of it.
 
 | key | type | holds |
 |---|---|---|
-| `meta` | hash | num_blocks, block_size, epoch, model, tick (the LRU clock) |
+| `meta` | hash | num_blocks, block_size, epoch, model, tick (the LRU clock), num_cpu_blocks |
 | `free` | list | free blocks: allocation pops the head, a free pushes the tail |
 | `ref` | hash | block -> ref_cnt, only for blocks with ref_cnt > 0 (so HLEN = used) |
 | `lru` | zset | cached-evictable blocks scored by the tick they were released at |
 | `hash` | hash | block hash -> "block|parent hash|token ids" |
 | `bhash` | hash | block -> its hash (cached blocks, used or evictable) |
 | `table:<rid>` | list | the request's block table |
+| `cfree` | list | free CPU blocks (swap space), popped at the head, pushed at the tail |
+| `cref` | hash | CPU block -> ref_cnt, only for CPU blocks holding swapped-out KV |
+| `ctable:<rid>` | list | a swapped-out request's CPU block table |
 | `req:<rid>` | hash | prompt, params, priority, status, num_computed_tokens |
 | `out:<rid>` | string | output token ids so far, "1,2,3," (a step appends) |
 | `reqs` | set | request ids that have a table or state |
@@ -41,6 +44,9 @@ class PoolKeys:
     def table(self, request_id: str) -> str:
         return f"{self.prefix}table:{request_id}"
 
+    def ctable(self, request_id: str) -> str:
+        return f"{self.prefix}ctable:{request_id}"
+
     def req(self, request_id: str) -> str:
         return f"{self.prefix}req:{request_id}"
 
@@ -50,6 +56,10 @@ class PoolKeys:
     @property
     def table_scan_pattern(self) -> str:
         return _glob_escape(self.prefix) + "table:*"
+
+    @property
+    def ctable_scan_pattern(self) -> str:
+        return _glob_escape(self.prefix) + "ctable:*"
 
 
 def pool_id_for(executor_address: str) -> str:

@@ -12,11 +12,14 @@ HSET, ZADD of many members) so that a step costs few commands inside the script 
 
 from __future__ import annotations
 
+from pagedserve.scheduler.redis_lua_swap import SWAP_OPS_LUA
+
 # Helpers shared by both scripts. Block ids are kept as strings, as Redis returns them.
 PRELUDE = r"""
 local meta = KEYS[1]
 local P = string.sub(meta, 1, #meta - 4)
 local FREE, REF, LRU, HASH, BHASH, REQS = P .. 'free', P .. 'ref', P .. 'lru', P .. 'hash', P .. 'bhash', P .. 'reqs'
+local CFREE, CREF = P .. 'cfree', P .. 'cref'
 local CHUNK = 1000
 local tick = 0
 
@@ -101,10 +104,44 @@ local function release(blocks)
   if #to_lru > 0 then bulk('ZADD', LRU, to_lru, 2) end
 end
 
-local function free_table(rid)
+-- The same for a CPU table (swap space): a CPU block left with no reference goes to the tail
+-- of the CPU free list.
+local function release_cpu(blocks)
+  local n = #blocks
+  if n == 0 then return end
+  local refs = bulk('HMGET', CREF, blocks, 1)
+  local left = {}
+  local keep, gone = {}, {}
+  for i = n, 1, -1 do
+    local b = blocks[i]
+    local r = (left[b] or tonumber(refs[i]) or 0) - 1
+    left[b] = r
+    if r > 0 then
+      keep[#keep + 1] = b
+      keep[#keep + 1] = r
+    else
+      gone[#gone + 1] = b
+    end
+  end
+  if #keep > 0 then bulk('HSET', CREF, keep, 2) end
+  if #gone > 0 then bulk('HDEL', CREF, gone, 1); bulk('RPUSH', CFREE, gone, 1) end
+end
+
+local function free_gpu_table(rid)
   local tkey = P .. 'table:' .. rid
   release(redis.call('LRANGE', tkey, 0, -1))
   redis.call('DEL', tkey)
+end
+
+local function free_cpu_table(rid)
+  local tkey = P .. 'ctable:' .. rid
+  release_cpu(redis.call('LRANGE', tkey, 0, -1))
+  redis.call('DEL', tkey)
+end
+
+local function free_table(rid)
+  free_gpu_table(rid)
+  free_cpu_table(rid)
 end
 """
 
@@ -235,6 +272,9 @@ local function op_reg(rid, index, h, parent, tokens)
   redis.call('HSET', BHASH, b, h)
 end
 
+"""
+    + SWAP_OPS_LUA
+    + r"""
 for i = 1, #ops do
   local op = ops[i]
   local code, rid = op[1], op[2]
@@ -252,6 +292,10 @@ for i = 1, #ops do
     res = op_cow(rid)
   elseif code == 'fork' then
     op_fork(rid, op[3])
+  elseif code == 'swapout' then
+    res = op_swapout(rid, op[3])
+  elseif code == 'swapin' then
+    res = op_swapin(rid)
   elseif code == 'save' then
     redis.call('HSET', P .. 'req:' .. rid, 'prompt', op[3], 'params', op[4], 'priority', op[5],
       'status', op[6], 'num_computed_tokens', op[7])
@@ -280,18 +324,21 @@ return cjson.encode({r = results, f = nfree, c = ncached, u = redis.call('HLEN',
 """
 )
 
-# ARGV: num_blocks, block_size, epoch, model, force ("1": always reset the blocks), fence.
+# ARGV: num_blocks, block_size, epoch, model, force ("1": always reset the blocks), fence,
+# num_cpu_blocks (the swap space; its CPU tables are freed like the GPU ones).
 # Request states (`req:`, `out:`) are kept for the next scheduler to resume, unless the model
 # changed; every block table is dropped (its blocks freed, or all blocks reset).
 INIT_LUA = (
     PRELUDE
     + r"""
-local cur = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'epoch', 'model', 'tick', 'fence')
+local cur = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'epoch', 'model', 'tick', 'fence',
+  'num_cpu_blocks')
 if ARGV[6] ~= '0' and cur[6] ~= ARGV[6] then
   return redis.error_reply('PAGEDSERVE_FENCED fencing token ' .. ARGV[6] .. ' is stale')
 end
+local num_cpu = ARGV[7] or '0'
 local keep = ARGV[5] ~= '1' and cur[1] == ARGV[1] and cur[2] == ARGV[2] and cur[3] == ARGV[3]
-  and cur[4] == ARGV[4]
+  and cur[4] == ARGV[4] and (cur[7] or '0') == num_cpu
 local keep_states = cur[4] == ARGV[4]
 local rids = redis.call('SMEMBERS', REQS)
 local stateful = {}
@@ -312,15 +359,18 @@ if keep then
   redis.call('HSET', meta, 'tick', string.format('%d', tick))
   return 1
 end
-for _, rid in ipairs(rids) do redis.call('DEL', P .. 'table:' .. rid) end
-redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS)
+for _, rid in ipairs(rids) do redis.call('DEL', P .. 'table:' .. rid, P .. 'ctable:' .. rid) end
+redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS, CFREE, CREF)
 if #stateful > 0 then bulk('SADD', REQS, stateful, 1) end
 redis.call('HSET', meta, 'num_blocks', ARGV[1], 'block_size', ARGV[2], 'epoch', ARGV[3], 'model', ARGV[4],
-  'tick', '0')
+  'tick', '0', 'num_cpu_blocks', num_cpu)
 local n = tonumber(ARGV[1])
 local ids = {}
 for b = 0, n - 1 do ids[#ids + 1] = b end
 bulk('RPUSH', FREE, ids, 1)
+ids = {}
+for b = 0, tonumber(num_cpu) - 1 do ids[#ids + 1] = b end
+if #ids > 0 then bulk('RPUSH', CFREE, ids, 1) end
 return 0
 """
 )
@@ -340,17 +390,33 @@ repeat
 until cursor == '0'
 """
 
+# The same for CPU tables (`ctables`); ARGV[2] is the SCAN pattern of the pool's ctable keys.
+SCAN_CPU_TABLES_LUA = r"""
+local ctables = {}
+cursor = '0'
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[2], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    ctables[#ctables + 1] = string.sub(key, #P + 8)
+    ctables[#ctables + 1] = redis.call('LRANGE', key, 0, -1)
+  end
+until cursor == '0'
+"""
+
 # Everything a new scheduler needs, in one call: the pool's blocks (free list in order, the
 # LRU oldest first, each hash's stored entry, every table) and every stored request state.
-# KEYS[1] = meta; ARGV[1] = SCAN pattern of table keys.
+# KEYS[1] = meta; ARGV[1], ARGV[2] = SCAN patterns of table and ctable keys.
 LOAD_LUA = (
     r"""
 local meta = KEYS[1]
 local P = string.sub(meta, 1, #meta - 4)
 if redis.call('EXISTS', meta) == 0 then return false end
 local out = {}
-local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'tick')
-out.num_blocks, out.block_size, out.tick = m[1], m[2], m[3]
+local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'tick', 'num_cpu_blocks')
+out.num_blocks, out.block_size, out.tick, out.num_cpu_blocks = m[1], m[2], m[3], m[4] or '0'
+out.cfree = redis.call('LRANGE', P .. 'cfree', 0, -1)
+out.cref = redis.call('HGETALL', P .. 'cref')
 out.free = redis.call('LRANGE', P .. 'free', 0, -1)
 out.ref = redis.call('HGETALL', P .. 'ref')
 out.lru = redis.call('ZRANGE', P .. 'lru', 0, -1)
@@ -359,6 +425,10 @@ out.hash = redis.call('HGETALL', P .. 'hash')
     + SCAN_TABLES_LUA
     + r"""
 out.tables = tables
+"""
+    + SCAN_CPU_TABLES_LUA
+    + r"""
+out.ctables = ctables
 local reqs = {}
 for _, rid in ipairs(redis.call('SMEMBERS', P .. 'reqs')) do
   local state = redis.call('HGETALL', P .. 'req:' .. rid)
@@ -406,7 +476,8 @@ return 0
 # Write a whole pool over whatever is stored (a scheduler re-seeding a Redis that lost its
 # data). KEYS[1] = meta; ARGV[1] = JSON {num_blocks, block_size, epoch, model, tick, free, ref
 # [[block, cnt]...], lru [block...] oldest first, hash [[hash, "block|parent|tokens"]...],
-# tables [[rid, [blocks]]...], reqs [[rid, prompt, params, priority, status, ncomp, outs]...]};
+# tables [[rid, [blocks]]...], reqs [[rid, prompt, params, priority, status, ncomp, outs]...],
+# num_cpu_blocks, cfree, cref [[block, cnt]...], ctables [[rid, [blocks]]...]};
 # ARGV[2] = fence.
 SEED_LUA = (
     PRELUDE
@@ -416,11 +487,18 @@ if ARGV[2] ~= '0' and redis.call('HGET', meta, 'fence') ~= ARGV[2] then
 end
 local s = cjson.decode(ARGV[1])
 for _, rid in ipairs(redis.call('SMEMBERS', REQS)) do
-  redis.call('DEL', P .. 'table:' .. rid, P .. 'req:' .. rid, P .. 'out:' .. rid)
+  redis.call('DEL', P .. 'table:' .. rid, P .. 'ctable:' .. rid, P .. 'req:' .. rid, P .. 'out:' .. rid)
 end
-redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS)
+redis.call('DEL', FREE, REF, LRU, HASH, BHASH, REQS, CFREE, CREF)
 redis.call('HSET', meta, 'num_blocks', s.num_blocks, 'block_size', s.block_size, 'epoch', s.epoch,
-  'model', s.model, 'tick', string.format('%d', s.tick))
+  'model', s.model, 'tick', string.format('%d', s.tick), 'num_cpu_blocks', s.num_cpu_blocks)
+if #s.cfree > 0 then bulk('RPUSH', CFREE, s.cfree, 1) end
+local cflat = {}
+for _, e in ipairs(s.cref) do cflat[#cflat + 1] = e[1]; cflat[#cflat + 1] = e[2] end
+if #cflat > 0 then bulk('HSET', CREF, cflat, 2) end
+for _, t in ipairs(s.ctables) do
+  if #t[2] > 0 then bulk('RPUSH', P .. 'ctable:' .. t[1], t[2], 1); redis.call('SADD', REQS, t[1]) end
+end
 if #s.free > 0 then bulk('RPUSH', FREE, s.free, 1) end
 local flat = {}
 for _, e in ipairs(s.ref) do flat[#flat + 1] = e[1]; flat[#flat + 1] = e[2] end

@@ -43,6 +43,7 @@ class RedisBlockPool(BlockPool):
         self.epoch = ""
         self.model = ""
         self.fence = 0
+        self.num_cpu_blocks = 0
         # redis-py's Script runs EVALSHA and loads the script once on NOSCRIPT.
         self._step = client.register_script(STEP_LUA)
         self._init = client.register_script(INIT_LUA)
@@ -64,17 +65,28 @@ class RedisBlockPool(BlockPool):
                 raise Fenced(str(err).split(" ", 1)[-1]) from None
             raise
 
-    def init(self, num_blocks: int, block_size: int, epoch: str, model: str) -> bool:
+    def init(self, num_blocks: int, block_size: int, epoch: str, model: str, num_cpu_blocks: int = 0) -> bool:
         self.num_blocks, self.block_size, self.epoch, self.model = num_blocks, block_size, epoch, model
+        self.num_cpu_blocks = num_cpu_blocks
         kept = self._run(
-            self._init, [self.keys.meta], [num_blocks, block_size, epoch, model, "0", self.fence]
+            self._init,
+            [self.keys.meta],
+            [num_blocks, block_size, epoch, model, "0", self.fence, num_cpu_blocks],
         )
         return bool(int(kept))
 
     def reset(self, epoch: str | None = None) -> PoolCounts:
         if epoch is not None:
             self.epoch = epoch
-        args = [self.num_blocks, self.block_size, self.epoch, self.model, "1", self.fence]
+        args = [
+            self.num_blocks,
+            self.block_size,
+            self.epoch,
+            self.model,
+            "1",
+            self.fence,
+            self.num_cpu_blocks,
+        ]
         self._run(self._init, [self.keys.meta], args)
         return self.counts()
 
@@ -94,7 +106,9 @@ class RedisBlockPool(BlockPool):
     # --- reading back, writing whole ---------------------------------------------------
 
     def _load_raw(self) -> dict:
-        raw = self._load(keys=[self.keys.meta], args=[self.keys.table_scan_pattern])
+        raw = self._load(
+            keys=[self.keys.meta], args=[self.keys.table_scan_pattern, self.keys.ctable_scan_pattern]
+        )
         if not raw:
             raise LookupError(f"pool {self.pool_id!r} is not in Redis")
         return json.loads(raw)
@@ -114,6 +128,10 @@ class RedisBlockPool(BlockPool):
             hash_map=hash_map,
             tables={rid: _ints(t) for rid, t in _pairs(raw["tables"])},
             tick=int(raw.get("tick") or 0),
+            num_cpu_blocks=int(raw.get("num_cpu_blocks") or 0),
+            cpu_free_list=_ints(raw["cfree"]),
+            cpu_ref={int(b): int(c) for b, c in _pairs(raw["cref"])},
+            cpu_tables={rid: _ints(t) for rid, t in _pairs(raw["ctables"])},
         )
 
     def load_requests(self) -> list[StoredRequest]:
@@ -137,6 +155,10 @@ class RedisBlockPool(BlockPool):
             "hash": [[h, f"{e.block}|{e.parent_hash}|{e.tokens}"] for h, e in snap.hash_map.items()],
             "tables": [[rid, t] for rid, t in snap.tables.items()],
             "reqs": requests,
+            "num_cpu_blocks": snap.num_cpu_blocks,
+            "cfree": snap.cpu_free_list,
+            "cref": [[b, c] for b, c in snap.cpu_ref.items()],
+            "ctables": [[rid, t] for rid, t in snap.cpu_tables.items()],
         }
         self.num_blocks, self.block_size, self.epoch, self.model = (
             snap.num_blocks,
@@ -144,6 +166,7 @@ class RedisBlockPool(BlockPool):
             epoch,
             model,
         )
+        self.num_cpu_blocks = snap.num_cpu_blocks
         self._run(self._seed, [self.keys.meta], [json.dumps(body, separators=(",", ":")), self.fence])
 
     def check(self) -> list[str]:

@@ -38,6 +38,7 @@ class SequenceStatus(IntEnum):
     WAITING = 1  # queued, new or preempted: holds no blocks
     RUNNING = 2  # holds a block table
     FINISHED = 3  # stopped, or aborted
+    SWAPPED = 4  # preempted by swap: its KV is in CPU blocks (swap.py), it holds no device blocks
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:

@@ -3,9 +3,10 @@
 Iteration-level continuous batching under a token budget (`max_num_batched_tokens`) and a
 sequence cap (`max_num_seqs`): running sequences first, oldest first, then waiting ones by
 (priority, arrival), preempted ones ahead of all. A prompt longer than the budget left is
-computed in chunks. When blocks run out the newest running sequence is preempted by
-recompute: its blocks are freed (full ones stay in the prefix cache, so the recompute is
-mostly cache hits) and it goes back to the front of the queue.
+computed in chunks. When blocks run out the newest running sequence's group (its request's
+running sequences) is preempted, by recompute — its blocks are freed (full ones stay in the
+prefix cache, so the recompute is mostly cache hits) and it goes back to the front of the
+queue — or by swap to CPU blocks, which are swapped back in before new admissions (swap.py).
 
 A step is `schedule()` -> (the engine ships the block manager's log to the replica and runs
 the executor, concurrently) -> `update(output)` (completion.py). Planning asks the in-process
@@ -35,6 +36,7 @@ from pagedserve.scheduler.hashing import BlockHasher, model_salt, token_str
 from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import RecoveryMixin
 from pagedserve.scheduler.request import BEAM_INDEX, PROMPT_INDEX, Request, Sequence, SequenceStatus
+from pagedserve.scheduler.swap import PreemptionPolicy, SwapMixin
 from pagedserve.scheduler.waiting import WaitQueue
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class StepCounters:
     num_resumed: int = 0  # requests taken over from a previous scheduler
     live_tokens: int = 0  # tokens held by the running sequences, last step
     kv_utilization: float = 0.0  # live tokens / allocated slots of the running sequences, last step
+    swap_out_blocks: int = 0  # blocks copied device -> CPU
+    swap_in_blocks: int = 0  # blocks copied CPU -> device
 
 
 class ScheduledStep(NamedTuple):
@@ -65,13 +69,14 @@ class ScheduledStep(NamedTuple):
     seqs: list[tuple[Sequence, int]]  # each scheduled sequence and its num_scheduled_tokens
 
 
-class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
-    def __init__(self, limits: SchedulerLimits, epoch: str) -> None:
+class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
+    def __init__(self, limits: SchedulerLimits, epoch: str, policy: PreemptionPolicy | None = None) -> None:
         self.limits = limits
+        self.policy = policy or PreemptionPolicy(limits.preemption_mode, limits.swap_min_tokens)
         self.epoch = epoch
         self.block_size = limits.block_size
         self.hasher = BlockHasher(model_salt(limits.model, limits.block_size), limits.block_size)
-        self.blocks = BlockManager(limits.num_blocks, limits.block_size)
+        self.blocks = BlockManager(limits.num_blocks, limits.block_size, limits.num_cpu_blocks)
         self.requests: dict[str, Request] = {}
         self.detached: dict[str, Request] = {}  # resumed from the replica, waiting for their client
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
@@ -88,6 +93,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
         self._prompt_rows_left = MAX_PROMPT_LOGPROB_ROWS  # reset by every schedule()
         self._arrivals = itertools.count()
         self._step_ids = itertools.count(1)
+        self._init_swap()
 
     # --- requests in and out ---------------------------------------------------------------
 
@@ -138,7 +144,8 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
 
     def load_record(self) -> str:
         """The pool's load as the registry stores it: "running,waiting,tokens,ms"."""
-        return f"{len(self.running)},{len(self.waiting)},{self.stats.live_tokens},{int(time.time() * 1000)}"
+        waiting = len(self.waiting) + self.num_swapped_seqs
+        return f"{len(self.running)},{waiting},{self.stats.live_tokens},{int(time.time() * 1000)}"
 
     def has_work(self) -> bool:
         return bool(
@@ -148,13 +155,15 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
             or len(self.blocks.log)
             or self.forget_ids
             or self.unpublished
+            or self.swapped
         )
 
     # --- planning ----------------------------------------------------------------------
 
     def schedule(self) -> ScheduledStep:
-        """Plan one step: blocks for the running sequences (preempting the newest when short),
-        then admissions, and the executor's step with the deltas it needs."""
+        """Plan one step: blocks for the running sequences (preempting the newest group when
+        short), then swapped groups back in, then admissions, and the executor's step with the
+        deltas it needs."""
         for request_id in self._aborts:
             self._abort_now(request_id)
         self._aborts.clear()
@@ -178,19 +187,24 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
                 continue
             new_ids = self._grow(seq, num_tokens, copies)
             while new_ids is None:
-                victim = running[-1]
-                self._preempt(victim)
+                group, refund = self._preempt_group(running[-1], seq, planned, copies)
+                budget += refund
                 preempted = True
-                if victim is seq:
+                if seq in group:
                     break
                 new_ids = self._grow(seq, num_tokens, copies)
             if new_ids is None:
-                break  # it was the newest left: everything after it is preempted too
+                break  # its group was the newest left: everything after it is preempted too
+            i = running.index(seq)  # group members before it may have left
             planned.append((seq, num_tokens, new_ids))
             budget -= num_tokens
             i += 1
-        if not preempted:  # admitting right after preempting would only thrash
-            self._admit_waiting(planned, budget)
+        # Resuming or admitting right after preempting would only thrash (and a swap-in must
+        # not share a step with a swap-out).
+        if not preempted:
+            budget = self._resume_swapped(planned, copies, budget)
+            if not self.swapped:
+                self._admit_waiting(planned, budget)
         return self._build_step(planned, copies)
 
     def _cap_prompt_rows(self, seq: Sequence, num_tokens: int) -> int:
@@ -265,7 +279,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
     def _build_step(
         self, planned: list[tuple[Sequence, int, list[int]]], copies: list[tuple[int, int]]
     ) -> ScheduledStep:
-        if not planned and not self.forget_ids:
+        if not planned and not self.forget_ids and not self.swap_out_pairs and not self.swap_in_pairs:
             return ScheduledStep(None, [])
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -296,7 +310,18 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin):
                 seq.num_pending += 1  # it samples in this step
         # (With nothing scheduled the step only tells the executor what to forget.)
         forget, self.forget_ids = self.forget_ids, []
-        step = StepInput(next(self._step_ids), self.epoch, new_reqs, cached_reqs, forget, copies, self.fence)
+        swap_out, swap_in = self._take_swaps()
+        step = StepInput(
+            next(self._step_ids),
+            self.epoch,
+            new_reqs,
+            cached_reqs,
+            forget,
+            copies,
+            self.fence,
+            swap_out,
+            swap_in,
+        )
         return ScheduledStep(step, [(seq, n) for seq, n, _ in planned])
 
     def _preempt(self, seq: Sequence) -> None:

@@ -19,6 +19,7 @@ from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.lease import Lease
 from pagedserve.scheduler.redis_keys import pool_id_for
 from pagedserve.scheduler.servicer import SERVICE_NAME, SchedulerServicer
+from pagedserve.scheduler.swap import DEFAULT_SWAP_MIN_TOKENS, PreemptionMode
 from pagedserve.v1 import scheduler_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds an unreachable executor may stall requests before they fail with UNAVAILABLE",
     )
     parser.add_argument(
+        "--preemption-mode",
+        choices=[m.value for m in PreemptionMode],
+        default="auto",
+        help="when blocks run out: recompute, swap to the executor's CPU blocks, or auto (swap n > 1 "
+        "groups and sequences of --swap-min-tokens or more, recompute the rest); swap falls back to "
+        "recompute when the CPU blocks are short",
+    )
+    parser.add_argument(
+        "--swap-min-tokens",
+        type=int,
+        default=DEFAULT_SWAP_MIN_TOKENS,
+        help="auto preemption: a sequence with this many computed tokens is swapped, not recomputed",
+    )
+    parser.add_argument(
         "--attach-timeout",
         type=float,
         default=30.0,
@@ -85,7 +100,11 @@ def config_from_args(args: argparse.Namespace) -> SchedulerConfig:
         advertise_address=args.advertise_address,
         stall_timeout=args.stall_timeout,
         attach_timeout=args.attach_timeout,
+        preemption_mode=args.preemption_mode,
+        swap_min_tokens=args.swap_min_tokens,
     )
+    if config.swap_min_tokens < 1:
+        raise ValueError(f"--swap-min-tokens must be >= 1, got {config.swap_min_tokens}")
     if config.lease_ttl <= 0 or config.stall_timeout <= 0 or config.attach_timeout <= 0:
         raise ValueError("--lease-ttl, --stall-timeout and --attach-timeout must be > 0")
     for name in ("max_num_seqs", "max_num_batched_tokens", "max_queued_requests"):
@@ -178,6 +197,8 @@ async def _take_pool(
         info_timeout=info_timeout,
         stall_timeout=config.stall_timeout,
         attach_timeout=config.attach_timeout,
+        preemption_mode=config.preemption_mode,
+        swap_min_tokens=config.swap_min_tokens,
     )
     if lease is not None:
         engine.replicator.registration = {

@@ -77,7 +77,7 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             blocks_cached=counts.num_cached,
             blocks_free=counts.num_free,
             requests_running=len(sched.running),
-            requests_waiting=len(sched.waiting),
+            requests_waiting=len(sched.waiting) + sched.num_swapped_seqs,
             preemptions_total=stats.num_preemptions,
             prefix_cache_hit_tokens=stats.prefix_hit_tokens,
             prefix_cache_query_tokens=stats.prefix_query_tokens,
@@ -93,4 +93,8 @@ class SchedulerServicer(scheduler_pb2_grpc.SchedulerServicer):
             resumed_total=stats.num_resumed,
             pool_id=self.pool_id,
             blocks_digest=engine.blocks_digest() if request.with_digest else "",
+            cpu_blocks_total=sched.blocks.num_cpu_blocks,
+            swapped_blocks=sched.num_swapped_blocks,
+            swap_out_blocks_total=stats.swap_out_blocks,
+            swap_in_blocks_total=stats.swap_in_blocks,
         ).to_proto()

@@ -65,6 +65,8 @@ class Stack:
     stall_timeout: float = 30.0  # the scheduler's and the gateway's --stall-timeout
     lease_ttl: float = 3.0
     host: str = "127.0.0.1"
+    executor_args: tuple[str, ...] = ()  # more executor flags (e.g. --swap-space)
+    scheduler_args: tuple[str, ...] = ()  # more scheduler flags (e.g. --preemption-mode)
     services: dict[str, Service] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -83,7 +85,7 @@ class Stack:
             "executor": [
                 "--host", self.host, "--port", str(ports["executor"]), *model,
                 "--block-size", str(BLOCK_SIZE), "--num-kv-blocks", str(self.num_kv_blocks),
-                "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN),
+                "--device", "cpu", "--max-model-len", str(MAX_MODEL_LEN), *self.executor_args,
             ],
             "tokenizer": ["--host", self.host, "--port", str(ports["tokenizer"]), *model],
             "scheduler": self.scheduler_flags(ports["scheduler"]),
@@ -107,7 +109,7 @@ class Stack:
             "--host", self.host, "--port", str(port),
             "--executor", self.executor_address, "--redis-url", self.redis_url,
             "--pool-id", self.pool_id, "--stall-timeout", str(self.stall_timeout),
-            "--lease-ttl", str(self.lease_ttl),
+            "--lease-ttl", str(self.lease_ttl), *self.scheduler_args,
         ]  # fmt: skip
 
     def gateway_flags(self, grpc_port: int, http_port: int, max_queued_requests: int) -> list[str]:

@@ -28,6 +28,8 @@ EVERY_OPTION = dict(
     max_queued_requests=32,
     attention_backend="torch",
     dtype="float32",
+    swap_space=0.5,
+    preemption_mode="swap",
 )
 
 
@@ -57,6 +59,18 @@ def test_flags_reach_the_config():
         4,
     )
     assert config.connect_host == "127.0.0.1"
+
+
+def test_swap_flags_reach_the_executor_and_the_scheduler():
+    config = LauncherConfig.from_args(parse_up("--swap-space", "0.25", "--preemption-mode", "recompute"))
+    assert (config.swap_space, config.preemption_mode) == (0.25, "recompute")
+    specs, _ = plan(config, "redis://r", available=lambda name: True)
+    by_name = {s.name: flags(s.command) for s in specs}
+    assert by_name["executor"]["--swap-space"] == "0.25"
+    assert by_name["scheduler"]["--preemption-mode"] == "recompute"
+    assert "--swap-space" not in flags(
+        plan(LauncherConfig(model="m"), "redis://r", available=lambda n: True)[0][0].command
+    )
 
 
 def test_restart_flags_reach_the_config():
@@ -117,6 +131,7 @@ def test_plan_orders_and_wires_every_service():
         "--max-num-batched-tokens": "512",
         "--dtype": "float32",
         "--attention-backend": "torch",
+        "--swap-space": "0.5",
     }
     assert flags(by_name["scheduler"].command) == {
         "--host": "127.0.0.1",
@@ -127,6 +142,7 @@ def test_plan_orders_and_wires_every_service():
         "--max-model-len": "256",
         "--max-num-batched-tokens": "512",
         "--max-queued-requests": "32",
+        "--preemption-mode": "swap",
     }
     assert flags(by_name["gateway"].command) == {
         "--host": "127.0.0.1",

@@ -20,12 +20,12 @@ def redis_client(redis_url):
     client.close()
 
 
-def make_pool(kind: str, client, num_blocks: int, block_size: int):
+def make_pool(kind: str, client, num_blocks: int, block_size: int, num_cpu_blocks: int = 0):
     if kind == "memory":
         pool = InMemoryBlockPool()
     else:
         pool = RedisBlockPool(client, f"test-{next(_pool_ids)}")
-    pool.init(num_blocks, block_size, "epoch-0", "model")
+    pool.init(num_blocks, block_size, "epoch-0", "model", num_cpu_blocks)
     return pool
 
 
@@ -34,8 +34,8 @@ def pool_factory(request, redis_client):
     """Builds pools of the parametrized kind; each is checked by fsck when the test ends."""
     made = []
 
-    def factory(num_blocks: int = 8, block_size: int = 4):
-        pool = make_pool(request.param, redis_client, num_blocks, block_size)
+    def factory(num_blocks: int = 8, block_size: int = 4, num_cpu_blocks: int = 0):
+        pool = make_pool(request.param, redis_client, num_blocks, block_size, num_cpu_blocks)
         made.append(pool)
         return pool
 

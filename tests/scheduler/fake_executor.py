@@ -4,7 +4,9 @@ It validates every step with the real executor's `plan_step` (so protocol mistak
 they would there), and it keeps a toy KV pool: each slot remembers the (position, token) that
 was written to it. Before computing a sequence's tokens it checks that every earlier slot its
 block table maps holds exactly that sequence's tokens, so a wrong prefix-cache hit, a missing
-copy-on-write or a stale block table fails the test instead of passing silently.
+copy-on-write or a stale block table fails the test instead of passing silently. Its swap space
+(`num_cpu_blocks`) holds toy slots too: a swap-out or swap-in moves them, so a swap mapping that
+puts the wrong KV back is caught by the same check.
 
 The "model" picks the next token as a hash of all tokens so far and the sequence's seed, so
 greedy outputs are a pure function of the prompt, and `reference()` computes them directly.
@@ -44,9 +46,15 @@ class FakeExecutor:
     """Implements `ExecutorClient`; `steps` records every StepInput it ran."""
 
     def __init__(
-        self, num_blocks: int, block_size: int, vocab_size: int = 1000, max_model_len: int = 4096
+        self,
+        num_blocks: int,
+        block_size: int,
+        vocab_size: int = 1000,
+        max_model_len: int = 4096,
+        num_cpu_blocks: int = 0,
     ) -> None:
         self.num_blocks = num_blocks
+        self.num_cpu_blocks = num_cpu_blocks
         self.block_size = block_size
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
@@ -61,6 +69,7 @@ class FakeExecutor:
         self.requests: dict[str, RequestState] = {}
         self.max_fence = 0  # as the real executor: the highest fencing token seen
         self.slots: list[tuple[int, int] | None] = [None] * (self.num_blocks * self.block_size)
+        self.cpu_slots: list[tuple[int, int] | None] = [None] * (self.num_cpu_blocks * self.block_size)
 
     async def info(self) -> ExecutorInfo:
         return ExecutorInfo(
@@ -75,6 +84,7 @@ class FakeExecutor:
             eos_token_ids=(EOS,),
             attention_backend="none",
             device="cpu",
+            num_cpu_blocks=self.num_cpu_blocks,
         )
 
     async def execute_step(self, step: StepInput) -> StepOutput:
@@ -95,11 +105,16 @@ class FakeExecutor:
             vocab_size=self.vocab_size,
             max_model_len=self.max_model_len,
             max_num_batched_tokens=1 << 30,
+            num_cpu_blocks=self.num_cpu_blocks,
         )
         self.steps.append(step)
         if self.step_delay:
             await asyncio.sleep(self.step_delay)
         bs = self.block_size
+        for gpu, cpu in plan.swap_out:
+            self.cpu_slots[cpu * bs : (cpu + 1) * bs] = self.slots[gpu * bs : (gpu + 1) * bs]
+        for cpu, gpu in plan.swap_in:
+            self.slots[gpu * bs : (gpu + 1) * bs] = self.cpu_slots[cpu * bs : (cpu + 1) * bs]
         for src, dst in plan.block_copies:
             self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs]
         sampled = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedserve.scheduler.block_pool import Admission, Allocation, BlockCopy, PoolCounts, StepOps
+from pagedserve.scheduler.block_pool import Admission, Allocation, BlockCopy, PoolCounts, StepOps, SwapMapping
 from pagedserve.scheduler.hashing import ROOT_HASH, block_hash, token_str
 
 SALT = b"test"
@@ -234,3 +234,86 @@ def test_fsck_reports_each_broken_invariant(redis_client, redis_url, capsys):
     assert any(p.startswith("free 5 + used 2 + cached 0 = 7 != 6") for p in problems)
     assert fsck_cli.main(Namespace(redis_url=redis_url, pool="broken")) == 1
     assert "problem(s)" in capsys.readouterr().out
+
+
+def test_swap_out_keeps_sharing_one_cpu_block_per_gpu_block(pool_factory):
+    pool = pool_factory(num_blocks=8, num_cpu_blocks=6)
+    step(pool, lambda o: o.allocate("p", 2))  # blocks 0, 1
+    step(pool, lambda o: (o.fork("p", "c0"), o.fork("p", "c1"), o.drop("p")))
+    res = step(pool, lambda o: (o.cow("c1"), o.allocate("c0", 1)))  # c1: [0, 2]; c0: [0, 1, 3]
+    assert res.results == [BlockCopy(True, 1, 2), Allocation(True, [3])]
+    # c0 keeps only 2 blocks' KV (the third was never written): 0, 1 for c0 and 0, 2 for c1
+    res = step(pool, lambda o: o.swap_out(["c0", "c1"], [2, 2]))
+    assert res[0] == SwapMapping(True, [(0, 0), (1, 1), (2, 2)])  # block 0 shared: one CPU block
+    assert res.counts == PoolCounts(8, 0, 0)
+    snap = pool.snapshot()
+    assert snap.cpu_tables == {"c0": [0, 1], "c1": [0, 2]}
+    assert snap.cpu_ref == {0: 2, 1: 1, 2: 1}
+    assert snap.cpu_free_list == [3, 4, 5]
+    # swap in: one GPU block per distinct CPU block, taken from the free list's head
+    res = step(pool, lambda o: o.swap_in(["c0", "c1"]))
+    gpu = pool.snapshot().tables
+    assert res[0].ok and len(res[0].pairs) == 3
+    mapping = dict(res[0].pairs)
+    assert gpu == {"c0": [mapping[0], mapping[1]], "c1": [mapping[0], mapping[2]]}
+    assert pool.snapshot().ref[mapping[0]] == 2
+    assert pool.snapshot().cpu_free_list == [3, 4, 5, 1, 2, 0]  # c0's table last block first, then c1's
+    assert res.counts == PoolCounts(5, 0, 3)
+
+
+def test_swap_is_all_or_nothing(pool_factory):
+    pool = pool_factory(num_blocks=4, num_cpu_blocks=2)
+    step(pool, lambda o: (o.allocate("a", 3), o.allocate("b", 1)))
+    res = step(pool, lambda o: o.swap_out(["a"], [3]))
+    assert res[0] == SwapMapping(False, [])  # 3 blocks, 2 CPU blocks: nothing changed
+    assert pool.snapshot().tables == {"a": [0, 1, 2], "b": [3]}
+    res = step(pool, lambda o: (o.swap_out(["b"], [1]), o.allocate("c", 3), o.swap_in(["b"])))
+    assert res.results == [SwapMapping(True, [(3, 0)]), Allocation(False, []), SwapMapping(True, [(0, 3)])]
+    res = step(pool, lambda o: (o.swap_out(["b"], [1]), o.allocate("c", 1), o.swap_in(["b"])))
+    assert res.results[2] == SwapMapping(False, [])  # no GPU block left for b: it stays swapped
+    assert pool.snapshot().cpu_tables == {"b": [1]}
+
+
+def test_free_and_drop_release_cpu_tables(pool_factory):
+    pool = pool_factory(num_blocks=4, num_cpu_blocks=4)
+    step(pool, lambda o: (o.allocate("a", 2), o.allocate("b", 2)))
+    step(pool, lambda o: (o.swap_out(["a"], [2]), o.swap_out(["b"], [1])))
+    res = step(pool, lambda o: (o.free("a"), o.drop("b")))
+    assert res.counts == PoolCounts(4, 0, 0)
+    snap = pool.snapshot()
+    assert snap.cpu_tables == {} and snap.cpu_ref == {} and sorted(snap.cpu_free_list) == [0, 1, 2, 3]
+
+
+def test_init_frees_cpu_tables_and_a_new_epoch_resets_the_swap_space(pool_factory):
+    pool = pool_factory(num_blocks=6, block_size=2, num_cpu_blocks=4)
+    tokens = [1, 2, 3, 4]
+    step(pool, lambda o: (o.allocate("a", 2), register_all(o, "a", tokens, 2), o.allocate("b", 2)))
+    step(pool, lambda o: o.swap_out(["b"], [2]))
+    # same executor: the cache is kept, every table (device and CPU) freed
+    assert pool.init(6, 2, "epoch-0", "model", 4) is True
+    snap = pool.snapshot()
+    assert (snap.cpu_tables, snap.cpu_ref, sorted(snap.cpu_free_list)) == ({}, {}, [0, 1, 2, 3])
+    assert pool.counts() == PoolCounts(num_free=4, num_cached=2, num_used=0)
+    # another swap space size means another executor: everything reset
+    assert pool.init(6, 2, "epoch-0", "model", 3) is False
+    assert pool.snapshot().cpu_free_list == [0, 1, 2]
+
+
+def test_fsck_reports_broken_cpu_blocks(redis_client):
+    from pagedserve.scheduler import fsck as fsck_cli
+    from pagedserve.scheduler.redis_pool import RedisBlockPool
+
+    pool = RedisBlockPool(redis_client, "broken-cpu")
+    pool.init(6, 2, "e", "m", 4)
+    step(pool, lambda o: (o.allocate("a", 2), o.swap_out(["a"], [2])))
+    assert fsck_cli.fsck(redis_client, "broken-cpu") == []
+    keys = pool.keys
+    redis_client.hset(keys.key("cref"), "0", 3)  # more references than CPU-table entries
+    redis_client.rpush(keys.key("cfree"), "1")  # a swapped block also free
+    redis_client.rpush(keys.ctable("ghost"), "3")  # a CPU table of an unknown request
+    problems = fsck_cli.fsck(redis_client, "broken-cpu")
+    assert "cpu block 0: ref_cnt 3 but 1 cpu-table entries" in problems
+    assert "cpu block 1: is free+swapped (must be exactly one)" in problems
+    assert "cpu block 3: ref_cnt 0 but 1 cpu-table entries" in problems
+    assert "request ghost: has a cpu table but is not in the request set" in problems
+    assert "cpu free 3 + swapped 2 = 5 != 4" in problems

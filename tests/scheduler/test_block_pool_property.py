@@ -13,7 +13,7 @@ from pagedserve.scheduler.hashing import ROOT_HASH, block_hash, token_str
 from pagedserve.scheduler.memory_pool import InMemoryBlockPool
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
-NUM_BLOCKS, BLOCK_SIZE = 12, 2
+NUM_BLOCKS, BLOCK_SIZE, NUM_CPU_BLOCKS = 12, 2, 6
 REQUESTS = [f"r{i}" for i in range(8)]
 # A few token streams sharing prefixes, so that admissions hit, miss and half-hit.
 STREAMS = [[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 3, 4, 9, 9, 7, 8], [5, 6, 7, 8, 1, 2, 3, 4]]
@@ -43,6 +43,8 @@ op = st.one_of(
     st.tuples(st.just("fork"), rid, rid),
     st.tuples(st.just("cow"), rid),
     st.tuples(st.just("reg"), rid, st.integers(0, 2), st.integers(0, 3)),
+    st.tuples(st.just("swapout"), st.lists(rid, min_size=1, max_size=3, unique=True), st.integers(0, 5)),
+    st.tuples(st.just("swapin"), st.lists(rid, min_size=1, max_size=3, unique=True)),
 )
 
 
@@ -62,6 +64,10 @@ def add(ops: StepOps, spec: tuple) -> None:
         ops.fork(spec[1], spec[2])
     elif kind == "cow":
         ops.cow(spec[1])
+    elif kind == "swapout":
+        ops.swap_out(spec[1], [spec[2] + i for i in range(len(spec[1]))])
+    elif kind == "swapin":
+        ops.swap_in(spec[1])
     else:
         _, r, stream, index = spec
         h, parent, blk = CHAINS[stream][index]
@@ -76,8 +82,8 @@ def add(ops: StepOps, spec: tuple) -> None:
 @given(steps=st.lists(st.lists(op, min_size=1, max_size=4), min_size=1, max_size=25))
 def test_random_steps_keep_invariants_and_match_memory(redis_client, steps):
     pool = RedisBlockPool(redis_client, f"prop-{next(_pool_ids)}")
-    pool.init(NUM_BLOCKS, BLOCK_SIZE, "e", "m")
-    mirror = InMemoryBlockPool(NUM_BLOCKS, BLOCK_SIZE, "e", "m")
+    pool.init(NUM_BLOCKS, BLOCK_SIZE, "e", "m", NUM_CPU_BLOCKS)
+    mirror = InMemoryBlockPool(NUM_BLOCKS, BLOCK_SIZE, "e", "m", NUM_CPU_BLOCKS)
     for specs in steps:
         ops = StepOps()
         for spec in specs:
@@ -87,3 +93,4 @@ def test_random_steps_keep_invariants_and_match_memory(redis_client, steps):
         assert pool.check() == [], specs
         assert mirror.check() == [], specs
         assert got.counts.num_total == NUM_BLOCKS
+    assert pool.snapshot().differences(mirror.snapshot()) == []
