@@ -9,18 +9,18 @@ gateway counts references, run-length encodes and formats, off its event loop.
 Wire format of one pool (`PoolMap.to_json`), all block ids 0-based:
 - `blocks`: runs `[code, count, code, count, ...]` over blocks 0..num_blocks-1, where a code
   > 0 is a block in use with that ref_cnt, `0` free, `-1` cached-evictable (ref_cnt 0, still
-  in the prefix cache), `-2` swapped;
-- `cpu`: the CPU (swap) pool, `{num_blocks, blocks}` in the same encoding; empty until the
-  scheduler keeps one;
+  in the prefix cache) (`-2`, swapped, is kept for pools that would mark one: a swapped-out
+  sequence's KV lives in CPU blocks, and its device blocks are free);
+- `cpu`: the CPU (swap) pool, `{num_blocks, blocks}` in the same encoding (a code > 0: a CPU
+  block holding swapped-out KV, with its ref_cnt); `counts.swapped` is how many are in use;
 - `sequences`: each sequence with a state in Redis — `seq_id`, `request_id`, `index` (choice,
   -1 for the prompt sequence an n > 1 request forks from), `status` (`running`, `waiting`,
-  `finished`), `num_computed_tokens`, and `block_table` as `[first, delta, count, ...]`
+  `finished`, `swapped`), `num_computed_tokens`, and `block_table` as `[first, delta, count, ...]`
   (`delta_runs`: a table is usually a few runs of evenly spaced ids), `cpu_block_table` likewise.
 
 A block's ref_cnt is counted from the block tables, which fsck checks equal the stored `ref`
 (reading `ref` as well would cost Redis a third more). Every Redis read of the map is in
-`KV_MAP_LUA`: keys added to a pool (a CPU block pool) are read there, and decoded in
-`PoolMap.from_reply`.
+`KV_MAP_LUA`, and decoded in `PoolMap.from_reply`.
 """
 
 from __future__ import annotations
@@ -38,18 +38,18 @@ from pagedserve.common.stats import SchedulerStats
 from pagedserve.scheduler.redis_keys import PoolKeys
 
 FREE, CACHED, SWAPPED = 0, -1, -2
-STATUS_NAMES = {"1": "waiting", "2": "running", "3": "finished"}
+STATUS_NAMES = {"1": "waiting", "2": "running", "3": "finished", "4": "swapped"}
 
 # KEYS[1] = the pool's meta key. Read-only: safe beside a writing scheduler, and on a replica.
-# Answers [num_blocks, block_size, model, free count, used count, "lru,ids", then per sequence
-# seq_id, status, num_computed_tokens, params JSON, "table,ids"].
+# Answers [num_blocks, block_size, model, free count, used count, "lru,ids", num_cpu_blocks, then
+# per sequence seq_id, status, num_computed_tokens, params JSON, "table,ids", "cpu,table,ids"].
 KV_MAP_LUA = r"""
 local meta = KEYS[1]
 local P = string.sub(meta, 1, #meta - 4)
 if redis.call('EXISTS', meta) == 0 then return false end
-local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'model')
+local m = redis.call('HMGET', meta, 'num_blocks', 'block_size', 'model', 'num_cpu_blocks')
 local out = {m[1] or '0', m[2] or '0', m[3] or '', redis.call('LLEN', P .. 'free'),
-  redis.call('HLEN', P .. 'ref'), table.concat(redis.call('ZRANGE', P .. 'lru', 0, -1), ',')}
+  redis.call('HLEN', P .. 'ref'), table.concat(redis.call('ZRANGE', P .. 'lru', 0, -1), ','), m[4] or '0'}
 for _, sid in ipairs(redis.call('SMEMBERS', P .. 'reqs')) do
   local s = redis.call('HMGET', P .. 'req:' .. sid, 'status', 'num_computed_tokens', 'params')
   out[#out + 1] = sid
@@ -57,10 +57,11 @@ for _, sid in ipairs(redis.call('SMEMBERS', P .. 'reqs')) do
   out[#out + 1] = s[2] or '0'
   out[#out + 1] = s[3] or ''
   out[#out + 1] = table.concat(redis.call('LRANGE', P .. 'table:' .. sid, 0, -1), ',')
+  out[#out + 1] = table.concat(redis.call('LRANGE', P .. 'ctable:' .. sid, 0, -1), ',')
 end
 return out
 """
-_HEAD, _PER_SEQ = 6, 5
+_HEAD, _PER_SEQ = 7, 6
 
 
 def delta_runs(block_ids: list[int]) -> list[int]:
@@ -120,6 +121,7 @@ class SequenceMap:
     status: str  # running | waiting | finished
     num_computed_tokens: int
     block_table: list[int]  # delta runs (`delta_runs`) of its block ids
+    cpu_block_table: list[int] = field(default_factory=list)  # swapped out: its CPU block ids, likewise
 
     def to_json(self) -> dict:
         return {
@@ -129,7 +131,7 @@ class SequenceMap:
             "status": self.status,
             "num_computed_tokens": self.num_computed_tokens,
             "block_table": self.block_table,
-            "cpu_block_table": [],
+            "cpu_block_table": self.cpu_block_table,
         }
 
 
@@ -150,15 +152,20 @@ class PoolMap:
     @classmethod
     def from_reply(cls, reply: list) -> PoolMap:
         """From `KV_MAP_LUA`'s answer (bytes or str). CPU work: called off the event loop."""
-        num_blocks, block_size, model, free, used, lru = (_text(v) for v in reply[:_HEAD])
+        num_blocks, block_size, model, free, used, lru, num_cpu = (_text(v) for v in reply[:_HEAD])
         codes = [FREE] * int(num_blocks)
+        cpu_codes = [FREE] * int(num_cpu or 0)  # CPU blocks: free, or the ref count of swapped KV
         sequences = []
         for at in range(_HEAD, len(reply), _PER_SEQ):
-            seq_id, status, ncomp, params, table = (_text(v) for v in reply[at : at + _PER_SEQ])
+            seq_id, status, ncomp, params, table, ctable = (_text(v) for v in reply[at : at + _PER_SEQ])
             block_ids = _ints(table)
             for b in block_ids:
                 if 0 <= b < len(codes):
                     codes[b] += 1
+            cpu_ids = _ints(ctable)
+            for b in cpu_ids:
+                if 0 <= b < len(cpu_codes):
+                    cpu_codes[b] += 1
             request_id, index = seq_id, 0
             with contextlib.suppress(ValueError, TypeError, KeyError):
                 decoded = json.loads(params)
@@ -171,6 +178,7 @@ class PoolMap:
                     status=STATUS_NAMES.get(status.partition(".")[0], "unknown"),
                     num_computed_tokens=int(ncomp or 0),
                     block_table=delta_runs(block_ids),
+                    cpu_block_table=delta_runs(cpu_ids),
                 )
             )
         cached = _ints(lru)
@@ -187,6 +195,9 @@ class PoolMap:
             cached=len(cached),
             blocks=value_runs(codes),
             sequences=sequences,
+            swapped=sum(1 for c in cpu_codes if c > 0),
+            cpu_num_blocks=len(cpu_codes),
+            cpu_blocks=value_runs(cpu_codes) if cpu_codes else [],
         )
 
     def to_json(self) -> dict:
@@ -231,9 +242,8 @@ def stats_json(stats: SchedulerStats) -> dict:
         "generated_tokens_total": stats.generated_tokens_total,
         "steps_total": stats.steps_total,
         "kv_utilization": stats.kv_utilization,
-        # Swapping to CPU blocks: zero until the scheduler reports it.
-        "swap_out_blocks_total": 0,
-        "swap_in_blocks_total": 0,
+        "swap_out_blocks_total": stats.swap_out_blocks_total,
+        "swap_in_blocks_total": stats.swap_in_blocks_total,
     }
 
 

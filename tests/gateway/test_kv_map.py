@@ -104,6 +104,34 @@ def test_map_matches_the_pool(redis_url: str) -> None:
     assert (by_id["a"].index, by_id["w"].status, by_id["w"].num_computed_tokens) == (-1, "waiting", 7)
 
 
+def test_swapped_sequences_show_their_cpu_blocks(redis_url: str) -> None:
+    pool = RedisBlockPool(redis.Redis.from_url(redis_url), "p-swap")
+    pool.init(32, 4, "epoch", "m", num_cpu_blocks=16)
+    ops = StepOps()
+    save(ops, "s", "req-s", -1)
+    ops.allocate("s", 3)
+    for i in range(2):
+        save(ops, f"s.{i}", "req-s", i)
+        ops.fork("s", f"s.{i}")
+    ops.drop("s")
+    pool.apply(ops)
+    ops = StepOps()
+    ops.swap_out(["s.0", "s.1"], [3, 3])  # both choices' shared blocks go to 3 CPU blocks
+    ops.update("s.0", "4", 12, ())
+    ops.update("s.1", "4", 12, ())
+    pool.apply(ops)
+
+    got = read_map(redis_url, "p-swap")
+    snap = pool.snapshot()
+    assert expand_runs(got.blocks) == [FREE] * 32  # no device block held
+    cpu = expand_runs(got.to_json()["cpu"]["blocks"])
+    assert len(cpu) == 16 and sorted(c for c in cpu if c) == [2, 2, 2]  # sharing kept on CPU
+    assert got.swapped == 3 and got.to_json()["counts"]["swapped"] == 3
+    for seq in got.sequences:
+        assert seq.status == "swapped" and seq.block_table == []
+        assert expand_delta_runs(seq.cpu_block_table) == snap.cpu_tables[seq.seq_id]
+
+
 def test_delta_runs_round_trip() -> None:
     rng = random.Random(7)
     assert delta_runs([]) == [] and delta_runs([5]) == [5]
