@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from pagedserve.common.models import BUNDLED_MODEL, REPO_ROOT
-from pagedserve.launcher import module_available
+from pagedserve.launch_plan import module_available
 
 
 @pytest.fixture(scope="session")

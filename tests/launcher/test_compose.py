@@ -19,7 +19,7 @@ import yaml
 from pagedserve.cli import SUBCOMMANDS, build_parser
 from pagedserve.common.models import REPO_ROOT
 from pagedserve.common.redis_harness import free_port
-from pagedserve.launcher import PAGEDSERVE, LauncherConfig, module_available, plan
+from pagedserve.launch_plan import PAGEDSERVE, LauncherConfig, module_available, plan
 
 ROLES = ("executor", "tokenizer", "scheduler", "gateway")
 NUM_POOLS = 2

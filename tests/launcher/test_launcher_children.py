@@ -18,7 +18,8 @@ import pytest
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.redis_harness import free_port
-from pagedserve.launcher import READY, Launcher, LauncherConfig, ServiceSpec
+from pagedserve.launch_plan import LauncherConfig, ServiceSpec
+from pagedserve.launcher import READY, Launcher
 
 FAKE = str(Path(__file__).with_name("fake_service.py"))
 

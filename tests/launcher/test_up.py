@@ -30,7 +30,8 @@ import redis
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.redis_harness import free_port
-from pagedserve.launcher import READY, LauncherConfig, module_available, plan
+from pagedserve.launch_plan import LauncherConfig, module_available, plan
+from pagedserve.launcher import READY
 
 STARTUP_TIMEOUT = 240
 
