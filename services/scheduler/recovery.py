@@ -69,12 +69,7 @@ class RecoveryMixin:
         self.forget_ids = forget
         self._restart_beams()
         for seq in self.running:
-            seq.block_table = []
-            seq.num_computed_tokens = 0
-            seq.num_registered_blocks = 0
-            seq.num_pending = 0
-            seq.in_executor = False
-            seq.status = WAITING
+            seq.reset_for_recompute()
         self.waiting.extend_front([*self.running, *self._requeue_swapped()])
         self.running = []
         self.swap_out_pairs, self.swap_in_pairs = [], []

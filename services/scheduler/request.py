@@ -98,6 +98,16 @@ class Sequence:
             return self.num_tokens
         return self.num_tokens + self.num_pending
 
+    def reset_for_recompute(self) -> None:
+        """Hold nothing and start over: no blocks, nothing computed or pending, not in the
+        executor, waiting (its outputs so far stay: a recompute continues them)."""
+        self.block_table = []
+        self.num_computed_tokens = 0
+        self.num_registered_blocks = 0
+        self.num_pending = 0
+        self.in_executor = False
+        self.status = SequenceStatus.WAITING
+
     def token_ids(self, start: int, end: int) -> list[int]:
         """Tokens [start, end) of prompt + outputs."""
         prompt = self.request.prompt_token_ids

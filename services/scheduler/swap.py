@@ -206,10 +206,5 @@ class SwapMixin:
         seqs = [s for group in sorted(self.swapped, key=lambda g: g[0].request.arrival) for s in group]
         self.swapped = []
         for seq in seqs:
-            seq.block_table = []
-            seq.num_computed_tokens = 0
-            seq.num_registered_blocks = 0
-            seq.num_pending = 0
-            seq.in_executor = False
-            seq.status = WAITING
+            seq.reset_for_recompute()
         return seqs

@@ -28,6 +28,17 @@ def submit(request_id: str, prompt: list[int], max_tokens: int) -> scheduler_pb2
     )
 
 
+def connect(stub):
+    """A Connect call and the queue its requests are taken from (None ends the sending side)."""
+    outbox: asyncio.Queue = asyncio.Queue()
+
+    async def requests():
+        while (msg := await outbox.get()) is not None:
+            yield msg
+
+    return stub.Connect(requests()), outbox
+
+
 def test_one_stream_carries_every_request_one_message_per_step(redis_url):
     fake = FakeExecutor(num_blocks=128, block_size=4, vocab_size=VOCAB, max_model_len=128)
     fake.step_delay = 0.005
@@ -36,13 +47,7 @@ def test_one_stream_carries_every_request_one_message_per_step(redis_url):
     async def go():
         running, channel, stub = await started(redis_url, fake)
         try:
-            outbox: asyncio.Queue = asyncio.Queue()
-
-            async def requests():
-                while (msg := await outbox.get()) is not None:
-                    yield msg
-
-            call = stub.Connect(requests())
+            call, outbox = connect(stub)
             for rid, prompt in prompts.items():
                 outbox.put_nowait(submit(rid, prompt, 12))
             outbox.put_nowait(submit("too-long", [5] * 120, 20))
@@ -87,13 +92,7 @@ def test_abort_on_the_stream_and_a_broken_stream_free_their_blocks(redis_url):
     async def go():
         running, channel, stub = await started(redis_url, fake)
         try:
-            outbox: asyncio.Queue = asyncio.Queue()
-
-            async def requests():
-                while (msg := await outbox.get()) is not None:
-                    yield msg
-
-            call = stub.Connect(requests())
+            call, outbox = connect(stub)
             outbox.put_nowait(submit("a", [5, 6, 7], 100))
             outbox.put_nowait(submit("b", [8, 9, 10], 100))
             await call.read()
