@@ -313,22 +313,24 @@ def _usage(msg: common_pb2.Usage) -> Usage:
     return Usage(msg.prompt_tokens, msg.completion_tokens, msg.cached_prompt_tokens)
 
 
+def _choice_fields(c) -> tuple:
+    """A choice (whole, or one message's delta) in the field order Choice and ChoiceDelta share."""
+    return (
+        c.index,
+        c.text,
+        list(c.token_ids),
+        FINISH_REASONS.get(c.finish_reason),
+        _logprobs(c.logprobs),
+        c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
+        c.beam_score if c.HasField("beam_score") else None,
+    )
+
+
 def _result(msg: gateway_pb2.GenerateResult) -> GenerationResult:
     return GenerationResult(
         request_id=msg.request_id,
         model=msg.model,
-        choices=[
-            Choice(
-                c.index,
-                c.text,
-                list(c.token_ids),
-                FINISH_REASONS.get(c.finish_reason),
-                _logprobs(c.logprobs),
-                c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
-                c.beam_score if c.HasField("beam_score") else None,
-            )
-            for c in msg.choices
-        ],
+        choices=[Choice(*_choice_fields(c)) for c in msg.choices],
         usage=_usage(msg.usage),
         prompt_logprobs=_logprobs(msg.prompt_logprobs),
     )
@@ -338,18 +340,7 @@ def _delta(msg: gateway_pb2.GenerateResponse) -> GenerationDelta:
     return GenerationDelta(
         request_id=msg.request_id,
         model=msg.model,
-        choices=[
-            ChoiceDelta(
-                c.index,
-                c.text,
-                list(c.token_ids),
-                FINISH_REASONS.get(c.finish_reason),
-                _logprobs(c.logprobs),
-                c.cumulative_logprob if c.HasField("cumulative_logprob") else None,
-                c.beam_score if c.HasField("beam_score") else None,
-            )
-            for c in msg.choices
-        ],
+        choices=[ChoiceDelta(*_choice_fields(c)) for c in msg.choices],
         usage=_usage(msg.usage) if msg.HasField("usage") else None,
         prompt_logprobs=_logprobs(msg.prompt_logprobs),
     )
