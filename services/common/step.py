@@ -56,6 +56,7 @@ class StepInput:
     fence: int = 0  # the sender's fencing token (0: none); a lower one than seen before is refused
     swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, cpu) block, first of all
     swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, device) block, after swap_out
+    forget_all: bool = False  # drop every held request first (a scheduler that took the pool over)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -182,6 +183,7 @@ def step_to_proto(step: StepInput):
         fence=step.fence,
         swap_out=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.swap_out],
         swap_in=[executor_pb2.BlockCopy(src=s, dst=d) for s, d in step.swap_in],
+        forget_all=step.forget_all,
     )
 
 
@@ -218,6 +220,7 @@ def step_from_proto(msg) -> tuple[StepInput, int]:
         fence=msg.fence,
         swap_out=[(c.src, c.dst) for c in msg.swap_out],
         swap_in=[(c.src, c.dst) for c in msg.swap_in],
+        forget_all=msg.forget_all,
     )
     return step, msg.total_num_scheduled_tokens
 

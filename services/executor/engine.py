@@ -173,9 +173,11 @@ class ExecutorEngine:
                     f"step {step.step_id}: epoch {step.epoch!r} is not this executor's epoch {self.epoch!r} "
                     "(the executor restarted and its KV pool is gone; recompute running requests)"
                 )
+            # forget_all (a new scheduler: what the one before it left here is stale): the step
+            # is checked as if nothing were held, and everything held is dropped when it commits.
             plan = plan_step(
                 step,
-                self.requests,
+                {} if step.forget_all else self.requests,
                 num_blocks=self.pool.num_blocks,
                 block_size=self.pool.block_size,
                 vocab_size=self.runner.vocab_size,
@@ -184,6 +186,8 @@ class ExecutorEngine:
                 claimed_total_tokens=claimed_total_tokens,
                 num_cpu_blocks=self.swap.num_blocks,
             )
+            if step.forget_all:
+                plan.forget = list(self.requests)
             started = self._start_matchers(plan)
             sampled, prompt_logprobs = self._run(plan, started)
             self._commit(plan, sampled, started)

@@ -124,8 +124,9 @@ class SchedulerEngine:
         snap, stored = await asyncio.to_thread(lambda: (pool.snapshot(), pool.load_requests()))
         scheduler = Scheduler(limits, info.epoch)
         resumed = scheduler.take_over(snap, stored)
-        # The executor may still hold the previous scheduler's sequences under these ids.
-        scheduler.forget_ids = [s.seq_id for s in stored]
+        # The executor may still hold the previous scheduler's sequences (some of them under ids
+        # Redis never heard of, when their state write was lost with that scheduler).
+        scheduler.forget_all = True
         log.info(
             "pool ready: %d blocks of %d tokens, epoch %s (%s); %d in-flight request(s) to resume",
             info.num_blocks,

@@ -65,8 +65,10 @@ class RecoveryMixin:
         self.blocks.reset()
         self.blocks.take_log()
         self.needs_full_write = True
-        forget = [] if executor_lost else self.forget_ids + [s.seq_id for s in self.running if s.in_executor]
-        self.forget_ids = forget
+        # A live executor may hold our sequences (and steps of them we never heard back about):
+        # it drops everything at the next step. A new one holds nothing.
+        self.forget_ids = []
+        self.forget_all = not executor_lost
         self._restart_beams()
         for seq in self.running:
             seq.reset_for_recompute()

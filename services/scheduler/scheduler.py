@@ -84,6 +84,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
         self.num_queued = 0  # requests not started yet
         self.stats = StepCounters()
         self.forget_ids: list[str] = []  # the executor drops these at the next step
+        self.forget_all = False  # the next step tells the executor to drop everything it holds
         # (seq, token, logprobs, num_computed_tokens) taken by update() and not yet handed to
         # the streams and the replica log (see completion.publish)
         self.unpublished: list[tuple] = []
@@ -279,7 +280,8 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
     def _build_step(
         self, planned: list[tuple[Sequence, int, list[int]]], copies: list[tuple[int, int]]
     ) -> ScheduledStep:
-        if not planned and not self.forget_ids and not self.swap_out_pairs and not self.swap_in_pairs:
+        # (`forget_all` rides with the next step there is anyway: nothing new runs before it.)
+        if not (planned or self.forget_ids or self.swap_out_pairs or self.swap_in_pairs):
             return ScheduledStep(None, [])
         new_reqs: list[NewRequestData] = []
         cached_reqs: list[CachedRequestData] = []
@@ -321,7 +323,9 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
             self.fence,
             swap_out,
             swap_in,
+            self.forget_all,
         )
+        self.forget_all = False
         return ScheduledStep(step, [(seq, n) for seq, n, _ in planned])
 
     def _preempt(self, seq: Sequence) -> None:

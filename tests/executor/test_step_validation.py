@@ -218,3 +218,22 @@ def test_a_held_request_may_not_grow_past_max_model_len() -> None:
     with pytest.raises(InvalidArgument, match="65 tokens would exceed max_model_len=64"):
         plan_step(step, {"x": state}, max_model_len=64, **limits)
     assert plan_step(step, {"x": state}, max_model_len=65, **limits).scheduled[0].samples
+
+
+def test_forget_all_drops_every_held_request_with_the_step(engine: ExecutorEngine) -> None:
+    """A scheduler that took the pool over re-sends what it knows as new requests and tells the
+    executor to forget the rest (ids it may never have heard of)."""
+    resent = NewRequestData("a", [7, 8, 9], [], GREEDY, [20], 0, 3)  # 'a' again, as a new request
+    step = StepInput(8, engine.epoch, new_requests=[resent], forget_all=True)
+    out = engine.execute_step(step)
+    assert [s.request_id for s in out.sampled] == ["a"]
+    assert sorted(engine.requests) == ["a"]  # 'b' is gone, 'a' is the new one
+    assert engine.requests["a"].prompt_token_ids == [7, 8, 9]
+
+
+def test_a_malformed_forget_all_step_changes_nothing(engine: ExecutorEngine) -> None:
+    before = snapshot(engine)
+    bad = StepInput(8, engine.epoch, new_requests=[valid_new("c", [NUM_BLOCKS + 5])], forget_all=True)
+    with pytest.raises(InvalidArgument):
+        engine.execute_step(bad)
+    assert_untouched(engine, before)

@@ -97,6 +97,8 @@ class FakeExecutor:
             self.max_fence = step.fence
         if step.epoch and step.epoch != self.epoch:
             raise FailedPrecondition(f"epoch {step.epoch} is not {self.epoch}")
+        if step.forget_all:
+            self.requests.clear()
         plan = plan_step(
             step,
             self.requests,
