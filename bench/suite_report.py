@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from pagedserve.bench import hostile_bench
+from pagedserve.bench import hostile_bench, sharing_report
 from pagedserve.bench.accounting import Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import summarize
@@ -192,6 +192,10 @@ the last partial block). System prompt: the prefix cache hands later requests th
 
 {t_share}
 
+{sharing_report.BEGIN}
+(`python -m pagedserve.bench.sharing_bench --docs docs/BENCHMARKS.md` writes this section.)
+{sharing_report.END}
+
 ## (d) Control-plane time per step vs batch size
 
 `{cmd}` (also `python -m pagedserve.bench.scheduler_bench`) — steady decode at a fixed batch with a
@@ -270,5 +274,7 @@ recomputation after a preemption counts as lookups).
     previous = docs.read_text() if docs.exists() else ""
     old = existing_section(previous)
     text = text if old is None else replace_section(text, old)
+    sharing = sharing_report.existing_section(previous)  # written by sharing_bench, kept in its place
+    text = text if sharing is None else sharing_report.replace_section(text, sharing)
     hostile = hostile_bench.existing_section(previous)  # written by hostile_bench, kept here
     docs.write_text(text if hostile is None else hostile_bench.replace_section(text, hostile))

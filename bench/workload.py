@@ -52,6 +52,28 @@ def sharegpt_like(
     return out
 
 
+def alpaca_like(
+    num_requests: int,
+    *,
+    vocab_size: int,
+    prompt_median: float = 20,
+    output_median: float = 60,
+    sigma: float = 0.5,
+    max_prompt: int = 96,
+    max_output: int = 128,
+    seed: int = 0,
+) -> list[BenchRequest]:
+    """Alpaca-shaped lengths: short instructions (lognormal around `prompt_median`) and answers
+    of a few sentences (lognormal around `output_median`, half the spread), both clipped."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num_requests):
+        prompt = _lognormal(rng, prompt_median, sigma, 4, max_prompt)
+        output = _lognormal(rng, output_median, sigma / 2, 8, max_output)
+        out.append(BenchRequest(_random_ids(rng, prompt, vocab_size), output))
+    return out
+
+
 def fixed_lengths(
     num_requests: int, *, vocab_size: int, prompt_len: int, output_len: int, seed: int = 0
 ) -> list[BenchRequest]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pagedserve.bench import hostile_bench, sharing_report
 from pagedserve.bench.accounting import AccountingRun, Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import KVSample, RequestRecord
@@ -60,6 +61,14 @@ def test_write_report(tmp_path) -> None:
     assert "pagedserve bench --suite --quick" in text
     for name in ("bench_throughput.png", "bench_kv_utilization.png", "bench_latency_vs_rate.png"):
         assert (docs.parent / name).stat().st_size > 1000
+    # the sharing and hostile benches' sections survive a regeneration, the sharing one in its place
+    mine = f"{sharing_report.BEGIN}\n## Sharing within a request\nfigures\n{sharing_report.END}"
+    hostile = f"{hostile_bench.BEGIN}\nattack\n{hostile_bench.END}"
+    docs.write_text(sharing_report.replace_section(text, mine) + "\n" + hostile + "\n")
+    write_report(docs, results, peers, contiguous, shipped, by_rate, cap, share, sizes)
+    again = docs.read_text()
+    assert again.index("## (c) Sharing") < again.index(mine) < again.index("## (d)")
+    assert again.count(sharing_report.BEGIN) == 1 and hostile in again
 
 
 def test_table() -> None:

@@ -7,6 +7,7 @@ import statistics
 
 from pagedserve.bench.accounting import capacity, sharing
 from pagedserve.bench.workload import (
+    alpaca_like,
     arrival_times,
     fixed_lengths,
     from_jsonl,
@@ -24,6 +25,17 @@ def test_sharegpt_like_is_seeded_and_bounded() -> None:
         assert 4 <= len(r.prompt_token_ids) <= 128
         assert 2 <= r.output_len and len(r.prompt_token_ids) + r.output_len <= 256
         assert all(3 <= t < 4096 for t in r.prompt_token_ids)
+
+
+def test_alpaca_like_is_seeded_short_and_bounded() -> None:
+    a = alpaca_like(200, vocab_size=4096, seed=3)
+    assert a == alpaca_like(200, vocab_size=4096, seed=3) != alpaca_like(200, vocab_size=4096, seed=4)
+    prompts = [len(r.prompt_token_ids) for r in a]
+    outputs = [r.output_len for r in a]
+    assert all(4 <= p <= 96 for p in prompts) and all(8 <= o <= 128 for o in outputs)
+    assert 16 <= statistics.median(prompts) <= 24 and 50 <= statistics.median(outputs) <= 70
+    assert len(set(prompts)) > 10  # spread, not one length
+    assert all(3 <= t < 4096 for r in a for t in r.prompt_token_ids)
 
 
 def test_fixed_and_shared_prefix() -> None:
