@@ -31,6 +31,7 @@ from pathlib import Path
 from pagedserve.bench.sharing_report import PAPER_JSON, print_table, section, write_section
 from pagedserve.bench.workload import BenchRequest, alpaca_like, sharegpt_like
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.sizes import cdiv
 from pagedserve.common.step import StepInput, StepOutput
 from pagedserve.executor.client import InProcessExecutorClient
 from pagedserve.executor.config import ExecutorConfig
@@ -72,6 +73,21 @@ class BlockWatcher(InProcessExecutorClient):
             # with another here, so the two must agree)
             self.samples.pool_used.append(self.scheduler_engine.scheduler.blocks.counts().num_used)
         return await super().execute_step(step)
+
+
+def prompt_only_saving(requests: list[BenchRequest], n: int, block_size: int) -> float:
+    """The saving if n sequences shared only the prompt's full blocks (what parallel sampling
+    does) and each wrote the trace's output length, counted the same way at every token: the
+    yardstick that tells a beam search's shared history from its shared prompt."""
+    shared = unshared = 0
+    for r in requests:
+        prompt = len(r.prompt_token_ids)
+        full = prompt // block_size
+        for t in range(1, r.output_len + 1):
+            blocks = cdiv(prompt + t, block_size)
+            shared += full + n * (blocks - full)
+            unshared += n * blocks
+    return 1.0 - shared / unshared
 
 
 def traces(args: argparse.Namespace, vocab_size: int) -> dict[str, list[BenchRequest]]:
@@ -160,6 +176,7 @@ def run_mode(
         "mean_prompt": round(statistics.mean(len(r.prompt_token_ids) for r in requests), 1),
         "mean_output": round(statistics.mean(n for out in outs for n in out), 1),
         "saving": round(watcher.samples.saving(), 4),
+        "prompt_only_saving": round(prompt_only_saving(requests, width, args.block_size), 4),
         "peak_with": max(w for w, _ in steps),
         "peak_without": max(u for _, u in steps),
         "steps": len(steps),
@@ -213,12 +230,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pagedserve.bench.sharing_bench", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.device is None:  # named in the results
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     with RedisServer() as server:
         client = redis.Redis.from_url(server.url)
         rows = run(args, client)
         client.close()
     print_table(rows)
     config = {k: v for k, v in vars(args).items() if k not in ("out", "docs")}
+    if Path(args.model).resolve().is_relative_to(Path.cwd()):  # no machine's absolute path
+        config["model"] = str(Path(args.model).resolve().relative_to(Path.cwd()))
     result = {
         "config": config,
         "paper": PAPER_JSON,

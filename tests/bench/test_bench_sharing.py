@@ -15,6 +15,7 @@ import redis
 
 from pagedserve.bench import sharing_bench
 from pagedserve.bench.sharing_report import BEGIN, END, existing_section, replace_section, section
+from pagedserve.bench.workload import BenchRequest
 
 
 def tiny_args(bundled_model_path: str, tmp_path) -> argparse.Namespace:
@@ -65,6 +66,10 @@ def test_the_saving_is_one_minus_the_ratio_of_the_sums() -> None:
     samples = sharing_bench.Samples([(3, 4), (5, 8), (2, 2)])
     assert samples.saving() == pytest.approx(1 - 10 / 14)
     assert sharing_bench.Samples().saving() == 0.0
+    # prompt of 32 (2 full blocks), one output token, 2 choices: 2 + 2 x 1 blocks against 2 x 3
+    request = BenchRequest(list(range(3, 35)), 1)
+    assert sharing_bench.prompt_only_saving([request], 2, 16) == pytest.approx(1 - 4 / 6)
+    assert sharing_bench.prompt_only_saving([BenchRequest([5] * 15, 4)], 6, 16) == 0.0  # no full block
 
 
 def test_the_docs_section_is_replaced_in_place(rows, bundled_model_path, tmp_path) -> None:
