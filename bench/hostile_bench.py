@@ -37,11 +37,11 @@ import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from pagedserve.bench import doc_sections
 from pagedserve.bench.metrics import percentile
 from pagedserve.gateway.config import RequestLimits
 
-BEGIN = "<!-- hostile-section:begin -->"
-END = "<!-- hostile-section:end -->"
+BEGIN, END = doc_sections.markers("hostile")
 
 
 class Wave(NamedTuple):
@@ -257,19 +257,6 @@ slowdown is the model's share, not the gateway's:
 {END}"""
 
 
-def replace_section(text: str, section: str) -> str:
-    """`text` with its hostile-client section replaced by `section`, or `section` appended."""
-    start, end = text.find(BEGIN), text.find(END)
-    if start >= 0 and end > start:
-        return text[:start] + section + text[end + len(END) :]
-    return text.rstrip("\n") + "\n\n" + section + "\n"
-
-
-def existing_section(text: str) -> str | None:
-    start, end = text.find(BEGIN), text.find(END)
-    return text[start : end + len(END)] if start >= 0 and end > start else None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from pagedserve.common.models import default_model
 
@@ -316,3 +303,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m pagedserve.bench.hostile_bench")
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` with its hostile section replaced by `section`, or `section` appended."""
+    return doc_sections.replace_section(text, "hostile", section)
+
+
+def existing_section(text: str) -> str | None:
+    return doc_sections.existing_section(text, "hostile")

@@ -6,11 +6,11 @@ where it is when it regenerates that file (as it does the hostile-client section
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
-BEGIN = "<!-- sharing-section:begin -->"
-END = "<!-- sharing-section:end -->"
+from pagedserve.bench import doc_sections
+
+BEGIN, END = doc_sections.markers("sharing")
 
 # The paper's memory saving (its §6.3, OPT-13B): the range over widths / n of 2, 4 and 6.
 PAPER = {
@@ -108,20 +108,14 @@ as the paper's figures are); peaks: the largest per-step totals over the trace.
 {NOTES}{END}"""
 
 
-def replace_section(text: str, section_text: str) -> str:
-    """`text` with its sharing section replaced by `section_text`, or `section_text` appended."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        return pattern.sub(lambda _: section_text, text, count=1)
-    return text.rstrip("\n") + "\n\n" + section_text + "\n"
+def write_section(docs: Path, section_text: str) -> None:
+    doc_sections.write_section(docs, "sharing", section_text)
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` with its sharing section replaced by `section`, or `section` appended."""
+    return doc_sections.replace_section(text, "sharing", section)
 
 
 def existing_section(text: str) -> str | None:
-    match = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), text, re.DOTALL)
-    return match.group(0) if match else None
-
-
-def write_section(docs: Path, section_text: str) -> None:
-    old = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(replace_section(old, section_text))
+    return doc_sections.existing_section(text, "sharing")

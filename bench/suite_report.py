@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from pagedserve.bench import hostile_bench, sharing_report
+from pagedserve.bench import doc_sections, sharing_report
 from pagedserve.bench.accounting import Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import summarize
@@ -276,5 +276,9 @@ recomputation after a preemption counts as lookups).
     text = text if old is None else replace_section(text, old)
     sharing = sharing_report.existing_section(previous)  # written by sharing_bench, kept in its place
     text = text if sharing is None else sharing_report.replace_section(text, sharing)
-    hostile = hostile_bench.existing_section(previous)  # written by hostile_bench, kept here
-    docs.write_text(text if hostile is None else hostile_bench.replace_section(text, hostile))
+    # Written by hand or by their own benchmarks (swap_bench, hostile_bench): kept, at the end.
+    for name in ("swap", "hostile"):
+        kept = doc_sections.existing_section(previous, name)
+        if kept is not None:
+            text = doc_sections.replace_section(text, name, kept)
+    docs.write_text(text)

@@ -7,13 +7,12 @@ the suite's report keeps it when it rewrites the file.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
+from pagedserve.bench import doc_sections
 from pagedserve.bench.report import fmt, table
 
-BEGIN = "<!-- vllm-section:begin -->"
-END = "<!-- vllm-section:end -->"
+BEGIN, END = doc_sections.markers("vllm")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -130,20 +129,14 @@ Notes:
 {END}"""
 
 
+def write_vllm_section(docs: Path, results: dict) -> None:
+    doc_sections.write_section(docs, "vllm", vllm_section(results))
+
+
 def replace_section(text: str, section: str) -> str:
-    """`text` with its vLLM section replaced by `section`, or `section` appended."""
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.DOTALL)
-    if pattern.search(text):
-        return pattern.sub(lambda _: section, text, count=1)
-    return text.rstrip("\n") + "\n\n" + section + "\n"
+    """`text` with its vllm section replaced by `section`, or `section` appended."""
+    return doc_sections.replace_section(text, "vllm", section)
 
 
 def existing_section(text: str) -> str | None:
-    match = re.search(re.escape(BEGIN) + r".*?" + re.escape(END), text, re.DOTALL)
-    return match.group(0) if match else None
-
-
-def write_vllm_section(docs: Path, results: dict) -> None:
-    old = docs.read_text() if docs.exists() else "# Benchmarks\n"
-    docs.parent.mkdir(parents=True, exist_ok=True)
-    docs.write_text(replace_section(old, vllm_section(results)))
+    return doc_sections.existing_section(text, "vllm")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pagedserve.bench import hostile_bench, sharing_report
+from pagedserve.bench import doc_sections, hostile_bench, sharing_report
 from pagedserve.bench.accounting import AccountingRun, Capacity, SharingRow
 from pagedserve.bench.loadgen import LoadResult
 from pagedserve.bench.metrics import KVSample, RequestRecord
@@ -64,11 +64,13 @@ def test_write_report(tmp_path) -> None:
     # the sharing and hostile benches' sections survive a regeneration, the sharing one in its place
     mine = f"{sharing_report.BEGIN}\n## Sharing within a request\nfigures\n{sharing_report.END}"
     hostile = f"{hostile_bench.BEGIN}\nattack\n{hostile_bench.END}"
-    docs.write_text(sharing_report.replace_section(text, mine) + "\n" + hostile + "\n")
+    begin, end = doc_sections.markers("swap")
+    swap = f"{begin}\n## Swap vs recompute\nfigures\n{end}"
+    docs.write_text(sharing_report.replace_section(text, mine) + "\n" + swap + "\n\n" + hostile + "\n")
     write_report(docs, results, peers, contiguous, shipped, by_rate, cap, share, sizes)
     again = docs.read_text()
     assert again.index("## (c) Sharing") < again.index(mine) < again.index("## (d)")
-    assert again.count(sharing_report.BEGIN) == 1 and hostile in again
+    assert again.count(sharing_report.BEGIN) == 1 and hostile in again and swap in again
 
 
 def test_table() -> None:
