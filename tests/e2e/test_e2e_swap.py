@@ -1,7 +1,7 @@
 """Swap preemption through the whole stack (real processes, real Redis, the bundled model).
 
 A pool of 24 blocks (MAX_MODEL_LEN needs 24) under a mixed load that wants about 70 at once —
-n=4 seeded sampling beside plain greedy requests — must preempt; with --preemption-mode swap
+n=4 seeded sampling beside plain greedy requests and a beam search — must preempt; with --preemption-mode swap
 or auto it swaps the n=4 groups to the executor's CPU blocks. Every output equals the
 unconstrained run's (the session stack, 512 blocks), the swap metrics move, and fsck is clean
 on the device and the CPU blocks (conftest checks after each test). An executor killed with
@@ -29,6 +29,8 @@ LOAD = [
     {"prompt": "async def fetch(url):\n", "max_tokens": 56, "temperature": 0},
     {"prompt": "def is_prime(n):\n", "max_tokens": 40, "temperature": 1.0, "seed": 13, "n": 4},
     {"prompt": "while True:\n", "max_tokens": 56, "temperature": 0},
+    # beam search beside them: preempted by restarting its search, never swapped (beam_steps.py)
+    {"prompt": "def add(a, b):\n", "max_tokens": 32, "use_beam_search": True, "n": 3},
 ]
 
 
@@ -36,11 +38,12 @@ def _texts(url: str) -> list[list[str]]:
     """Every request of LOAD at once; each one's choice texts in index order."""
 
     def one(body: dict) -> list[str]:
+        beam = body.get("use_beam_search", False)
         with httpx.Client(base_url=url, timeout=300) as http:
-            reply = http.post("/v1/completions", json={**body, "ignore_eos": True})
+            reply = http.post("/v1/completions", json=body if beam else {**body, "ignore_eos": True})
             assert reply.status_code == 200, reply.text
             choices = sorted(reply.json()["choices"], key=lambda c: c["index"])
-            assert all(c["finish_reason"] == "length" for c in choices)
+            assert beam or all(c["finish_reason"] == "length" for c in choices)
             return [c["text"] for c in choices]
 
     with concurrent.futures.ThreadPoolExecutor(len(LOAD)) as pool:
