@@ -11,85 +11,75 @@ are the (src, dst) pairs the executor copies.
 from __future__ import annotations
 
 SWAP_OPS_LUA = r"""
+-- How many distinct blocks `tables` hold between them.
+local function count_distinct(tables)
+  local seen, distinct = {}, 0
+  for i = 1, #tables do
+    for _, b in ipairs(tables[i]) do
+      if not seen[b] then seen[b] = true; distinct = distinct + 1 end
+    end
+  end
+  return distinct
+end
+
+-- Give each of `rids` a new table under `prefix`: one block of `got` (in order) for each
+-- distinct block of `tables`, in table order, with the new blocks' ref counts in `refkey`.
+-- Returns the (old, new) block pairs.
+local function remap(rids, tables, got, prefix, refkey)
+  local mapping, moved, cnt, order = {}, {}, {}, {}
+  for i = 1, #rids do
+    local new = {}
+    for _, b in ipairs(tables[i]) do
+      local m = mapping[b]
+      if not m then
+        m = got[#order + 1]
+        mapping[b] = m
+        order[#order + 1] = m
+        moved[#moved + 1] = {tonumber(b), tonumber(m)}
+        cnt[m] = 0
+      end
+      cnt[m] = cnt[m] + 1
+      new[#new + 1] = m
+    end
+    if #new > 0 then
+      bulk('RPUSH', P .. prefix .. rids[i], new, 1)
+      redis.call('SADD', REQS, rids[i])
+    end
+  end
+  local flat = {}
+  for _, m in ipairs(order) do flat[#flat + 1] = m; flat[#flat + 1] = cnt[m] end
+  if #flat > 0 then bulk('HSET', refkey, flat, 2) end
+  return moved
+end
+
 local function op_swapout(rids, lengths)
-  local kept, seen, distinct = {}, {}, 0
+  local kept = {}
   for i = 1, #rids do
     if redis.call('EXISTS', P .. 'ctable:' .. rids[i]) == 1 then return {0, {}} end
     local n = tonumber(lengths[i])
     local blocks = {}
     if n > 0 then blocks = redis.call('LRANGE', P .. 'table:' .. rids[i], 0, n - 1) end
     kept[i] = blocks
-    for _, g in ipairs(blocks) do
-      if not seen[g] then seen[g] = true; distinct = distinct + 1 end
-    end
   end
+  local distinct = count_distinct(kept)
   if distinct > redis.call('LLEN', CFREE) then return {0, {}} end
   local got = {}
   if distinct > 0 then got = redis.call('LPOP', CFREE, distinct) end
-  local mapping, moved, cnt, order = {}, {}, {}, {}
-  for i = 1, #rids do
-    local ctable = {}
-    for _, g in ipairs(kept[i]) do
-      local c = mapping[g]
-      if not c then
-        c = got[#order + 1]
-        mapping[g] = c
-        order[#order + 1] = c
-        moved[#moved + 1] = {tonumber(g), tonumber(c)}
-        cnt[c] = 0
-      end
-      cnt[c] = cnt[c] + 1
-      ctable[#ctable + 1] = c
-    end
-    if #ctable > 0 then
-      bulk('RPUSH', P .. 'ctable:' .. rids[i], ctable, 1)
-      redis.call('SADD', REQS, rids[i])
-    end
-  end
-  local flat = {}
-  for _, c in ipairs(order) do flat[#flat + 1] = c; flat[#flat + 1] = cnt[c] end
-  if #flat > 0 then bulk('HSET', CREF, flat, 2) end
+  local moved = remap(rids, kept, got, 'ctable:', CREF)
   for i = 1, #rids do free_gpu_table(rids[i]) end
   return {1, moved}
 end
 
 local function op_swapin(rids)
-  local ctables, seen, distinct = {}, {}, 0
+  local ctables = {}
   for i = 1, #rids do
     if redis.call('LLEN', P .. 'table:' .. rids[i]) > 0 then return {0, {}} end
-    local t = redis.call('LRANGE', P .. 'ctable:' .. rids[i], 0, -1)
-    ctables[i] = t
-    for _, c in ipairs(t) do
-      if not seen[c] then seen[c] = true; distinct = distinct + 1 end
-    end
+    ctables[i] = redis.call('LRANGE', P .. 'ctable:' .. rids[i], 0, -1)
   end
+  local distinct = count_distinct(ctables)
   if distinct > available() then return {0, {}} end
-  local got = take(distinct)
-  local mapping, moved, cnt, order = {}, {}, {}, {}
-  for i = 1, #rids do
-    local gtable = {}
-    for _, c in ipairs(ctables[i]) do
-      local g = mapping[c]
-      if not g then
-        g = got[#order + 1]
-        mapping[c] = g
-        order[#order + 1] = g
-        moved[#moved + 1] = {tonumber(c), tonumber(g)}
-        cnt[g] = 0
-      end
-      cnt[g] = cnt[g] + 1
-      gtable[#gtable + 1] = g
-    end
-    if #gtable > 0 then
-      bulk('RPUSH', P .. 'table:' .. rids[i], gtable, 1)
-      redis.call('SADD', REQS, rids[i])
-    end
-  end
-  local flat = {}
-  for _, g in ipairs(order) do flat[#flat + 1] = g; flat[#flat + 1] = cnt[g] end
-  if #flat > 0 then bulk('HSET', REF, flat, 2) end
+  local moved = remap(rids, ctables, take(distinct), 'table:', REF)
   for i = 1, #rids do free_cpu_table(rids[i]) end
   return {1, moved}
 end
-
 """
