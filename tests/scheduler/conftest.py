@@ -1,16 +1,34 @@
-"""Fixtures for the scheduler tests: block pools of both kinds on a real Redis."""
+"""Fixtures for the scheduler tests: block pools of both kinds on a real Redis, a tiny random model."""
 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import pytest
 import redis
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve.scheduler.memory_pool import InMemoryBlockPool
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
 _pool_ids = itertools.count()
+TINY_VOCAB = 512  # the vocabulary of `tiny_model`
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (GQA 2:1), made once."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny-llama")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    return path
 
 
 @pytest.fixture

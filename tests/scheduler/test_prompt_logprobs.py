@@ -6,13 +6,10 @@ them; values equal transformers' dense forward; fsck is clean afterwards."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-import pytest
 import torch
 from hf_reference import reference_greedy as hf_greedy
 from hf_reference import reference_prompt_logprobs
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve.common.outputs import FinishReason
 from pagedserve.executor.client import InProcessExecutorClient
@@ -23,20 +20,6 @@ from .helpers import assert_pool_clean, run_all, settle
 from .test_with_executor import TINY_VOCAB, connect, greedy, make_executor, make_prompts
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (GQA 2:1), made once."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny-llama-prompt-logprobs")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 def check_against_transformers(model, prompt: list[int], entries, k: int) -> None:

@@ -12,9 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from hf_reference import reference_greedy as hf_greedy
-from transformers import AutoModelForCausalLM, LlamaConfig
 
 from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
@@ -25,29 +23,14 @@ from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.redis_pool import RedisBlockPool
 
+from .conftest import TINY_VOCAB
 from .helpers import assert_pool_clean, drain, run_all, settle
-
-TINY_VOCAB = 512
 
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A 2-layer random Llama (GQA 2:1), made once."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.1,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny-llama")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return path
 
 
 def make_executor(model: str | Path, num_kv_blocks: int, block_size: int = 8) -> ExecutorEngine:
