@@ -335,11 +335,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
             return
         self.blocks.free(seq.seq_id)
         self._forget(seq)
-        seq.block_table = []
-        seq.num_computed_tokens = 0
-        seq.num_registered_blocks = 0
-        seq.num_pending = 0  # a token in flight for it is dropped; the recompute samples it again
-        seq.status = SequenceStatus.WAITING
+        seq.reset_for_recompute()  # a token in flight for it is dropped; the recompute samples it again
         self.blocks.log.update(seq.seq_id, "1", 0, ())
         self.running.remove(seq)
         self.waiting.push_front(seq)
