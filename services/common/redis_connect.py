@@ -106,9 +106,15 @@ def parse_redis_url(url: str) -> RedisTarget:
                        sentinel_password)  # fmt: skip
 
 
+def _given_timeouts(socket_timeout: float | None, socket_connect_timeout: float | None) -> dict:
+    """The timeouts that were given (redis-py's own defaults for the others)."""
+    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    return {k: v for k, v in timeouts.items() if v is not None}
+
+
 def _common_kwargs(target: RedisTarget, decode_responses: bool, timeouts: dict) -> dict:
     kwargs = {"decode_responses": decode_responses, "username": target.username, "password": target.password}
-    kwargs.update({k: v for k, v in timeouts.items() if v is not None})
+    kwargs.update(timeouts)
     if target.tls:
         kwargs["ssl"] = True
         kwargs.update(target.tls_options)
@@ -123,17 +129,14 @@ def connect(url: str, *, decode_responses: bool = False, socket_timeout: float |
     import redis
 
     target = parse_redis_url(url)
-    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    timeouts = _given_timeouts(socket_timeout, socket_connect_timeout)
     if target.kind == "single":
-        return redis.Redis.from_url(
-            url, decode_responses=decode_responses, **{k: v for k, v in timeouts.items() if v is not None}
-        )
+        return redis.Redis.from_url(url, decode_responses=decode_responses, **timeouts)
     kwargs = _common_kwargs(target, decode_responses, timeouts)
     if target.kind == "sentinel":
         from redis.sentinel import Sentinel
 
-        sentinel_kwargs = {k: v for k, v in timeouts.items() if v is not None}
-        sentinel_kwargs["password"] = target.sentinel_password
+        sentinel_kwargs = {**timeouts, "password": target.sentinel_password}
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
         return sentinel.master_for(target.service_name, db=target.db, **kwargs)
     from redis.cluster import ClusterNode, RedisCluster
@@ -157,17 +160,14 @@ def connect_async(url: str, *, decode_responses: bool = False, socket_timeout: f
     import redis.asyncio
 
     target = parse_redis_url(url)
-    timeouts = {"socket_timeout": socket_timeout, "socket_connect_timeout": socket_connect_timeout}
+    timeouts = _given_timeouts(socket_timeout, socket_connect_timeout)
     if target.kind == "single":
-        return redis.asyncio.Redis.from_url(
-            url, decode_responses=decode_responses, **{k: v for k, v in timeouts.items() if v is not None}
-        )
+        return redis.asyncio.Redis.from_url(url, decode_responses=decode_responses, **timeouts)
     kwargs = _common_kwargs(target, decode_responses, timeouts)
     if target.kind == "sentinel":
         from redis.asyncio.sentinel import Sentinel
 
-        sentinel_kwargs = {k: v for k, v in timeouts.items() if v is not None}
-        sentinel_kwargs["password"] = target.sentinel_password
+        sentinel_kwargs = {**timeouts, "password": target.sentinel_password}
         sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)
         return sentinel.master_for(target.service_name, db=target.db, **kwargs)
     from redis.asyncio.cluster import ClusterNode, RedisCluster
