@@ -11,6 +11,7 @@ CPU it runs only under the Triton interpreter). Prints markdown tables.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import statistics
@@ -25,6 +26,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.kernels.cpu_native import ENV_SWITCH
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
 FULL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -107,6 +109,24 @@ class Bench:
         return times
 
 
+# "torch-gather" is the torch backend with PAGEDSERVE_NATIVE_KERNELS=0 (see kernels/cpu_native.py).
+BENCH_BACKENDS = ("torch", "torch-gather", "triton")
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool):
+    """PAGEDSERVE_NATIVE_KERNELS for the block (read each time a step is planned)."""
+    old = os.environ.get(ENV_SWITCH)
+    os.environ[ENV_SWITCH] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(ENV_SWITCH, None)
+        else:
+            os.environ[ENV_SWITCH] = old
+
+
 def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[list[str], list[str]]:
     usable, notes = [], []
     for name in requested:
@@ -115,6 +135,43 @@ def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[lis
         else:
             usable.append(name)
     return usable, notes
+
+
+def run_backend(
+    args: argparse.Namespace,
+    backend: str,
+    device: torch.device,
+    batch_sizes: Sequence[int],
+    decode_steps: int,
+    warmup: int,
+    num_blocks: int,
+    total_len: int,
+) -> tuple[dict[int, float], float]:
+    """One backend's decode step seconds per batch size (median) and prefill tokens/s (best of three)."""
+    config = ExecutorConfig(
+        model=args.model,
+        device=str(device),
+        attention_backend="torch" if backend == "torch-gather" else backend,
+        dtype=args.dtype,
+        block_size=args.block_size,
+        num_kv_blocks=num_blocks,
+        max_num_batched_tokens=max(args.prefill_len, 8192),
+        cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
+        compile=args.compile,
+    )
+    bench = Bench(ExecutorEngine.from_config(config))
+    prefill = []
+    for _ in range(1 if args.quick else 3):
+        prefill.append(bench.prefill(1, args.prefill_len, args.prefill_len + 1, args.prefill_len))
+        bench.reset()
+    decode = {}
+    for batch in batch_sizes:
+        bench.prefill(batch, args.prompt_len, total_len, max_tokens=8192, min_prompt_len=args.min_prompt_len)
+        bench.decode(warmup)
+        decode[batch] = statistics.median(bench.decode(decode_steps))
+        bench.reset()
+        print(f"{backend} batch {batch}: {decode[batch] * 1e3:.2f} ms/step", file=sys.stderr)
+    return decode, args.prefill_len / min(prefill)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -131,34 +188,9 @@ def run(args: argparse.Namespace) -> str:
     decode_rows: dict[str, dict[int, float]] = {}
     prefill_rows: dict[str, float] = {}
     for backend in backends:
-        config = ExecutorConfig(
-            model=args.model,
-            device=str(device),
-            attention_backend=backend,
-            dtype=args.dtype,
-            block_size=args.block_size,
-            num_kv_blocks=num_blocks,
-            max_num_batched_tokens=max(args.prefill_len, 8192),
-            cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
-            compile=args.compile,
-        )
-        bench = Bench(ExecutorEngine.from_config(config))
-        # Prefill: one sequence of prefill_len tokens, best of three.
-        prefill = []
-        for _ in range(1 if args.quick else 3):
-            prefill.append(bench.prefill(1, args.prefill_len, args.prefill_len + 1, args.prefill_len))
-            bench.reset()
-        prefill_rows[backend] = args.prefill_len / min(prefill)
-        decode_rows[backend] = {}
-        for batch in batch_sizes:
-            bench.prefill(
-                batch, args.prompt_len, total_len, max_tokens=8192, min_prompt_len=args.min_prompt_len
-            )
-            bench.decode(warmup)
-            decode_rows[backend][batch] = statistics.median(bench.decode(decode_steps))
-            bench.reset()
-            print(
-                f"{backend} batch {batch}: {decode_rows[backend][batch] * 1e3:.2f} ms/step", file=sys.stderr
+        with native_kernels(backend != "torch-gather"):
+            decode_rows[backend], prefill_rows[backend] = run_backend(
+                args, backend, device, batch_sizes, decode_steps, warmup, num_blocks, total_len
             )
 
     prompt_desc = (
@@ -188,7 +220,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default=default_model())
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--backends", nargs="+", default=["torch", "triton"], choices=["torch", "triton"])
+    parser.add_argument(
+        "--backends",
+        nargs="+",
+        default=["torch", "triton"],
+        choices=BENCH_BACKENDS,
+        help="torch-gather: the torch backend with the native CPU decode kernel switched off "
+        "(decodes gathered and attended with SDPA), for a side-by-side row",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(FULL_BATCH_SIZES))
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=128, help="context of each decoding sequence")

@@ -31,6 +31,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .cpu_native import DecodeKernel, decode_kernel
+from .cpu_native import supports as supports_native
+
 
 class _Workspace(threading.local):
     """Per-thread scratch buffers for gathered K/V, one per (device, dtype), grown on demand."""
@@ -93,29 +96,59 @@ class AttentionPlan:
     gathers, attends and scatters. Reads the metadata's values on the host once (a CPU backend)."""
 
     def __init__(
-        self, block_table: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor, block_size: int
+        self,
+        block_table: torch.Tensor,
+        seq_lens: torch.Tensor,
+        cu_seqlens_q: torch.Tensor,
+        block_size: int,
+        native: bool = True,
     ) -> None:
         self.block_size = block_size
-        self.groups: list[_GroupPlan] = []
         cu = cu_seqlens_q.long()
         q_starts = cu[:-1]  # [S]
         q_lens = cu[1:] - q_starts  # [S]
         is_decode = q_lens == 1  # [S]
         decodes = is_decode.nonzero().squeeze(1)  # [S_decode]
         others = (~is_decode).nonzero().squeeze(1)  # [S_other]
-        groups = [(True, bucket) for bucket in _length_buckets(decodes, seq_lens.index_select(0, decodes))]
-        if others.numel():
-            groups.append((False, others))
-        for decode, seqs in groups:
-            self.groups.append(
-                self._plan_group(
-                    decode,
-                    block_table.index_select(0, seqs),
-                    seq_lens.index_select(0, seqs).long(),
-                    q_starts.index_select(0, seqs),
-                    q_lens.index_select(0, seqs),
-                )
+        self._metadata = (block_table, seq_lens, q_starts, q_lens)
+        self._decodes = decodes
+        # On CPU the decodes go to the native kernel when it is built (see `cpu_native`); the gather
+        # groups for them are planned only if a call's tensors turn out not to suit it (`attend`).
+        kernel = decode_kernel() if native and decodes.numel() and block_table.device.type == "cpu" else None
+        self.native: NativeDecode | None = None
+        if kernel is not None:
+            self.native = NativeDecode(
+                kernel,
+                block_table.index_select(0, decodes).to(torch.int32).contiguous(),
+                seq_lens.index_select(0, decodes).to(torch.int32).contiguous(),
+                q_starts.index_select(0, decodes).contiguous(),
             )
+        self._decode_groups: list[_GroupPlan] | None = None
+        self.other_groups = [self._plan(False, others)] if others.numel() else []
+
+    def _plan(self, decode: bool, seqs: torch.Tensor) -> _GroupPlan:
+        block_table, seq_lens, q_starts, q_lens = self._metadata
+        return self._plan_group(
+            decode,
+            block_table.index_select(0, seqs),
+            seq_lens.index_select(0, seqs).long(),
+            q_starts.index_select(0, seqs),
+            q_lens.index_select(0, seqs),
+        )
+
+    @property
+    def decode_groups(self) -> list[_GroupPlan]:
+        """The gather + SDPA groups of the decodes (length buckets), planned on first use."""
+        if self._decode_groups is None:
+            seq_lens = self._metadata[1]
+            buckets = _length_buckets(self._decodes, seq_lens.index_select(0, self._decodes))
+            self._decode_groups = [self._plan(True, bucket) for bucket in buckets]
+        return self._decode_groups
+
+    @property
+    def groups(self) -> list[_GroupPlan]:
+        """Every gather + SDPA group: the decodes' buckets, then the rest."""
+        return self.decode_groups + self.other_groups
 
     def _plan_group(
         self,
@@ -192,8 +225,34 @@ class AttentionPlan:
         out: torch.Tensor,  # [T, H, D]
     ) -> None:
         """Writes every planned sequence's attention output into `out` at its tokens."""
-        for group in self.groups:
+        if self.native is not None and supports_native(query, k_cache, v_cache, out):
+            self.native.attend(query, k_cache, v_cache, scale, out)
+        else:
+            for group in self.decode_groups:
+                _attend(group, query, k_cache, v_cache, scale, out)
+        for group in self.other_groups:
             _attend(group, query, k_cache, v_cache, scale, out)
+
+
+@dataclass(slots=True)
+class NativeDecode:
+    """The step's decodes for the native CPU kernel: their block-table rows, context lengths and
+    query rows, in the kernel's dtypes, made once per step and read by every layer."""
+
+    kernel: DecodeKernel
+    block_table: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32
+    tokens: torch.Tensor  # [S] int64
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        self.kernel(query, k_cache, v_cache, out, self.block_table, self.seq_lens, self.tokens, scale)
 
 
 # What one more gather + SDPA call per layer costs, in context tokens' worth of gathering and attending

@@ -1,0 +1,175 @@
+"""Native CPU kernels, built at run time with the machine's C compiler and called through ctypes.
+
+The torch backend gathers each decode sequence's whole context into a padded [S, L, Hkv, D] copy
+per layer before `scaled_dot_product_attention`; on CPU that copy, and SDPA's handling of a
+one-row query against a masked, strided context, cost more than the attention itself (see
+docs/BENCHMARKS.md, "Decode attention on CPU"). `csrc/paged_decode_cpu.c` reads K and V straight
+from the pool through the block table instead. It needs no Python or torch headers, so the build
+is one `cc` call of well under a second, done once per machine and source (the shared object is
+cached under ~/.cache/pagedserve/kernels, or $PAGEDSERVE_KERNEL_CACHE, keyed by a hash of the source,
+the flags, the compiler and the CPU's flags, since it is built with -march=native).
+
+Optional by design: with no compiler, a failed build, or PAGEDSERVE_NATIVE_KERNELS=0, `decode_kernel()`
+returns None and the torch backend keeps its gather + SDPA path (the reason is logged once).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
+SYMBOL = "pagedserve_decode_attention_f32"
+ENV_SWITCH = "PAGEDSERVE_NATIVE_KERNELS"
+BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11")
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}  # "kernel" -> DecodeKernel | None, once decided
+
+
+def _cache_dir() -> Path:
+    env = os.environ.get("PAGEDSERVE_KERNEL_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "pagedserve" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build(compiler: str) -> Path:
+    """Compiles the source (with OpenMP when the compiler has it) unless a cached build exists."""
+    source = SOURCE.read_bytes()
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    attempts = [(*BASE_FLAGS, "-fopenmp"), BASE_FLAGS]
+    errors = []
+    for flags in attempts:
+        key = hashlib.sha256(
+            b"\0".join([source, " ".join(flags).encode(), version.encode(), _cpu_flags().encode()])
+        ).hexdigest()[:24]
+        target = _cache_dir() / f"paged_decode_cpu-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            built = Path(tmp) / target.name
+            result = subprocess.run(
+                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            if result.returncode == 0:
+                os.replace(built, target)  # atomic: processes building at once each land a whole file
+                return target
+            errors.append(f"{' '.join(flags)}: {result.stderr.strip()[-500:]}")
+    raise RuntimeError("; ".join(errors))
+
+
+class DecodeKernel:
+    """`csrc/paged_decode_cpu.c` loaded: decode attention of float32 queries over the pool."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        fn = getattr(lib, SYMBOL)
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        fn.argtypes = [
+            ptr, i64, i64,  # query, token stride, head stride
+            ptr, ptr,  # k_cache, v_cache
+            ptr, i64, i64,  # out, token stride, head stride
+            ptr, i64,  # block_table, row stride
+            ptr, ptr, i64,  # seq_lens, tokens, num_seqs
+            i64, i64, i64, i64,  # num_heads, num_kv_heads, head_dim, block_size
+            ctypes.c_float, ctypes.c_int,  # scale, threads
+        ]  # fmt: skip
+        fn.restype = ctypes.c_int
+        self._fn = fn
+
+    def __call__(
+        self,
+        query: torch.Tensor,  # [T, H, D] float32, last dim contiguous
+        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D] float32, contiguous
+        v_cache: torch.Tensor,
+        out: torch.Tensor,  # [T, H, D] float32, last dim contiguous
+        block_table: torch.Tensor,  # [S, >= blocks of the longest context] int32, last dim contiguous
+        seq_lens: torch.Tensor,  # [S] int32 contiguous
+        tokens: torch.Tensor,  # [S] int64 contiguous: row of each sequence's query in query/out
+        scale: float,
+        threads: int | None = None,
+    ) -> None:
+        """Writes out[tokens[s]] for every s; the caller keeps the index tensors alive and valid
+        (every block id in range, every token a row of query and out): nothing is checked here."""
+        num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        status = self._fn(
+            query.data_ptr(), query.stride(0), query.stride(1),
+            k_cache.data_ptr(), v_cache.data_ptr(),
+            out.data_ptr(), out.stride(0), out.stride(1),
+            block_table.data_ptr(), block_table.stride(0),
+            seq_lens.data_ptr(), tokens.data_ptr(), seq_lens.numel(),
+            query.size(1), num_kv_heads, head_dim, block_size,
+            scale, threads or torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("native decode attention: out of memory for its scratch buffers")
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def decode_kernel() -> DecodeKernel | None:
+    """The native decode kernel, built and loaded on first use; None when it cannot be (logged once)."""
+    if not enabled():
+        return None
+    with _lock:
+        if "kernel" not in _loaded:
+            kernel = None
+            compiler = _compiler()
+            if compiler is None:
+                log.warning(
+                    "native CPU decode attention: no C compiler (cc, gcc, clang); using gather + SDPA"
+                )
+            else:
+                try:
+                    kernel = DecodeKernel(_build(compiler))
+                    log.info("native CPU decode attention: %s", kernel.path)
+                except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    log.warning("native CPU decode attention unavailable (%s); using gather + SDPA", e)
+            _loaded["kernel"] = kernel
+        return _loaded["kernel"]  # type: ignore[return-value]
+
+
+def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether the native kernel takes these tensors: float32 on CPU, the pool contiguous, each
+    query and output row contiguous."""
+    return (
+        query.device.type == "cpu"
+        and all(t.dtype == torch.float32 for t in (query, k_cache, v_cache, out))
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and query.stride(-1) == 1
+        and out.stride(-1) == 1
+    )

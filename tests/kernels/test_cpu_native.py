@@ -1,0 +1,135 @@
+"""The native CPU decode kernel (`kernels/csrc/paged_decode_cpu.c`): built here with the machine's
+compiler (CI installs one: `make install` needs it for torch.compile anyway), checked against the
+dense reference and the gather + SDPA path on pools whose unused slots hold NaN."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedserve.kernels import cpu_native, paged_attention_ref
+from pagedserve.kernels.torch_attention import AttentionPlan
+
+
+@pytest.fixture(scope="module")
+def kernel() -> cpu_native.DecodeKernel:
+    built = cpu_native.decode_kernel()
+    assert built is not None, "the native decode kernel did not build (see the log for the compiler's error)"
+    return built
+
+
+@pytest.mark.parametrize(
+    "num_heads, num_kv_heads, head_dim, block_size",
+    [(2, 2, 8, 4), (6, 2, 32, 16), (8, 1, 64, 8), (4, 4, 128, 16), (3, 1, 12, 4)],
+    ids=["mha-d8", "gqa3-d32", "mqa-d64", "d128", "d12"],
+)
+def test_decodes_match_the_reference(
+    paged_batch, kernel, num_heads, num_kv_heads, head_dim, block_size
+) -> None:
+    seq_lens = [1, 5, block_size, block_size + 1, 97, 300, 41]
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, block_size=block_size, dtype=torch.float32,
+    )  # fmt: skip
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, block_size)
+    assert plan.native is not None
+    out = torch.full_like(batch.query, float("nan"))
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.3, out)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 0.3), atol=2e-5, rtol=1e-5)
+
+
+def test_mixed_step_sends_only_decodes_to_the_kernel(paged_batch) -> None:
+    # Prefills and chunked prefills keep the gather + SDPA path; decodes sit at non-adjacent rows.
+    batch = paged_batch(
+        [1, 7, 1, 3, 12, 1], [9, 7, 33, 20, 12, 150],
+        num_heads=4, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float32,
+    )  # fmt: skip
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+    assert plan.native is not None and plan.native.tokens.tolist() == [0, 8, 24]
+    assert [g.decode for g in plan.other_groups] == [False]
+    out = torch.full_like(batch.query, float("nan"))
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.25, out)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 0.25), atol=2e-5, rtol=1e-5)
+
+
+def test_native_and_gather_paths_agree(paged_batch) -> None:
+    seq_lens = [300, 20, 25, 30, 280, 16, 40, 22, 35, 18]
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    outs = []
+    for native in (True, False):
+        plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 16, native=native)
+        assert (plan.native is not None) == native
+        out = torch.empty_like(batch.query)
+        plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.2, out)
+        outs.append(out)
+    torch.testing.assert_close(outs[0], outs[1], atol=2e-5, rtol=1e-5)
+
+
+def test_other_dtypes_fall_back_to_the_gather_path(paged_batch) -> None:
+    # The kernel is float32 only; a bfloat16 pool on CPU still gets the right answer.
+    batch = paged_batch(
+        [1, 1, 1], [17, 3, 40], num_heads=4, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.bfloat16
+    )
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+    assert plan.native is not None and not cpu_native.supports(
+        batch.query, batch.k_cache, batch.v_cache, batch.query
+    )
+    out = torch.empty_like(batch.query)
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.25, out)
+    ref = paged_attention_ref(*(t.float() if t.is_floating_point() else t for t in batch.args()), 0.25)
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+def test_threads_split_the_sequences_and_agree(paged_batch, kernel) -> None:
+    seq_lens = [64, 33, 200, 7, 90, 150, 12, 64]
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=4, num_kv_heads=2, head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 16)
+    native = plan.native
+    outs = []
+    for threads in (1, 3):
+        out = torch.full_like(batch.query, float("nan"))
+        kernel(batch.query, batch.k_cache, batch.v_cache, out, native.block_table, native.seq_lens,
+               native.tokens, 0.3, threads=threads)  # fmt: skip
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])  # each sequence is one thread's, so the sums are the same
+
+
+def test_switched_off_by_the_environment() -> None:
+    # A fresh interpreter: the choice is made once per process.
+    code = (
+        "import torch; from pagedserve.kernels import cpu_native; "
+        "from pagedserve.kernels.torch_attention import AttentionPlan; "
+        "p = AttentionPlan(torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32), "
+        "torch.tensor([0, 1], dtype=torch.int32), 4); "
+        "print(cpu_native.decode_kernel() is None, p.native is None)"
+    )
+    env = {**__import__("os").environ, cpu_native.ENV_SWITCH: "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True"]
+
+
+def test_a_failed_build_is_reported_and_leaves_the_gather_path(tmp_path, monkeypatch, caplog) -> None:
+    # A compiler that cannot build: decode_kernel() returns None and logs why, instead of raising.
+    fake_cc = tmp_path / "cc"
+    fake_cc.write_text(
+        "#!/bin/sh\necho 'fake-cc 1.0'\n[ \"$1\" = --version ] && exit 0\necho 'no such flag' >&2\nexit 1\n"
+    )
+    fake_cc.chmod(0o755)
+    monkeypatch.setenv("CC", str(fake_cc))
+    monkeypatch.setenv("PAGEDSERVE_KERNEL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(cpu_native, "_loaded", {})
+    with caplog.at_level("WARNING", logger="pagedserve.kernels.cpu_native"):
+        assert cpu_native.decode_kernel() is None
+    assert "no such flag" in caplog.text and "gather + SDPA" in caplog.text
