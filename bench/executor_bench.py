@@ -26,7 +26,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
-from pagedserve.kernels.cpu_native import ENV_SWITCH
+from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
 FULL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -109,22 +109,26 @@ class Bench:
         return times
 
 
-# "torch-gather" is the torch backend with PAGEDSERVE_NATIVE_KERNELS=0 (see kernels/cpu_native.py).
-BENCH_BACKENDS = ("torch", "torch-gather", "triton")
+# "torch-gather": the torch backend without the native CPU decode kernel (kernels/cpu_native.py),
+# for a side-by-side row.
+VARIANT_ENV = {"torch": {}, "torch-gather": {NATIVE_SWITCH: "0"}, "triton": {}}
+BENCH_BACKENDS = tuple(VARIANT_ENV)
 
 
 @contextlib.contextmanager
-def native_kernels(enabled: bool):
-    """PAGEDSERVE_NATIVE_KERNELS for the block (read each time a step is planned)."""
-    old = os.environ.get(ENV_SWITCH)
-    os.environ[ENV_SWITCH] = "1" if enabled else "0"
+def environment(values: dict[str, str]):
+    """os.environ with `values` set for the block (the switches are read when a step is planned
+    and when a model loads)."""
+    old = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop(ENV_SWITCH, None)
-        else:
-            os.environ[ENV_SWITCH] = old
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[list[str], list[str]]:
@@ -151,7 +155,7 @@ def run_backend(
     config = ExecutorConfig(
         model=args.model,
         device=str(device),
-        attention_backend="torch" if backend == "torch-gather" else backend,
+        attention_backend="triton" if backend == "triton" else "torch",
         dtype=args.dtype,
         block_size=args.block_size,
         num_kv_blocks=num_blocks,
@@ -188,7 +192,7 @@ def run(args: argparse.Namespace) -> str:
     decode_rows: dict[str, dict[int, float]] = {}
     prefill_rows: dict[str, float] = {}
     for backend in backends:
-        with native_kernels(backend != "torch-gather"):
+        with environment(VARIANT_ENV[backend]):
             decode_rows[backend], prefill_rows[backend] = run_backend(
                 args, backend, device, batch_sizes, decode_steps, warmup, num_blocks, total_len
             )
@@ -225,8 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=["torch", "triton"],
         choices=BENCH_BACKENDS,
-        help="torch-gather: the torch backend with the native CPU decode kernel switched off "
-        "(decodes gathered and attended with SDPA), for a side-by-side row",
+        help="torch-gather: the torch backend without the native CPU decode kernel (decodes "
+        "gathered and attended with SDPA), for a side-by-side row",
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(FULL_BATCH_SIZES))
     parser.add_argument("--block-size", type=int, default=16)

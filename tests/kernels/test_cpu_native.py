@@ -133,3 +133,14 @@ def test_a_failed_build_is_reported_and_leaves_the_gather_path(tmp_path, monkeyp
     with caplog.at_level("WARNING", logger="pagedserve.kernels.cpu_native"):
         assert cpu_native.decode_kernel() is None
     assert "no such flag" in caplog.text and "gather + SDPA" in caplog.text
+
+
+def test_peaked_softmax_matches(paged_batch, kernel) -> None:
+    # A large scale puts most scores more than 87 below the maximum (the vectorized exp's floor).
+    batch = paged_batch(
+        [1, 1, 1], [70, 129, 33], num_heads=4, num_kv_heads=2, head_dim=32, block_size=16, dtype=torch.float32
+    )
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 16)
+    out = torch.empty_like(batch.query)
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 40.0, out)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 40.0), atol=2e-5, rtol=1e-5)
