@@ -1,7 +1,8 @@
 """Where each service's CPU goes on the mixed trace, with the gateway's requests on one shared
 stream to the scheduler and with a stream each — both in one run, same model, same requests.
 
-    python -m pagedserve.bench.profile_services [--variants shared,per-request] [--no-py-spy]
+    python -m pagedserve.bench.profile_services [--variants shared,per-request,shared+gather]
+        [--trace mixed|shared-prefix] [--model M] [--no-py-spy]
 
 For each variant it starts `pagedserve up` with the bundled model, warms it up, sends the
 48-request mixed trace (all at once) and reads every service's CPU time (utime + stime from
@@ -26,12 +27,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from pagedserve.bench.executor_bench import environment
 from pagedserve.bench.http_load import run_http_load
 from pagedserve.bench.metrics import summarize
 from pagedserve.bench.stack import LaunchedStack, StackConfig
 from pagedserve.bench.vllm_compare import VOCAB, traces
 from pagedserve.bench.workload import fixed_lengths
 from pagedserve.common.models import default_model
+from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -92,11 +95,20 @@ def _label(frame: str) -> str:
     return f"{match.group(1)} ({match.group(2).rsplit('/', 1)[-1]})"
 
 
-def run_variant(variant: str, model: str, py_spy: str | None, log_dir: Path) -> VariantResult:
-    _, requests = traces()["mixed"]
+# A variant is the gateway's scheduler stream, optionally with "+gather": the executor without its
+# native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py).
+GATHER_SUFFIX = "+gather"
+
+
+def run_variant(
+    variant: str, model: str, py_spy: str | None, log_dir: Path, trace: str = "mixed"
+) -> VariantResult:
+    _, requests = traces()[trace]
+    stream = variant.removesuffix(GATHER_SUFFIX)
     config = StackConfig(model, num_kv_blocks=4096, max_model_len=512, max_num_batched_tokens=2048,
-                         extra_args=("--scheduler-stream", variant))  # fmt: skip
-    with LaunchedStack(config, log_dir=log_dir / variant) as stack:
+                         extra_args=("--scheduler-stream", stream))  # fmt: skip
+    switch = {NATIVE_SWITCH: "0"} if variant.endswith(GATHER_SUFFIX) else {}
+    with environment(switch), LaunchedStack(config, log_dir=log_dir / variant) as stack:
         assert stack.proc is not None
         asyncio.run(
             run_http_load(stack.http_url, fixed_lengths(4, vocab_size=VOCAB, prompt_len=16, output_len=4))
@@ -162,7 +174,13 @@ def report(results: list[VariantResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="shared,per-request")
+    parser.add_argument(
+        "--variants",
+        default="shared,per-request",
+        help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
+        f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel)",
+    )
+    parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")
     parser.add_argument("--no-py-spy", action="store_true", help="CPU times only")
     args = parser.parse_args(argv)
@@ -173,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     log_dir = Path(tempfile.mkdtemp(prefix="pagedserve-profile-"))
     results = [
-        run_variant(v, args.model or default_model(), py_spy, log_dir) for v in args.variants.split(",")
+        run_variant(v, args.model or default_model(), py_spy, log_dir, args.trace)
+        for v in args.variants.split(",")
     ]
     print(report(results))
     print(f"\n(logs and py-spy files in {log_dir})")

@@ -235,7 +235,11 @@ def test_a_pool_killed_mid_stream_loses_no_request(pools: PoolsStack, victim: st
     killed = threading.Event()
     doomed = "pool-b"
 
+    routed_at_kill: list[float] = []
+
     def kill() -> None:
+        # Counted before the kill: once the pool's lease lapses, the gateway drops it and its series.
+        routed_at_kill.append(_routed(url).get(doomed, 0))
         pools.kill(f"{victim}-{doomed}")
 
     async def stream(client: httpx.AsyncClient, i: int) -> str:
@@ -267,23 +271,27 @@ def test_a_pool_killed_mid_stream_loses_no_request(pools: PoolsStack, victim: st
 
     before = _metric(url, "pagedserve_migrations_total")
     routed_before = _routed(url).get(doomed, 0)
-    texts = asyncio.run(run())
-    assert _routed(url).get(doomed, 0) > routed_before, "the burst was spread over both pools"
-    tokenizer = AutoTokenizer.from_pretrained(pools.model)
-    ids = [tokenizer(p)["input_ids"] for p in prompts]
-    expected = [
-        tokenizer.decode(out, skip_special_tokens=True) for out in hf_greedy(pools.model, ids, new_tokens)
-    ]
-    assert texts == expected
-    assert _metric(url, "pagedserve_migrations_total") > before, "requests of the killed pool moved"
-    pools.assert_clean(["pool-a"])
-    # Bring the pool back for the next test (a new executor has a new epoch: the scheduler resets).
-    pools.respawn(f"{victim}-{doomed}")
-    pools.wait_serving(f"{victim}-{doomed}", f"scheduler-{doomed}")
-    deadline = time.monotonic() + 30
-    while "pool-b" not in pools.live_pools():
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    try:
+        texts = asyncio.run(run())
+        assert routed_at_kill and routed_at_kill[0] > routed_before, "the burst was spread over both pools"
+        tokenizer = AutoTokenizer.from_pretrained(pools.model)
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        expected = [
+            tokenizer.decode(out, skip_special_tokens=True) for out in hf_greedy(pools.model, ids, new_tokens)
+        ]
+        assert texts == expected
+        assert _metric(url, "pagedserve_migrations_total") > before, "requests of the killed pool moved"
+        pools.assert_clean(["pool-a"])
+    finally:
+        # Bring the pool back for the next test, pass or fail (a new executor has a new epoch: the
+        # scheduler resets).
+        if killed.is_set():
+            pools.respawn(f"{victim}-{doomed}")
+            pools.wait_serving(f"{victim}-{doomed}", f"scheduler-{doomed}")
+            deadline = time.monotonic() + 30
+            while "pool-b" not in pools.live_pools():
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
 
 
 def _routed(url: str) -> dict[str, float]:
