@@ -124,7 +124,15 @@ class AttentionPlan:
                 q_starts.index_select(0, decodes).contiguous(),
             )
         self._decode_groups: list[_GroupPlan] | None = None
-        self.other_groups = [self._plan(False, others)] if others.numel() else []
+        # Prefills (and chunks) of very different lengths are attended one by one: padded to the
+        # longest, SDPA would do (and mask) far more work than their causal triangles need.
+        self.other_groups: list[_GroupPlan] = []
+        self.each: list[_OwnPlan] = []
+        if others.numel():
+            if _pad_waste(q_lens.index_select(0, others), seq_lens.index_select(0, others)) > EACH_WASTE:
+                self.each = self._plan_each(others)
+            else:
+                self.other_groups = [self._plan(False, others)]
 
     def _plan(self, decode: bool, seqs: torch.Tensor) -> _GroupPlan:
         block_table, seq_lens, q_starts, q_lens = self._metadata
@@ -135,6 +143,20 @@ class AttentionPlan:
             q_starts.index_select(0, seqs),
             q_lens.index_select(0, seqs),
         )
+
+    def _plan_each(self, seqs: torch.Tensor) -> list[_OwnPlan]:
+        block_table, seq_lens, q_starts, q_lens = self._metadata
+        plans = []
+        for i in seqs.tolist():
+            seq_len, q_len, q_start = int(seq_lens[i]), int(q_lens[i]), int(q_starts[i])
+            blocks = block_table[i, : -(-seq_len // self.block_size)].long()
+            mask = None
+            if q_len != seq_len:  # after cached context: query j sees positions <= seq_len - q_len + j
+                kv_pos = torch.arange(seq_len, device=seq_lens.device)
+                q_pos = torch.arange(seq_len - q_len, seq_len, device=seq_lens.device)
+                mask = kv_pos[None, :] <= q_pos[:, None]  # [q_len, seq_len]
+            plans.append(_OwnPlan(q_start, q_len, seq_len, blocks, mask))
+        return plans
 
     @property
     def decode_groups(self) -> list[_GroupPlan]:
@@ -232,6 +254,8 @@ class AttentionPlan:
                 _attend(group, query, k_cache, v_cache, scale, out)
         for group in self.other_groups:
             _attend(group, query, k_cache, v_cache, scale, out)
+        for own in self.each:
+            _attend_own(own, query, k_cache, v_cache, scale, out)
 
 
 @dataclass(slots=True)
@@ -262,6 +286,59 @@ BUCKET_SPLIT_TOKENS = 256
 # A bucket's shortest context is at least this fraction of its longest, so padding stays under 4/3 of
 # the real work in the worst case, with at most log(max/min) / log(4/3) buckets.
 BUCKET_RATIO = 0.75
+
+
+# Non-decode sequences are attended one by one when padding them to one [S, max_q_len, max_kv_len]
+# problem would do more than this many times their real (rectangular q_len x seq_len) work; one
+# more SDPA call costs about what a few thousand query-key pairs do, so small steps stay batched.
+EACH_WASTE = 2.0
+EACH_MIN_PAIRS = 4096
+
+
+def _pad_waste(q_lens: torch.Tensor, seq_lens: torch.Tensor) -> float:
+    """Padded work over real work of attending these sequences as one padded group (1.0: none)."""
+    real = int((q_lens * seq_lens).sum())
+    padded = q_lens.numel() * int(q_lens.max()) * int(seq_lens.max())
+    if padded < EACH_MIN_PAIRS * q_lens.numel():
+        return 1.0
+    return padded / max(real, 1)
+
+
+@dataclass(slots=True)
+class _OwnPlan:
+    """A prefill or prefill chunk attended on its own, without padding."""
+
+    q_start: int  # its first token in the flat batch
+    q_len: int
+    seq_len: int  # context including its new tokens
+    block_ids: torch.Tensor  # [ceil(seq_len / block_size)] int64
+    mask: torch.Tensor | None  # [q_len, seq_len] bool after cached context; None: a whole prompt
+
+
+def _attend_own(
+    plan: _OwnPlan,
+    query: torch.Tensor,  # [T, H, D]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    scale: float,
+    out: torch.Tensor,  # [T, H, D]
+) -> None:
+    _, _, num_kv_heads, head_dim = k_cache.shape
+    # Only the context's own slots: the last block's unwritten tail (maybe NaN) is cut off.
+    k = k_cache.index_select(0, plan.block_ids).view(-1, num_kv_heads, head_dim)[: plan.seq_len]
+    v = v_cache.index_select(0, plan.block_ids).view(-1, num_kv_heads, head_dim)[: plan.seq_len]
+    rows = slice(plan.q_start, plan.q_start + plan.q_len)
+    q = query[rows]  # [Q, H, D]
+    o = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        attn_mask=plan.mask,
+        is_causal=plan.mask is None,
+        scale=scale,
+        enable_gqa=q.size(1) != num_kv_heads,
+    )  # [1, H, Q, D]
+    out[rows] = o[0].transpose(0, 1)
 
 
 def _length_buckets(seqs: torch.Tensor, seq_lens: torch.Tensor) -> list[torch.Tensor]:

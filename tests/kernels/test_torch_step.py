@@ -115,3 +115,32 @@ def test_close_lengths_stay_one_group_in_order(paged_batch) -> None:
     )
     plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
     assert len(plan.groups) == 1 and plan.groups[0].token_slice == slice(0, 6)
+
+
+@pytest.mark.parametrize("gqa", [1, 2])
+def test_prefills_of_spread_lengths_are_attended_one_by_one(paged_batch, gqa: int) -> None:
+    # Whole prompts of 5-200 tokens and chunks after cached context: padded to one group they would
+    # do several times the work, so each is attended alone (causal, or bottom-right masked after
+    # cached context); decodes ride along. NaN outside every context would show.
+    q_lens = [200, 5, 1, 64, 17, 30, 1]
+    seq_lens = [200, 5, 90, 64, 150, 230, 40]
+    batch = paged_batch(
+        q_lens, seq_lens, num_heads=2 * gqa, num_kv_heads=2, head_dim=16, block_size=8, dtype=torch.float32
+    )
+    plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+    assert plan.other_groups == []
+    assert [(p.q_len, p.seq_len, p.mask is None) for p in plan.each] == [
+        (200, 200, True), (5, 5, True), (64, 64, True), (17, 150, False), (30, 230, False)
+    ]  # fmt: skip
+    out = torch.full_like(batch.query, float("nan"))
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.25, out)
+    torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 0.25), atol=2e-5, rtol=1e-5)
+
+
+def test_small_or_even_prefills_stay_one_group(paged_batch) -> None:
+    for q_lens, seq_lens in (([3, 7, 2], [3, 40, 2]), ([64, 64, 60], [64, 64, 60])):
+        batch = paged_batch(
+            q_lens, seq_lens, num_heads=2, num_kv_heads=1, head_dim=8, block_size=8, dtype=torch.float32
+        )
+        plan = AttentionPlan(batch.block_table, batch.seq_lens, batch.cu_seqlens_q, 8)
+        assert plan.each == [] and len(plan.other_groups) == 1
