@@ -3,8 +3,8 @@
 The torch backend gathers each decode sequence's whole context into a padded [S, L, Hkv, D] copy
 per layer before `scaled_dot_product_attention`; on CPU that copy, and SDPA's handling of a
 one-row query against a masked, strided context, cost more than the attention itself (see
-docs/BENCHMARKS.md, "Decode attention on CPU"). `csrc/paged_decode_cpu.c` reads K and V straight
-from the pool through the block table instead. It needs no Python or torch headers, so the build
+docs/EXECUTOR_BENCH.md, "Decode attention without the gather"). `csrc/paged_decode_cpu.c` reads
+K and V straight from the pool through the block table instead. It needs no Python or torch headers, so the build
 is one `cc` call of well under a second, done once per machine and source (the shared object is
 cached under ~/.cache/pagedserve/kernels, or $PAGEDSERVE_KERNEL_CACHE, keyed by a hash of the source,
 the flags, the compiler and the CPU's flags, since it is built with -march=native).
