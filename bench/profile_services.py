@@ -96,18 +96,21 @@ def _label(frame: str) -> str:
 
 
 # A variant is the gateway's scheduler stream, optionally with "+gather": the executor without its
-# native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py).
+# native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py), and/or
+# "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1).
 GATHER_SUFFIX = "+gather"
+PREFILL1_SUFFIX = "+prefill1"
 
 
 def run_variant(
     variant: str, model: str, py_spy: str | None, log_dir: Path, trace: str = "mixed"
 ) -> VariantResult:
     _, requests = traces()[trace]
-    stream = variant.removesuffix(GATHER_SUFFIX)
+    stream, *options = variant.split("+")
+    extra = ("--prefill-threads", "1") if PREFILL1_SUFFIX[1:] in options else ()
     config = StackConfig(model, num_kv_blocks=4096, max_model_len=512, max_num_batched_tokens=2048,
-                         extra_args=("--scheduler-stream", stream))  # fmt: skip
-    switch = {NATIVE_SWITCH: "0"} if variant.endswith(GATHER_SUFFIX) else {}
+                         extra_args=("--scheduler-stream", stream, *extra))  # fmt: skip
+    switch = {NATIVE_SWITCH: "0"} if GATHER_SUFFIX[1:] in options else {}
     with environment(switch), LaunchedStack(config, log_dir=log_dir / variant) as stack:
         assert stack.proc is not None
         asyncio.run(
@@ -178,7 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         "--variants",
         default="shared,per-request",
         help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
-        f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel)",
+        f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel) and/or "
+        f"{PREFILL1_SUFFIX} (--prefill-threads 1)",
     )
     parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")

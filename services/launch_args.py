@@ -82,6 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--max-queued-requests", type=_positive_int, default=None, metavar="N")
     kv.add_argument("--cpu-threads", type=_positive_int, default=None, metavar="N",
                     help="the executor's torch threads (default: one per --cpu-affinity core, else all cores but one)")  # fmt: skip
+    kv.add_argument("--prefill-threads", type=_positive_int, default=None, metavar="N",
+                    help="the executor's torch threads for a step of 256+ tokens (default on CPU: every core it may run on)")  # fmt: skip
     kv.add_argument("--cpu-affinity", default=None, metavar="CORES",
                     help="pin the executor to these cores, e.g. 1 or 2-3 (the other services keep the rest)")  # fmt: skip
     kv.add_argument("--enforce-eager", action="store_true",

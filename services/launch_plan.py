@@ -40,6 +40,7 @@ class LauncherConfig:
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     cpu_threads: int | None = None  # the executor's torch threads (default: its own)
+    prefill_threads: int | None = None  # ... for prefill-heavy steps (default: its own)
     cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
     compile: bool = False  # the executor's torch.compile'd forward
     enforce_eager: bool = False  # the executor's --enforce-eager (no CUDA graphs, no compile)
@@ -150,7 +151,8 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           "--block-size", str(config.block_size),
           *_opt("--num-kv-blocks", config.num_kv_blocks), *_opt("--kv-cache-memory", config.kv_cache_memory),
           *batching, *_opt("--dtype", config.dtype), *_opt("--attention-backend", config.attention_backend),
-          *_opt("--cpu-threads", config.cpu_threads), *_opt("--cpu-affinity", config.cpu_affinity),
+          *_opt("--cpu-threads", config.cpu_threads),
+          *_opt("--prefill-threads", config.prefill_threads), *_opt("--cpu-affinity", config.cpu_affinity),
           *_opt("--swap-space", config.swap_space),
           *(("--compile",) if config.compile else ()),
           *(("--enforce-eager",) if config.enforce_eager else ()))),

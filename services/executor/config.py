@@ -34,6 +34,9 @@ class ExecutorConfig:
     seed: int = 0
     cpu_threads: int | None = None  # torch intra-op threads; None: see placement.default_threads
     cpu_affinity: tuple[int, ...] | None = None  # cores to pin the process to; None: not pinned
+    # torch threads for a prefill-heavy step (placement.PREFILL_STEP_TOKENS or more tokens); None: see
+    # placement.default_prefill_threads (every core the process may run on)
+    prefill_threads: int | None = None
     compile: bool = False  # torch.compile the forward (start-up pays the compile; see model_runner)
     # CUDA only: no CUDA graphs of decode steps (and no torch.compile even with `compile`)
     enforce_eager: bool = False
@@ -61,5 +64,7 @@ class ExecutorConfig:
             raise ValueError(f"--swap-space must be >= 0 GiB, got {self.swap_space}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"--cpu-threads must be >= 1, got {self.cpu_threads}")
+        if self.prefill_threads is not None and self.prefill_threads < 1:
+            raise ValueError(f"--prefill-threads must be >= 1, got {self.prefill_threads}")
         if self.cpu_affinity is not None and (not self.cpu_affinity or min(self.cpu_affinity) < 0):
             raise ValueError(f"--cpu-affinity must name core ids >= 0, got {list(self.cpu_affinity)}")

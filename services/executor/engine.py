@@ -41,7 +41,7 @@ from pagedserve.executor.grammar import Matcher, StructuredOutputs
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
-from pagedserve.executor.placement import apply_placement
+from pagedserve.executor.placement import PREFILL_STEP_TOKENS, apply_placement, default_prefill_threads
 from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 from pagedserve.executor.swap_space import SwapSpace, num_cpu_blocks
@@ -71,6 +71,9 @@ class ExecutorEngine:
         # Grammar matchers of the constrained requests; the tokenizer is read from the model's folder.
         self.structured = StructuredOutputs(runner.name, runner.vocab_size, runner.eos_token_ids)
         self._lock = threading.Lock()
+        # torch threads for ordinary steps and for prefill-heavy ones (see placement.PREFILL_STEP_TOKENS)
+        self.step_threads = torch.get_num_threads()
+        self.prefill_threads = self.step_threads
 
     @classmethod
     def from_config(cls, config: ExecutorConfig) -> ExecutorEngine:
@@ -138,6 +141,16 @@ class ExecutorEngine:
                 seconds,
             )
         engine = cls(runner, pool, limits, num_cpu_blocks(spec, config.swap_space, device))
+        engine.step_threads = placement.threads
+        engine.prefill_threads = config.prefill_threads or default_prefill_threads(
+            placement.threads, len(placement.cores), placement.pinned, device.type
+        )
+        if engine.prefill_threads != engine.step_threads:
+            log.info(
+                "%d torch threads for steps of %d+ tokens (--prefill-threads)",
+                engine.prefill_threads,
+                PREFILL_STEP_TOKENS,
+            )
         engine.structured.warm_up_in_background()
         return engine
 
@@ -223,7 +236,16 @@ class ExecutorEngine:
             for s in plan.scheduled
         ]
         prompt_indices, prompt_rows = plan_prompt_rows(plan.scheduled)
-        logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
+        threads = self.step_threads
+        if sum(s.num_tokens for s in plan.scheduled) >= PREFILL_STEP_TOKENS:
+            threads = self.prefill_threads
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        try:
+            logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
+        finally:
+            if threads != self.step_threads:
+                torch.set_num_threads(self.step_threads)
         sampling = [s.state for s in plan.scheduled if s.samples]
         prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
         return self._sample(logits[: len(sampling)], sampling, started), prompt_logprobs

@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="torch threads (default on CPU: one per --cpu-affinity core, else all cores but one, min 1)",
     )
     parser.add_argument(
+        "--prefill-threads",
+        type=int,
+        default=None,
+        help="torch threads for a step of 256+ tokens (prefill-heavy: the other services have little "
+        "to do meanwhile); default on CPU: every core the executor may run on; on CUDA: --cpu-threads",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile the model forward (inductor; start-up pays tens of seconds on CPU; default: eager)",
@@ -124,6 +131,7 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
         device=args.device,
         seed=args.seed,
         cpu_threads=args.cpu_threads,
+        prefill_threads=args.prefill_threads,
         cpu_affinity=args.cpu_affinity,
         compile=args.compile,
         enforce_eager=args.enforce_eager,

@@ -12,8 +12,15 @@ import pytest
 import torch
 
 from pagedserve.common.cpus import available_cores, format_cpu_list, parse_cpu_list
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
-from pagedserve.executor.placement import apply_placement, default_threads
+from pagedserve.executor.placement import (
+    PREFILL_STEP_TOKENS,
+    apply_placement,
+    default_prefill_threads,
+    default_threads,
+)
 from pagedserve.executor.server import add_arguments, config_from_args
 
 
@@ -85,3 +92,56 @@ def test_engine_applies_and_logs_the_thread_count(tiny_model_dir, make_engine, c
         make_engine(path, cpu_threads=1)
     assert torch.get_num_threads() == 1
     assert "1 torch threads (--cpu-threads)" in caplog.text
+
+
+def test_prefill_threads_default_and_flag() -> None:
+    # On CPU, unpinned: every core for prefill-heavy steps; pinned or on CUDA: the step threads.
+    assert default_prefill_threads(1, 2, pinned=False, device_type="cpu") == 2
+    assert default_prefill_threads(3, 4, pinned=False, device_type="cpu") == 4
+    assert default_prefill_threads(2, 2, pinned=True, device_type="cpu") == 2
+    assert default_prefill_threads(4, 16, pinned=False, device_type="cuda") == 4
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert config_from_args(parser.parse_args(["--prefill-threads", "3"])).prefill_threads == 3
+    with pytest.raises(ValueError, match="--prefill-threads"):
+        ExecutorConfig(prefill_threads=0).validate()
+
+
+def test_prefill_heavy_steps_run_with_the_prefill_threads(tiny_model_dir, make_engine, caplog) -> None:
+    # A step of PREFILL_STEP_TOKENS+ tokens runs its forward with --prefill-threads, then the engine
+    # goes back to --cpu-threads; smaller steps (decodes) never change the count.
+    path = tiny_model_dir("llama")
+    with caplog.at_level(logging.INFO, logger="pagedserve.executor.engine"):
+        engine = make_engine(
+            path, cpu_threads=1, prefill_threads=2, num_kv_blocks=256, max_num_batched_tokens=512
+        )
+    assert f"2 torch threads for steps of {PREFILL_STEP_TOKENS}+ tokens" in caplog.text
+    seen = []
+    execute = engine.runner.execute
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return execute(*args, **kwargs)
+
+    engine.runner.execute = spy
+    n = PREFILL_STEP_TOKENS // 2 + 5  # two prompts: one step of PREFILL_STEP_TOKENS + 10 tokens
+    prompt = [(3 * i + 1) % engine.runner.vocab_size for i in range(n)]
+    per_seq = -(-(n + 2) // 8)
+    new = [
+        NewRequestData(
+            f"r{i}",
+            prompt,
+            [],
+            SamplingParams(temperature=0.0),
+            list(range(i * per_seq, (i + 1) * per_seq)),
+            0,
+            n,
+        )
+        for i in range(2)
+    ]
+    engine.execute_step(StepInput(1, engine.epoch, new_requests=new))
+    decode = [CachedRequestData(f"r{i}", [], 1, n) for i in range(2)]
+    engine.execute_step(StepInput(2, engine.epoch, cached_requests=decode))
+    assert seen == [2, 1]
+    assert torch.get_num_threads() == 1
+    engine.execute_step(StepInput(3, engine.epoch, forget_request_ids=["r0", "r1"]))
