@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -173,3 +174,24 @@ def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
         and query.stride(-1) == 1
         and out.stride(-1) == 1
     )
+
+
+@dataclass(slots=True)
+class NativeDecode:
+    """The step's decodes for the native CPU kernel: their block-table rows, context lengths and
+    query rows, in the kernel's dtypes, made once per step and read by every layer."""
+
+    kernel: DecodeKernel
+    block_table: torch.Tensor  # [S, max_blocks] int32
+    seq_lens: torch.Tensor  # [S] int32
+    tokens: torch.Tensor  # [S] int64
+
+    def attend(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        scale: float,
+        out: torch.Tensor,
+    ) -> None:
+        self.kernel(query, k_cache, v_cache, out, self.block_table, self.seq_lens, self.tokens, scale)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .cpu_native import DecodeKernel, decode_kernel
+from .cpu_native import NativeDecode, decode_kernel
 from .cpu_native import supports as supports_native
 
 
@@ -256,27 +256,6 @@ class AttentionPlan:
             _attend(group, query, k_cache, v_cache, scale, out)
         for own in self.each:
             _attend_own(own, query, k_cache, v_cache, scale, out)
-
-
-@dataclass(slots=True)
-class NativeDecode:
-    """The step's decodes for the native CPU kernel: their block-table rows, context lengths and
-    query rows, in the kernel's dtypes, made once per step and read by every layer."""
-
-    kernel: DecodeKernel
-    block_table: torch.Tensor  # [S, max_blocks] int32
-    seq_lens: torch.Tensor  # [S] int32
-    tokens: torch.Tensor  # [S] int64
-
-    def attend(
-        self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        scale: float,
-        out: torch.Tensor,
-    ) -> None:
-        self.kernel(query, k_cache, v_cache, out, self.block_table, self.seq_lens, self.tokens, scale)
 
 
 # What one more gather + SDPA call per layer costs, in context tokens' worth of gathering and attending

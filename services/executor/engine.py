@@ -71,7 +71,8 @@ class ExecutorEngine:
         # Grammar matchers of the constrained requests; the tokenizer is read from the model's folder.
         self.structured = StructuredOutputs(runner.name, runner.vocab_size, runner.eos_token_ids)
         self._lock = threading.Lock()
-        # torch threads for ordinary steps and for prefill-heavy ones (see placement.PREFILL_STEP_TOKENS)
+        # torch threads for ordinary steps (as placed: set before the model loaded) and for
+        # prefill-heavy ones (see placement.PREFILL_STEP_TOKENS; from_config sets them)
         self.step_threads = torch.get_num_threads()
         self.prefill_threads = self.step_threads
 
@@ -141,7 +142,6 @@ class ExecutorEngine:
                 seconds,
             )
         engine = cls(runner, pool, limits, num_cpu_blocks(spec, config.swap_space, device))
-        engine.step_threads = placement.threads
         engine.prefill_threads = config.prefill_threads or default_prefill_threads(
             placement.threads, len(placement.cores), placement.pinned, device.type
         )
