@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import uuid
 
 import redis
@@ -38,6 +39,10 @@ class Lease:
         self.ttl_ms = max(int(ttl * 1000), 100)
         self.holder = holder or holder_id()
         self.token = 0  # the fencing token while held; the last one held otherwise
+        # Renewing and taking the lease again run on worker threads (the renewer and a whole
+        # write can both find the key gone): one at a time, so `token` is always the last one
+        # Redis handed out, never an older answer that came back later.
+        self.lock = threading.RLock()
         self._acquire = client.register_script(ACQUIRE_LUA)
         self._renew = client.register_script(RENEW_LUA)
         self._release = client.register_script(RELEASE_LUA)
@@ -49,18 +54,20 @@ class Lease:
     def acquire(self) -> float:
         """Take the lease if it is free (or ours): 0.0 and `token` set; else the seconds it
         still has to run, for a standby to wait."""
-        token, ttl_left = self._acquire(
-            keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token]
-        )
-        if int(token) > 0:
-            self.token = int(token)
-            return 0.0
+        with self.lock:
+            token, ttl_left = self._acquire(
+                keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token]
+            )
+            if int(token) > 0:
+                self.token = int(token)
+                return 0.0
         return max(int(ttl_left), 0) / 1000
 
     def renew(self) -> bool:
         """Extend the lease; False when another scheduler took it (stop writing at once)."""
-        ok = self._renew(keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token])
-        return bool(int(ok))
+        with self.lock:
+            ok = self._renew(keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token])
+            return bool(int(ok))
 
     def release(self) -> None:
         """Give the lease up (a clean stop), so a standby takes over without waiting for the TTL."""

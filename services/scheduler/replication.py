@@ -182,15 +182,18 @@ class Replicator:
                 self.available = False
 
     def _reacquire(self) -> bool:
+        """Keep or take the lease again (worker thread). The renewer and a whole write may both
+        call this at once: the lease's lock makes the second one find the lease already renewed."""
         assert self.lease is not None
-        if self.lease.renew():
+        with self.lease.lock:
+            if self.lease.renew():
+                return True
+            if self.lease.acquire() > 0:
+                self.fenced = "another scheduler holds the lease of this pool"
+                log.error("stopping: %s", self.fenced)
+                return False
+            log.warning("lease taken again with fencing token %d", self.lease.token)
             return True
-        if self.lease.acquire() > 0:
-            self.fenced = "another scheduler holds the lease of this pool"
-            log.error("stopping: %s", self.fenced)
-            return False
-        log.warning("lease taken again with fencing token %d", self.lease.token)
-        return True
 
     async def close(self) -> None:
         """Stop renewing; once every write has landed, give the lease up for a standby."""

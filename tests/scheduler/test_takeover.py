@@ -184,6 +184,37 @@ def test_reattach_to_a_request_redis_never_heard_of(redis_client) -> None:
     assert out.usage.completion_tokens == 8
 
 
+def test_taking_the_lease_again_from_two_threads_keeps_the_last_token(redis_client) -> None:
+    """Redis lost the lease key: the renewer and a whole write both take it again, on worker
+    threads, at once. The token the scheduler steps with is the one Redis holds, never an
+    older answer that came back later (the executor would refuse the next step as stale)."""
+    import threading
+
+    from pagedserve.scheduler.redis_keys import PoolKeys
+    from pagedserve.scheduler.replication import Replicator
+
+    pool_id = new_pool_id()
+    lease = Lease(redis_client, pool_id, ttl=5.0)
+    assert lease.acquire() == 0.0
+    replicator = Replicator(RedisBlockPool(redis_client, pool_id), lease)
+    meta = PoolKeys(pool_id).meta
+    for _ in range(20):
+        redis_client.delete(meta, lease.lease_key)  # as after a restart with no data
+        start = threading.Barrier(4)
+
+        def again() -> None:
+            start.wait()
+            assert replicator._reacquire()
+
+        threads = [threading.Thread(target=again) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert int(redis_client.hget(meta, "fence")) == lease.token
+        assert lease.renew()
+
+
 def test_redis_lost_and_back_empty_is_rewritten_from_the_schedulers_view() -> None:
     """Redis dies mid-run (a local server of its own, killed) and comes back empty on the same
     port: the scheduler keeps serving from its own view (streams finish, identical), reports
