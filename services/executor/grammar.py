@@ -96,7 +96,10 @@ class StructuredOutputs:
             except Exception as exc:  # tried again, and reported, on first use
                 log.info("structured output is not ready: %s", exc)
 
-        threading.Thread(target=load, name="grammar-warm-up", daemon=True).start()
+        # Not a daemon: a process that stops while this thread is inside the library's native
+        # start-up aborts at exit ("terminate called without an active exception"), so exit
+        # waits for the load (a few seconds at most) instead.
+        threading.Thread(target=load, name="grammar-warm-up").start()
 
     # -- compiling ------------------------------------------------------------------------
 

@@ -130,8 +130,9 @@ def test_executor_command_serves_until_sigterm(tiny_model_dir) -> None:
             assert time.monotonic() < deadline, "executor did not become SERVING"
             time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        code = proc.wait(timeout=30)
         log = proc.stdout.read()
+        assert code == 0, log[-4000:]
         assert "KV pool: 64 blocks x 8 tokens = 512 tokens" in log and f"serving on 127.0.0.1:{port}" in log
     finally:
         if proc.poll() is None:
