@@ -10,10 +10,12 @@
  *   seq_lens          [S]                int32, context length including the new token
  *   tokens            [S]                int64, row of each sequence's query in `query` / `out`
  *
- * Work item = one sequence, all its heads (threads split the sequences). Two passes over the
- * context: scores, then softmax and the weighted sum of V (no running rescale). AVX2 + FMA code
- * where the compiler targets it (four score rows at a time, a vectorized exp), plain C elsewhere. Only positions < seq_len are read, so
- * slots past a context that were never written (they may hold anything) never reach the output.
+ * Work item = a run of sequences, all their heads: one sequence alone, or sequences that share
+ * their first blocks, worked through together so a shared block is read once (threads split
+ * the items). Two passes over each context: scores, then softmax and the weighted sum of V (no
+ * running rescale). AVX2 + FMA code where the compiler targets it (four score rows at a time, a
+ * vectorized exp), plain C elsewhere. Only positions < seq_len are read, so slots past a context
+ * that were never written (they may hold anything) never reach the output.
  */
 
 #include <math.h>
@@ -145,8 +147,180 @@ static inline void prefetch_block(const float *block, int64_t floats) {
     for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(block + i, 0, 3);
 }
 
-/* Returns 0, or 1 when scratch memory could not be allocated (nothing is written then for the
- * sequence that failed; the caller raises). */
+/* Sequences that share their first blocks (a common prompt prefix: prefix caching or parallel
+ * samples map them to the same physical blocks) are worked through together: each shared block
+ * is read once from memory and used for every sequence of the group while it sits in cache,
+ * instead of once per sequence. Each sequence's arithmetic is unchanged (the same score rows, the
+ * same block order in its V sum), so its output is the same bit for bit as when it runs alone.
+ * Blocks are shared only as a prefix (a block's identity depends on every token before it), so
+ * sequences with the same first block form a group and share its leading run. */
+typedef struct {
+    int32_t first; /* the sequence's first block id, or -1 for an empty context */
+    int32_t seq;
+} seq_key;
+
+static int by_first_block(const void *a, const void *b) {
+    const seq_key *x = a, *y = b;
+    if (x->first != y->first) return x->first < y->first ? -1 : 1;
+    return (x->seq > y->seq) - (x->seq < y->seq);
+}
+
+typedef struct {
+    int64_t start, count; /* a run of `order` */
+    int64_t shared;       /* leading blocks the run's sequences all map to the same ids */
+} work_item;
+
+typedef struct {
+    const float *query, *k_cache, *v_cache;
+    float *out;
+    int64_t q_tok_stride, q_head_stride, out_tok_stride, out_head_stride;
+    const int32_t *block_table, *seq_lens;
+    const int64_t *tokens;
+    int64_t bt_stride, num_heads, group, head_dim, block_size, tok_stride, blk_stride;
+    float scale;
+} decode_args;
+
+static inline int64_t num_blocks_of(const decode_args *a, int64_t s) {
+    return (a->seq_lens[s] + a->block_size - 1) / a->block_size;
+}
+
+/* K rows of block `b` (its id `id`) for sequence `s`: its scores for every head */
+static inline void score_block(const decode_args *a, int64_t s, float *scores, int64_t b, int32_t id) {
+    const int64_t len = a->seq_lens[s];
+    const float *q = a->query + a->tokens[s] * a->q_tok_stride;
+    const float *kb = a->k_cache + (int64_t)id * a->blk_stride;
+    const int64_t p0 = b * a->block_size;
+    const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
+    for (int64_t h = 0; h < a->num_heads; h++)
+        score_rows(q + h * a->q_head_stride, kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim,
+                   a->scale, scores + h * len + p0);
+}
+
+/* V rows of block `b` into sequence `s`'s accumulators, weighted by its softmaxed scores */
+static inline void sum_block(const decode_args *a, int64_t s, const float *scores, float *acc, int64_t b, int32_t id) {
+    const int64_t len = a->seq_lens[s];
+    const float *vb = a->v_cache + (int64_t)id * a->blk_stride;
+    const int64_t p0 = b * a->block_size;
+    const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
+    for (int64_t h = 0; h < a->num_heads; h++)
+        weighted_sum(acc + h * a->head_dim, scores + h * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride,
+                     n, a->head_dim);
+}
+
+/* One work item: `count` sequences (ids in `seqs`) whose first `shared` blocks are the same.
+ * Two passes over each context: scores, then softmax and the weighted sum of V (no running
+ * rescale). Returns 1 when scratch memory could not be allocated (nothing written). */
+static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count, int64_t shared) {
+    const int64_t hd = a->num_heads * a->head_dim;
+    size_t floats = 0;
+    for (int64_t i = 0; i < count; i++) floats += (size_t)(a->num_heads * a->seq_lens[seqs[i]] + hd);
+    /* per sequence: scores [num_heads][len], then its output accumulators [num_heads][head_dim] */
+    float *scratch = malloc(sizeof(float) * floats);
+    float **scores = malloc(sizeof(float *) * (size_t)count);
+    if (scratch == NULL || scores == NULL) {
+        free(scratch);
+        free(scores);
+        return 1;
+    }
+    for (int64_t i = 0, off = 0; i < count; i++) {
+        scores[i] = scratch + off;
+        off += a->num_heads * a->seq_lens[seqs[i]] + hd;
+    }
+    const int32_t *lead = a->block_table + (int64_t)seqs[0] * a->bt_stride;
+
+    /* K: the shared blocks once for the whole item, then each sequence's own blocks. Blocks are
+     * scattered in the pool, so the next one is prefetched while this one is worked on; head by
+     * head within a block, so each head's query stays in registers across the block's rows. */
+    for (int64_t b = 0; b < shared; b++) {
+        if (b + 1 < shared) prefetch_block(a->k_cache + (int64_t)lead[b + 1] * a->blk_stride, a->blk_stride);
+        for (int64_t i = 0; i < count; i++) score_block(a, seqs[i], scores[i], b, lead[b]);
+    }
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t s = seqs[i], nb = num_blocks_of(a, s);
+        const int32_t *table = a->block_table + s * a->bt_stride;
+        for (int64_t b = shared; b < nb; b++) {
+            if (b + 1 < nb) prefetch_block(a->k_cache + (int64_t)table[b + 1] * a->blk_stride, a->blk_stride);
+            score_block(a, s, scores[i], b, table[b]);
+        }
+    }
+
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t len = a->seq_lens[seqs[i]];
+        for (int64_t h = 0; h < a->num_heads; h++) {
+            float *row = scores[i] + h * len;
+            float max = -INFINITY;
+            for (int64_t j = 0; j < len; j++) max = row[j] > max ? row[j] : max;
+            const float inv = 1.0f / exp_shifted(row, len, max);
+            for (int64_t j = 0; j < len; j++) row[j] *= inv;
+        }
+        memset(scores[i] + a->num_heads * len, 0, sizeof(float) * (size_t)hd);
+    }
+
+    /* V: the same order of blocks as K, each sequence's sum block by block as when alone */
+    for (int64_t b = 0; b < shared; b++) {
+        if (b + 1 < shared) prefetch_block(a->v_cache + (int64_t)lead[b + 1] * a->blk_stride, a->blk_stride);
+        for (int64_t i = 0; i < count; i++) {
+            const int64_t len = a->seq_lens[seqs[i]];
+            sum_block(a, seqs[i], scores[i], scores[i] + a->num_heads * len, b, lead[b]);
+        }
+    }
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t s = seqs[i], nb = num_blocks_of(a, s), len = a->seq_lens[s];
+        const int32_t *table = a->block_table + s * a->bt_stride;
+        float *acc = scores[i] + a->num_heads * len;
+        for (int64_t b = shared; b < nb; b++) {
+            if (b + 1 < nb) prefetch_block(a->v_cache + (int64_t)table[b + 1] * a->blk_stride, a->blk_stride);
+            sum_block(a, s, scores[i], acc, b, table[b]);
+        }
+        for (int64_t h = 0; h < a->num_heads; h++)
+            memcpy(a->out + a->tokens[s] * a->out_tok_stride + h * a->out_head_stride, acc + h * a->head_dim,
+                   sizeof(float) * (size_t)a->head_dim);
+    }
+    free(scores);
+    free(scratch);
+    return 0;
+}
+
+/* Groups the sequences by their first block and splits them into work items (a group larger than
+ * a thread's share is split, so every thread gets work); returns the number of items, or -1 when
+ * memory could not be allocated. `order` [num_seqs] and `items` [num_seqs] are the caller's. */
+static int64_t plan_items(const decode_args *a, int64_t num_seqs, int num_threads, int32_t *order, work_item *items) {
+    seq_key *keys = malloc(sizeof(seq_key) * (size_t)num_seqs);
+    if (keys == NULL) return -1;
+    for (int64_t s = 0; s < num_seqs; s++) {
+        keys[s].first = a->seq_lens[s] > 0 ? a->block_table[s * a->bt_stride] : -1;
+        keys[s].seq = (int32_t)s;
+    }
+    qsort(keys, (size_t)num_seqs, sizeof(seq_key), by_first_block);
+    for (int64_t s = 0; s < num_seqs; s++) order[s] = keys[s].seq;
+    const int64_t most = num_threads > 1 ? (num_seqs + num_threads - 1) / num_threads : num_seqs;
+    int64_t num_items = 0;
+    for (int64_t g = 0; g < num_seqs;) {
+        int64_t end = g + 1;
+        while (end < num_seqs && keys[end].first == keys[g].first && keys[g].first >= 0) end++;
+        for (int64_t start = g; start < end; start += most) {
+            const int64_t count = end - start < most ? end - start : most;
+            int64_t shared = 0;
+            if (count > 1) {
+                const int32_t *lead = a->block_table + (int64_t)order[start] * a->bt_stride;
+                shared = num_blocks_of(a, order[start]);
+                for (int64_t i = start + 1; i < start + count; i++) {
+                    const int32_t *table = a->block_table + (int64_t)order[i] * a->bt_stride;
+                    const int64_t nb = num_blocks_of(a, order[i]);
+                    int64_t same = 0;
+                    while (same < shared && same < nb && table[same] == lead[same]) same++;
+                    shared = same;
+                }
+            }
+            items[num_items++] = (work_item){start, count, shared};
+        }
+        g = end;
+    }
+    free(keys);
+    return num_items;
+}
+
+/* Returns 0, or 1 when scratch memory could not be allocated (the caller raises). */
 int pagedserve_decode_attention_f32(
     const float *query, int64_t q_tok_stride, int64_t q_head_stride,
     const float *k_cache, const float *v_cache,
@@ -155,63 +329,22 @@ int pagedserve_decode_attention_f32(
     const int32_t *seq_lens, const int64_t *tokens, int64_t num_seqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
     float scale, int num_threads) {
-    const int64_t group = num_heads / num_kv_heads;
-    const int64_t tok_stride = num_kv_heads * head_dim;
-    const int64_t blk_stride = block_size * tok_stride;
-    int failed = 0;
-
-    /* One sequence per work item, all its heads at once: a block's K (and V) rows for every KV
-     * head sit back to back in the pool, so each block is read as one contiguous stream. */
+    if (num_seqs <= 0) return 0;
+    const decode_args a = {
+        query, k_cache, v_cache, out, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride,
+        block_table, seq_lens, tokens, bt_stride, num_heads, num_heads / num_kv_heads, head_dim, block_size,
+        num_kv_heads * head_dim, block_size * num_kv_heads * head_dim, scale,
+    };
+    int32_t *order = malloc(sizeof(int32_t) * (size_t)num_seqs);
+    work_item *items = malloc(sizeof(work_item) * (size_t)num_seqs);
+    const int64_t num_items = order && items ? plan_items(&a, num_seqs, num_threads, order, items) : -1;
+    int failed = num_items < 0;
+    if (!failed) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1) reduction(| : failed)
-    for (int64_t s = 0; s < num_seqs; s++) {
-        const int64_t len = seq_lens[s];
-        const int64_t tok = tokens[s];
-        const int32_t *table = block_table + s * bt_stride;
-        /* scores [num_heads][len], then the output accumulators [num_heads][head_dim] */
-        float *scores = malloc(sizeof(float) * (size_t)(num_heads * len + num_heads * head_dim));
-        if (scores == NULL) {
-            failed |= 1;
-            continue;
-        }
-        float *acc = scores + num_heads * len;
-        const float *q = query + tok * q_tok_stride;
-
-        /* Block by block (a block holds block_size rows of every KV head, back to back). Blocks
-         * are scattered in the pool, so the next one is prefetched while this one is worked on.
-         * Head by head within a block, so each head's query (K pass) or accumulators (V pass) stay
-         * in registers across the block's rows. */
-        const int64_t num_blocks = (len + block_size - 1) / block_size;
-        for (int64_t b = 0; b < num_blocks; b++) {
-            const float *kb = k_cache + (int64_t)table[b] * blk_stride;
-            if (b + 1 < num_blocks) prefetch_block(k_cache + (int64_t)table[b + 1] * blk_stride, blk_stride);
-            const int64_t p0 = b * block_size;
-            const int64_t n = len - p0 < block_size ? len - p0 : block_size;
-            for (int64_t h = 0; h < num_heads; h++)
-                score_rows(q + h * q_head_stride, kb + (h / group) * head_dim, tok_stride, n, head_dim, scale,
-                           scores + h * len + p0);
-        }
-
-        for (int64_t h = 0; h < num_heads; h++) {
-            float *row = scores + h * len;
-            float max = -INFINITY;
-            for (int64_t i = 0; i < len; i++) max = row[i] > max ? row[i] : max;
-            const float inv = 1.0f / exp_shifted(row, len, max);
-            for (int64_t i = 0; i < len; i++) row[i] *= inv;
-        }
-
-        memset(acc, 0, sizeof(float) * (size_t)(num_heads * head_dim));
-        for (int64_t b = 0; b < num_blocks; b++) {
-            const float *vb = v_cache + (int64_t)table[b] * blk_stride;
-            if (b + 1 < num_blocks) prefetch_block(v_cache + (int64_t)table[b + 1] * blk_stride, blk_stride);
-            const int64_t p0 = b * block_size;
-            const int64_t n = len - p0 < block_size ? len - p0 : block_size;
-            for (int64_t h = 0; h < num_heads; h++)
-                weighted_sum(acc + h * head_dim, scores + h * len + p0, vb + (h / group) * head_dim, tok_stride, n, head_dim);
-        }
-
-        for (int64_t h = 0; h < num_heads; h++)
-            memcpy(out + tok * out_tok_stride + h * out_head_stride, acc + h * head_dim, sizeof(float) * (size_t)head_dim);
-        free(scores);
+        for (int64_t w = 0; w < num_items; w++)
+            failed |= attend_item(&a, order + items[w].start, items[w].count, items[w].shared);
     }
+    free(order);
+    free(items);
     return failed;
 }

@@ -144,3 +144,36 @@ def test_peaked_softmax_matches(paged_batch, kernel) -> None:
     out = torch.empty_like(batch.query)
     plan.attend(batch.query, batch.k_cache, batch.v_cache, 40.0, out)
     torch.testing.assert_close(out, paged_attention_ref(*batch.args(), 40.0), atol=2e-5, rtol=1e-5)
+
+
+def test_sequences_sharing_leading_blocks_match_each_alone(paged_batch, kernel) -> None:
+    # A common prefix maps sequences to the same first blocks (prefix caching, parallel samples):
+    # the kernel works such a group through together, block by block. Each sequence's output is
+    # the same bit for bit as when it is the only one in the call, and matches the reference.
+    seq_lens = [300, 250, 230, 90, 300, 61, 120, 45]
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=8, num_kv_heads=2, head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    table = batch.block_table
+    table[1, :12] = table[0, :12]  # a 12-block common prefix, then their own blocks
+    table[2, :12] = table[0, :12]
+    table[3, :6] = table[0, :6]  # a short context inside the prefix: its last block half used
+    table[4, :19] = table[0, :19]  # the whole context shared (a fork's sibling)
+    table[6, :1] = table[5, :1]  # another group, sharing one block
+    plan = AttentionPlan(table, batch.seq_lens, batch.cu_seqlens_q, 16)
+    native = plan.native
+    assert native is not None
+    together = torch.full_like(batch.query, float("nan"))
+    plan.attend(batch.query, batch.k_cache, batch.v_cache, 0.3, together)
+    torch.testing.assert_close(together, paged_attention_ref(*batch.args(), 0.3), atol=2e-5, rtol=1e-5)
+    for s in range(len(seq_lens)):
+        alone = torch.full_like(batch.query, float("nan"))
+        kernel(batch.query, batch.k_cache, batch.v_cache, alone, native.block_table[s : s + 1],
+               native.seq_lens[s : s + 1], native.tokens[s : s + 1], 0.3)  # fmt: skip
+        assert torch.equal(alone[s], together[s]), s
+    for threads in (2, 3):  # a group split between threads: the same sums
+        out = torch.full_like(batch.query, float("nan"))
+        kernel(batch.query, batch.k_cache, batch.v_cache, out, native.block_table, native.seq_lens,
+               native.tokens, 0.3, threads=threads)  # fmt: skip
+        assert torch.equal(out, together), threads
