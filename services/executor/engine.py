@@ -123,12 +123,13 @@ class ExecutorEngine:
         kv_pool.check_fits(spec, num_blocks, limits.max_model_len)
         pool = KVPool(spec, num_blocks, device)
         log.info(
-            "model %s (%s, %s) on %s with the %s attention backend",
+            "model %s (%s, %s) on %s with the %s attention backend, %s",
             runner.name,
             runner.architecture,
             str(runner.dtype).removeprefix("torch."),
             device,
             runner.backend.name,
+            "lean forward" if runner.lean is not None else "transformers' forward",
         )
         log.info(pool.describe(limits.max_model_len))
         if device.type == "cuda" and runner.backend.name == "triton" and not config.enforce_eager:

@@ -40,6 +40,7 @@ from pagedserve.executor.attention import (
 from pagedserve.executor.cuda_graphs import DecodeGraphs
 from pagedserve.executor.inputs import ScheduledSeq, StepInputs, prepare_inputs
 from pagedserve.executor.kv_pool import KVCacheSpec, KVPool
+from pagedserve.executor.lean_forward import LeanForward, lean_forward_for
 from pagedserve.kernels.backends import AttentionBackend, get_attention_backend
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,9 @@ class ModelRunner:
             int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])
         )
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window = self._probe()
+        # The same operations without transformers' per-module Python, for the architectures it
+        # reproduces bit for bit (see lean_forward); after the probe, which numbers the layers.
+        self.lean: LeanForward | None = lean_forward_for(model)
         self.compiled: nn.Module | None = None  # the torch.compile'd model, once `compile` ran
         self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
 
@@ -220,6 +224,9 @@ class ModelRunner:
         # A step that samples nothing (prefill chunks only) runs eager: with no logits row to keep,
         # the compiled graph's output does not depend on the layers, and inductor would drop them,
         # KV writes included (the custom op's pool write is a side effect the graph does not see).
+        if self.lean is not None and (self.compiled is None or inputs.sample_indices.numel() == 0):
+            logits = self.lean(inputs.input_ids, inputs.positions, inputs.sample_indices, step)
+            return logits[0].float()  # [N, V]
         if self.compiled is None or inputs.sample_indices.numel() == 0:
             out = self.model(
                 input_ids=inputs.input_ids[None],  # [1, T]
