@@ -26,6 +26,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import keep_freed_memory
 from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
@@ -254,6 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     args = parser.parse_args(argv)
+    if args.device in (None, "cpu") and not torch.cuda.is_available():
+        keep_freed_memory()  # as `pagedserve executor` does on CPU
     if args.min_prompt_len is not None and not 1 <= args.min_prompt_len <= args.prompt_len:
         parser.error(f"--min-prompt-len must be in [1, --prompt-len={args.prompt_len}]")
     print(run(args))

@@ -6,6 +6,8 @@ import argparse
 import asyncio
 import logging
 
+import torch
+
 from pagedserve.common import internal_tls
 from pagedserve.common.cpus import parse_cpu_list
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
@@ -19,6 +21,7 @@ from pagedserve.executor.config import (
     ExecutorConfig,
 )
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import keep_freed_memory
 from pagedserve.executor.servicer import SERVICE_NAME, ExecutorServicer
 from pagedserve.kernels.backends import BACKEND_NAMES
 from pagedserve.v1 import executor_pb2_grpc
@@ -148,6 +151,9 @@ async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServ
 
 
 async def serve(config: ExecutorConfig) -> None:
+    on_cpu = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+    if on_cpu and keep_freed_memory():
+        log.info("malloc keeps freed memory for reuse (no mmap per activation)")
     engine = ExecutorEngine.from_config(config)
     server = await start_server(engine, config.host, config.port)
     log.info("executor serving on %s:%d (epoch %s)", config.host, server.bound_port, engine.epoch)

@@ -145,3 +145,44 @@ def test_prefill_heavy_steps_run_with_the_prefill_threads(tiny_model_dir, make_e
     assert seen == [2, 1]
     assert torch.get_num_threads() == 1
     engine.execute_step(StepInput(3, engine.epoch, forget_request_ids=["r0", "r1"]))
+
+
+CHILD_PREFILL = """
+import random, resource, sys
+from pagedserve.bench.executor_bench import Bench
+from pagedserve.common.models import default_model
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import keep_freed_memory
+
+ok = keep_freed_memory() if sys.argv[1] == "1" else True
+config = ExecutorConfig(model=default_model(), device="cpu", block_size=16, num_kv_blocks=600,
+                        max_num_batched_tokens=4096, cpu_threads=1, prefill_threads=1)
+bench = Bench(ExecutorEngine.from_config(config))
+bench.prefill(14, 256, 260, 4096, min_prompt_len=32)
+bench.reset()
+bench.rng = random.Random(0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+bench.prefill(14, 256, 260, 4096, min_prompt_len=32)
+print(ok, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_malloc_keeps_freed_memory_for_the_next_step() -> None:
+    # A child process per setting (the executor's malloc setting is process-wide): the same
+    # prefill step twice on the bundled model; the page faults of the second one. By default its
+    # activations are fresh mmaps, page-faulted in as they are written; with keep_freed_memory()
+    # they reuse the pages the first step freed.
+    import subprocess
+    import sys
+
+    faults = {}
+    for keep in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD_PREFILL, keep], capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        ok, count = out.stdout.split()[-2:]
+        assert ok == "True"
+        faults[keep] = int(count)
+    assert faults["1"] < faults["0"] // 3, faults
