@@ -14,7 +14,7 @@
  * their first blocks, worked through together so a shared block is read once (threads split
  * the items). Two passes over each context: scores, then softmax and the weighted sum of V (no
  * running rescale). AVX2 + FMA code where the compiler targets it (four score rows at a time, a
- * vectorized exp), plain C elsewhere. Only positions < seq_len are read, so slots past a context
+ * vectorized maximum and exp, V rows summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are read, so slots past a context
  * that were never written (they may hold anything) never reach the output.
  */
 
@@ -22,6 +22,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 /* Eight partial sums so the compiler can keep them in one vector register (D is a multiple of 8
  * for every model pagedserve runs; the tail loop covers the rest). */
@@ -35,26 +38,47 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail;
 }
 
-/* y[0:n] += sum_i w[i] * x[i * stride : i * stride + n], the rows of one head in one block; the
- * common head sizes get a copy with the size fixed, so y stays in registers across the rows. */
-#define WEIGHTED_SUM_FIXED(N)                                                                        \
-    static inline void weighted_sum_##N(float *restrict y, const float *restrict w,                 \
-                                        const float *restrict x, int64_t stride, int64_t rows) {    \
-        float t[N];                                                                                  \
-        for (int j = 0; j < N; j++) t[j] = y[j];                                                     \
-        for (int64_t i = 0; i < rows; i++)                                                           \
-            for (int j = 0; j < N; j++) t[j] += w[i] * x[i * stride + j];                            \
-        for (int j = 0; j < N; j++) y[j] = t[j];                                                     \
-    }
-WEIGHTED_SUM_FIXED(32)
-WEIGHTED_SUM_FIXED(64)
-WEIGHTED_SUM_FIXED(128)
-
+/* y[0:n] += sum_i w[i] * x[i * stride : i * stride + n], the rows of one head in one block. With
+ * AVX2 and n a multiple of 32: 32 columns at a time in registers, even and odd rows summed apart
+ * (two independent chains of FMAs) and added at the end; else the plain loop. */
 static inline void weighted_sum(float *restrict y, const float *restrict w, const float *restrict x,
                                 int64_t stride, int64_t rows, int64_t n) {
-    if (n == 32) return weighted_sum_32(y, w, x, stride, rows);
-    if (n == 64) return weighted_sum_64(y, w, x, stride, rows);
-    if (n == 128) return weighted_sum_128(y, w, x, stride, rows);
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n % 32 == 0) {
+        for (int64_t c = 0; c < n; c += 32) {
+            __m256 t0 = _mm256_loadu_ps(y + c), t1 = _mm256_loadu_ps(y + c + 8);
+            __m256 t2 = _mm256_loadu_ps(y + c + 16), t3 = _mm256_loadu_ps(y + c + 24);
+            __m256 u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps();
+            __m256 u2 = _mm256_setzero_ps(), u3 = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 2 <= rows; i += 2) {
+                const float *x0 = x + i * stride + c, *x1 = x0 + stride;
+                const __m256 w0 = _mm256_broadcast_ss(w + i), w1 = _mm256_broadcast_ss(w + i + 1);
+                t0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0), t0);
+                t1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8), t1);
+                t2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 16), t2);
+                t3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 24), t3);
+                u0 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1), u0);
+                u1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 8), u1);
+                u2 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 16), u2);
+                u3 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x1 + 24), u3);
+            }
+            if (i < rows) {
+                const float *x0 = x + i * stride + c;
+                const __m256 w0 = _mm256_broadcast_ss(w + i);
+                t0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0), t0);
+                t1 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 8), t1);
+                t2 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 16), t2);
+                t3 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x0 + 24), t3);
+            }
+            _mm256_storeu_ps(y + c, _mm256_add_ps(t0, u0));
+            _mm256_storeu_ps(y + c + 8, _mm256_add_ps(t1, u1));
+            _mm256_storeu_ps(y + c + 16, _mm256_add_ps(t2, u2));
+            _mm256_storeu_ps(y + c + 24, _mm256_add_ps(t3, u3));
+        }
+        return;
+    }
+#endif
     for (int64_t i = 0; i < rows; i++)
         for (int64_t j = 0; j < n; j++) y[j] += w[i] * x[i * stride + j];
 }
@@ -62,7 +86,6 @@ static inline void weighted_sum(float *restrict y, const float *restrict w, cons
 /* A row of scores for one head: out[i] = scale * q . k[i * stride], i < n. With AVX2 and FMA,
  * four rows at a time (four independent accumulators, reduced together); else one by one. */
 #if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
 
 static inline void score_rows(const float *restrict q, const float *restrict k, int64_t stride, int64_t n,
                               int64_t d, float scale, float *restrict out) {
@@ -108,6 +131,27 @@ static inline __m256 exp_nonpositive(__m256 x) {
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
 
+/* the largest of row[0:n] (n >= 1); four running maxima, so the loop is not one long chain */
+static inline float row_max(const float *row, int64_t n) {
+    int64_t i = 0;
+    float max = -INFINITY;
+    if (n >= 32) {
+        __m256 m0 = _mm256_loadu_ps(row), m1 = _mm256_loadu_ps(row + 8);
+        __m256 m2 = _mm256_loadu_ps(row + 16), m3 = _mm256_loadu_ps(row + 24);
+        for (i = 32; i + 32 <= n; i += 32) {
+            m0 = _mm256_max_ps(m0, _mm256_loadu_ps(row + i));
+            m1 = _mm256_max_ps(m1, _mm256_loadu_ps(row + i + 8));
+            m2 = _mm256_max_ps(m2, _mm256_loadu_ps(row + i + 16));
+            m3 = _mm256_max_ps(m3, _mm256_loadu_ps(row + i + 24));
+        }
+        float buf[8];
+        _mm256_storeu_ps(buf, _mm256_max_ps(_mm256_max_ps(m0, m1), _mm256_max_ps(m2, m3)));
+        for (int j = 0; j < 8; j++) max = buf[j] > max ? buf[j] : max;
+    }
+    for (; i < n; i++) max = row[i] > max ? row[i] : max;
+    return max;
+}
+
 /* row[i] = exp(row[i] - max); returns the sum */
 static inline float exp_shifted(float *row, int64_t n, float max) {
     int64_t i = 0;
@@ -131,6 +175,12 @@ static inline float exp_shifted(float *row, int64_t n, float max) {
 static inline void score_rows(const float *restrict q, const float *restrict k, int64_t stride, int64_t n,
                               int64_t d, float scale, float *restrict out) {
     for (int64_t i = 0; i < n; i++) out[i] = dot(q, k + i * stride, d) * scale;
+}
+
+static inline float row_max(const float *row, int64_t n) {
+    float max = -INFINITY;
+    for (int64_t i = 0; i < n; i++) max = row[i] > max ? row[i] : max;
+    return max;
 }
 
 static inline float exp_shifted(float *row, int64_t n, float max) {
@@ -248,8 +298,7 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
         const int64_t len = a->seq_lens[seqs[i]];
         for (int64_t h = 0; h < a->num_heads; h++) {
             float *row = scores[i] + h * len;
-            float max = -INFINITY;
-            for (int64_t j = 0; j < len; j++) max = row[j] > max ? row[j] : max;
+            const float max = row_max(row, len);
             const float inv = 1.0f / exp_shifted(row, len, max);
             for (int64_t j = 0; j < len; j++) row[j] *= inv;
         }
