@@ -92,6 +92,20 @@ static inline void score_rows(const float *restrict q, const float *restrict k, 
     int64_t i = 0;
     if (d % 8 == 0) {
         const __m256 vscale = _mm256_set1_ps(scale);
+        for (; i + 8 <= n; i += 8) { /* eight rows: eight independent chains of FMAs */
+            const float *k0 = k + i * stride;
+            __m256 a[8];
+            for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+            for (int64_t c = 0; c < d; c += 8) {
+                const __m256 qc = _mm256_loadu_ps(q + c);
+                for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + r * stride + c), a[r]);
+            }
+            /* as below for each half: rows 0-3 in g0, rows 4-7 in g1, lanes 0-3 then 4-7 */
+            const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+            const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(sum, vscale));
+        }
         for (; i + 4 <= n; i += 4) {
             const float *k0 = k + i * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
             __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
