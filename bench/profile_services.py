@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.bench.executor_bench import environment
+from pagedserve.executor.lean_forward import ENV_SWITCH as LEAN_SWITCH
 from pagedserve.bench.http_load import run_http_load
 from pagedserve.bench.metrics import summarize
 from pagedserve.bench.stack import LaunchedStack, StackConfig
@@ -97,9 +98,15 @@ def _label(frame: str) -> str:
 
 # A variant is the gateway's scheduler stream, optionally with "+gather": the executor without its
 # native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py), and/or
-# "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1).
+# "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1),
+# and/or "+hf": the executor on transformers' own forward (no lean forward, see
+# services/executor/lean_forward.py).
 GATHER_SUFFIX = "+gather"
 PREFILL1_SUFFIX = "+prefill1"
+SWITCHES = {
+    GATHER_SUFFIX[1:]: {NATIVE_SWITCH: "0"},
+    "hf": {LEAN_SWITCH: "0"},
+}
 
 
 def run_variant(
@@ -110,7 +117,7 @@ def run_variant(
     extra = ("--prefill-threads", "1") if PREFILL1_SUFFIX[1:] in options else ()
     config = StackConfig(model, num_kv_blocks=4096, max_model_len=512, max_num_batched_tokens=2048,
                          extra_args=("--scheduler-stream", stream, *extra))  # fmt: skip
-    switch = {NATIVE_SWITCH: "0"} if GATHER_SUFFIX[1:] in options else {}
+    switch = {key: value for option in options for key, value in SWITCHES.get(option, {}).items()}
     with environment(switch), LaunchedStack(config, log_dir=log_dir / variant) as stack:
         assert stack.proc is not None
         asyncio.run(
@@ -182,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         default="shared,per-request",
         help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
         f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel) and/or "
-        f"{PREFILL1_SUFFIX} (--prefill-threads 1)",
+        f"{PREFILL1_SUFFIX} (--prefill-threads 1), and/or +hf (no lean forward)",
     )
     parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")
