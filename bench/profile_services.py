@@ -28,13 +28,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pagedserve.bench.executor_bench import environment
-from pagedserve.executor.lean_forward import ENV_SWITCH as LEAN_SWITCH
 from pagedserve.bench.http_load import run_http_load
 from pagedserve.bench.metrics import summarize
 from pagedserve.bench.stack import LaunchedStack, StackConfig
 from pagedserve.bench.vllm_compare import VOCAB, traces
 from pagedserve.bench.workload import fixed_lengths
 from pagedserve.common.models import default_model
+from pagedserve.executor.lean_forward import ENV_SWITCH as LEAN_SWITCH
+from pagedserve.executor.servicer import INLINE_SWITCH
 from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor")
@@ -99,13 +100,15 @@ def _label(frame: str) -> str:
 # A variant is the gateway's scheduler stream, optionally with "+gather": the executor without its
 # native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py), and/or
 # "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1),
-# and/or "+hf": the executor on transformers' own forward (no lean forward, see
-# services/executor/lean_forward.py).
+# "+hf": the executor on transformers' own forward (no lean forward, see
+# services/executor/lean_forward.py), and/or "+thread": every step in a worker thread (none on the
+# executor's event loop, see services/executor/servicer.py).
 GATHER_SUFFIX = "+gather"
 PREFILL1_SUFFIX = "+prefill1"
 SWITCHES = {
     GATHER_SUFFIX[1:]: {NATIVE_SWITCH: "0"},
     "hf": {LEAN_SWITCH: "0"},
+    "thread": {INLINE_SWITCH: "0"},
 }
 
 
@@ -189,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         default="shared,per-request",
         help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
         f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel) and/or "
-        f"{PREFILL1_SUFFIX} (--prefill-threads 1), and/or +hf (no lean forward)",
+        f"{PREFILL1_SUFFIX} (--prefill-threads 1), +hf (no lean forward) and/or +thread (every step in a worker thread)",
     )
     parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")

@@ -106,11 +106,20 @@ class LeanForward:
             attn, mlp = layer.self_attn, layer.mlp
             self.layers.append(
                 _Layer(
-                    getattr(attn, LAYER_ATTR), *_rms_norm_parts(layer.input_layernorm),
-                    _linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj), _linear(attn.o_proj),
-                    float(attn.scaling), int(attn.head_dim), *_rms_norm_parts(layer.post_attention_layernorm),
-                    _linear(mlp.gate_proj), _linear(mlp.up_proj), _linear(mlp.down_proj), mlp.act_fn,
-                )  # fmt: skip
+                    getattr(attn, LAYER_ATTR),
+                    *_rms_norm_parts(layer.input_layernorm),
+                    _linear(attn.q_proj),
+                    _linear(attn.k_proj),
+                    _linear(attn.v_proj),
+                    _linear(attn.o_proj),
+                    float(attn.scaling),
+                    int(attn.head_dim),
+                    *_rms_norm_parts(layer.post_attention_layernorm),
+                    _linear(mlp.gate_proj),
+                    _linear(mlp.up_proj),
+                    _linear(mlp.down_proj),
+                    mlp.act_fn,
+                )
             )
 
     def __call__(

@@ -1,13 +1,21 @@
-"""The Executor gRPC service: protobuf in, the engine's step in a worker thread, protobuf out.
+"""The Executor gRPC service: protobuf in, the engine's step, protobuf out.
 
-The step runs in a thread so that the event loop keeps answering health checks and Info while a
-long forward is in flight; the engine serializes steps itself.
+A short step runs on the event loop itself: fewer than `INLINE_STEP_TOKENS` tokens (a decode
+batch, a short prefill) while the last few steps each took under `INLINE_STEP_SECONDS`. Handing
+such a step to a worker thread and waking the loop when it ends put a thread switch between every
+two steps (the stack's mixed trace on the bundled model ran about 10% longer that way,
+docs/EXECUTOR_BENCH.md). Any other step runs in a worker thread, so that the loop keeps answering
+health checks and Info meanwhile (a slow model's decode steps too: the first steps, and any after
+a slow one, go to the thread); the engine serializes steps itself. `PAGEDSERVE_INLINE_STEPS=0`
+sends every step to a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
 
 import grpc
 
@@ -15,16 +23,30 @@ from pagedserve.common.errors import PagedServeError
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.step import info_to_proto, output_to_proto, step_from_proto
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import PREFILL_STEP_TOKENS
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "pagedserve.v1.Executor"
+INLINE_SWITCH = "PAGEDSERVE_INLINE_STEPS"
+INLINE_STEP_TOKENS = PREFILL_STEP_TOKENS  # a step this long or longer runs in a worker thread
+INLINE_STEP_SECONDS = 0.1  # ... and any step while a recent one took this long or longer
 
 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: ExecutorEngine) -> None:
         self.engine = engine
+        self.inline = os.environ.get(INLINE_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+        self._recent: collections.deque[float] = collections.deque(maxlen=4)  # seconds of the last steps
+
+    def _runs_inline(self, step) -> bool:
+        return (
+            self.inline
+            and step.total_num_scheduled_tokens < INLINE_STEP_TOKENS
+            and len(self._recent) == self._recent.maxlen
+            and max(self._recent) < INLINE_STEP_SECONDS
+        )
 
     @grpc_errors
     async def Info(
@@ -38,7 +60,11 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     ) -> executor_pb2.ExecuteStepResponse:
         step, claimed_total = step_from_proto(request)
         try:
-            output = await asyncio.to_thread(self.engine.execute_step, step, claimed_total)
+            if self._runs_inline(step):
+                output = self.engine.execute_step(step, claimed_total)
+            else:
+                output = await asyncio.to_thread(self.engine.execute_step, step, claimed_total)
+            self._recent.append(output.execute_seconds)
         except PagedServeError:
             raise  # a malformed step or an epoch mismatch: grpc_errors maps it
         except Exception as e:

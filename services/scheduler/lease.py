@@ -66,7 +66,9 @@ class Lease:
     def renew(self) -> bool:
         """Extend the lease; False when another scheduler took it (stop writing at once)."""
         with self.lock:
-            ok = self._renew(keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token])
+            ok = self._renew(
+                keys=[self.keys.meta, self.lease_key], args=[self.holder, self.ttl_ms, self.token]
+            )
             return bool(int(ok))
 
     def release(self) -> None:

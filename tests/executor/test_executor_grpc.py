@@ -152,3 +152,24 @@ def test_main_fails_with_the_reason_when_the_pool_is_too_small(tiny_model_dir, c
     assert server.main(args) == 2
     assert "--block-size must be a power of two" in caplog.text
     assert server.parse_bytes("512MiB") == 512 * 2**20 and server.parse_bytes("2GB") == 2 * 10**9
+
+
+def test_short_steps_run_on_the_event_loop_only_while_steps_are_fast(
+    tiny_model_dir, make_engine, monkeypatch
+) -> None:
+    from pagedserve.executor.servicer import INLINE_STEP_SECONDS, INLINE_STEP_TOKENS, ExecutorServicer
+
+    servicer = ExecutorServicer(make_engine(tiny_model_dir("llama")))
+    decode = StepInput(0, "", cached_requests=[CachedRequestData("r", [], 1, 5)] * 8)
+    long = StepInput(
+        0, "", new_requests=[NewRequestData("r", [5] * 300, [], GREEDY, [0], 0, INLINE_STEP_TOKENS)]
+    )
+    assert not servicer._runs_inline(decode), "no history yet: a worker thread"
+    servicer._recent.extend([0.01] * 4)
+    assert servicer._runs_inline(decode) and not servicer._runs_inline(long)
+    servicer._recent.append(INLINE_STEP_SECONDS)  # one slow step: the thread again
+    assert not servicer._runs_inline(decode)
+    monkeypatch.setenv("PAGEDSERVE_INLINE_STEPS", "0")
+    off = ExecutorServicer(servicer.engine)
+    off._recent.extend([0.01] * 4)
+    assert not off._runs_inline(decode)

@@ -202,8 +202,8 @@ def test_taking_the_lease_again_from_two_threads_keeps_the_last_token(redis_clie
         redis_client.delete(meta, lease.lease_key)  # as after a restart with no data
         start = threading.Barrier(4)
 
-        def again() -> None:
-            start.wait()
+        def again(barrier: threading.Barrier = start) -> None:
+            barrier.wait()
             assert replicator._reacquire()
 
         threads = [threading.Thread(target=again) for _ in range(4)]
