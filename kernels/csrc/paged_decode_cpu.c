@@ -14,7 +14,8 @@
  * their first blocks, worked through together so a shared block is read once (threads split
  * the items). Two passes over each context: scores, then softmax and the weighted sum of V (no
  * running rescale). AVX2 + FMA code where the compiler targets it (four score rows at a time, a
- * vectorized maximum and exp, V rows summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are read, so slots past a context
+ * vectorized maximum and exp, each V row loaded once for the two heads of a KV group that read
+ * it, else summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are read, so slots past a context
  * that were never written (they may hold anything) never reach the output.
  */
 
@@ -82,6 +83,44 @@ static inline void weighted_sum(float *restrict y, const float *restrict w, cons
     for (int64_t i = 0; i < rows; i++)
         for (int64_t j = 0; j < n; j++) y[j] += w[i] * x[i * stride + j];
 }
+
+/* The same for two heads that read the same rows (grouped-query attention): each row's columns
+ * are loaded once for both; one chain of FMAs per head and column vector. n % 32 == 0, AVX2. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline void weighted_sum_pair(float *restrict y0, float *restrict y1, const float *restrict w0,
+                                     const float *restrict w1, const float *restrict x, int64_t stride,
+                                     int64_t rows, int64_t n) {
+    for (int64_t c = 0; c < n; c += 32) {
+        __m256 s0 = _mm256_loadu_ps(y0 + c), s1 = _mm256_loadu_ps(y0 + c + 8);
+        __m256 s2 = _mm256_loadu_ps(y0 + c + 16), s3 = _mm256_loadu_ps(y0 + c + 24);
+        __m256 t0 = _mm256_loadu_ps(y1 + c), t1 = _mm256_loadu_ps(y1 + c + 8);
+        __m256 t2 = _mm256_loadu_ps(y1 + c + 16), t3 = _mm256_loadu_ps(y1 + c + 24);
+        for (int64_t i = 0; i < rows; i++) {
+            const float *xr = x + i * stride + c;
+            const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+            const __m256 x2 = _mm256_loadu_ps(xr + 16), x3 = _mm256_loadu_ps(xr + 24);
+            const __m256 a = _mm256_broadcast_ss(w0 + i), b = _mm256_broadcast_ss(w1 + i);
+            s0 = _mm256_fmadd_ps(a, x0, s0);
+            s1 = _mm256_fmadd_ps(a, x1, s1);
+            s2 = _mm256_fmadd_ps(a, x2, s2);
+            s3 = _mm256_fmadd_ps(a, x3, s3);
+            t0 = _mm256_fmadd_ps(b, x0, t0);
+            t1 = _mm256_fmadd_ps(b, x1, t1);
+            t2 = _mm256_fmadd_ps(b, x2, t2);
+            t3 = _mm256_fmadd_ps(b, x3, t3);
+        }
+        _mm256_storeu_ps(y0 + c, s0);
+        _mm256_storeu_ps(y0 + c + 8, s1);
+        _mm256_storeu_ps(y0 + c + 16, s2);
+        _mm256_storeu_ps(y0 + c + 24, s3);
+        _mm256_storeu_ps(y1 + c, t0);
+        _mm256_storeu_ps(y1 + c + 8, t1);
+        _mm256_storeu_ps(y1 + c + 16, t2);
+        _mm256_storeu_ps(y1 + c + 24, t3);
+    }
+}
+#define HAVE_WEIGHTED_SUM_PAIR 1
+#endif
 
 /* A row of scores for one head: out[i] = scale * q . k[i * stride], i < n. With AVX2 and FMA,
  * four rows at a time (four independent accumulators, reduced together); else one by one. */
@@ -266,6 +305,14 @@ static inline void sum_block(const decode_args *a, int64_t s, const float *score
     const float *vb = a->v_cache + (int64_t)id * a->blk_stride;
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
+#ifdef HAVE_WEIGHTED_SUM_PAIR
+    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+        for (int64_t h = 0; h < a->num_heads; h += 2)
+            weighted_sum_pair(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
+                              scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim);
+        return;
+    }
+#endif
     for (int64_t h = 0; h < a->num_heads; h++)
         weighted_sum(acc + h * a->head_dim, scores + h * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride,
                      n, a->head_dim);
