@@ -181,6 +181,8 @@ def run_backend(
 
 def run(args: argparse.Namespace) -> str:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        keep_freed_memory()  # as `pagedserve executor` does on CPU
     batch_sizes = QUICK_BATCH_SIZES if args.quick else tuple(args.batch_sizes)
     decode_steps = 3 if args.quick else args.decode_steps
     warmup = 1 if args.quick else 2
@@ -255,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     args = parser.parse_args(argv)
-    if args.device in (None, "cpu") and not torch.cuda.is_available():
-        keep_freed_memory()  # as `pagedserve executor` does on CPU
     if args.min_prompt_len is not None and not 1 <= args.min_prompt_len <= args.prompt_len:
         parser.error(f"--min-prompt-len must be in [1, --prompt-len={args.prompt_len}]")
     print(run(args))

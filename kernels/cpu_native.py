@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from pagedserve.common.switches import switched_on
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
@@ -137,13 +139,9 @@ class DecodeKernel:
             raise MemoryError("native decode attention: out of memory for its scratch buffers")
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def decode_kernel() -> DecodeKernel | None:
     """The native decode kernel, built and loaded on first use; None when it cannot be (logged once)."""
-    if not enabled():
+    if not switched_on(ENV_SWITCH):
         return None
     with _lock:
         if "kernel" not in _loaded:

@@ -13,10 +13,11 @@
  * Work item = a run of sequences, all their heads: one sequence alone, or sequences that share
  * their first blocks, worked through together so a shared block is read once (threads split
  * the items). Two passes over each context: scores, then softmax and the weighted sum of V (no
- * running rescale). AVX2 + FMA code where the compiler targets it (four score rows at a time, a
- * vectorized maximum and exp, each V row loaded once for the two heads of a KV group that read
- * it, else summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are read, so slots past a context
- * that were never written (they may hold anything) never reach the output.
+ * running rescale). AVX2 + FMA code where the compiler targets it (eight score rows at a time, then
+ * four, a vectorized maximum and exp, each V row loaded once for the two heads of a KV group that
+ * read it, else summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are
+ * read, so slots past a context that were never written (they may hold anything) never reach the
+ * output.
  */
 
 #include <math.h>

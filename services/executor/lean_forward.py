@@ -14,13 +14,13 @@ hooks; anything else (and `PAGEDSERVE_LEAN_FORWARD=0`) keeps transformers' forwa
 from __future__ import annotations
 
 import logging
-import os
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedserve.common.switches import switched_on
 from pagedserve.executor.attention import LAYER_ATTR, StepMetadata, _attend_layer
 
 log = logging.getLogger(__name__)
@@ -49,10 +49,6 @@ class _Layer(NamedTuple):
     act: nn.Module
 
 
-def enabled() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
-
-
 def _hooked(module: nn.Module) -> bool:
     return any(
         m._forward_hooks or m._forward_pre_hooks or getattr(m, "_hf_hook", None) is not None
@@ -75,7 +71,7 @@ def _rms_norm_parts(module: nn.Module) -> tuple[torch.Tensor, float]:
 def lean_forward_for(model: nn.Module) -> LeanForward | None:
     """A LeanForward for `model`, or None (why is logged at debug level) when it is not one of
     the shapes it reproduces exactly."""
-    if not enabled():
+    if not switched_on(ENV_SWITCH):
         return None
     try:
         return LeanForward(model)

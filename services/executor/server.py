@@ -6,8 +6,6 @@ import argparse
 import asyncio
 import logging
 
-import torch
-
 from pagedserve.common import internal_tls
 from pagedserve.common.cpus import parse_cpu_list
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
@@ -151,10 +149,9 @@ async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServ
 
 
 async def serve(config: ExecutorConfig) -> None:
-    on_cpu = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-    if on_cpu and keep_freed_memory():
-        log.info("malloc keeps freed memory for reuse (no mmap per activation)")
     engine = ExecutorEngine.from_config(config)
+    if engine.runner.device.type == "cpu" and keep_freed_memory():  # for every step's activations
+        log.info("malloc keeps freed memory for reuse (no mmap per activation)")
     server = await start_server(engine, config.host, config.port)
     log.info("executor serving on %s:%d (epoch %s)", config.host, server.bound_port, engine.epoch)
     await run_until_signal(server.stop)

@@ -15,13 +15,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import os
 
 import grpc
 
 from pagedserve.common.errors import PagedServeError
 from pagedserve.common.grpc_utils import grpc_errors
-from pagedserve.common.step import info_to_proto, output_to_proto, step_from_proto
+from pagedserve.common.step import StepInput, info_to_proto, output_to_proto, step_from_proto
+from pagedserve.common.switches import switched_on
 from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.executor.placement import PREFILL_STEP_TOKENS
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
@@ -37,10 +37,10 @@ INLINE_STEP_SECONDS = 0.1  # ... and any step while a recent one took this long 
 class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
     def __init__(self, engine: ExecutorEngine) -> None:
         self.engine = engine
-        self.inline = os.environ.get(INLINE_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+        self.inline = switched_on(INLINE_SWITCH)
         self._recent: collections.deque[float] = collections.deque(maxlen=4)  # seconds of the last steps
 
-    def _runs_inline(self, step) -> bool:
+    def _runs_inline(self, step: StepInput) -> bool:
         return (
             self.inline
             and step.total_num_scheduled_tokens < INLINE_STEP_TOKENS
