@@ -28,6 +28,7 @@ from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.executor.placement import keep_freed_memory
 from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
+from pagedserve.kernels.packed_gemm import ENV_SWITCH as PACKED_SWITCH
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=1 << 20)
 FULL_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -110,9 +111,14 @@ class Bench:
         return times
 
 
-# "torch-gather": the torch backend without the native CPU decode kernel (kernels/cpu_native.py),
-# for a side-by-side row.
-VARIANT_ENV = {"torch": {}, "torch-gather": {NATIVE_SWITCH: "0"}, "triton": {}}
+# "torch-gather": the torch backend without the native CPU decode kernel (kernels/cpu_native.py);
+# "torch-unpacked": without the packed linears (kernels/packed_gemm.py); each for a side-by-side row.
+VARIANT_ENV = {
+    "torch": {},
+    "torch-gather": {NATIVE_SWITCH: "0"},
+    "torch-unpacked": {PACKED_SWITCH: "0"},
+    "triton": {},
+}
 BENCH_BACKENDS = tuple(VARIANT_ENV)
 
 
@@ -233,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         default=["torch", "triton"],
         choices=BENCH_BACKENDS,
         help="torch-gather: the torch backend without the native CPU decode kernel (decodes "
-        "gathered and attended with SDPA), for a side-by-side row",
+        "gathered and attended with SDPA); torch-unpacked: without the packed linears (F.linear); "
+        "each for a side-by-side row",
     )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=list(FULL_BATCH_SIZES))
     parser.add_argument("--block-size", type=int, default=16)

@@ -129,7 +129,7 @@ class ExecutorEngine:
             str(runner.dtype).removeprefix("torch."),
             device,
             runner.backend.name,
-            "lean forward" if runner.lean is not None else "transformers' forward",
+            runner.lean.describe() if runner.lean is not None else "transformers' forward",
         )
         log.info(pool.describe(limits.max_model_len))
         if device.type == "cuda" and runner.backend.name == "triton" and not config.enforce_eager:

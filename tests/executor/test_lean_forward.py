@@ -1,5 +1,6 @@
 """The lean forward (services/executor/lean_forward.py) gives the same logits, and writes the same
-KV, bit for bit, as transformers' own forward through pagedserve's attention."""
+KV, bit for bit, as transformers' own forward through pagedserve's attention; with its linears on
+packed weights (the default on CPU), the same to float32 rounding and the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from executor_harness import VOCAB, make_prompts
 
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
-from pagedserve.executor.lean_forward import ENV_SWITCH, lean_forward_for
+from pagedserve.executor.lean_forward import ENV_SWITCH, LeanForward, lean_forward_for
 from pagedserve.executor.model_runner import ModelRunner
+from pagedserve.kernels.packed_gemm import PackedLinear
 
 BLOCK = 8
 
@@ -37,23 +39,48 @@ def _run(runner: ModelRunner, prompts: list[list[int]]) -> tuple[list[torch.Tens
     return logits, pool
 
 
+def _lean_against_transformers(runner: ModelRunner, lean: LeanForward | None, prompts: list[list[int]]):
+    """(lean logits, lean pool), (transformers' logits, its pool) over the same steps."""
+    kept = runner.lean
+    try:
+        runner.lean = lean
+        lean_run = _run(runner, prompts)
+        runner.lean = None  # transformers' forward, the same weights
+        return lean_run, _run(runner, prompts)
+    finally:
+        runner.lean = kept
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
 def test_lean_forward_is_bit_identical(family, tiny_model_dir, make_engine) -> None:
     runner = make_engine(tiny_model_dir(family)).runner
     assert runner.lean is not None, f"{family} should take the lean forward"
     prompts = make_prompts((5, 17, 30), VOCAB, seed=3)
-    lean_logits, lean_pool = _run(runner, prompts)
-    lean = runner.lean
-    runner.lean = None  # transformers' forward, the same weights
-    try:
-        hf_logits, hf_pool = _run(runner, prompts)
-    finally:
-        runner.lean = lean
+    (lean_logits, lean_pool), (hf_logits, hf_pool) = _lean_against_transformers(
+        runner, LeanForward(runner.model, pack=False), prompts
+    )
     for i, (got, want) in enumerate(zip(lean_logits, hf_logits, strict=True)):
         assert got.shape == want.shape and torch.equal(got, want), f"step {i}"
     for layer in range(runner.num_layers):
         assert torch.equal(lean_pool.k_caches[layer], hf_pool.k_caches[layer])
         assert torch.equal(lean_pool.v_caches[layer], hf_pool.v_caches[layer])
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_packed_linears_match_transformers_to_rounding(family, tiny_model_dir, make_engine) -> None:
+    runner = make_engine(tiny_model_dir(family)).runner
+    lean = runner.lean
+    assert lean is not None and isinstance(lean.layers[0].q, PackedLinear), "packed by default on CPU"
+    assert isinstance(lean.lm_head, PackedLinear)
+    prompts = make_prompts((5, 17, 30), VOCAB, seed=3)
+    (lean_logits, lean_pool), (hf_logits, hf_pool) = _lean_against_transformers(runner, lean, prompts)
+    for i, (got, want) in enumerate(zip(lean_logits, hf_logits, strict=True)):
+        assert got.shape == want.shape, f"step {i}"
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=f"step {i}")
+        assert torch.equal(got.argmax(-1), want.argmax(-1)), f"step {i}: greedy tokens"
+    for layer in range(runner.num_layers):
+        torch.testing.assert_close(lean_pool.k_caches[layer], hf_pool.k_caches[layer], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(lean_pool.v_caches[layer], hf_pool.v_caches[layer], rtol=1e-4, atol=1e-5)
 
 
 def test_other_architectures_and_the_switch_keep_transformers_forward(

@@ -1,0 +1,68 @@
+"""Linears on packed weights (kernels/packed_gemm.py): F.linear's values to float32 rounding, a
+row's bits independent of the batch around it, and None wherever F.linear has to stay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pagedserve.kernels.packed_gemm import ENV_SWITCH, MIN_ROWS, PackedLinear, packed_linear
+
+# (out, in): square, wide, narrow, and an inner dimension that is no power of two
+SHAPES = [(64, 64), (176, 64), (16, 64), (64, 176), (96, 40)]
+
+
+def _packed(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
+    linear = packed_linear(weight, bias)
+    assert linear is not None, "MKL's packed GEMM should be found in this torch build"
+    return linear
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_matches_f_linear(shape, with_bias) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    weight = torch.randn(shape, generator=gen) / shape[1] ** 0.5
+    bias = torch.randn(shape[0], generator=gen) if with_bias else None
+    linear = _packed(weight, bias)
+    for rows in (1, 2, 3, 8, 33, 300):
+        x = torch.randn(rows, shape[1], generator=gen)
+        torch.testing.assert_close(linear(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 7, shape[1], generator=gen)  # leading dims kept, as F.linear keeps them
+    got = linear(x)
+    assert got.shape == (1, 7, shape[0])
+    torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    assert linear(torch.empty(0, shape[1])).shape == (0, shape[0])
+
+
+def test_a_rows_bits_do_not_depend_on_its_batch() -> None:
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(176, 64, generator=gen)
+    linear = _packed(weight, torch.randn(176, generator=gen))
+    x = torch.randn(64, 64, generator=gen)
+    full = linear(x)
+    for rows in (MIN_ROWS, 4, 5, 8, 16, 17, 32, 63):
+        assert torch.equal(linear(x[:rows]), full[:rows]), f"{rows} rows"
+        assert torch.equal(linear(x[-rows:]), full[-rows:]), f"the last {rows} rows"
+    for rows in range(1, MIN_ROWS):  # F.linear's own
+        assert torch.equal(linear(x[:rows]), F.linear(x[:rows], linear.weight, linear.bias))
+
+
+def test_non_contiguous_input() -> None:
+    weight = torch.randn(32, 64)
+    x = torch.randn(64, 10).t()  # [10, 64], strided
+    torch.testing.assert_close(_packed(weight)(x), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_where_f_linear_stays(monkeypatch) -> None:
+    assert packed_linear(torch.randn(8, 8, dtype=torch.bfloat16)) is None
+    assert packed_linear(torch.randn(8, 8), torch.randn(8, dtype=torch.float64)) is None
+    assert packed_linear(torch.randn(8)) is None
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert packed_linear(torch.randn(8, 8)) is None
+
+
+def test_wrong_input_width_names_both() -> None:
+    with pytest.raises(ValueError, match="48 features, the weight takes 64"):
+        _packed(torch.randn(8, 64))(torch.randn(2, 48))
