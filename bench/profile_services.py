@@ -37,6 +37,7 @@ from pagedserve.common.models import default_model
 from pagedserve.executor.lean_forward import ENV_SWITCH as LEAN_SWITCH
 from pagedserve.executor.servicer import INLINE_SWITCH
 from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
+from pagedserve.kernels.packed_gemm import ENV_SWITCH as PACKED_SWITCH
 
 SERVICES = ("gateway", "tokenizer", "scheduler", "executor")
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -101,13 +102,15 @@ def _label(frame: str) -> str:
 # native CPU decode kernel (PAGEDSERVE_NATIVE_KERNELS=0, see kernels/cpu_native.py), and/or
 # "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1),
 # "+hf": the executor on transformers' own forward (no lean forward, see
-# services/executor/lean_forward.py), and/or "+thread": every step in a worker thread (none on the
-# executor's event loop, see services/executor/servicer.py).
+# services/executor/lean_forward.py), "+unpacked": its linears on F.linear (kernels/packed_gemm.py),
+# and/or "+thread": every step in a worker thread (none on the executor's event loop, see
+# services/executor/servicer.py).
 GATHER_SUFFIX = "+gather"
 PREFILL1_SUFFIX = "+prefill1"
 SWITCHES = {
     GATHER_SUFFIX[1:]: {NATIVE_SWITCH: "0"},
     "hf": {LEAN_SWITCH: "0"},
+    "unpacked": {PACKED_SWITCH: "0"},
     "thread": {INLINE_SWITCH: "0"},
 }
 
@@ -192,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         default="shared,per-request",
         help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
         f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel) and/or "
-        f"{PREFILL1_SUFFIX} (--prefill-threads 1), +hf (no lean forward) and/or +thread (every step in a worker thread)",
+        f"{PREFILL1_SUFFIX} (--prefill-threads 1), +hf (no lean forward), +unpacked (F.linear, no packed weights) and/or "
+        "+thread (every step in a worker thread)",
     )
     parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")

@@ -73,14 +73,22 @@ def test_grpc_stream_closed_mid_way_frees_blocks(stack: Stack) -> None:
 
 
 def test_http_client_gone_before_a_whole_answer_frees_blocks(stack: Stack) -> None:
+    # Long enough that the client gives up first on any machine (300 tokens took under 1 s here).
+    longer = {**LONG, "max_tokens": 1800}
+    outcome: list[BaseException | str] = []
+
     def long_request() -> None:
-        with pytest.raises(httpx.ReadTimeout):
-            httpx.post(f"{stack.http_url}/v1/completions", json={"prompt": "import ", **LONG}, timeout=1.0)
+        try:
+            httpx.post(f"{stack.http_url}/v1/completions", json={"prompt": "import ", **longer}, timeout=1.0)
+            outcome.append("the answer came whole within the client's 1 s timeout")
+        except BaseException as e:  # handed to the test's thread below
+            outcome.append(e)
 
     thread = threading.Thread(target=long_request)
     thread.start()
     _wait_running(stack)
     thread.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], httpx.ReadTimeout), outcome
     assert _seconds_until_idle(stack, FREED_WITHIN_S) <= FREED_WITHIN_S
 
 
