@@ -89,7 +89,7 @@ class ModelRunner:
         )
         self.num_layers, self.num_heads, self.num_kv_heads, self.head_dim, self.sliding_window = self._probe()
         # The same operations without transformers' per-module Python, for the architectures it
-        # reproduces bit for bit (see lean_forward); after the probe, which numbers the layers.
+        # reproduces (see lean_forward); after the probe, which numbers the layers.
         self.lean: LeanForward | None = lean_forward_for(model)
         self.compiled: nn.Module | None = None  # the torch.compile'd model, once `compile` ran
         self.decode_graphs: DecodeGraphs | None = None  # CUDA graphs of decode steps, once captured
