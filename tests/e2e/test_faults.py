@@ -16,7 +16,7 @@ import time
 
 import httpx
 import pytest
-from e2e_harness import Stack, running_stack
+from e2e_harness import MAX_MODEL_LEN, Stack, running_stack
 
 from pagedserve.client import Client
 from pagedserve.common import errors
@@ -73,14 +73,15 @@ def test_grpc_stream_closed_mid_way_frees_blocks(stack: Stack) -> None:
 
 
 def test_http_client_gone_before_a_whole_answer_frees_blocks(stack: Stack) -> None:
-    # Long enough that the client gives up first on any machine (300 tokens took under 1 s here).
-    longer = {**LONG, "max_tokens": 1800}
+    # The whole context, and a client that gives up after 0.5 s: 300 tokens once took 2 s, and
+    # later well under the 1 s this test used to wait.
+    longer = {**LONG, "max_tokens": MAX_MODEL_LEN - 8}
     outcome: list[BaseException | str] = []
 
     def long_request() -> None:
         try:
-            httpx.post(f"{stack.http_url}/v1/completions", json={"prompt": "import ", **longer}, timeout=1.0)
-            outcome.append("the answer came whole within the client's 1 s timeout")
+            httpx.post(f"{stack.http_url}/v1/completions", json={"prompt": "import ", **longer}, timeout=0.5)
+            outcome.append("the answer came whole within the client's 0.5 s timeout")
         except BaseException as e:  # handed to the test's thread below
             outcome.append(e)
 
