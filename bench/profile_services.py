@@ -103,8 +103,8 @@ def _label(frame: str) -> str:
 # "+prefill1": prefill-heavy steps on the executor's ordinary thread count (--prefill-threads 1),
 # "+hf": the executor on transformers' own forward (no lean forward, see
 # services/executor/lean_forward.py), "+unpacked": its linears on F.linear (kernels/packed_gemm.py),
-# and/or "+thread": every step in a worker thread (none on the executor's event loop, see
-# services/executor/servicer.py).
+# "+thread": every step in a worker thread (none on the executor's event loop, see
+# services/executor/servicer.py), and/or "+cpuN": the executor's --cpu-threads N.
 GATHER_SUFFIX = "+gather"
 PREFILL1_SUFFIX = "+prefill1"
 SWITCHES = {
@@ -121,6 +121,9 @@ def run_variant(
     _, requests = traces()[trace]
     stream, *options = variant.split("+")
     extra = ("--prefill-threads", "1") if PREFILL1_SUFFIX[1:] in options else ()
+    for option in options:
+        if option.startswith("cpu") and option[3:].isdigit():  # "+cpu2": --cpu-threads 2
+            extra += ("--cpu-threads", option[3:])
     config = StackConfig(model, num_kv_blocks=4096, max_model_len=512, max_num_batched_tokens=2048,
                          extra_args=("--scheduler-stream", stream, *extra))  # fmt: skip
     switch = {key: value for option in options for key, value in SWITCHES.get(option, {}).items()}
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated: shared or per-request (the gateway's scheduler stream), each "
         f"optionally with {GATHER_SUFFIX} (the executor without its native CPU decode kernel) and/or "
         f"{PREFILL1_SUFFIX} (--prefill-threads 1), +hf (no lean forward), +unpacked (F.linear, no packed weights) and/or "
-        "+thread (every step in a worker thread)",
+        "+thread (every step in a worker thread) and/or +cpuN (the executor's --cpu-threads N)",
     )
     parser.add_argument("--trace", default="mixed", choices=sorted(traces()))
     parser.add_argument("--model", default=None, help="default: the bundled model")

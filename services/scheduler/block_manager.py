@@ -171,24 +171,42 @@ class BlockManager(SwapBlocksMixin):
             self.log.ops.append([ALLOC, rid, num_blocks])
         return new
 
-    def admit(
-        self, rid: str, chain: Sequence[tuple[str, str]], num_tokens: int, num_new_tokens: int
-    ) -> Admission | None:
-        """A table for a request that has none: the longest run of `chain` (hash, token_str)
-        found in the cache, each hit confirmed against its stored tokens and parent hash, then
-        fresh blocks to cover min(num_tokens, hit tokens + num_new_tokens). None when short."""
-        if self.tables.get(rid):
-            return None
+    def cached_prefix(self, chain: Sequence[tuple[str, str]]) -> int:
+        """How many leading blocks of `chain` `admit` would find in the cache (changes nothing)."""
+        return len(self._hits(chain))
+
+    def _hits(self, chain: Sequence[tuple[str, str]]) -> list[int]:
         hits: list[int] = []
         parent = ""
-        num_from_lru = 0
         for block_hash, tokens in chain:
             entry = self.hash_map.get(block_hash)
             if entry is None or entry.parent_hash != parent or entry.tokens != tokens or entry.block in hits:
                 break
             hits.append(entry.block)
-            num_from_lru += entry.block not in self.ref
             parent = block_hash
+        return hits
+
+    def admit(
+        self,
+        rid: str,
+        chain: Sequence[tuple[str, str]],
+        num_tokens: int,
+        num_new_tokens: int,
+        shared: Sequence[int] = (),
+    ) -> Admission | None:
+        """A table for a request that has none: the longest run of `chain` (hash, token_str)
+        found in the cache, each hit confirmed against its stored tokens and parent hash, then
+        the `shared` blocks (held by other tables, each takes one more reference: blocks a
+        planned step computes, see pending_prefix.py), then fresh blocks to cover
+        min(num_tokens, hit and shared tokens + num_new_tokens). None when short, or when a
+        shared block is not in use or is among the hits."""
+        if self.tables.get(rid):
+            return None
+        hits = self._hits(chain)
+        if any(block not in self.ref or block in hits for block in shared) or len(set(shared)) < len(shared):
+            return None
+        num_from_lru = sum(block not in self.ref for block in hits)
+        hits += shared
         bs = self.block_size
         covered = min(num_tokens, len(hits) * bs + num_new_tokens)
         num_fresh = max(cdiv(covered, bs) - len(hits), 0)
@@ -203,7 +221,8 @@ class BlockManager(SwapBlocksMixin):
         table = hits + [self._take() for _ in range(num_fresh)]
         if table:
             self.tables[rid] = table
-        self.log.ops.append([ADMIT, rid, num_tokens, num_new_tokens, [list(c) for c in chain]])
+        op = [ADMIT, rid, num_tokens, num_new_tokens, [list(c) for c in chain]]
+        self.log.ops.append([*op, list(shared)] if shared else op)
         return Admission(True, len(hits), list(table))
 
     def fork(self, parent: str, child: str) -> list[int]:

@@ -172,13 +172,20 @@ class StepOps:
         return self._add([ALLOC, request_id, num_blocks])
 
     def admit(
-        self, request_id: str, chain: Sequence[tuple[str, str]], num_tokens: int, num_new_tokens: int
+        self,
+        request_id: str,
+        chain: Sequence[tuple[str, str]],
+        num_tokens: int,
+        num_new_tokens: int,
+        shared: Sequence[int] = (),
     ) -> int:
         """Give a request with no table its table: the longest run of `chain` (hash, token_str)
         found in the cache, each hit confirmed against its stored tokens and parent hash (a hit
-        takes a reference; an evictable one leaves the LRU), then fresh blocks to cover
-        `min(num_tokens, hit_tokens + num_new_tokens)` tokens. All or nothing."""
-        return self._add([ADMIT, request_id, num_tokens, num_new_tokens, [list(c) for c in chain]])
+        takes a reference; an evictable one leaves the LRU), then the `shared` blocks (in use by
+        other tables; each takes a reference), then fresh blocks to cover
+        `min(num_tokens, hit and shared tokens + num_new_tokens)` tokens. All or nothing."""
+        op = [ADMIT, request_id, num_tokens, num_new_tokens, [list(c) for c in chain]]
+        return self._add([*op, list(shared)] if shared else op)
 
     def fork(self, parent_id: str, child_id: str) -> None:
         """The child shares the parent's whole table; each block's ref_cnt goes up. A child

@@ -97,6 +97,8 @@ class CompletionMixin:
         self.stats.num_steps += 1
         self.stats.kv_utilization = live / (slots * bs) if slots else 0.0
         self.stats.live_tokens = live
+        if len(self.pending):
+            self.pending.settle()
 
     def publish(self: Scheduler) -> None:
         """Hand the last update's tokens to their streams and log their progress for the

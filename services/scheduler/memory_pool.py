@@ -109,7 +109,10 @@ class InMemoryBlockPool(BlockPool):
             got = blocks.allocate(rid, op[2])
             return Allocation(got is not None, got or [])
         elif code == ADMIT:
-            return blocks.admit(rid, [tuple(c) for c in op[4]], op[2], op[3]) or Admission(False, 0, [])
+            shared = op[5] if len(op) > 5 else ()
+            return blocks.admit(rid, [tuple(c) for c in op[4]], op[2], op[3], shared) or Admission(
+                False, 0, []
+            )
         elif code == FORK:
             blocks.fork(rid, op[2])
         elif code == COW:

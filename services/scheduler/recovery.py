@@ -64,6 +64,7 @@ class RecoveryMixin:
         self.epoch = epoch
         self.blocks.reset()
         self.blocks.take_log()
+        self.pending.clear()
         self.needs_full_write = True
         # A live executor may hold our sequences (and steps of them we never heard back about):
         # it drops everything at the next step. A new one holds nothing.

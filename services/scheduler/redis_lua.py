@@ -183,9 +183,10 @@ local function op_alloc(rid, n)
   return {1, to_numbers(blocks)}
 end
 
-local function op_admit(rid, num_tokens, num_new, chain)
+local function op_admit(rid, num_tokens, num_new, chain, shared)
   local tkey = P .. 'table:' .. rid
   if redis.call('LLEN', tkey) > 0 then return {0, 0, {}} end
+  shared = shared or {}
   local hits, seen, parent = {}, {}, ''
   if #chain > 0 then
     local wanted = {}
@@ -205,7 +206,19 @@ local function op_admit(rid, num_tokens, num_new, chain)
       parent = chain[i][1]
     end
   end
+  -- Blocks a planned step computes, shared by name (see pending_prefix.py): each must be in use
+  -- (have a reference) and appear once, after the hits.
+  local cached = #hits
+  for i = 1, #shared do
+    local b = tostring(shared[i])
+    if seen[b] then return {0, 0, {}} end
+    seen[b] = true
+    hits[#hits + 1] = b
+  end
   local refs = bulk('HMGET', REF, hits, 1)
+  for i = cached + 1, #hits do
+    if not refs[i] then return {0, 0, {}} end
+  end
   local from_lru = {}
   local bump = {}
   for i = 1, #hits do
@@ -287,7 +300,7 @@ for i = 1, #ops do
     free_table(rid)
     if redis.call('EXISTS', P .. 'req:' .. rid) == 0 then redis.call('SREM', REQS, rid) end
   elseif code == 'admit' then
-    res = op_admit(rid, op[3], op[4], op[5])
+    res = op_admit(rid, op[3], op[4], op[5], op[6])
   elseif code == 'cow' then
     res = op_cow(rid)
   elseif code == 'fork' then

@@ -34,6 +34,7 @@ from pagedserve.scheduler.completion import CompletionMixin
 from pagedserve.scheduler.config import SchedulerLimits
 from pagedserve.scheduler.hashing import BlockHasher, model_salt, token_str
 from pagedserve.scheduler.output import RequestStream
+from pagedserve.scheduler.pending_prefix import PendingBlocks
 from pagedserve.scheduler.recovery import RecoveryMixin
 from pagedserve.scheduler.request import BEAM_INDEX, PROMPT_INDEX, Request, Sequence, SequenceStatus
 from pagedserve.scheduler.swap import PreemptionPolicy, SwapMixin
@@ -77,6 +78,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
         self.block_size = limits.block_size
         self.hasher = BlockHasher(model_salt(limits.model, limits.block_size), limits.block_size)
         self.blocks = BlockManager(limits.num_blocks, limits.block_size, limits.num_cpu_blocks)
+        self.pending = PendingBlocks(self.hasher)  # full blocks planned steps compute, not cached yet
         self.requests: dict[str, Request] = {}
         self.detached: dict[str, Request] = {}  # resumed from the replica, waiting for their client
         self.running: list[Sequence] = []  # admission order: the last one is preempted first
@@ -198,6 +200,8 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
                 break  # its group was the newest left: everything after it is preempted too
             i = running.index(seq)  # group members before it may have left
             planned.append((seq, num_tokens, new_ids))
+            if self.pending.fills(seq, seq.num_computed_tokens + num_tokens):  # a prompt block fills
+                self.pending.note(seq, seq.num_computed_tokens + num_tokens)
             budget -= num_tokens
             i += 1
         # Resuming or admitting right after preempting would only thrash (and a swap-in must
@@ -260,7 +264,13 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
                 if chunk <= 0:
                     break  # this step's prompt rows are spent; it stays first in the queue
                 self._prompt_rows_left -= chunk
-            admission = self.blocks.admit(seq.seq_id, chain, target, chunk)
+            shared: list[int] = []
+            if len(self.pending) and chain:  # blocks being computed continue the cache's hits
+                cached = self.blocks.cached_prefix(chain)
+                shared = self.pending.run(chain, cached)
+                if shared:
+                    chain = chain[:cached]
+            admission = self.blocks.admit(seq.seq_id, chain, target, chunk, shared)
             if admission is None:
                 break
             self.waiting.pop()
@@ -275,6 +285,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
             self.stats.prefix_hit_tokens += hit
             self._mark_started(seq.request, hit)
             planned.append((seq, num_tokens, []))
+            self.pending.note(seq, hit + num_tokens)
             budget -= num_tokens
 
     def _build_step(

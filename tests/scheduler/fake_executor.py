@@ -120,6 +120,12 @@ class FakeExecutor:
         for src, dst in plan.block_copies:
             self.slots[dst * bs : (dst + 1) * bs] = self.slots[src * bs : (src + 1) * bs]
         sampled = []
+        # As the real forward does in each layer: every scheduled token's K/V is written before
+        # any sequence attends, so a sequence may read blocks another one fills in the same step.
+        for s in plan.scheduled:
+            state = s.state
+            for pos in range(state.num_computed_tokens, state.num_computed_tokens + s.num_tokens):
+                self.slots[s.block_ids[pos // bs] * bs + pos % bs] = (pos, state.token_ids[pos])
         for s in plan.scheduled:
             state = s.state
             start, end = state.num_computed_tokens, state.num_computed_tokens + s.num_tokens
@@ -130,8 +136,6 @@ class FakeExecutor:
                         f"{state.request_id}: position {pos} reads {self.slots[slot]} from slot {slot}, "
                         f"expected {(pos, state.token_ids[pos])}"
                     )
-            for pos in range(start, end):
-                self.slots[s.block_ids[pos // bs] * bs + pos % bs] = (pos, state.token_ids[pos])
             if s.samples:
                 token = next_token(state.token_ids[:end], state.sampling.seed, self.vocab_size)
                 sampled.append(SampledToken(state.request_id, token))

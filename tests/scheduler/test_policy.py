@@ -108,6 +108,26 @@ def test_shared_prefix_second_request_computes_only_the_rest(build):
     assert_pool_clean(engine)
 
 
+@pytest.mark.parametrize("budget", [40, 24])
+def test_a_prefix_sent_many_times_at_once_is_computed_once(build, budget):
+    # Six requests with one 20-token prefix, sent together: the first computes the prefix, the
+    # others share its blocks while that step is still planned or running (pending_prefix.py):
+    # in the same step (budget 40) or the one planned while it runs (24). The fake executor
+    # checks each of their reads against the tokens the blocks must hold.
+    engine, fake = build(num_blocks=64, block_size=4, max_num_batched_tokens=budget)
+    prefix = prompts([20], seed=4)[0]  # 5 full blocks
+    subs = [(f"r{i}", prefix + [100 + i, 200 + i], greedy(3)) for i in range(6)]
+    outs = run(engine, subs)
+    for (_, p, _), out in zip(subs, outs, strict=True):
+        assert out.tokens[0] == reference(p, 3, VOCAB)
+    assert [o.usage.cached_prompt_tokens for o in outs] == [0] + [20] * 5
+    new = [n for s in fake.steps for n in s.new_requests]
+    assert [(n.num_computed_tokens, n.num_scheduled_tokens) for n in new] == [(0, 22)] + [(20, 2)] * 5
+    assert all(n.block_ids[:5] == new[0].block_ids[:5] for n in new)
+    assert len(fake.steps[0].new_requests) == (6 if budget == 40 else 2)
+    assert_pool_clean(engine)
+
+
 def test_forced_hash_collision_is_never_served(build, monkeypatch):
     monkeypatch.setattr(hashing, "block_hash", lambda parent, tokens, salt: "c0ffee")
     engine, fake = build(num_blocks=64, block_size=4)

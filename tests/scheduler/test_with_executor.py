@@ -107,6 +107,29 @@ def test_prefix_hit_and_parallel_sampling_on_the_real_executor(tiny_model, redis
     assert_pool_clean(engine)
 
 
+@pytest.mark.parametrize("budget", [64, 28])
+def test_a_prefix_sent_many_times_at_once_matches_generate(tiny_model, redis_client, budget):
+    # The requests after the first share the prefix blocks the first one's step computes, in
+    # that very step (budget 64: the executor writes every token's K/V of a layer before any
+    # attention reads the pool) or in the step planned while it runs (28).
+    executor = make_executor(tiny_model, num_kv_blocks=64, block_size=4)
+    pool = RedisBlockPool(redis_client, f"with-executor-burst-{budget}")
+    engine = connect(InProcessExecutorClient(executor), pool, max_num_batched_tokens=budget)
+    prefix = make_prompts([24], TINY_VOCAB, seed=3)[0]  # 6 full blocks of 4
+    prompts = [prefix + own for own in make_prompts([3, 5, 2, 4, 3, 6], TINY_VOCAB, seed=4)]
+
+    async def go():
+        outs = await run_all(engine, [engine.submit(f"r{i}", p, greedy(6)) for i, p in enumerate(prompts)])
+        await settle(engine)
+        return outs
+
+    outs = asyncio.run(go())
+    for i, (out, ref) in enumerate(zip(outs, hf_greedy(tiny_model, prompts, 6), strict=True)):
+        assert out.tokens[0] == ref, f"request r{i}"
+    assert [o.usage.cached_prompt_tokens for o in outs] == [0] + [24] * 5
+    assert_pool_clean(engine)
+
+
 def test_abort_mid_generation_frees_blocks(tiny_model, redis_client):
     executor = make_executor(tiny_model, num_kv_blocks=64)
     engine = connect(InProcessExecutorClient(executor), RedisBlockPool(redis_client, "with-executor-abort"))
