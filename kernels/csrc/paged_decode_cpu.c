@@ -13,11 +13,12 @@
  * Work item = a run of sequences, all their heads: one sequence alone, or sequences that share
  * their first blocks, worked through together so a shared block is read once (threads split
  * the items). Two passes over each context: scores, then softmax and the weighted sum of V (no
- * running rescale). AVX2 + FMA code where the compiler targets it (eight score rows at a time, then
- * four, a vectorized maximum and exp, each V row loaded once for the two heads of a KV group that
- * read it, else summed in two interleaved chains), plain C elsewhere. Only positions < seq_len are
- * read, so slots past a context that were never written (they may hold anything) never reach the
- * output.
+ * running rescale; the softmax's 1 / sum is applied to the output). AVX2 + FMA code where the
+ * compiler targets it (eight score rows at a time, then four, a vectorized maximum and exp, each V
+ * row loaded once for the two heads of a KV group that read it, else summed in two interleaved
+ * chains); with AVX-512 the two heads of a KV group are also scored together, sixteen columns per
+ * register; plain C elsewhere. Only positions < seq_len are read, so slots past a context that
+ * were never written (they may hold anything) never reach the output.
  */
 
 #include <math.h>
@@ -247,6 +248,107 @@ static inline float exp_shifted(float *row, int64_t n, float max) {
 }
 #endif
 
+/* AVX-512: the two heads of a KV group (h, h + 1) scored and summed together, sixteen columns per
+ * register, so each K and V row is loaded once for both heads and half as many loads and FMAs are
+ * issued as with AVX2. Needs head_dim % 32 == 0 and an even group; the AVX2 code runs otherwise. */
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define HAVE_PAIR512 1
+
+/* the upper 256 bits of v added to the lower (AVX512F only: no AVX512DQ extract) */
+static inline __m256 fold512(__m512 v) {
+    return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+}
+
+/* lane r of the result: the sum of all lanes of a[r] (r < 8) */
+static inline __m256 sum8(const __m256 *a) {
+    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+/* out0[i] = scale * q0 . k[i * stride], out1[i] = scale * q1 . k[i * stride], i < n; d % 16 == 0.
+ * Eight rows at a time (sixteen independent chains), then one row at a time. */
+static inline void score_rows_pair512(const float *restrict q0, const float *restrict q1, const float *restrict k,
+                                      int64_t stride, int64_t n, int64_t d, float scale, float *restrict out0,
+                                      float *restrict out1) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const float *k0 = k + i * stride;
+        __m512 a[8], b[8];
+        for (int r = 0; r < 8; r++) a[r] = b[r] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < d; c += 16) {
+            const __m512 x = _mm512_loadu_ps(q0 + c), y = _mm512_loadu_ps(q1 + c);
+            for (int r = 0; r < 8; r++) {
+                const __m512 kr = _mm512_loadu_ps(k0 + r * stride + c);
+                a[r] = _mm512_fmadd_ps(x, kr, a[r]);
+                b[r] = _mm512_fmadd_ps(y, kr, b[r]);
+            }
+        }
+        __m256 fa[8], fb[8];
+        for (int r = 0; r < 8; r++) {
+            fa[r] = fold512(a[r]);
+            fb[r] = fold512(b[r]);
+        }
+        _mm256_storeu_ps(out0 + i, _mm256_mul_ps(sum8(fa), vscale));
+        _mm256_storeu_ps(out1 + i, _mm256_mul_ps(sum8(fb), vscale));
+    }
+    for (; i < n; i++) {
+        const float *kr = k + i * stride;
+        __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+        for (int64_t c = 0; c < d; c += 16) {
+            const __m512 x = _mm512_loadu_ps(kr + c);
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + c), x, a);
+            b = _mm512_fmadd_ps(_mm512_loadu_ps(q1 + c), x, b);
+        }
+        out0[i] = _mm512_reduce_add_ps(a) * scale;
+        out1[i] = _mm512_reduce_add_ps(b) * scale;
+    }
+}
+
+/* y0 += sum_i w0[i] * x[i * stride], y1 likewise with w1, over n columns (n % 32 == 0): 32 columns
+ * at a time, even and odd rows in separate accumulators (eight chains), added at the end. */
+static inline void weighted_sum_pair512(float *restrict y0, float *restrict y1, const float *restrict w0,
+                                        const float *restrict w1, const float *restrict x, int64_t stride,
+                                        int64_t rows, int64_t n) {
+    for (int64_t c = 0; c < n; c += 32) {
+        __m512 s0 = _mm512_loadu_ps(y0 + c), s1 = _mm512_loadu_ps(y0 + c + 16);
+        __m512 t0 = _mm512_loadu_ps(y1 + c), t1 = _mm512_loadu_ps(y1 + c + 16);
+        __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+        __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 2 <= rows; i += 2) {
+            const float *xa = x + i * stride + c, *xb = xa + stride;
+            const __m512 xa0 = _mm512_loadu_ps(xa), xa1 = _mm512_loadu_ps(xa + 16);
+            const __m512 xb0 = _mm512_loadu_ps(xb), xb1 = _mm512_loadu_ps(xb + 16);
+            const __m512 pa = _mm512_set1_ps(w0[i]), qa = _mm512_set1_ps(w1[i]);
+            const __m512 pb = _mm512_set1_ps(w0[i + 1]), qb = _mm512_set1_ps(w1[i + 1]);
+            s0 = _mm512_fmadd_ps(pa, xa0, s0);
+            s1 = _mm512_fmadd_ps(pa, xa1, s1);
+            t0 = _mm512_fmadd_ps(qa, xa0, t0);
+            t1 = _mm512_fmadd_ps(qa, xa1, t1);
+            u0 = _mm512_fmadd_ps(pb, xb0, u0);
+            u1 = _mm512_fmadd_ps(pb, xb1, u1);
+            v0 = _mm512_fmadd_ps(qb, xb0, v0);
+            v1 = _mm512_fmadd_ps(qb, xb1, v1);
+        }
+        if (i < rows) {
+            const float *xa = x + i * stride + c;
+            const __m512 xa0 = _mm512_loadu_ps(xa), xa1 = _mm512_loadu_ps(xa + 16);
+            const __m512 pa = _mm512_set1_ps(w0[i]), qa = _mm512_set1_ps(w1[i]);
+            s0 = _mm512_fmadd_ps(pa, xa0, s0);
+            s1 = _mm512_fmadd_ps(pa, xa1, s1);
+            t0 = _mm512_fmadd_ps(qa, xa0, t0);
+            t1 = _mm512_fmadd_ps(qa, xa1, t1);
+        }
+        _mm512_storeu_ps(y0 + c, _mm512_add_ps(s0, u0));
+        _mm512_storeu_ps(y0 + c + 16, _mm512_add_ps(s1, u1));
+        _mm512_storeu_ps(y1 + c, _mm512_add_ps(t0, v0));
+        _mm512_storeu_ps(y1 + c + 16, _mm512_add_ps(t1, v1));
+    }
+}
+#endif
+
 static inline void prefetch_block(const float *block, int64_t floats) {
     for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(block + i, 0, 3);
 }
@@ -295,6 +397,15 @@ static inline void score_block(const decode_args *a, int64_t s, float *scores, i
     const float *kb = a->k_cache + (int64_t)id * a->blk_stride;
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
+#ifdef HAVE_PAIR512
+    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+        for (int64_t h = 0; h < a->num_heads; h += 2)
+            score_rows_pair512(q + h * a->q_head_stride, q + (h + 1) * a->q_head_stride,
+                               kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim, a->scale,
+                               scores + h * len + p0, scores + (h + 1) * len + p0);
+        return;
+    }
+#endif
     for (int64_t h = 0; h < a->num_heads; h++)
         score_rows(q + h * a->q_head_stride, kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim,
                    a->scale, scores + h * len + p0);
@@ -306,6 +417,15 @@ static inline void sum_block(const decode_args *a, int64_t s, const float *score
     const float *vb = a->v_cache + (int64_t)id * a->blk_stride;
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
+#ifdef HAVE_PAIR512
+    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+        for (int64_t h = 0; h < a->num_heads; h += 2)
+            weighted_sum_pair512(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
+                                 scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n,
+                                 a->head_dim);
+        return;
+    }
+#endif
 #ifdef HAVE_WEIGHTED_SUM_PAIR
     if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
         for (int64_t h = 0; h < a->num_heads; h += 2)
@@ -356,13 +476,19 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
         }
     }
 
+    /* exp(score - max) in place; each head's 1 / sum is applied to its output at the end (one
+     * multiply per output column instead of one per score). */
+    float *inv = malloc(sizeof(float) * (size_t)(count * a->num_heads));
+    if (inv == NULL) {
+        free(scores);
+        free(scratch);
+        return 1;
+    }
     for (int64_t i = 0; i < count; i++) {
         const int64_t len = a->seq_lens[seqs[i]];
         for (int64_t h = 0; h < a->num_heads; h++) {
             float *row = scores[i] + h * len;
-            const float max = row_max(row, len);
-            const float inv = 1.0f / exp_shifted(row, len, max);
-            for (int64_t j = 0; j < len; j++) row[j] *= inv;
+            inv[i * a->num_heads + h] = 1.0f / exp_shifted(row, len, row_max(row, len));
         }
         memset(scores[i] + a->num_heads * len, 0, sizeof(float) * (size_t)hd);
     }
@@ -383,10 +509,13 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
             if (b + 1 < nb) prefetch_block(a->v_cache + (int64_t)table[b + 1] * a->blk_stride, a->blk_stride);
             sum_block(a, s, scores[i], acc, b, table[b]);
         }
-        for (int64_t h = 0; h < a->num_heads; h++)
-            memcpy(a->out + a->tokens[s] * a->out_tok_stride + h * a->out_head_stride, acc + h * a->head_dim,
-                   sizeof(float) * (size_t)a->head_dim);
+        for (int64_t h = 0; h < a->num_heads; h++) {
+            float *dst = a->out + a->tokens[s] * a->out_tok_stride + h * a->out_head_stride;
+            const float *src = acc + h * a->head_dim, w = inv[i * a->num_heads + h];
+            for (int64_t c = 0; c < a->head_dim; c++) dst[c] = src[c] * w;
+        }
     }
+    free(inv);
     free(scores);
     free(scratch);
     return 0;
