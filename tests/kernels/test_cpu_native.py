@@ -23,7 +23,15 @@ def kernel() -> cpu_native.DecodeKernel:
 
 @pytest.mark.parametrize(
     "num_heads, num_kv_heads, head_dim, block_size",
-    [(2, 2, 8, 4), (6, 2, 32, 16), (8, 1, 64, 8), (4, 4, 128, 16), (3, 1, 12, 4), (8, 4, 32, 16), (8, 4, 64, 16)],
+    [
+        (2, 2, 8, 4),
+        (6, 2, 32, 16),
+        (8, 1, 64, 8),
+        (4, 4, 128, 16),
+        (3, 1, 12, 4),
+        (8, 4, 32, 16),
+        (8, 4, 64, 16),
+    ],
     ids=["mha-d8", "gqa3-d32", "mqa-d64", "d128", "d12", "gqa2-d32", "gqa2-d64"],
 )
 def test_decodes_match_the_reference(
