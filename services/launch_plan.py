@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
 from pagedserve.cli import SUBCOMMANDS
@@ -111,6 +111,27 @@ class ServiceSpec(NamedTuple):
     # How it says it is ready: "grpc" (health service SERVING, over the internal TLS when on),
     # "public" (the same on the gateway's public port, plain) or "redis" (PING).
     probe: str = "grpc"
+
+
+def default_placement(
+    config: LauncherConfig, cores: tuple[int, ...], cuda: bool
+) -> tuple[LauncherConfig, str]:
+    """`pagedserve up`'s placement when no flag sets one, as vLLM places its CPU workers: on a
+    machine without CUDA, with 2+ cores and one pool, the executor is pinned to every core but the
+    last and the other services (Redis too) to the last, so they never preempt its one-thread-per-
+    core forward; its heavy steps (--prefill-threads, default every core) spread over every core
+    while they run. `--cpu-threads` or `--cpu-affinity` keeps what they say. Returns the config
+    and a line for the log ("" when unchanged)."""
+    if config.cpu_affinity or config.cpu_threads or config.pools != 1 or cuda or len(cores) < 2:
+        return config, ""
+    from pagedserve.common.cpus import format_cpu_list
+
+    executor, rest = format_cpu_list(cores[:-1]), format_cpu_list(cores[-1:])
+    placed = replace(config, cpu_affinity=executor, prefill_threads=config.prefill_threads or len(cores))
+    return placed, (
+        f"the executor is pinned to cores {executor} and the other services to core {rest}; its heavy "
+        f"steps use every core (--cpu-threads N keeps every process unpinned)"
+    )
 
 
 class Plan(NamedTuple):

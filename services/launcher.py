@@ -67,6 +67,7 @@ from pagedserve.launch_args import add_arguments as add_arguments  # `pagedserve
 from pagedserve.launch_plan import (
     LauncherConfig,
     ServiceSpec,
+    default_placement,
     hostport,
     plan,
     redis_spec,
@@ -430,13 +431,24 @@ class Launcher:
             child.close()
 
 
+def _cuda_available() -> bool:
+    import torch  # here, not at the top: the launcher needs it for this question only
+
+    return torch.cuda.is_available()
+
+
 def main(args: argparse.Namespace) -> int:
     try:
         config = LauncherConfig.from_args(args)
     except ValueError as exc:
         print(f"pagedserve up: {exc}", file=sys.stderr)
         return 2
+    from pagedserve.common.cpus import available_cores
+
+    config, placed = default_placement(config, available_cores(), _cuda_available())
     launcher = Launcher(config)
+    if placed:
+        launcher.say(placed)
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {
         sig: signal.signal(sig, lambda signum, _frame: launcher.request_stop(signum)) for sig in stop_signals

@@ -41,7 +41,13 @@ from pagedserve.executor.grammar import Matcher, StructuredOutputs
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.model_runner import ModelRunner
-from pagedserve.executor.placement import PREFILL_STEP_TOKENS, apply_placement, default_prefill_threads
+from pagedserve.executor.placement import (
+    PREFILL_STEP_TOKENS,
+    apply_placement,
+    default_prefill_threads,
+    pin_all_threads,
+    widen_cores,
+)
 from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
 from pagedserve.executor.step_plan import RequestState, StepPlan, plan_step
 from pagedserve.executor.swap_space import SwapSpace, num_cpu_blocks
@@ -75,6 +81,8 @@ class ExecutorEngine:
         # prefill-heavy ones (see placement.PREFILL_STEP_TOKENS; from_config sets them)
         self.step_threads = torch.get_num_threads()
         self.prefill_threads = self.step_threads
+        # (pinned cores, every core) when heavy steps leave the pinned cores (placement.widen_cores)
+        self.widen: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @classmethod
     def from_config(cls, config: ExecutorConfig) -> ExecutorEngine:
@@ -146,11 +154,15 @@ class ExecutorEngine:
         engine.prefill_threads = config.prefill_threads or default_prefill_threads(
             placement.threads, len(placement.cores), placement.pinned, device.type
         )
+        wide = widen_cores(placement, engine.prefill_threads)
+        if wide is not None:
+            engine.widen = (placement.cores, wide)
         if engine.prefill_threads != engine.step_threads:
             log.info(
-                "%d torch threads for steps of %d+ tokens (--prefill-threads)",
+                "%d torch threads for steps of %d+ tokens%s (--prefill-threads)",
                 engine.prefill_threads,
                 PREFILL_STEP_TOKENS,
+                f", on cores {format_cpu_list(wide)}" if wide else "",
             )
         engine.structured.warm_up_in_background()
         return engine
@@ -240,6 +252,9 @@ class ExecutorEngine:
         threads = self.step_threads
         if sum(s.num_tokens for s in plan.scheduled) >= PREFILL_STEP_TOKENS:
             threads = self.prefill_threads
+        widen = self.widen if threads != self.step_threads else None
+        if widen is not None:
+            pin_all_threads(widen[1])  # first, so that a new pool thread starts with every core
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         try:
@@ -247,6 +262,8 @@ class ExecutorEngine:
         finally:
             if threads != self.step_threads:
                 torch.set_num_threads(self.step_threads)
+            if widen is not None:
+                pin_all_threads(widen[0])
         sampling = [s.state for s in plan.scheduled if s.samples]
         prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
         return self._sample(logits[: len(sampling)], sampling, started), prompt_logprobs

@@ -6,12 +6,15 @@ Redis) that usually share the machine; a torch thread that shares its core with 
 every parallel region at its barrier, so the whole forward waits for it. Leaving one core to the rest
 of the stack (vLLM on CPU does the same: its worker is pinned, the API server and engine core get the
 other cores) costs at most 1/N of the executor's peak and removes that stall. With `--cpu-affinity`,
-the cores named are the executor's own, so the default is one thread per pinned core. On CUDA the
+the cores named are the executor's own, so the default is one thread per pinned core; `pagedserve
+up` pins it so by default on CPU (all cores but the last, the other services on the last: see
+launch_plan.default_placement), and its heavy steps then spread over every core (`widen_cores`). On CUDA the
 default leaves torch's own choice: the host threads only feed the device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
@@ -44,6 +47,23 @@ class Placement(NamedTuple):
     cores: tuple[int, ...]  # the cores this process may run on afterwards
     pinned: bool  # whether --cpu-affinity pinned them
     why: str  # how the thread count was chosen, for the start-up log
+    wide: tuple[int, ...] = ()  # the cores it could run on before pinning
+
+
+def widen_cores(placement: Placement, prefill_threads: int) -> tuple[int, ...] | None:
+    """The cores a heavy step spreads over when --prefill-threads asks for more threads than the
+    pinned cores (`pagedserve up`'s default placement: the executor pinned to all cores but one,
+    its prefill steps on every core, while the other services have little to do); else None."""
+    if not placement.pinned or prefill_threads <= len(placement.cores):
+        return None
+    return placement.wide if set(placement.wide) > set(placement.cores) else None
+
+
+def pin_all_threads(cores: tuple[int, ...]) -> None:
+    """Every thread of this process (torch's pool included) onto `cores`."""
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cores)
 
 
 def default_threads(num_cores: int, pinned: bool) -> int:
@@ -56,6 +76,7 @@ def apply_placement(
 ) -> Placement:
     """Pins the process (when asked), then sets torch's intra-op thread count; returns what it chose."""
     pinned = cpu_affinity is not None
+    wide = available_cores()
     if pinned:
         if not hasattr(os, "sched_setaffinity"):
             raise ValueError("--cpu-affinity: this platform cannot pin a process to cores")
@@ -76,7 +97,7 @@ def apply_placement(
     else:
         threads, why = torch.get_num_threads(), f"torch's default on {device_type}"
     torch.set_num_threads(threads)
-    return Placement(threads, cores, pinned, why)
+    return Placement(threads, cores, pinned, why, wide)
 
 
 # glibc's mallopt parameters (malloc.h)

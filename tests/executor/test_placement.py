@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import logging
 import subprocess
 import sys
@@ -186,3 +187,57 @@ def test_malloc_keeps_freed_memory_for_the_next_step() -> None:
         assert ok == "True"
         faults[keep] = int(count)
     assert faults["1"] < faults["0"] // 3, faults
+
+
+CHILD_WIDEN = """
+import os, sys, torch
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import PREFILL_STEP_TOKENS
+
+cores = sorted(os.sched_getaffinity(0))
+engine = ExecutorEngine.from_config(ExecutorConfig(
+    model=sys.argv[1], device="cpu", attention_backend="torch", block_size=8, num_kv_blocks=256,
+    max_num_batched_tokens=512, cpu_affinity=(cores[0],), prefill_threads=len(cores)))
+seen = []
+execute = engine.runner.execute
+
+def spy(*args, **kwargs):
+    # every thread's cores while the forward runs (torch's pool threads included)
+    tasks = os.listdir("/proc/self/task")
+    seen.append(sorted(set().union(*(os.sched_getaffinity(int(t)) for t in tasks))))
+    return execute(*args, **kwargs)
+
+engine.runner.execute = spy
+n = PREFILL_STEP_TOKENS // 2 + 5  # two prompts: one step of PREFILL_STEP_TOKENS + 10 tokens
+prompt = [(3 * i + 1) % engine.runner.vocab_size for i in range(n)]
+per = -(-(n + 2) // 8)
+new = [NewRequestData(f"r{i}", prompt, [], SamplingParams(temperature=0.0), list(range(i * per, (i + 1) * per)), 0, n)
+       for i in range(2)]
+engine.execute_step(StepInput(1, engine.epoch, new_requests=new))
+decode = [CachedRequestData(f"r{i}", [], 1, n) for i in range(2)]
+engine.execute_step(StepInput(2, engine.epoch, cached_requests=decode))
+after = sorted(set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task"))))
+print(repr((cores, seen[0], seen[1], after, engine.widen is not None)))
+"""
+
+
+def test_heavy_steps_of_a_pinned_executor_spread_over_every_core(tiny_model_dir) -> None:
+    # `pagedserve up`'s default placement: the executor pinned to all cores but one, with more
+    # --prefill-threads than pinned cores. A heavy step runs on every core the process had before
+    # pinning, every thread of it; then all go back to the pinned cores, where decodes run.
+    # (A child process: pinning is process-wide.)
+    path = tiny_model_dir("llama")
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD_WIDEN, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cores, heavy, decode, after, widened = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    first = [cores[0]]
+    assert decode == after == first
+    if len(cores) > 1:
+        assert widened and heavy == cores
+    else:  # nothing to spread over
+        assert not widened and heavy == first

@@ -10,7 +10,7 @@ import pytest
 
 from pagedserve.cli import SUBCOMMANDS, build_parser
 from pagedserve.common.models import default_model
-from pagedserve.launch_plan import PAGEDSERVE, LauncherConfig, module_available, plan
+from pagedserve.launch_plan import PAGEDSERVE, LauncherConfig, default_placement, module_available, plan
 from pagedserve.launcher import ports_in_use
 
 SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
@@ -212,3 +212,29 @@ def test_ports_in_use_sees_a_listener_only():
             other.bind(("127.0.0.1", 0))
             free = other.getsockname()[1]
         assert ports_in_use("127.0.0.1", [busy, free]) == [busy]
+
+
+def test_default_placement_pins_the_executor_to_all_cores_but_the_last() -> None:
+    # On a CPU machine with 2+ cores: the executor on all cores but the last (the other services
+    # get the last one, see Launcher._place), heavy steps on every core; the executor's command
+    # carries it. Anything that says otherwise keeps the config as it is.
+    config = LauncherConfig(model=default_model())
+    placed, line = default_placement(config, (0, 1), cuda=False)
+    assert (placed.cpu_affinity, placed.prefill_threads) == ("0", 2) and "pinned to cores 0" in line
+    executor = next(s for s in plan(placed, "redis://x:1").specs if s.name == "executor")
+    assert flags(executor.command)["--cpu-affinity"] == "0"
+    assert flags(executor.command)["--prefill-threads"] == "2"
+    placed, _ = default_placement(config, (2, 3, 4, 5), cuda=False)
+    assert (placed.cpu_affinity, placed.prefill_threads) == ("2-4", 4)
+    placed, _ = default_placement(
+        LauncherConfig(model=default_model(), prefill_threads=3), (0, 1), cuda=False
+    )
+    assert placed.prefill_threads == 3
+    for kept, cores, cuda in [
+        (config, (0,), False),  # one core: nothing to leave to the others
+        (config, (0, 1), True),  # CUDA: the host threads only feed the device
+        (LauncherConfig(model=default_model(), cpu_threads=2), (0, 1), False),
+        (LauncherConfig(model=default_model(), cpu_affinity="1"), (0, 1), False),
+        (LauncherConfig(model=default_model(), pools=2), (0, 1, 2, 3), False),
+    ]:
+        assert default_placement(kept, cores, cuda) == (kept, "")
