@@ -128,6 +128,14 @@ static inline void weighted_sum_pair(float *restrict y0, float *restrict y1, con
  * four rows at a time (four independent accumulators, reduced together); else one by one. */
 #if defined(__AVX2__) && defined(__FMA__)
 
+/* lane r of the result: the sum of all lanes of a[r] (r < 8); for each half, rows 0-3 in g0 and
+ * rows 4-7 in g1, lanes 0-3 then 4-7 */
+static inline __m256 sum8(const __m256 *a) {
+    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
 static inline void score_rows(const float *restrict q, const float *restrict k, int64_t stride, int64_t n,
                               int64_t d, float scale, float *restrict out) {
     int64_t i = 0;
@@ -141,11 +149,7 @@ static inline void score_rows(const float *restrict q, const float *restrict k, 
                 const __m256 qc = _mm256_loadu_ps(q + c);
                 for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k0 + r * stride + c), a[r]);
             }
-            /* as below for each half: rows 0-3 in g0, rows 4-7 in g1, lanes 0-3 then 4-7 */
-            const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-            const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
-            _mm256_storeu_ps(out + i, _mm256_mul_ps(sum, vscale));
+            _mm256_storeu_ps(out + i, _mm256_mul_ps(sum8(a), vscale));
         }
         for (; i + 4 <= n; i += 4) {
             const float *k0 = k + i * stride, *k1 = k0 + stride, *k2 = k1 + stride, *k3 = k2 + stride;
@@ -257,13 +261,6 @@ static inline float exp_shifted(float *row, int64_t n, float max) {
 /* the upper 256 bits of v added to the lower (AVX512F only: no AVX512DQ extract) */
 static inline __m256 fold512(__m512 v) {
     return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-}
-
-/* lane r of the result: the sum of all lanes of a[r] (r < 8) */
-static inline __m256 sum8(const __m256 *a) {
-    const __m256 g0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-    const __m256 g1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-    return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
 }
 
 /* out0[i] = scale * q0 . k[i * stride], out1[i] = scale * q1 . k[i * stride], i < n; d % 16 == 0.
@@ -386,6 +383,11 @@ typedef struct {
     float scale;
 } decode_args;
 
+/* whether heads h, h + 1 (h even) read the same KV head, in a layout the pair code takes */
+static inline int paired_heads(const decode_args *a) {
+    return a->group % 2 == 0 && a->head_dim % 32 == 0;
+}
+
 static inline int64_t num_blocks_of(const decode_args *a, int64_t s) {
     return (a->seq_lens[s] + a->block_size - 1) / a->block_size;
 }
@@ -398,7 +400,7 @@ static inline void score_block(const decode_args *a, int64_t s, float *scores, i
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
 #ifdef HAVE_PAIR512
-    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+    if (paired_heads(a)) {
         for (int64_t h = 0; h < a->num_heads; h += 2)
             score_rows_pair512(q + h * a->q_head_stride, q + (h + 1) * a->q_head_stride,
                                kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim, a->scale,
@@ -418,7 +420,7 @@ static inline void sum_block(const decode_args *a, int64_t s, const float *score
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
 #ifdef HAVE_PAIR512
-    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+    if (paired_heads(a)) {
         for (int64_t h = 0; h < a->num_heads; h += 2)
             weighted_sum_pair512(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
                                  scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n,
@@ -427,7 +429,7 @@ static inline void sum_block(const decode_args *a, int64_t s, const float *score
     }
 #endif
 #ifdef HAVE_WEIGHTED_SUM_PAIR
-    if (a->group % 2 == 0 && a->head_dim % 32 == 0) { /* heads h, h + 1 share a KV head */
+    if (paired_heads(a)) {
         for (int64_t h = 0; h < a->num_heads; h += 2)
             weighted_sum_pair(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
                               scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim);
@@ -444,9 +446,10 @@ static inline void sum_block(const decode_args *a, int64_t s, const float *score
  * rescale). Returns 1 when scratch memory could not be allocated (nothing written). */
 static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count, int64_t shared) {
     const int64_t hd = a->num_heads * a->head_dim;
-    size_t floats = 0;
+    size_t floats = (size_t)(count * a->num_heads);
     for (int64_t i = 0; i < count; i++) floats += (size_t)(a->num_heads * a->seq_lens[seqs[i]] + hd);
-    /* per sequence: scores [num_heads][len], then its output accumulators [num_heads][head_dim] */
+    /* per sequence: scores [num_heads][len], then its output accumulators [num_heads][head_dim];
+     * after them, each sequence's 1 / softmax sum per head [count][num_heads] */
     float *scratch = malloc(sizeof(float) * floats);
     float **scores = malloc(sizeof(float *) * (size_t)count);
     if (scratch == NULL || scores == NULL) {
@@ -454,10 +457,12 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
         free(scores);
         return 1;
     }
-    for (int64_t i = 0, off = 0; i < count; i++) {
+    int64_t off = 0;
+    for (int64_t i = 0; i < count; i++) {
         scores[i] = scratch + off;
         off += a->num_heads * a->seq_lens[seqs[i]] + hd;
     }
+    float *inv = scratch + off;
     const int32_t *lead = a->block_table + (int64_t)seqs[0] * a->bt_stride;
 
     /* K: the shared blocks once for the whole item, then each sequence's own blocks. Blocks are
@@ -478,12 +483,6 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
 
     /* exp(score - max) in place; each head's 1 / sum is applied to its output at the end (one
      * multiply per output column instead of one per score). */
-    float *inv = malloc(sizeof(float) * (size_t)(count * a->num_heads));
-    if (inv == NULL) {
-        free(scores);
-        free(scratch);
-        return 1;
-    }
     for (int64_t i = 0; i < count; i++) {
         const int64_t len = a->seq_lens[seqs[i]];
         for (int64_t h = 0; h < a->num_heads; h++) {
@@ -515,7 +514,6 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
             for (int64_t c = 0; c < a->head_dim; c++) dst[c] = src[c] * w;
         }
     }
-    free(inv);
     free(scores);
     free(scratch);
     return 0;
