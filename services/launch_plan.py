@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import NamedTuple
 
@@ -114,15 +115,15 @@ class ServiceSpec(NamedTuple):
 
 
 def default_placement(
-    config: LauncherConfig, cores: tuple[int, ...], cuda: bool
+    config: LauncherConfig, cores: tuple[int, ...], cuda: Callable[[], bool]
 ) -> tuple[LauncherConfig, str]:
     """`pagedserve up`'s placement when no flag sets one, as vLLM places its CPU workers: on a
     machine without CUDA, with 2+ cores and one pool, the executor is pinned to every core but the
     last and the other services (Redis too) to the last, so they never preempt its one-thread-per-
     core forward; its heavy steps (--prefill-threads, default every core) spread over every core
-    while they run. `--cpu-threads` or `--cpu-affinity` keeps what they say. Returns the config
-    and a line for the log ("" when unchanged)."""
-    if config.cpu_affinity or config.cpu_threads or config.pools != 1 or cuda or len(cores) < 2:
+    while they run. `--cpu-threads` or `--cpu-affinity` keeps what they say. `cuda` is asked last
+    (it imports torch). Returns the config and a line for the log ("" when unchanged)."""
+    if config.cpu_affinity or config.cpu_threads or config.pools != 1 or len(cores) < 2 or cuda():
         return config, ""
     from pagedserve.common.cpus import format_cpu_list
 

@@ -445,7 +445,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from pagedserve.common.cpus import available_cores
 
-    config, placed = default_placement(config, available_cores(), _cuda_available())
+    config, placed = default_placement(config, available_cores(), _cuda_available)
     launcher = Launcher(config)
     if placed:
         launcher.say(placed)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from pagedserve.common.sizes import cdiv
 from pagedserve.scheduler.block_pool import (
-    ADMIT,
     ALLOC,
     COW,
     DROP,
@@ -38,7 +37,7 @@ from pagedserve.scheduler.block_pool import (
     PoolCounts,
     StepOps,
 )
-from pagedserve.scheduler.hashing import token_str
+from pagedserve.scheduler.hashing import ROOT_HASH, token_str
 from pagedserve.scheduler.swap_blocks import SwapBlocksMixin
 
 
@@ -46,6 +45,33 @@ class HashEntry(NamedTuple):
     block: int
     parent_hash: str
     tokens: str  # token_str of the block's token ids, to confirm a hit
+
+
+class BlockEntry(Protocol):
+    """A block found under a chained hash: a cache entry, or a block a planned step computes."""
+
+    @property
+    def block(self) -> int: ...
+    @property
+    def parent_hash(self) -> str: ...
+    @property
+    def tokens(self) -> str: ...
+
+
+def confirmed_run(
+    chain: Sequence[tuple[str, str]], lookup: Callable[[str], BlockEntry | None], parent: str = ROOT_HASH
+) -> list[int]:
+    """The blocks of the longest leading run of `chain` ((hash, token_str) pairs, the first one's
+    parent `parent`) that `lookup` finds, each confirmed against its stored parent hash and
+    tokens, and none twice: what counts as a prefix hit."""
+    blocks: list[int] = []
+    for block_hash, tokens in chain:
+        entry = lookup(block_hash)
+        if entry is None or entry.parent_hash != parent or entry.tokens != tokens or entry.block in blocks:
+            break
+        blocks.append(entry.block)
+        parent = block_hash
+    return blocks
 
 
 @dataclass(slots=True)
@@ -173,18 +199,7 @@ class BlockManager(SwapBlocksMixin):
 
     def cached_prefix(self, chain: Sequence[tuple[str, str]]) -> int:
         """How many leading blocks of `chain` `admit` would find in the cache (changes nothing)."""
-        return len(self._hits(chain))
-
-    def _hits(self, chain: Sequence[tuple[str, str]]) -> list[int]:
-        hits: list[int] = []
-        parent = ""
-        for block_hash, tokens in chain:
-            entry = self.hash_map.get(block_hash)
-            if entry is None or entry.parent_hash != parent or entry.tokens != tokens or entry.block in hits:
-                break
-            hits.append(entry.block)
-            parent = block_hash
-        return hits
+        return len(confirmed_run(chain, self.hash_map.get))
 
     def admit(
         self,
@@ -202,7 +217,7 @@ class BlockManager(SwapBlocksMixin):
         shared block is not in use or is among the hits."""
         if self.tables.get(rid):
             return None
-        hits = self._hits(chain)
+        hits = confirmed_run(chain, self.hash_map.get)
         if any(block not in self.ref or block in hits for block in shared) or len(set(shared)) < len(shared):
             return None
         num_from_lru = sum(block not in self.ref for block in hits)
@@ -221,8 +236,7 @@ class BlockManager(SwapBlocksMixin):
         table = hits + [self._take() for _ in range(num_fresh)]
         if table:
             self.tables[rid] = table
-        op = [ADMIT, rid, num_tokens, num_new_tokens, [list(c) for c in chain]]
-        self.log.ops.append([*op, list(shared)] if shared else op)
+        self.log.admit(rid, chain, num_tokens, num_new_tokens, shared)
         return Admission(True, len(hits), list(table))
 
     def fork(self, parent: str, child: str) -> list[int]:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, NamedTuple
 
+from pagedserve.scheduler.block_manager import confirmed_run
 from pagedserve.scheduler.hashing import ROOT_HASH, BlockHasher, token_str
 from pagedserve.scheduler.request import SequenceStatus
 
@@ -50,20 +51,13 @@ class PendingBlocks:
     def clear(self) -> None:
         self._notes.clear()
 
-    def fills(self, seq: Sequence, computed_after: int) -> bool:
-        """Whether computing up to `computed_after` fills a prompt block not registered yet (only
-        prompt blocks are noted: what requests sent together share is their prompts, and a
-        decode step then costs nothing here)."""
-        return min(computed_after, len(seq.request.prompt_token_ids)) // self.hasher.block_size > (
-            seq.num_registered_blocks
-        )
-
     def note(self, seq: Sequence, computed_after: int) -> None:
         """The sequence's prompt blocks that are full once `computed_after` of its tokens are
-        computed (past the registered ones) are being computed."""
+        computed (past the registered ones) are being computed. Only prompt blocks: what requests
+        sent together share is their prompts, and a decode step returns at once."""
         bs = self.hasher.block_size
         full = min(computed_after, len(seq.request.prompt_token_ids)) // bs
-        start = max(seq.num_registered_blocks, 0)
+        start = seq.num_registered_blocks
         if full <= start or full > len(seq.block_table):
             return
         hashes = seq.block_hashes
@@ -80,20 +74,15 @@ class PendingBlocks:
     def run(self, chain: Seq[tuple[str, str]], start: int) -> list[int]:
         """The blocks that continue `chain` (hash, token_str) from index `start` (where the cache
         hits ended), each confirmed against its tokens and parent hash like a cache hit."""
-        blocks: list[int] = []
-        parent = chain[start - 1][0] if start else ROOT_HASH
-        for block_hash, tokens in chain[start:]:
-            note = self._notes.get(block_hash)
-            if note is None:
-                break
-            if not self._holds(note):
-                del self._notes[block_hash]
-                break
-            if note.parent_hash != parent or note.tokens != tokens or note.block in blocks:
-                break
-            blocks.append(note.block)
-            parent = block_hash
-        return blocks
+        return confirmed_run(chain[start:], self._holding, chain[start - 1][0] if start else ROOT_HASH)
+
+    def _holding(self, block_hash: str) -> _Note | None:
+        """The note under this hash if it still holds; one that does not is dropped."""
+        note = self._notes.get(block_hash)
+        if note is not None and not self._holds(note):
+            del self._notes[block_hash]
+            return None
+        return note
 
     def settle(self) -> None:
         """After a step came back: drop the notes whose blocks are in the cache now (registered by

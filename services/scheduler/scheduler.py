@@ -200,8 +200,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
                 break  # its group was the newest left: everything after it is preempted too
             i = running.index(seq)  # group members before it may have left
             planned.append((seq, num_tokens, new_ids))
-            if self.pending.fills(seq, seq.num_computed_tokens + num_tokens):  # a prompt block fills
-                self.pending.note(seq, seq.num_computed_tokens + num_tokens)
+            self.pending.note(seq, seq.num_computed_tokens + num_tokens)
             budget -= num_tokens
             i += 1
         # Resuming or admitting right after preempting would only thrash (and a swap-in must

@@ -219,15 +219,15 @@ def test_default_placement_pins_the_executor_to_all_cores_but_the_last() -> None
     # get the last one, see Launcher._place), heavy steps on every core; the executor's command
     # carries it. Anything that says otherwise keeps the config as it is.
     config = LauncherConfig(model=default_model())
-    placed, line = default_placement(config, (0, 1), cuda=False)
+    placed, line = default_placement(config, (0, 1), cuda=lambda: False)
     assert (placed.cpu_affinity, placed.prefill_threads) == ("0", 2) and "pinned to cores 0" in line
     executor = next(s for s in plan(placed, "redis://x:1").specs if s.name == "executor")
     assert flags(executor.command)["--cpu-affinity"] == "0"
     assert flags(executor.command)["--prefill-threads"] == "2"
-    placed, _ = default_placement(config, (2, 3, 4, 5), cuda=False)
+    placed, _ = default_placement(config, (2, 3, 4, 5), cuda=lambda: False)
     assert (placed.cpu_affinity, placed.prefill_threads) == ("2-4", 4)
     placed, _ = default_placement(
-        LauncherConfig(model=default_model(), prefill_threads=3), (0, 1), cuda=False
+        LauncherConfig(model=default_model(), prefill_threads=3), (0, 1), cuda=lambda: False
     )
     assert placed.prefill_threads == 3
     for kept, cores, cuda in [
@@ -237,4 +237,4 @@ def test_default_placement_pins_the_executor_to_all_cores_but_the_last() -> None
         (LauncherConfig(model=default_model(), cpu_affinity="1"), (0, 1), False),
         (LauncherConfig(model=default_model(), pools=2), (0, 1, 2, 3), False),
     ]:
-        assert default_placement(kept, cores, cuda) == (kept, "")
+        assert default_placement(kept, cores, lambda cuda=cuda: cuda) == (kept, "")
