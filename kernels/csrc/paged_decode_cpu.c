@@ -17,7 +17,9 @@
  * compiler targets it (eight score rows at a time, then four, a vectorized maximum and exp, each V
  * row loaded once for the two heads of a KV group that read it, else summed in two interleaved
  * chains); with AVX-512 the two heads of a KV group are also scored together, sixteen columns per
- * register; plain C elsewhere. Only positions < seq_len are read, so slots past a context that
+ * register, and the softmax's exp runs sixteen at a time; plain C elsewhere. The block read next
+ * (the next one of this sequence, else the next sequence's first own block) is prefetched a slice
+ * per head while this one is worked on. Only positions < seq_len are read, so slots past a context that
  * were never written (they may hold anything) never reach the output.
  */
 
@@ -344,10 +346,58 @@ static inline void weighted_sum_pair512(float *restrict y0, float *restrict y1, 
         _mm512_storeu_ps(y1 + c + 16, _mm512_add_ps(t1, v1));
     }
 }
+
+/* exp(x) for x <= 0, sixteen at a time: exp_nonpositive's arithmetic, lane for lane */
+static inline __m512 exp_nonpositive512(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), _mm512_add_ps(x, _mm512_set1_ps(1.0f)));
+    const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+/* row[i] = exp(row[i] - max(row)), i < n (n >= 1); returns the sum. Sixteen at a time, the tail
+ * masked (the maximum's and the sum's lanes are reduced at the end). */
+static inline float softmax_exp512(float *row, int64_t n) {
+    __m512 m0 = _mm512_set1_ps(-INFINITY), m1 = m0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        m0 = _mm512_max_ps(m0, _mm512_loadu_ps(row + i));
+        m1 = _mm512_max_ps(m1, _mm512_loadu_ps(row + i + 16));
+    }
+    for (; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        m0 = _mm512_max_ps(m0, _mm512_mask_loadu_ps(m1, k, row + i));
+    }
+    const __m512 vmax = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(m0, m1)));
+    __m512 vsum = _mm512_setzero_ps();
+    for (i = 0; i < n; i += 16) {
+        const __mmask16 k = n - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - i)) - 1);
+        const __m512 e = exp_nonpositive512(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, row + i), vmax));
+        _mm512_mask_storeu_ps(row + i, k, e);
+        vsum = _mm512_mask_add_ps(vsum, k, vsum, e);
+    }
+    return _mm512_reduce_add_ps(vsum);
+}
 #endif
 
-static inline void prefetch_block(const float *block, int64_t floats) {
-    for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(block + i, 0, 3);
+/* Part `part` of `parts` of the cache lines of a block (`floats` long; NULL: none). The next block is
+ * requested a slice at a time while this one is worked on: requested at once, its lines take every
+ * miss the core can have outstanding and the prefetches themselves stall (a tenth of the kernel's
+ * time when they were issued in one burst per block). */
+static inline void prefetch_part(const float *block, int64_t floats, int64_t part, int64_t parts) {
+    if (block == NULL) return;
+    const int64_t lines = floats / 16, end = lines * (part + 1) / parts;
+    for (int64_t l = lines * part / parts; l < end; l++) __builtin_prefetch(block + l * 16, 0, 3);
 }
 
 /* Sequences that share their first blocks (a common prompt prefix: prefix caching or parallel
@@ -392,8 +442,10 @@ static inline int64_t num_blocks_of(const decode_args *a, int64_t s) {
     return (a->seq_lens[s] + a->block_size - 1) / a->block_size;
 }
 
-/* K rows of block `b` (its id `id`) for sequence `s`: its scores for every head */
-static inline void score_block(const decode_args *a, int64_t s, float *scores, int64_t b, int32_t id) {
+/* K rows of block `b` (its id `id`) for sequence `s`: its scores for every head; `next` (or NULL)
+ * is prefetched a slice per head */
+static inline void score_block(const decode_args *a, int64_t s, float *scores, int64_t b, int32_t id,
+                               const float *next) {
     const int64_t len = a->seq_lens[s];
     const float *q = a->query + a->tokens[s] * a->q_tok_stride;
     const float *kb = a->k_cache + (int64_t)id * a->blk_stride;
@@ -401,44 +453,80 @@ static inline void score_block(const decode_args *a, int64_t s, float *scores, i
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
 #ifdef HAVE_PAIR512
     if (paired_heads(a)) {
-        for (int64_t h = 0; h < a->num_heads; h += 2)
+        for (int64_t h = 0; h < a->num_heads; h += 2) {
+            prefetch_part(next, a->blk_stride, h, a->num_heads);
             score_rows_pair512(q + h * a->q_head_stride, q + (h + 1) * a->q_head_stride,
                                kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim, a->scale,
                                scores + h * len + p0, scores + (h + 1) * len + p0);
+            prefetch_part(next, a->blk_stride, h + 1, a->num_heads);
+        }
         return;
     }
 #endif
-    for (int64_t h = 0; h < a->num_heads; h++)
+    for (int64_t h = 0; h < a->num_heads; h++) {
+        prefetch_part(next, a->blk_stride, h, a->num_heads);
         score_rows(q + h * a->q_head_stride, kb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim,
                    a->scale, scores + h * len + p0);
+    }
 }
 
-/* V rows of block `b` into sequence `s`'s accumulators, weighted by its softmaxed scores */
-static inline void sum_block(const decode_args *a, int64_t s, const float *scores, float *acc, int64_t b, int32_t id) {
+/* row[i] = exp(row[i] - max(row)), i < n; returns the sum */
+static inline float softmax_exp(float *row, int64_t n) {
+#ifdef HAVE_PAIR512
+    return softmax_exp512(row, n);
+#else
+    return exp_shifted(row, n, row_max(row, n));
+#endif
+}
+
+/* V rows of block `b` into sequence `s`'s accumulators, weighted by its softmaxed scores; `next`
+ * (or NULL) is prefetched a slice per head */
+static inline void sum_block(const decode_args *a, int64_t s, const float *scores, float *acc, int64_t b, int32_t id,
+                             const float *next) {
     const int64_t len = a->seq_lens[s];
     const float *vb = a->v_cache + (int64_t)id * a->blk_stride;
     const int64_t p0 = b * a->block_size;
     const int64_t n = len - p0 < a->block_size ? len - p0 : a->block_size;
 #ifdef HAVE_PAIR512
     if (paired_heads(a)) {
-        for (int64_t h = 0; h < a->num_heads; h += 2)
+        for (int64_t h = 0; h < a->num_heads; h += 2) {
+            prefetch_part(next, a->blk_stride, h, a->num_heads);
             weighted_sum_pair512(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
                                  scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n,
                                  a->head_dim);
+            prefetch_part(next, a->blk_stride, h + 1, a->num_heads);
+        }
         return;
     }
 #endif
 #ifdef HAVE_WEIGHTED_SUM_PAIR
     if (paired_heads(a)) {
-        for (int64_t h = 0; h < a->num_heads; h += 2)
+        for (int64_t h = 0; h < a->num_heads; h += 2) {
+            prefetch_part(next, a->blk_stride, h, a->num_heads);
             weighted_sum_pair(acc + h * a->head_dim, acc + (h + 1) * a->head_dim, scores + h * len + p0,
                               scores + (h + 1) * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride, n, a->head_dim);
+            prefetch_part(next, a->blk_stride, h + 1, a->num_heads);
+        }
         return;
     }
 #endif
-    for (int64_t h = 0; h < a->num_heads; h++)
+    for (int64_t h = 0; h < a->num_heads; h++) {
+        prefetch_part(next, a->blk_stride, h, a->num_heads);
         weighted_sum(acc + h * a->head_dim, scores + h * len + p0, vb + (h / a->group) * a->head_dim, a->tok_stride,
                      n, a->head_dim);
+    }
+}
+
+/* The block read after sequence seqs[i]'s block `b` in attend_item's order (the shared blocks,
+ * then each sequence's own blocks in turn), in `cache`; NULL after the last */
+static inline const float *block_after(const decode_args *a, const float *cache, const int32_t *seqs, int64_t count,
+                                       int64_t shared, int64_t i, int64_t b) {
+    for (;;) {
+        const int64_t s = seqs[i];
+        if (b + 1 < num_blocks_of(a, s)) return cache + (int64_t)a->block_table[s * a->bt_stride + b + 1] * a->blk_stride;
+        if (++i == count) return NULL;
+        b = shared - 1; /* the next sequence's first own block, if it has one */
+    }
 }
 
 /* One work item: `count` sequences (ids in `seqs`) whose first `shared` blocks are the same.
@@ -469,16 +557,17 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
      * scattered in the pool, so the next one is prefetched while this one is worked on; head by
      * head within a block, so each head's query stays in registers across the block's rows. */
     for (int64_t b = 0; b < shared; b++) {
-        if (b + 1 < shared) prefetch_block(a->k_cache + (int64_t)lead[b + 1] * a->blk_stride, a->blk_stride);
-        for (int64_t i = 0; i < count; i++) score_block(a, seqs[i], scores[i], b, lead[b]);
+        const float *next = block_after(a, a->k_cache, seqs, count, shared, 0, b);
+        for (int64_t i = 0; i < count; i++) {
+            prefetch_part(next, a->blk_stride, i, count);
+            score_block(a, seqs[i], scores[i], b, lead[b], NULL);
+        }
     }
     for (int64_t i = 0; i < count; i++) {
         const int64_t s = seqs[i], nb = num_blocks_of(a, s);
         const int32_t *table = a->block_table + s * a->bt_stride;
-        for (int64_t b = shared; b < nb; b++) {
-            if (b + 1 < nb) prefetch_block(a->k_cache + (int64_t)table[b + 1] * a->blk_stride, a->blk_stride);
-            score_block(a, s, scores[i], b, table[b]);
-        }
+        for (int64_t b = shared; b < nb; b++)
+            score_block(a, s, scores[i], b, table[b], block_after(a, a->k_cache, seqs, count, shared, i, b));
     }
 
     /* exp(score - max) in place; each head's 1 / sum is applied to its output at the end (one
@@ -487,27 +576,26 @@ static int attend_item(const decode_args *a, const int32_t *seqs, int64_t count,
         const int64_t len = a->seq_lens[seqs[i]];
         for (int64_t h = 0; h < a->num_heads; h++) {
             float *row = scores[i] + h * len;
-            inv[i * a->num_heads + h] = 1.0f / exp_shifted(row, len, row_max(row, len));
+            inv[i * a->num_heads + h] = 1.0f / softmax_exp(row, len);
         }
         memset(scores[i] + a->num_heads * len, 0, sizeof(float) * (size_t)hd);
     }
 
     /* V: the same order of blocks as K, each sequence's sum block by block as when alone */
     for (int64_t b = 0; b < shared; b++) {
-        if (b + 1 < shared) prefetch_block(a->v_cache + (int64_t)lead[b + 1] * a->blk_stride, a->blk_stride);
+        const float *next = block_after(a, a->v_cache, seqs, count, shared, 0, b);
         for (int64_t i = 0; i < count; i++) {
             const int64_t len = a->seq_lens[seqs[i]];
-            sum_block(a, seqs[i], scores[i], scores[i] + a->num_heads * len, b, lead[b]);
+            prefetch_part(next, a->blk_stride, i, count);
+            sum_block(a, seqs[i], scores[i], scores[i] + a->num_heads * len, b, lead[b], NULL);
         }
     }
     for (int64_t i = 0; i < count; i++) {
         const int64_t s = seqs[i], nb = num_blocks_of(a, s), len = a->seq_lens[s];
         const int32_t *table = a->block_table + s * a->bt_stride;
         float *acc = scores[i] + a->num_heads * len;
-        for (int64_t b = shared; b < nb; b++) {
-            if (b + 1 < nb) prefetch_block(a->v_cache + (int64_t)table[b + 1] * a->blk_stride, a->blk_stride);
-            sum_block(a, s, scores[i], acc, b, table[b]);
-        }
+        for (int64_t b = shared; b < nb; b++)
+            sum_block(a, s, scores[i], acc, b, table[b], block_after(a, a->v_cache, seqs, count, shared, i, b));
         for (int64_t h = 0; h < a->num_heads; h++) {
             float *dst = a->out + a->tokens[s] * a->out_tok_stride + h * a->out_head_stride;
             const float *src = acc + h * a->head_dim, w = inv[i * a->num_heads + h];
