@@ -11,6 +11,12 @@ the flags, the compiler and the CPU's flags, since it is built with -march=nativ
 
 Optional by design: with no compiler, a failed build, or PAGEDSERVE_NATIVE_KERNELS=0, `decode_kernel()`
 returns None and the torch backend keeps its gather + SDPA path (the reason is logged once).
+
+The same shared object holds `csrc/core_share.c`: helper threads on cores the executor borrows
+(`start_helpers`; `pagedserve up` pins the other services to the last core, which they use only
+part of each step). While they run, a decode step's attention items and its linears' column slices
+(`kernels.packed_gemm`) are shared with them item by item; each item's arithmetic is the same
+whoever runs it, so results do not change. PAGEDSERVE_CORE_HELPERS=0 keeps them off.
 """
 
 from __future__ import annotations
@@ -33,10 +39,13 @@ from pagedserve.common.switches import switched_on
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_cpu.c"
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "paged_decode_cpu.c", CSRC / "core_share.c")
+HEADERS = (CSRC / "core_share.h",)
 SYMBOL = "pagedserve_decode_attention_f32"
 ENV_SWITCH = "PAGEDSERVE_NATIVE_KERNELS"
-BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11")
+HELPERS_SWITCH = "PAGEDSERVE_CORE_HELPERS"
+BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11", "-pthread")
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "kernel" -> DecodeKernel | None, once decided
@@ -66,7 +75,7 @@ def _compiler() -> str | None:
 
 def _build(compiler: str) -> Path:
     """Compiles the source (with OpenMP when the compiler has it) unless a cached build exists."""
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     attempts = [(*BASE_FLAGS, "-fopenmp"), BASE_FLAGS]
     errors = []
@@ -81,7 +90,7 @@ def _build(compiler: str) -> Path:
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             built = Path(tmp) / target.name
             result = subprocess.run(
-                [compiler, *flags, str(SOURCE), "-o", str(built), "-lm"],
+                [compiler, *flags, *map(str, SOURCES), "-o", str(built), "-lm"],
                 capture_output=True, text=True, timeout=120,
             )  # fmt: skip
             if result.returncode == 0:
@@ -96,7 +105,7 @@ class DecodeKernel:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        lib = ctypes.CDLL(str(path))
+        self.lib = lib = ctypes.CDLL(str(path))
         fn = getattr(lib, SYMBOL)
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
         fn.argtypes = [
@@ -106,7 +115,7 @@ class DecodeKernel:
             ptr, i64,  # block_table, row stride
             ptr, ptr, i64,  # seq_lens, tokens, num_seqs
             i64, i64, i64, i64,  # num_heads, num_kv_heads, head_dim, block_size
-            ctypes.c_float, ctypes.c_int,  # scale, threads
+            ctypes.c_float, ctypes.c_int, ptr,  # scale, threads, helper pool
         ]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
@@ -124,8 +133,13 @@ class DecodeKernel:
         threads: int | None = None,
     ) -> None:
         """Writes out[tokens[s]] for every s; the caller keeps the index tensors alive and valid
-        (every block id in range, every token a row of query and out): nothing is checked here."""
+        (every block id in range, every token a row of query and out): nothing is checked here.
+        On one thread, the work is shared with the core helpers when they run."""
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+        threads = threads or torch.get_num_threads()
+        pool = _helpers.get("active") if threads == 1 else None
+        if pool is not None:
+            threads = pool.workers
         status = self._fn(
             query.data_ptr(), query.stride(0), query.stride(1),
             k_cache.data_ptr(), v_cache.data_ptr(),
@@ -133,7 +147,7 @@ class DecodeKernel:
             block_table.data_ptr(), block_table.stride(0),
             seq_lens.data_ptr(), tokens.data_ptr(), seq_lens.numel(),
             query.size(1), num_kv_heads, head_dim, block_size,
-            scale, threads or torch.get_num_threads(),
+            scale, threads, pool.handle if pool is not None else None,
         )  # fmt: skip
         if status:
             raise MemoryError("native decode attention: out of memory for its scratch buffers")
@@ -159,6 +173,69 @@ def decode_kernel() -> DecodeKernel | None:
                     log.warning("native CPU decode attention unavailable (%s); using gather + SDPA", e)
             _loaded["kernel"] = kernel
         return _loaded["kernel"]  # type: ignore[return-value]
+
+
+class CoreHelpers:
+    """Helper threads on borrowed cores (`csrc/core_share.c`), started by `start_helpers`."""
+
+    def __init__(self, kernel: DecodeKernel, cores: tuple[int, ...]) -> None:
+        lib = kernel.lib
+        i32, ptr = ctypes.c_int, ctypes.c_void_p
+        lib.pagedserve_helpers_start.restype = ptr
+        lib.pagedserve_helpers_start.argtypes = [i32, ptr, i32]
+        lib.pagedserve_helpers_stop.argtypes = [ptr]
+        lib.pagedserve_helpers_tids.argtypes = [ptr, ptr, i32]
+        lib.pagedserve_sgemm_slices.restype = None
+        # pool, compute, m, n, k, a, packed slices, slice starts, number of slices, c
+        lib.pagedserve_sgemm_slices.argtypes = [ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ctypes.c_int64, ptr]
+        self._lib = lib
+        self.sgemm_slices = lib.pagedserve_sgemm_slices
+        self.cores = cores
+        array = (i32 * len(cores))(*cores)
+        self.handle = lib.pagedserve_helpers_start(len(cores), array, len(cores))
+        if not self.handle:
+            raise OSError("could not start the helper threads")
+        self.workers = 1 + len(cores)  # the caller and one helper per core
+        tids = (i32 * len(cores))()
+        self.tids = tuple(tids[: lib.pagedserve_helpers_tids(self.handle, tids, len(cores))])
+
+    def stop(self) -> None:
+        if self.handle:
+            self._lib.pagedserve_helpers_stop(self.handle)
+            self.handle = None
+
+
+_helpers: dict[str, CoreHelpers] = {}  # "active" -> the running helpers, while they run
+
+
+def start_helpers(cores: tuple[int, ...]) -> CoreHelpers | None:
+    """One helper thread per core in `cores`, pinned there, for this process's decode attention and
+    packed linears; None (logged) where the native kernels are off or unavailable, or
+    PAGEDSERVE_CORE_HELPERS=0. Call before the model loads: linears are packed in column slices
+    only when helpers run."""
+    if not cores or not switched_on(HELPERS_SWITCH):
+        return None
+    kernel = decode_kernel()
+    if kernel is None:
+        return None
+    stop_helpers()
+    try:
+        helpers = CoreHelpers(kernel, cores)
+    except OSError as e:
+        log.warning("core helpers unavailable: %s", e)
+        return None
+    _helpers["active"] = helpers
+    return helpers
+
+
+def helpers() -> CoreHelpers | None:
+    return _helpers.get("active")
+
+
+def stop_helpers() -> None:
+    helpers = _helpers.pop("active", None)
+    if helpers is not None:
+        helpers.stop()
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> bool:

@@ -16,6 +16,10 @@ Two properties matter for serving:
   places (differences of about 1e-6 at unit scale, tested); greedy outputs stay token-identical to
   transformers in the tests.
 
+While core helpers run (`kernels.cpu_native.start_helpers`), each weight is packed in column
+slices instead, and a one-thread call shares the slices with the helpers: each slice is read by
+one core only, and a column's sums are the same whichever slice holds it (tested).
+
 The packed copy lives beside the model's own weight (which the rest of the model may still use):
 it costs about as much memory again as the packed matrices. Optional by design: without the
 symbols (another BLAS, a non-x86 build), for non-float32 weights, or with
@@ -34,6 +38,8 @@ import torch.nn.functional as F
 
 from pagedserve.common.switches import switched_on
 
+from . import cpu_native
+
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_PACKED_LINEARS"
@@ -44,6 +50,19 @@ _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 # this one gave the best times across 1-512 rows on the models measured.
 _PACK_ROWS = 256
 MIN_ROWS = 3  # fewer rows go to F.linear
+# With core helpers: a weight's columns in about two slices per worker (at least this wide, a
+# multiple of 16), so that a late helper leaves the caller little to wait for.
+MIN_SLICE_COLUMNS = 64
+
+
+def slice_starts(out_features: int, workers: int) -> list[int]:
+    """Where each column slice of a weight with `out_features` columns starts, and the end."""
+    if workers <= 1:
+        return [0, out_features]
+    width = max(MIN_SLICE_COLUMNS, -(-out_features // (2 * workers)))
+    width = -(-width // 16) * 16
+    return [*range(0, out_features, width), out_features]
+
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "lib" -> ctypes.CDLL | None, once decided
@@ -87,13 +106,32 @@ class PackedLinear:
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
         self._compute = lib.cblas_sgemm_compute
+        self.helpers = cpu_native.helpers()
         n, k = self.out_features, self.in_features
-        size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, _PACK_ROWS, n, k)
-        # MKL's size has room for its widest tiling; only what it writes becomes resident.
-        self.packed = torch.empty(-(-size // 4), dtype=torch.float32)
-        lib.cblas_sgemm_pack(
-            _ROW_MAJOR, _B_MATRIX, _TRANS, _PACK_ROWS, n, k, 1.0, weight.data_ptr(), k, self.packed.data_ptr()
-        )
+        self.starts = slice_starts(n, self.helpers.workers if self.helpers is not None else 1)
+        self.slices = []
+        for c0, c1 in zip(self.starts[:-1], self.starts[1:], strict=True):
+            size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, _PACK_ROWS, c1 - c0, k)
+            # MKL's size has room for its widest tiling; only what it writes becomes resident.
+            packed = torch.empty(-(-size // 4), dtype=torch.float32)
+            lib.cblas_sgemm_pack(
+                _ROW_MAJOR,
+                _B_MATRIX,
+                _TRANS,
+                _PACK_ROWS,
+                c1 - c0,
+                k,
+                1.0,
+                weight[c0].data_ptr(),
+                k,
+                packed.data_ptr(),
+            )
+            self.slices.append(packed)
+        self.packed = self.slices[0]
+        if len(self.slices) > 1:
+            self._slice_ptrs = (ctypes.c_void_p * len(self.slices))(*(t.data_ptr() for t in self.slices))
+            self._slice_starts = (ctypes.c_int64 * len(self.starts))(*self.starts)
+            self._compute_addr = ctypes.cast(self._compute, ctypes.c_void_p).value
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         k, n = self.in_features, self.out_features
@@ -104,7 +142,15 @@ class PackedLinear:
         if m < MIN_ROWS:
             return F.linear(x, self.weight, self.bias)
         out = torch.empty((m, n), dtype=torch.float32)
-        if m:
+        if m and len(self.slices) > 1:
+            # on one torch thread shared with the helpers; with more (a heavy step), torch's
+            # threads run each slice in turn
+            pool = self.helpers.handle if torch.get_num_threads() == 1 else None
+            self.helpers.sgemm_slices(
+                pool, self._compute_addr, m, n, k, rows.data_ptr(), self._slice_ptrs, self._slice_starts,
+                len(self.slices), out.data_ptr(),
+            )  # fmt: skip
+        elif m:
             # beta = 0, the bias added after: with beta = 1 and one row, MKL's result was wrong
             self._compute(
                 _ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k,

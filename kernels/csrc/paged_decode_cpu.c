@@ -24,9 +24,12 @@
  */
 
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "core_share.h"
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
@@ -646,7 +649,22 @@ static int64_t plan_items(const decode_args *a, int64_t num_seqs, int num_thread
     return num_items;
 }
 
-/* Returns 0, or 1 when scratch memory could not be allocated (the caller raises). */
+typedef struct {
+    const decode_args *a;
+    const int32_t *order;
+    const work_item *items;
+    _Atomic int failed;
+} shared_items;
+
+static void attend_shared_item(void *ctx, int64_t w) {
+    shared_items *j = ctx;
+    if (attend_item(j->a, j->order + j->items[w].start, j->items[w].count, j->items[w].shared))
+        atomic_store(&j->failed, 1);
+}
+
+/* Returns 0, or 1 when scratch memory could not be allocated (the caller raises). The items run on
+ * `num_threads` OpenMP threads, or, with `pool`, shared with its helpers (`num_threads` is then the
+ * number of workers to plan for: the caller and the helpers). */
 int pagedserve_decode_attention_f32(
     const float *query, int64_t q_tok_stride, int64_t q_head_stride,
     const float *k_cache, const float *v_cache,
@@ -654,7 +672,7 @@ int pagedserve_decode_attention_f32(
     const int32_t *block_table, int64_t bt_stride,
     const int32_t *seq_lens, const int64_t *tokens, int64_t num_seqs,
     int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    float scale, int num_threads) {
+    float scale, int num_threads, helper_pool *pool) {
     if (num_seqs <= 0) return 0;
     const decode_args a = {
         query, k_cache, v_cache, out, q_tok_stride, q_head_stride, out_tok_stride, out_head_stride,
@@ -665,7 +683,11 @@ int pagedserve_decode_attention_f32(
     work_item *items = malloc(sizeof(work_item) * (size_t)num_seqs);
     const int64_t num_items = order && items ? plan_items(&a, num_seqs, num_threads, order, items) : -1;
     int failed = num_items < 0;
-    if (!failed) {
+    if (!failed && pool != NULL) {
+        shared_items job = {&a, order, items, 0};
+        pagedserve_share(pool, attend_shared_item, &job, num_items);
+        failed = atomic_load(&job.failed);
+    } else if (!failed) {
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads) if (num_threads > 1) reduction(| : failed)
         for (int64_t w = 0; w < num_items; w++)
             failed |= attend_item(&a, order + items[w].start, items[w].count, items[w].shared);

@@ -46,6 +46,7 @@ from pagedserve.executor.placement import (
     apply_placement,
     default_prefill_threads,
     pin_all_threads,
+    start_core_helpers,
     widen_cores,
 )
 from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
@@ -99,6 +100,13 @@ class ExecutorEngine:
             "pinned to" if placement.pinned else "may run on",
             format_cpu_list(placement.cores),
         )
+        prefill_threads = config.prefill_threads or default_prefill_threads(
+            placement.threads, len(placement.cores), placement.pinned, device.type
+        )
+        wide = widen_cores(placement, prefill_threads)
+        if wide is not None:
+            # also before the model loads: its linears are packed in slices for the helpers
+            start_core_helpers(placement, wide)
         runner = ModelRunner.load(
             config.model_path, dtype=config.dtype, device=device, attention_backend=config.attention_backend
         )
@@ -151,10 +159,7 @@ class ExecutorEngine:
                 seconds,
             )
         engine = cls(runner, pool, limits, num_cpu_blocks(spec, config.swap_space, device))
-        engine.prefill_threads = config.prefill_threads or default_prefill_threads(
-            placement.threads, len(placement.cores), placement.pinned, device.type
-        )
-        wide = widen_cores(placement, engine.prefill_threads)
+        engine.prefill_threads = prefill_threads
         if wide is not None:
             engine.widen = (placement.cores, wide)
         if engine.prefill_threads != engine.step_threads:

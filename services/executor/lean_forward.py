@@ -153,8 +153,10 @@ class LeanForward:
         if not packed:
             return "lean forward"
         mib = sum(f.out_features * f.in_features * 4 for f in packed) / 2**20
+        sliced = sum(len(f.slices) > 1 for f in packed)
         return (
-            f"lean forward, {len(packed)} linears on packed weights (about {mib:.0f} MiB beside the model's)"
+            f"lean forward, {len(packed)} linears on packed weights (about {mib:.0f} MiB beside the model's"
+            + (f"; {sliced} in column slices for the core helpers)" if sliced else ")")
         )
 
     def __call__(

@@ -8,8 +8,10 @@ of the stack (vLLM on CPU does the same: its worker is pinned, the API server an
 other cores) costs at most 1/N of the executor's peak and removes that stall. With `--cpu-affinity`,
 the cores named are the executor's own, so the default is one thread per pinned core; `pagedserve
 up` pins it so by default on CPU (all cores but the last, the other services on the last: see
-launch_plan.default_placement), and its heavy steps then spread over every core (`widen_cores`). On CUDA the
-default leaves torch's own choice: the host threads only feed the device.
+launch_plan.default_placement), and its heavy steps then spread over every core (`widen_cores`),
+while its other steps share their decode attention and linears with a helper thread on each core
+left to the other services (`start_core_helpers`; no barrier, so a busy core costs no stall). On
+CUDA the default leaves torch's own choice: the host threads only feed the device.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from typing import NamedTuple
 
 import torch
 
-from pagedserve.common.cpus import available_cores
+from pagedserve.common.cpus import available_cores, format_cpu_list
+from pagedserve.kernels import cpu_native
 
 log = logging.getLogger(__name__)
 
@@ -60,10 +63,35 @@ def widen_cores(placement: Placement, prefill_threads: int) -> tuple[int, ...] |
 
 
 def pin_all_threads(cores: tuple[int, ...]) -> None:
-    """Every thread of this process (torch's pool included) onto `cores`."""
+    """Every thread of this process (torch's pool included) onto `cores`, but the core helpers,
+    which stay on their own cores."""
+    helpers = cpu_native.helpers()
+    keep = set(helpers.tids) if helpers is not None else set()
     for tid in os.listdir("/proc/self/task"):
+        if int(tid) in keep:
+            continue
         with contextlib.suppress(OSError):  # a thread that ended meanwhile
             os.sched_setaffinity(int(tid), cores)
+
+
+def start_core_helpers(placement: Placement, wide: tuple[int, ...]) -> bool:
+    """A helper thread on each core the executor's heavy steps borrow (`wide` less its pinned
+    cores), for its one-thread steps' decode attention and linears; whether they started."""
+    borrowed = tuple(sorted(set(wide) - set(placement.cores)))
+    if placement.threads != 1 and borrowed:
+        # with several torch threads the forward's own regions already use the pinned cores
+        log.info("no core helpers: %d torch threads", placement.threads)
+        return False
+    helpers = cpu_native.start_helpers(borrowed)
+    if helpers is not None:
+        log.info(
+            "core helpers on %s: decode attention and linears of steps under %d tokens shared with "
+            "them (%s=0: off)",
+            format_cpu_list(borrowed),
+            PREFILL_STEP_TOKENS,
+            cpu_native.HELPERS_SWITCH,
+        )
+    return helpers is not None
 
 
 def default_threads(num_cores: int, pinned: bool) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -196,6 +197,7 @@ from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.executor.placement import PREFILL_STEP_TOKENS
+from pagedserve.kernels import cpu_native
 
 cores = sorted(os.sched_getaffinity(0))
 engine = ExecutorEngine.from_config(ExecutorConfig(
@@ -203,11 +205,18 @@ engine = ExecutorEngine.from_config(ExecutorConfig(
     max_num_batched_tokens=512, cpu_affinity=(cores[0],), prefill_threads=len(cores)))
 seen = []
 execute = engine.runner.execute
+helpers = cpu_native.helpers()
+helper_tids = set(helpers.tids) if helpers is not None else set()
+
+def threads_cores():
+    # every thread's cores (torch's pool threads included), the core helpers apart
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    mine = [os.sched_getaffinity(t) for t in tasks if t not in helper_tids]
+    theirs = [os.sched_getaffinity(t) for t in tasks if t in helper_tids]
+    return sorted(set().union(*mine)), sorted(set().union(*theirs))
 
 def spy(*args, **kwargs):
-    # every thread's cores while the forward runs (torch's pool threads included)
-    tasks = os.listdir("/proc/self/task")
-    seen.append(sorted(set().union(*(os.sched_getaffinity(int(t)) for t in tasks))))
+    seen.append(threads_cores()[0])
     return execute(*args, **kwargs)
 
 engine.runner.execute = spy
@@ -219,25 +228,90 @@ new = [NewRequestData(f"r{i}", prompt, [], SamplingParams(temperature=0.0), list
 engine.execute_step(StepInput(1, engine.epoch, new_requests=new))
 decode = [CachedRequestData(f"r{i}", [], 1, n) for i in range(2)]
 engine.execute_step(StepInput(2, engine.epoch, cached_requests=decode))
-after = sorted(set().union(*(os.sched_getaffinity(int(t)) for t in os.listdir("/proc/self/task"))))
-print(repr((cores, seen[0], seen[1], after, engine.widen is not None)))
+after, helper_cores = threads_cores()
+print(repr((cores, seen[0], seen[1], after, engine.widen is not None, helper_cores)))
 """
 
 
 def test_heavy_steps_of_a_pinned_executor_spread_over_every_core(tiny_model_dir) -> None:
     # `pagedserve up`'s default placement: the executor pinned to all cores but one, with more
     # --prefill-threads than pinned cores. A heavy step runs on every core the process had before
-    # pinning, every thread of it; then all go back to the pinned cores, where decodes run.
+    # pinning, every thread of it; then all go back to the pinned cores, where decodes run,
+    # sharing their decode attention and linears with a core helper pinned to the core left over.
     # (A child process: pinning is process-wide.)
     path = tiny_model_dir("llama")
     out = subprocess.run(
         [sys.executable, "-c", CHILD_WIDEN, str(path)], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    cores, heavy, decode, after, widened = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    cores, heavy, decode, after, widened, helper_cores = ast.literal_eval(out.stdout.strip().splitlines()[-1])
     first = [cores[0]]
     assert decode == after == first
     if len(cores) > 1:
         assert widened and heavy == cores
+        assert helper_cores == cores[1:]
     else:  # nothing to spread over
-        assert not widened and heavy == first
+        assert not widened and heavy == first and helper_cores == []
+
+
+CHILD_HELPERS = """
+import hashlib, os, sys
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.kernels import cpu_native
+
+cores = sorted(os.sched_getaffinity(0))
+engine = ExecutorEngine.from_config(ExecutorConfig(
+    model=sys.argv[1], device="cpu", attention_backend="torch", block_size=8, num_kv_blocks=512,
+    max_num_batched_tokens=512, cpu_affinity=(cores[0],), prefill_threads=len(cores)))
+digest = hashlib.sha256()
+execute = engine.runner.execute
+
+def spy(*args, **kwargs):
+    logits = execute(*args, **kwargs)
+    digest.update(logits.contiguous().numpy().tobytes())
+    return logits
+
+engine.runner.execute = spy
+vocab = engine.runner.vocab_size
+prefix = [(7 * i + 3) % vocab for i in range(40)]  # five shared blocks
+new, tokens = [], {}
+for i in range(12):
+    prompt = prefix + [(5 * i + j) % vocab for j in range(3 + 2 * i)] if i < 8 else [(i + j) % vocab for j in range(9)]
+    new.append(NewRequestData(f"r{i}", prompt, [], SamplingParams(temperature=0.0),
+                              list(range(i * 16, (i + 1) * 16)), 0, len(prompt)))
+    tokens[f"r{i}"] = len(prompt)
+out = engine.execute_step(StepInput(1, engine.epoch, new_requests=new))
+generated = {s.request_id: [s.token_id] for s in out.sampled}
+for step in range(2, 18):
+    decode = [CachedRequestData(r, [], 1, n + step - 2) for r, n in tokens.items()]
+    for s in engine.execute_step(StepInput(step, engine.epoch, cached_requests=decode)).sampled:
+        generated[s.request_id].append(s.token_id)
+print(repr((cpu_native.helpers() is not None, digest.hexdigest(), sorted(generated.items()))))
+"""
+
+
+def test_core_helpers_leave_every_logit_unchanged(tiny_model_dir) -> None:
+    # The pinned default on 2+ cores starts a core helper; the same prefills and decodes (shared
+    # prefixes among them) give the same logits bit for bit, and so the same greedy tokens, as with
+    # PAGEDSERVE_CORE_HELPERS=0. (Child processes: the helpers and pinning are process-wide.)
+    path = tiny_model_dir("llama")
+    runs = []
+    for switch in ("1", "0"):
+        env = {**os.environ, "PAGEDSERVE_CORE_HELPERS": switch}
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD_HELPERS, str(path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        runs.append(ast.literal_eval(out.stdout.strip().splitlines()[-1]))
+    (helped, digest, tokens), (unhelped, digest0, tokens0) = runs
+    assert helped == (len(os.sched_getaffinity(0)) > 1) and not unhelped
+    assert len(tokens) == 12 and all(len(t) == 17 for _, t in tokens)
+    assert tokens == tokens0
+    assert digest == digest0

@@ -185,3 +185,36 @@ def test_sequences_sharing_leading_blocks_match_each_alone(paged_batch, kernel) 
         kernel(batch.query, batch.k_cache, batch.v_cache, out, native.block_table, native.seq_lens,
                native.tokens, 0.3, threads=threads)  # fmt: skip
         assert torch.equal(out, together), threads
+
+
+def test_decodes_shared_with_a_core_helper_match_one_thread(paged_batch, kernel) -> None:
+    # Work items shared with a helper thread (claimed one at a time from an atomic counter): the
+    # same bits as on one thread, call after call (every item run exactly once: the output starts
+    # as NaN each time).
+    import os
+
+    seq_lens = [300, 250, 230, 90, 300, 61, 120, 45, 17, 400, 33, 129]
+    batch = paged_batch(
+        [1] * len(seq_lens), seq_lens, num_heads=8, num_kv_heads=4, head_dim=32, block_size=16,
+        dtype=torch.float32,
+    )  # fmt: skip
+    table = batch.block_table
+    table[1, :12] = table[0, :12]
+    table[2, :12] = table[0, :12]
+    table[4, :19] = table[0, :19]
+    plan = AttentionPlan(table, batch.seq_lens, batch.cu_seqlens_q, 16)
+    native = plan.native
+    assert native is not None
+    alone = torch.full_like(batch.query, float("nan"))
+    kernel(batch.query, batch.k_cache, batch.v_cache, alone, native.block_table, native.seq_lens,
+           native.tokens, 0.3, threads=1)  # fmt: skip
+    helpers = cpu_native.start_helpers(tuple(sorted(os.sched_getaffinity(0)))[-1:])
+    assert helpers is not None and helpers.workers == 2 and len(helpers.tids) == 1
+    try:
+        for _ in range(300):
+            out = torch.full_like(batch.query, float("nan"))
+            kernel(batch.query, batch.k_cache, batch.v_cache, out, native.block_table, native.seq_lens,
+                   native.tokens, 0.3, threads=1)  # fmt: skip
+            assert torch.equal(out, alone)
+    finally:
+        cpu_native.stop_helpers()

@@ -66,3 +66,39 @@ def test_where_f_linear_stays(monkeypatch) -> None:
 def test_wrong_input_width_names_both() -> None:
     with pytest.raises(ValueError, match="48 features, the weight takes 64"):
         _packed(torch.randn(8, 64))(torch.randn(2, 48))
+
+
+def test_column_slices_shared_with_a_core_helper_give_the_same_bits() -> None:
+    # With core helpers running, weights are packed in column slices and a one-thread call shares
+    # the slices with them: every output is the same bit for bit as the whole weight's, at every
+    # row count, on one torch thread (shared) and on two (the slices one after another).
+    import os
+
+    from pagedserve.kernels import cpu_native
+    from pagedserve.kernels.packed_gemm import slice_starts
+
+    assert slice_starts(1376, 1) == [0, 1376]
+    assert slice_starts(1376, 2) == [0, 352, 704, 1056, 1376]
+    assert slice_starts(100, 2) == [0, 64, 100]  # slices of at least MIN_SLICE_COLUMNS
+    gen = torch.Generator().manual_seed(3)
+    weights = [
+        torch.randn(shape, generator=gen) for shape in ((1376, 512), (256, 512), (512, 1376), (40, 96))
+    ]
+    whole = [_packed(w) for w in weights]
+    helpers = cpu_native.start_helpers(tuple(sorted(os.sched_getaffinity(0)))[-1:])
+    assert helpers is not None, "the core helpers should start wherever the native kernels build"
+    threads = torch.get_num_threads()
+    try:
+        sliced = [_packed(w) for w in weights]
+        assert [len(s.slices) for s in sliced] == [4, 4, 4, 1]
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in (3, 8, 32, 100):
+                for a, b in zip(whole, sliced, strict=True):
+                    x = torch.randn(rows, a.in_features, generator=gen)
+                    for _ in range(5):  # repeated: items taken by either side, in any order
+                        assert torch.equal(a(x), b(x)), (n, rows, a.out_features)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_native.stop_helpers()
+    assert cpu_native.helpers() is None
