@@ -61,12 +61,14 @@ def test_kv_figures_from_gateway_metrics() -> None:
     from pagedserve.bench.workload import fixed_lengths
     from pagedserve.common.models import default_model
 
-    requests = fixed_lengths(4, vocab_size=4096, prompt_len=24, output_len=12, seed=5)
+    # outputs long enough that the 50 ms poller sees the requests' blocks (12 tokens could all be
+    # generated between two polls)
+    requests = fixed_lengths(4, vocab_size=4096, prompt_len=24, output_len=96, seed=5)
     with LaunchedStack(StackConfig(default_model(), num_kv_blocks=48, max_model_len=128)) as stack:
         result = asyncio.run(
             run_load(stack.gateway_address, requests, metrics_url=f"{stack.http_url}/metrics", progress=False)
         )
-    assert [r.output_tokens for r in result.records] == [12] * 4
+    assert [r.output_tokens for r in result.records] == [96] * 4
     assert result.samples and all(s.blocks_total == 48 for s in result.samples)
     assert max(s.blocks_used for s in result.samples) > 0
     assert result.before is not None and result.preemptions == 0
