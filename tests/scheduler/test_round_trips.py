@@ -84,13 +84,21 @@ def test_a_step_is_one_round_trip_whatever_the_batch(redis_url, redis_client):
     counts = {}
     for batch in (1, 64):
         engine = decoding_engine(redis_client, batch)
-        generated = engine.scheduler.stats.generated_tokens
-        delta, outside = one_step(redis_client, redis_url, engine)
-        assert engine.scheduler.stats.generated_tokens - generated == batch  # the whole batch stepped
-        scripts = sum(delta.get(c, 0) for c in SCRIPT_COMMANDS)
-        top_level = [
-            e["command"].split()[0].lower() for e in outside if not e["command"].lower().startswith("info")
-        ]
+        # Both counts see the whole server: a command from anything else that lands in the window
+        # (under a loaded full run: 3 extra scripts once) spoils one measurement, so a step is
+        # measured up to three times and the first clean one kept; one script must be seen.
+        for _ in range(3):
+            generated = engine.scheduler.stats.generated_tokens
+            delta, outside = one_step(redis_client, redis_url, engine)
+            assert engine.scheduler.stats.generated_tokens - generated == batch  # the whole batch stepped
+            scripts = sum(delta.get(c, 0) for c in SCRIPT_COMMANDS)
+            top_level = [
+                e["command"].split()[0].lower()
+                for e in outside
+                if not e["command"].lower().startswith("info")
+            ]
+            if scripts == 1 and top_level == ["evalsha"]:
+                break
         counts[batch] = (scripts, top_level)
         assert scripts == 1, delta
         assert top_level == ["evalsha"], top_level
