@@ -137,7 +137,7 @@ class DecodeKernel:
         On one thread, the work is shared with the core helpers when they run."""
         num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
         threads = threads or torch.get_num_threads()
-        pool = _helpers.get("active") if threads == 1 else None
+        pool = helpers() if threads == 1 else None
         if pool is not None:
             threads = pool.workers
         status = self._fn(
@@ -190,7 +190,6 @@ class CoreHelpers:
         lib.pagedserve_sgemm_slices.argtypes = [ptr, ptr, i32, i32, i32, ptr, ptr, ptr, ctypes.c_int64, ptr]
         self._lib = lib
         self.sgemm_slices = lib.pagedserve_sgemm_slices
-        self.cores = cores
         array = (i32 * len(cores))(*cores)
         self.handle = lib.pagedserve_helpers_start(len(cores), array, len(cores))
         if not self.handle:
@@ -220,12 +219,12 @@ def start_helpers(cores: tuple[int, ...]) -> CoreHelpers | None:
         return None
     stop_helpers()
     try:
-        helpers = CoreHelpers(kernel, cores)
+        started = CoreHelpers(kernel, cores)
     except OSError as e:
         log.warning("core helpers unavailable: %s", e)
         return None
-    _helpers["active"] = helpers
-    return helpers
+    _helpers["active"] = started
+    return started
 
 
 def helpers() -> CoreHelpers | None:
@@ -233,9 +232,9 @@ def helpers() -> CoreHelpers | None:
 
 
 def stop_helpers() -> None:
-    helpers = _helpers.pop("active", None)
-    if helpers is not None:
-        helpers.stop()
+    running = _helpers.pop("active", None)
+    if running is not None:
+        running.stop()
 
 
 def supports(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor) -> bool:

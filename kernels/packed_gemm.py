@@ -115,19 +115,9 @@ class PackedLinear:
             # MKL's size has room for its widest tiling; only what it writes becomes resident.
             packed = torch.empty(-(-size // 4), dtype=torch.float32)
             lib.cblas_sgemm_pack(
-                _ROW_MAJOR,
-                _B_MATRIX,
-                _TRANS,
-                _PACK_ROWS,
-                c1 - c0,
-                k,
-                1.0,
-                weight[c0].data_ptr(),
-                k,
-                packed.data_ptr(),
-            )
+                _ROW_MAJOR, _B_MATRIX, _TRANS, _PACK_ROWS, c1 - c0, k, 1.0, weight[c0].data_ptr(), k, packed.data_ptr()
+            )  # fmt: skip
             self.slices.append(packed)
-        self.packed = self.slices[0]
         if len(self.slices) > 1:
             self._slice_ptrs = (ctypes.c_void_p * len(self.slices))(*(t.data_ptr() for t in self.slices))
             self._slice_starts = (ctypes.c_int64 * len(self.starts))(*self.starts)
@@ -154,7 +144,7 @@ class PackedLinear:
             # beta = 0, the bias added after: with beta = 1 and one row, MKL's result was wrong
             self._compute(
                 _ROW_MAJOR, _NO_TRANS, _PACKED, m, n, k,
-                rows.data_ptr(), k, self.packed.data_ptr(), k, 0.0, out.data_ptr(), n,
+                rows.data_ptr(), k, self.slices[0].data_ptr(), k, 0.0, out.data_ptr(), n,
             )  # fmt: skip
         if self.bias is not None:
             out += self.bias

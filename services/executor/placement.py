@@ -74,16 +74,15 @@ def pin_all_threads(cores: tuple[int, ...]) -> None:
             os.sched_setaffinity(int(tid), cores)
 
 
-def start_core_helpers(placement: Placement, wide: tuple[int, ...]) -> bool:
+def start_core_helpers(placement: Placement, wide: tuple[int, ...]) -> None:
     """A helper thread on each core the executor's heavy steps borrow (`wide` less its pinned
-    cores), for its one-thread steps' decode attention and linears; whether they started."""
+    cores), for its one-thread steps' decode attention and linears (logged when they start)."""
     borrowed = tuple(sorted(set(wide) - set(placement.cores)))
     if placement.threads != 1 and borrowed:
         # with several torch threads the forward's own regions already use the pinned cores
         log.info("no core helpers: %d torch threads", placement.threads)
-        return False
-    helpers = cpu_native.start_helpers(borrowed)
-    if helpers is not None:
+        return
+    if cpu_native.start_helpers(borrowed) is not None:
         log.info(
             "core helpers on %s: decode attention and linears of steps under %d tokens shared with "
             "them (%s=0: off)",
@@ -91,7 +90,6 @@ def start_core_helpers(placement: Placement, wide: tuple[int, ...]) -> bool:
             PREFILL_STEP_TOKENS,
             cpu_native.HELPERS_SWITCH,
         )
-    return helpers is not None
 
 
 def default_threads(num_cores: int, pinned: bool) -> int:
