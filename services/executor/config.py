@@ -15,6 +15,9 @@ DEFAULT_CPU_KV_CACHE_MEMORY = 512 * 1024 * 1024
 DEFAULT_MAX_MODEL_LEN_CAP = 8192
 # The default token budget per step is max(max_model_len, this).
 DEFAULT_MIN_BATCHED_TOKENS = 8192
+# Without --max-num-batched-tokens, a CPU executor warms up with a step this long (the scheduler's
+# default token budget per step): see ExecutorEngine.warm_up.
+WARM_UP_TOKENS = 2048
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,10 +18,12 @@ chosen continuation as a new sequence, so the token appended here is never compu
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,7 @@ from pagedserve.executor.config import (
     DEFAULT_CPU_KV_CACHE_MEMORY,
     DEFAULT_MAX_MODEL_LEN_CAP,
     DEFAULT_MIN_BATCHED_TOKENS,
+    WARM_UP_TOKENS,
     ExecutorConfig,
 )
 from pagedserve.executor.cuda_graphs import DecodeGraphs
@@ -84,6 +87,7 @@ class ExecutorEngine:
         self.prefill_threads = self.step_threads
         # (pinned cores, every core) when heavy steps leave the pinned cores (placement.widen_cores)
         self.widen: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self.warm_up_tokens = 0  # the start-up warm-up step's length (0: none; from_config sets it)
 
     @classmethod
     def from_config(cls, config: ExecutorConfig) -> ExecutorEngine:
@@ -168,6 +172,10 @@ class ExecutorEngine:
                 engine.prefill_threads,
                 PREFILL_STEP_TOKENS,
                 f", on cores {format_cpu_list(wide)}" if wide else "",
+            )
+        if device.type == "cpu" and runner.backend.name == "torch":  # Triton on CPU: an interpreter
+            engine.warm_up_tokens = config.max_num_batched_tokens or min(
+                limits.max_num_batched_tokens, WARM_UP_TOKENS
             )
         engine.structured.warm_up_in_background()
         return engine
@@ -254,24 +262,42 @@ class ExecutorEngine:
             for s in plan.scheduled
         ]
         prompt_indices, prompt_rows = plan_prompt_rows(plan.scheduled)
-        threads = self.step_threads
-        if sum(s.num_tokens for s in plan.scheduled) >= PREFILL_STEP_TOKENS:
-            threads = self.prefill_threads
+        with self._threads_for(sum(s.num_tokens for s in plan.scheduled)):
+            logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
+        sampling = [s.state for s in plan.scheduled if s.samples]
+        prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
+        return self._sample(logits[: len(sampling)], sampling, started), prompt_logprobs
+
+    @contextlib.contextmanager
+    def _threads_for(self, num_tokens: int) -> Iterator[None]:
+        """Runs a forward of `num_tokens` tokens on the step threads, or, from PREFILL_STEP_TOKENS
+        up, on the prefill threads (spread over the wider cores where placement widens)."""
+        threads = self.prefill_threads if num_tokens >= PREFILL_STEP_TOKENS else self.step_threads
         widen = self.widen if threads != self.step_threads else None
         if widen is not None:
             pin_all_threads(widen[1])  # first, so that a new pool thread starts with every core
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         try:
-            logits = self.runner.execute(seqs, self.pool, prompt_indices)  # [N + E, V]
+            yield
         finally:
             if threads != self.step_threads:
                 torch.set_num_threads(self.step_threads)
             if widen is not None:
                 pin_all_threads(widen[0])
-        sampling = [s.state for s in plan.scheduled if s.samples]
-        prompt_logprobs = gather_prompt_logprobs(logits[len(sampling) :], prompt_rows) if prompt_rows else []
-        return self._sample(logits[: len(sampling)], sampling, started), prompt_logprobs
+
+    def warm_up(self, num_tokens: int) -> float:
+        """Runs a step of `num_tokens` prompt tokens (`ModelRunner.largest_step`, a throw-away pool)
+        on the threads a real one gets; returns the seconds it took. A fresh process's first heavy
+        step pays for its memory as it first touches it: on CPU a 2,048-token step of the bundled
+        model took 2-3x its later time, page-faulting in tens of MB of activations, and that step
+        is the first token of every request of a burst. Kept by the allocator afterwards (see
+        placement.keep_freed_memory), the pages are warm for the first real one."""
+        start = time.perf_counter()
+        pool, seqs = self.runner.largest_step(num_tokens, self.limits.max_model_len, self.pool.block_size)
+        with self._lock, self._threads_for(num_tokens):
+            self.runner.execute(seqs, pool)
+        return time.perf_counter() - start
 
     def _sample(
         self, logits: torch.Tensor, sampling: list[RequestState], started: dict[str, Matcher]

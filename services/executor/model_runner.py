@@ -247,12 +247,11 @@ class ModelRunner:
         return out.logits[0].float()  # [N, V]
 
     @torch.inference_mode()
-    def profile_peak_memory(self, max_num_batched_tokens: int, max_model_len: int, block_size: int) -> int:
-        """CUDA only: bytes the weights plus a forward of max_num_batched_tokens tokens (packed into
-        sequences of up to max_model_len, in a throw-away pool) take at peak, non-torch memory included."""
-        assert self.device.type == "cuda", "profiling measures CUDA memory"
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(self.device)
+    def largest_step(
+        self, max_num_batched_tokens: int, max_model_len: int, block_size: int
+    ) -> tuple[KVPool, list[ScheduledSeq]]:
+        """The heaviest step the limits allow: max_num_batched_tokens prompt tokens in sequences of
+        up to max_model_len, each sampling once, in a throw-away pool of their own."""
         seq_len = min(max_model_len, max_num_batched_tokens)
         lengths = [seq_len] * (max_num_batched_tokens // seq_len)
         if max_num_batched_tokens % seq_len:
@@ -263,6 +262,15 @@ class ModelRunner:
             ScheduledSeq([0] * n, list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)), 0, n, True)
             for i, n in enumerate(lengths)
         ]
+        return pool, seqs
+
+    def profile_peak_memory(self, max_num_batched_tokens: int, max_model_len: int, block_size: int) -> int:
+        """CUDA only: bytes the weights plus a forward of the largest step (`largest_step`) take at
+        peak, non-torch memory included."""
+        assert self.device.type == "cuda", "profiling measures CUDA memory"
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        pool, seqs = self.largest_step(max_num_batched_tokens, max_model_len, block_size)
         inputs = prepare_inputs(seqs, block_size, self.device)
         # Logits for up to 256 rows, as a large decode batch would sample.
         num_sampled = min(max_num_batched_tokens, 256)

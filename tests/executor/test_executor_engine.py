@@ -12,6 +12,7 @@ from executor_harness import GREEDY, VOCAB, make_prompts, reference_greedy, save
 
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
+from pagedserve.executor.config import WARM_UP_TOKENS
 from pagedserve.executor.engine import ExecutorEngine
 from pagedserve.executor.kv_pool import KVCacheSpec, check_fits, num_blocks_from_memory
 from pagedserve.executor.model_runner import ModelRunner, UnsupportedModel
@@ -310,3 +311,22 @@ def test_a_beam_forks_a_held_request_without_its_prompt(tiny_model_dir, make_eng
     with pytest.raises(InvalidArgument) as err:
         engine.execute_step(StepInput(2, engine.epoch, new_requests=[orphan]))
     assert err.value.field == "fork_of" and "c" in engine.requests  # the refused step changed nothing
+
+
+def test_warm_up_step_leaves_the_pool_and_the_requests_alone(tiny_model_dir, make_engine) -> None:
+    path = tiny_model_dir("llama")
+    engine = make_engine(path)  # executor default: 8,192 tokens per step, max_model_len 256 here
+    assert engine.warm_up_tokens == WARM_UP_TOKENS, "the scheduler's default budget, not the executor's limit"
+    assert make_engine(path, max_num_batched_tokens=300).warm_up_tokens == 300
+    assert make_engine(path, max_num_batched_tokens=5000).warm_up_tokens == 5000, "asked for: warmed as asked"
+    pool_before = engine.pool.kv.clone()
+    pool, seqs = engine.runner.largest_step(600, 256, engine.pool.block_size)
+    assert [s.num_tokens for s in seqs] == [256, 256, 88] and pool is not engine.pool
+    assert engine.warm_up(600) > 0
+    assert not engine.requests and torch.equal(engine.pool.kv, pool_before), "a throw-away pool, nothing held"
+    assert torch.get_num_threads() == engine.step_threads
+    # The first real step after it is a normal one.
+    new = [NewRequestData("r0", list(range(3, 40)), [], GREEDY, [0, 1, 2, 3, 4], 0, 37)]
+    out = engine.execute_step(StepInput(0, engine.epoch, new_requests=new))
+    assert [s.request_id for s in out.sampled] == ["r0"]
+    engine.execute_step(StepInput(1, engine.epoch, forget_request_ids=["r0"]))

@@ -190,6 +190,66 @@ def test_malloc_keeps_freed_memory_for_the_next_step() -> None:
     assert faults["1"] < faults["0"] // 3, faults
 
 
+CHILD_SERVED_PREFILL = """
+import asyncio, random, resource, sys
+from pagedserve.common.models import default_model
+from pagedserve.common.params import SamplingParams
+from pagedserve.common.step import NewRequestData, StepInput
+from pagedserve.executor.client import GrpcExecutorClient
+from pagedserve.executor.config import ExecutorConfig
+from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.placement import keep_freed_memory
+from pagedserve.executor.server import start_server
+
+keep_freed_memory()  # as `pagedserve executor` does
+config = ExecutorConfig(model=default_model(), device="cpu", block_size=16, num_kv_blocks=600,
+                        max_num_batched_tokens=2048, cpu_threads=1, prefill_threads=1)
+engine = ExecutorEngine.from_config(config)
+if sys.argv[1] == "0":
+    engine.warm_up_tokens = 0
+rng = random.Random(0)
+new, block = [], 0
+for i in range(14):  # a burst's first step: 14 prompts of 32-140 tokens
+    n = rng.randint(32, 140)
+    blocks = list(range(block, block + (n + 15) // 16))
+    block += len(blocks)
+    prompt = [rng.randrange(4096) for _ in range(n)]
+    new.append(NewRequestData(f"r{i}", prompt, [], SamplingParams(temperature=0.0), blocks, 0, n))
+
+async def main():
+    server = await start_server(engine, "127.0.0.1", 0)
+    client = GrpcExecutorClient(f"127.0.0.1:{server.bound_port}")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    out = await client.execute_step(StepInput(0, engine.epoch, new_requests=new))
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    await client.close()
+    await server.stop(0)
+    print(len(out.sampled), faults)
+
+asyncio.run(main())
+"""
+
+
+def test_served_first_heavy_step_finds_its_memory_warm() -> None:
+    # The executor server warms up with a heavy step on the thread that runs the steps (each
+    # thread allocates from its own arena), so the first real prefill step of a burst reuses the
+    # pages the warm-up page-faulted in. A child process per setting: the page faults of that
+    # first step, served over gRPC, with the warm-up and without it.
+    import subprocess
+    import sys
+
+    faults = {}
+    for warm in ("0", "1"):
+        out = subprocess.run(
+            [sys.executable, "-c", CHILD_SERVED_PREFILL, warm], capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        sampled, count = out.stdout.split()[-2:]
+        assert sampled == "14"
+        faults[warm] = int(count)
+    assert faults["1"] < faults["0"] // 4, faults
+
+
 CHILD_WIDEN = """
 import os, sys, torch
 from pagedserve.common.params import SamplingParams
