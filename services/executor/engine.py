@@ -49,7 +49,9 @@ from pagedserve.executor.placement import (
     apply_placement,
     default_prefill_threads,
     pin_all_threads,
+    spread_team,
     start_core_helpers,
+    start_team,
     widen_cores,
 )
 from pagedserve.executor.prompt_logprobs import gather_prompt_logprobs, plan_prompt_rows
@@ -87,6 +89,7 @@ class ExecutorEngine:
         self.prefill_threads = self.step_threads
         # (pinned cores, every core) when heavy steps leave the pinned cores (placement.widen_cores)
         self.widen: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+        self._teams: dict[int, list[int]] = {}  # a heavy step's calling thread -> its OpenMP team
         self.warm_up_tokens = 0  # the start-up warm-up step's length (0: none; from_config sets it)
 
     @classmethod
@@ -275,7 +278,13 @@ class ExecutorEngine:
         threads = self.prefill_threads if num_tokens >= PREFILL_STEP_TOKENS else self.step_threads
         widen = self.widen if threads != self.step_threads else None
         if widen is not None:
-            pin_all_threads(widen[1])  # first, so that a new pool thread starts with every core
+            master = threading.get_native_id()
+            if master not in self._teams:
+                self._teams[master] = start_team(threads)
+            if self._teams[master]:
+                spread_team(self._teams[master], *widen)
+            else:  # a team started before: every thread allowed on every core
+                pin_all_threads(widen[1])
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         try:

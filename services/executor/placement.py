@@ -22,6 +22,7 @@ import ctypes.util
 import logging
 import os
 import sys
+import threading
 from typing import NamedTuple
 
 import torch
@@ -60,6 +61,53 @@ def widen_cores(placement: Placement, prefill_threads: int) -> tuple[int, ...] |
     if not placement.pinned or prefill_threads <= len(placement.cores):
         return None
     return placement.wide if set(placement.wide) > set(placement.cores) else None
+
+
+def start_team(threads: int) -> list[int]:
+    """Starts torch's OpenMP threads for the calling thread at `threads` threads (OpenMP keeps a
+    pool of them per thread that opens parallel regions) and returns their thread ids; [] where
+    they were not found (they ran before: see below). A new thread starts with its creator's name,
+    so the caller takes a name of its own while one parallel op brings its team up, and the team
+    is the threads that carry that name."""
+    me = threading.get_native_id()
+    comm = f"/proc/self/task/{me}/comm"
+    try:
+        with open(comm) as f:
+            name = f.read().strip()
+        mark = f"team-{me}"[:15]
+        with open(comm, "w") as f:
+            f.write(mark)
+    except OSError:  # not Linux, or no /proc
+        return []
+    current = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        torch.zeros(threads << 16).add_(1)  # a parallel op of `threads` grains or more
+    finally:
+        torch.set_num_threads(current)
+        with open(comm, "w") as f:
+            f.write(name)
+    team = []
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+            if int(tid) != me and f.read().strip() == mark:
+                team.append(int(tid))
+    return sorted(team)
+
+
+def spread_team(team: list[int], pinned: tuple[int, ...], wide: tuple[int, ...]) -> None:
+    """Each thread of a heavy step's team onto a core of its own: the calling thread onto the
+    first pinned core, `team`'s threads onto the cores after it (the other pinned cores, then the
+    borrowed ones). Every thread allowed on every wide core instead (what `pin_all_threads(wide)`
+    does) leaves the team's threads where they were, on the caller's core, until the kernel's load
+    balancer moves them: each parallel region then waited for them, up to a scheduler tick (4-8 ms
+    for one 2 MB gather, against 0.2-0.5 ms with a core each)."""
+    order = [*pinned, *(c for c in wide if c not in pinned)]
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(threading.get_native_id(), {order[0]})
+    for i, tid in enumerate(team, start=1):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, {order[i % len(order)]})
 
 
 def pin_all_threads(cores: tuple[int, ...]) -> None:

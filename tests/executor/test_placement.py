@@ -251,7 +251,7 @@ def test_served_first_heavy_step_finds_its_memory_warm() -> None:
 
 
 CHILD_WIDEN = """
-import os, sys, torch
+import os, sys, threading, torch
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
@@ -263,7 +263,7 @@ cores = sorted(os.sched_getaffinity(0))
 engine = ExecutorEngine.from_config(ExecutorConfig(
     model=sys.argv[1], device="cpu", attention_backend="torch", block_size=8, num_kv_blocks=256,
     max_num_batched_tokens=512, cpu_affinity=(cores[0],), prefill_threads=len(cores)))
-seen = []
+seen, spread = [], []
 execute = engine.runner.execute
 helpers = cpu_native.helpers()
 helper_tids = set(helpers.tids) if helpers is not None else set()
@@ -277,6 +277,9 @@ def threads_cores():
 
 def spy(*args, **kwargs):
     seen.append(threads_cores()[0])
+    # the calling thread and each thread of its OpenMP team: one core each
+    team = engine._teams.get(threading.get_native_id(), [])
+    spread.append([sorted(os.sched_getaffinity(t)) for t in [threading.get_native_id(), *team]])
     return execute(*args, **kwargs)
 
 engine.runner.execute = spy
@@ -289,27 +292,32 @@ engine.execute_step(StepInput(1, engine.epoch, new_requests=new))
 decode = [CachedRequestData(f"r{i}", [], 1, n) for i in range(2)]
 engine.execute_step(StepInput(2, engine.epoch, cached_requests=decode))
 after, helper_cores = threads_cores()
-print(repr((cores, seen[0], seen[1], after, engine.widen is not None, helper_cores)))
+print(repr((cores, seen[0], seen[1], after, engine.widen is not None, helper_cores, spread[0])))
 """
 
 
 def test_heavy_steps_of_a_pinned_executor_spread_over_every_core(tiny_model_dir) -> None:
     # `pagedserve up`'s default placement: the executor pinned to all cores but one, with more
     # --prefill-threads than pinned cores. A heavy step runs on every core the process had before
-    # pinning, every thread of it; then all go back to the pinned cores, where decodes run,
-    # sharing their decode attention and linears with a core helper pinned to the core left over.
+    # pinning, each thread of its team on a core of its own; then all go back to the pinned
+    # cores, where decodes run, sharing their decode attention and linears with a core helper
+    # pinned to the core left over.
     # (A child process: pinning is process-wide.)
     path = tiny_model_dir("llama")
     out = subprocess.run(
         [sys.executable, "-c", CHILD_WIDEN, str(path)], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    cores, heavy, decode, after, widened, helper_cores = ast.literal_eval(out.stdout.strip().splitlines()[-1])
+    cores, heavy, decode, after, widened, helper_cores, spread = ast.literal_eval(
+        out.stdout.strip().splitlines()[-1]
+    )
     first = [cores[0]]
     assert decode == after == first
     if len(cores) > 1:
         assert widened and heavy == cores
         assert helper_cores == cores[1:]
+        # not every thread on every core: the caller on its own, each team thread on the next one
+        assert spread == [[c] for c in cores], spread
     else:  # nothing to spread over
         assert not widened and heavy == first and helper_cores == []
 
