@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pagedserve.common.models import default_model
+from pagedserve.common.redis_connect import url_arg
 from pagedserve.common.sizes import parse_byte_size
 from pagedserve.launch_plan import LauncherConfig
 
@@ -48,8 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             help=f"port of {what} (default: %(default)s)",
         )
     where.add_argument(
-        "--redis-url", default=None, metavar="URL",
-        help="use this Redis instead of starting one (redis://, rediss://, redis+sentinel://, redis+cluster://)",
+        "--redis-url", type=url_arg, default=None, metavar="URL",
+        help="use this Redis instead of starting one (redis://, rediss://, redis+sentinel://, redis+cluster://; "
+        "env:NAME: the URL in environment variable NAME, out of sight of ps)",
     )  # fmt: skip
     tls = parser.add_argument_group("mutual TLS between the services")
     tls.add_argument("--internal-tls", action="store_true",

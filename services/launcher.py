@@ -56,7 +56,7 @@ from pagedserve.common.process import (
     stop_all,
     write_line,
 )
-from pagedserve.common.redis_connect import redact
+from pagedserve.common.redis_connect import off_the_command_line, redact
 from pagedserve.common.redis_harness import (
     RedisServer,
     RedisUnavailable,
@@ -151,6 +151,7 @@ class Launcher:
         self.err = err or sys.stderr
         self.children: dict[str, tuple[ServiceSpec, ChildProcess]] = {}
         self.stop_signal = 0
+        self.child_env: dict[str, str] = {}  # added to every service's environment
         # Supervision, once ready: each child's restarts, when each dead one starts again,
         # and the restarted ones that have not answered their probe yet.
         self._restarts: dict[str, RestartHistory] = {}
@@ -202,7 +203,9 @@ class Launcher:
             if problem:
                 self.say(problem, error=True)
                 return 1
-            specs, skipped = plan(self.config, redis_url)
+            # a password goes to the services in their environment, not on their command lines
+            arg, self.child_env = off_the_command_line(redis_url)
+            specs, skipped = plan(self.config, arg)
             return self.serve(
                 specs, skipped, extra_endpoints=[("redis", f"{redact(redis_url)} (given with --redis-url)")]
             )
@@ -300,7 +303,7 @@ class Launcher:
         child = ChildProcess(
             spec.name,
             spec.command,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.child_env, "PYTHONUNBUFFERED": "1"},
             log_path=log_path,
             prefix=f"{spec.name:<{width}} | ",
             out=self.out,

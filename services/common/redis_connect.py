@@ -10,10 +10,16 @@
 Cluster URLs take the TLS query options above, Sentinel URLs `sentinel_password` (they are
 plain: no TLS); nothing else, so a typo is an error rather than silently ignored. Every pool's keys share a hash tag (`pagedserve:{ID}:…`)
 and no script spans two pools, so a Cluster spreads pools over its nodes.
+
+Every `--redis-url` option also takes `env:NAME`: the URL in environment variable NAME. A command
+line is readable by every user of the machine (`ps`), an environment only by the process's own;
+`pagedserve up` hands a URL with a password to its services that way (`off_the_command_line`).
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, unquote, urlsplit, urlunsplit
 
@@ -21,6 +27,8 @@ SINGLE_SCHEMES = ("redis", "rediss", "unix")
 SENTINEL_SCHEMES = ("redis+sentinel",)
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 TLS_OPTIONS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+FROM_ENV = "env:"  # `--redis-url env:NAME`: the URL in environment variable NAME
+CHILD_URL_ENV = "PAGEDSERVE_REDIS_URL"  # where `pagedserve up` puts a URL with a password for its services
 
 
 class RedisSetupError(RuntimeError):
@@ -49,6 +57,27 @@ def redact(url: str) -> str:
     user = parts.username or ""
     host = parts.netloc.rsplit("@", 1)[1]
     return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+def url_arg(value: str) -> str:
+    """The argparse type of every `--redis-url` option: a URL as given, or for `env:NAME` the URL
+    in environment variable NAME."""
+    if not value.startswith(FROM_ENV):
+        return value
+    name = value.removeprefix(FROM_ENV)
+    url = os.environ.get(name, "")
+    if not url:
+        raise argparse.ArgumentTypeError(f"{value}: environment variable {name!r} is not set or empty")
+    return url
+
+
+def off_the_command_line(url: str) -> tuple[str, dict[str, str]]:
+    """What to pass a child as `--redis-url` for `url`, and what to add to its environment: a URL
+    that carries a password (the master's or the sentinels') goes in CHILD_URL_ENV, out of sight
+    of `ps`; any other stays on the command line, where it helps whoever reads `ps`."""
+    if _password(url) is None and parse_qs(urlsplit(url).query).get("sentinel_password") is None:
+        return url, {}
+    return FROM_ENV + CHILD_URL_ENV, {CHILD_URL_ENV: url}
 
 
 def _nodes(netloc_hosts: str, url: str) -> tuple[tuple[str, int], ...]:

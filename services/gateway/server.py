@@ -26,6 +26,7 @@ from pagedserve.common import internal_tls, structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
+from pagedserve.common.redis_connect import url_arg
 from pagedserve.gateway.config import (
     DEFAULT_MAX_BEAM_WIDTH,
     DEFAULT_MAX_JSON_DEPTH,
@@ -70,11 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--redis-url",
+        type=url_arg,
         default=None,
         help="discover every pool in the registry in this Redis and route by what their caches hold",
     )
     parser.add_argument(
         "--kv-map-redis-url",
+        type=url_arg,
         default=None,
         help="with static --scheduler pools: the Redis their schedulers write, which GET /v1/kv/map "
         "and /dashboard read the blocks from (with --redis-url that Redis is used)",

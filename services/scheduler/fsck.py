@@ -18,6 +18,7 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
+from pagedserve.common.redis_connect import url_arg
 from pagedserve.scheduler.redis_keys import PoolKeys
 from pagedserve.scheduler.redis_lua import SCAN_CPU_TABLES_LUA, SCAN_TABLES_LUA
 
@@ -211,6 +212,7 @@ def registered_pool_ids(redis_client) -> list[str]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
+        type=url_arg,
         required=True,
         help="Redis holding the pools, e.g. redis://localhost:6379/0 (Sentinel and Cluster URLs too: see README)",
     )

@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict
 
 from pagedserve.common.pool_registry import PoolInfo, read_pools
+from pagedserve.common.redis_connect import url_arg
 
 COLUMNS = ("POOL", "SCHEDULER", "MODEL", "BLOCKS", "RUNNING", "WAITING", "AVAILABLE", "TOKENS", "AGE")
 
@@ -63,7 +64,10 @@ def pools_json(pools: list[PoolInfo], now_ms: int) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--redis-url", required=True, help="Redis holding the pool registry, e.g. redis://localhost:6379/0"
+        "--redis-url",
+        type=url_arg,
+        required=True,
+        help="Redis holding the pool registry, e.g. redis://localhost:6379/0",
     )
     parser.add_argument("--all", action="store_true", help="also list pools whose lease lapsed")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")

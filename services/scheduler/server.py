@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pagedserve.common import internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
+from pagedserve.common.redis_connect import url_arg
 from pagedserve.common.step import ExecutorClient
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerConfig
@@ -30,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=50053)
     parser.add_argument("--executor", default="localhost:50054", help="executor address (host:port)")
     parser.add_argument(
-        "--redis-url", required=True, help="Redis for the KV accounting, e.g. redis://localhost:6379/0"
+        "--redis-url",
+        type=url_arg,
+        required=True,
+        help="Redis for the KV accounting, e.g. redis://localhost:6379/0",
     )
     parser.add_argument("--pool-id", default="", help="the pool's key namespace (default: from --executor)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")

@@ -6,7 +6,9 @@ wrong password or a missing CA is a one-line start-up error that never shows the
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
 import subprocess
 import sys
 
@@ -21,8 +23,10 @@ from pagedserve.common.redis_connect import (
     check_async,
     connect,
     connect_async,
+    off_the_command_line,
     parse_redis_url,
     redact,
+    url_arg,
 )
 from pagedserve.common.redis_topologies import LocalRedis, LocalRedisCluster, LocalRedisSentinel
 from pagedserve.scheduler.block_pool import StepOps
@@ -78,6 +82,27 @@ def test_redact() -> None:
     assert redact("redis://h:6379/0") == "redis://h:6379/0"
 
 
+def test_a_url_with_a_password_travels_in_the_environment(monkeypatch) -> None:
+    plain = "redis://h:6379/0"
+    assert off_the_command_line(plain) == (plain, {})
+    for secret in (
+        "redis://:hunter2@h:6379/0",
+        "redis+sentinel://:hunter2@h:26379/mymaster",
+        "redis+sentinel://h:26379/mymaster?sentinel_password=hunter2",
+        "rediss+cluster://u:hunter2@h:7000",
+    ):
+        arg, env = off_the_command_line(secret)
+        assert "hunter2" not in arg and env == {"PAGEDSERVE_REDIS_URL": secret}
+        monkeypatch.setenv("PAGEDSERVE_REDIS_URL", secret)
+        assert url_arg(arg) == secret
+    assert url_arg(plain) == plain
+    monkeypatch.delenv("PAGEDSERVE_REDIS_URL")
+    with pytest.raises(
+        argparse.ArgumentTypeError, match="environment variable 'PAGEDSERVE_REDIS_URL' is not set"
+    ):
+        url_arg("env:PAGEDSERVE_REDIS_URL")
+
+
 def exercise(url: str, pool_id: str) -> None:
     """The block store (init, a step that allocates and frees), fsck and the registry, sync
     and asyncio, all through `url`."""
@@ -120,6 +145,14 @@ def test_password_protected_redis() -> None:
         exercise(server.url, "pw-pool")
         done = cli("fsck", "--redis-url", server.url)
         assert done.returncode == 0 and "pool pw-pool: clean" in done.stdout, done.stdout + done.stderr
+        # the same, the URL named by an environment variable (not on the command line)
+        done = subprocess.run(
+            [sys.executable, "-m", "pagedserve.cli", "fsck", "--redis-url", "env:TEST_URL"],
+            capture_output=True, text=True, timeout=60, env={**os.environ, "TEST_URL": server.url},
+        )  # fmt: skip
+        assert done.returncode == 0 and "pool pw-pool: clean" in done.stdout, done.stdout + done.stderr
+        done = cli("fsck", "--redis-url", "env:PAGEDSERVE_NOT_SET_ANYWHERE")
+        assert done.returncode == 2 and "'PAGEDSERVE_NOT_SET_ANYWHERE' is not set" in done.stderr, done.stderr
 
         wrong = server.url.replace("hunter2", "wrong")
         with pytest.raises(RedisSetupError) as err:

@@ -16,7 +16,13 @@ from pathlib import Path
 import grpc
 import httpx
 import pytest
-from test_up import complete, launch, port_flags, start_small_stack  # noqa: F401  (launch: a fixture)
+from test_up import (  # noqa: F401  (launch: a fixture)
+    complete,
+    launch,
+    marked_processes,
+    port_flags,
+    start_small_stack,
+)
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.internal_tls import InternalTLS, load
@@ -26,9 +32,18 @@ from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 PASSWORD = "pagedserve-test-secret"
 
 
-def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model) -> None:  # noqa: F811
+def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model, monkeypatch) -> None:  # noqa: F811
     with LocalRedis(password=PASSWORD) as server:
-        up, http_url = start_small_stack(launch, up_model, "--internal-tls", "--redis-url", server.url)
+        # The URL named by an environment variable: no command line carries the password, not
+        # `up`'s and not its services' (they get it in their environment too).
+        monkeypatch.setenv("TEST_REDIS_URL", server.url)
+        up, http_url = start_small_stack(
+            launch, up_model, "--internal-tls", "--redis-url", "env:TEST_REDIS_URL"
+        )
+        stack = [up.proc.pid, *marked_processes(up.marker)]
+        assert len(stack) >= 5, stack  # up, executor, tokenizer, scheduler, gateway
+        for pid in stack:
+            assert PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
         # /ready asks the tokenizer and the scheduler over mutual TLS (the first handshakes can
         # take seconds on a loaded machine).
         deadline = time.monotonic() + 60
