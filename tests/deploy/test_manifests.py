@@ -232,11 +232,14 @@ def listener(workload: dict, port: int) -> dict:
 
 
 @pytest.mark.parametrize("item", pagedserve_containers(), ids=container_id)
-def test_command_is_a_pagedserve_subcommand_its_parser_accepts(item):
+def test_command_is_a_pagedserve_subcommand_its_parser_accepts(item, monkeypatch):
     workload, container = item
     command = container["command"]
     assert command[0] == "pagedserve" and command[1] in SUBCOMMANDS
-    argv = expand(command[1:], env_values(container))
+    values = env_values(container)
+    for name, value in values.items():  # what `--redis-url env:NAME` reads in the container
+        monkeypatch.setenv(name, value)
+    argv = expand(command[1:], values)
     try:
         args = build_parser(command[1]).parse_args(argv)
     except SystemExit as exc:
@@ -268,7 +271,7 @@ def test_gateway_discovers_the_pools_in_redis():
     in the registry the schedulers write, at the same Redis."""
     (container,) = pod_spec(named("Deployment", "gateway"))["containers"]
     f = flags(container)
-    assert "--scheduler" not in f and f["--redis-url"] == "$(REDIS_URL)"
+    assert "--scheduler" not in f and f["--redis-url"] == "env:REDIS_URL"
     for workload, scheduler in pagedserve_containers():
         if scheduler["command"][1] == "scheduler":
             assert env_source(scheduler, "REDIS_URL") == env_source(container, "REDIS_URL"), container_id(
@@ -287,7 +290,8 @@ def test_redis_url_points_at_the_redis_service():
     assert pod_spec(target)["containers"][0]["image"].startswith("redis:")
     for _, container in pagedserve_containers():
         if "--redis-url" in flags(container):
-            assert flags(container)["--redis-url"] == "$(REDIS_URL)"
+            # read from the environment, not expanded into the command line (`ps` shows that)
+            assert flags(container)["--redis-url"] == "env:REDIS_URL"
 
 
 # --- probes and resources -----------------------------------------------------------------
