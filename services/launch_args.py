@@ -7,6 +7,7 @@ import argparse
 from pagedserve.common.models import default_model
 from pagedserve.common.redis_connect import url_arg
 from pagedserve.common.sizes import parse_byte_size
+from pagedserve.gateway.config import add_request_limits
 from pagedserve.launch_plan import LauncherConfig
 
 
@@ -53,6 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="use this Redis instead of starting one (redis://, rediss://, redis+sentinel://, redis+cluster://; "
         "env:NAME: the URL in environment variable NAME, out of sight of ps)",
     )  # fmt: skip
+    add_request_limits(parser, defaults=False)
     tls = parser.add_argument_group("mutual TLS between the services")
     tls.add_argument("--internal-tls", action="store_true",
                      help="make a throwaway CA and certificate with openssl and have every service use them")  # fmt: skip

@@ -14,6 +14,7 @@ from typing import NamedTuple
 from pagedserve.cli import SUBCOMMANDS
 from pagedserve.common import internal_tls
 from pagedserve.common.process import RestartPolicy
+from pagedserve.gateway.config import REQUEST_LIMIT_FLAGS, check_request_limit
 
 PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -40,6 +41,8 @@ class LauncherConfig:
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
+    # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
+    gateway_limits: tuple[tuple[str, float], ...] = ()
     cpu_threads: int | None = None  # the executor's torch threads (default: its own)
     prefill_threads: int | None = None  # ... for prefill-heavy steps (default: its own)
     cpu_affinity: str | None = None  # cores the executor is pinned to, e.g. "1" or "2-3"
@@ -82,13 +85,21 @@ class LauncherConfig:
             raise ValueError(
                 "give --internal-tls (make certificates) or --internal-tls-cert/-key/-ca, not both"
             )
+        for flag, value in self.gateway_limits:
+            check_request_limit(flag, value)
         if self.internal_tls_cert or self.internal_tls_key or self.internal_tls_ca:
             internal_tls.load(self.internal_tls_cert, self.internal_tls_key, self.internal_tls_ca)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
         """The config from parsed flags; a field with no flag keeps its default."""
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+        limits = tuple(
+            (flag, value)
+            for flag, *_ in REQUEST_LIMIT_FLAGS
+            if (value := getattr(args, flag[2:].replace("-", "_"), None)) is not None
+        )
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+        return cls(**given, gateway_limits=limits)
 
     @property
     def restart_policy(self) -> RestartPolicy:
@@ -192,7 +203,8 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           "--kv-map-redis-url", redis_url, *model,
           *_opt("--max-queued-requests", config.max_queued_requests),
           *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
-          *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream))),
+          *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream),
+          *(str(x) for pair in config.gateway_limits for x in pair))),
     ]  # fmt: skip
     if config.pools > 1:
         wanted = _with_pools(config, wanted, redis_url)

@@ -18,6 +18,46 @@ DEFAULT_MAX_STOP_CHARS = 4096
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 # Deeper than any real body (a JSON schema in response_format is rarely past 10 levels).
 DEFAULT_MAX_JSON_DEPTH = 64
+DEFAULT_READ_TIMEOUT = 30.0
+
+# The request-limit flags, the gateway's own and forwarded by `pagedserve up`: flag, type, default,
+# bound (ints: at least; floats: above), why the bound, help.
+REQUEST_LIMIT_FLAGS = (
+    ("--max-n", int, DEFAULT_MAX_N, 1, "",
+     f"most choices per request: n, times the prompts of a completions batch (default: {DEFAULT_MAX_N}, "
+     "OpenAI's own limit)"),
+    ("--max-beam-width", int, DEFAULT_MAX_BEAM_WIDTH, 1, "",
+     f"most beams (n) of a use_beam_search request (default: {DEFAULT_MAX_BEAM_WIDTH})"),
+    ("--max-stop-strings", int, DEFAULT_MAX_STOP_STRINGS, 1, "", "most stop strings per request"),
+    ("--max-stop-chars", int, DEFAULT_MAX_STOP_CHARS, 1, "", "most characters over all of a request's stop strings"),
+    ("--max-request-bytes", int, DEFAULT_MAX_REQUEST_BYTES, 1, "",
+     "largest HTTP body; larger ones get 413 without being read (default: 8 MiB)"),
+    ("--max-json-depth", int, DEFAULT_MAX_JSON_DEPTH, 2, " (a body is an object of lists)",
+     "deepest nesting in a JSON body"),
+    ("--read-timeout", float, DEFAULT_READ_TIMEOUT, 0.0, "",
+     "seconds an HTTP client may take to send its headers, or pause while sending its body"),
+)  # fmt: skip
+
+
+def add_request_limits(parser, *, defaults: bool = True) -> None:
+    """The request-limit flags as an argument group of `parser` (an argparse parser); without
+    `defaults` each defaults to None (`pagedserve up`: not given, left to the gateway)."""
+    group = parser.add_argument_group("request limits (the gateway's; checked before any work)")
+    for flag, kind, default, _, _, text in REQUEST_LIMIT_FLAGS:
+        group.add_argument(flag, type=kind, default=default if defaults else None, help=text)
+
+
+def check_request_limit(flag: str, value: float) -> None:
+    """ValueError naming `flag` and its bound when `value` is outside it."""
+    for name, kind, _, bound, why, _ in REQUEST_LIMIT_FLAGS:
+        if name != flag:
+            continue
+        if kind is float and not value > bound:
+            raise ValueError(f"{flag} must be > {bound:g}{why}")
+        if kind is int and value < bound:
+            raise ValueError(f"{flag} must be >= {bound}{why}")
+        return
+    raise KeyError(flag)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +70,7 @@ class RequestLimits:
     max_stop_chars: int = DEFAULT_MAX_STOP_CHARS  # total characters over all stop strings
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # HTTP body; larger gets 413 unread
     max_json_depth: int = DEFAULT_MAX_JSON_DEPTH  # nesting of arrays and objects in a body
-    read_timeout: float = 30.0  # seconds an HTTP client may pause while sending headers or body
+    read_timeout: float = DEFAULT_READ_TIMEOUT  # seconds an HTTP client may pause sending headers or body
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,14 +28,11 @@ from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
 from pagedserve.common.redis_connect import url_arg
 from pagedserve.gateway.config import (
-    DEFAULT_MAX_BEAM_WIDTH,
-    DEFAULT_MAX_JSON_DEPTH,
-    DEFAULT_MAX_N,
-    DEFAULT_MAX_REQUEST_BYTES,
-    DEFAULT_MAX_STOP_CHARS,
-    DEFAULT_MAX_STOP_STRINGS,
+    REQUEST_LIMIT_FLAGS,
     GatewayConfig,
     RequestLimits,
+    add_request_limits,
+    check_request_limit,
 )
 from pagedserve.gateway.downstream import TokenizerClient, close_all
 from pagedserve.gateway.engine import Engine
@@ -148,44 +145,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, seconds requests in flight may take to finish before they end with an "
         "error (new ones get 503 / UNAVAILABLE meanwhile)",
     )
-    limits = parser.add_argument_group("request limits (checked before any work)")
-    limits.add_argument(
-        "--max-n",
-        type=int,
-        default=DEFAULT_MAX_N,
-        help="most choices per request: n, times the prompts of a completions batch "
-        "(default: %(default)s, OpenAI's own limit)",
-    )
-    limits.add_argument(
-        "--max-beam-width",
-        type=int,
-        default=DEFAULT_MAX_BEAM_WIDTH,
-        help="most beams (n) of a use_beam_search request (default: %(default)s)",
-    )
-    limits.add_argument(
-        "--max-stop-strings", type=int, default=DEFAULT_MAX_STOP_STRINGS, help="most stop strings per request"
-    )
-    limits.add_argument(
-        "--max-stop-chars",
-        type=int,
-        default=DEFAULT_MAX_STOP_CHARS,
-        help="most characters over all of a request's stop strings",
-    )
-    limits.add_argument(
-        "--max-request-bytes",
-        type=int,
-        default=DEFAULT_MAX_REQUEST_BYTES,
-        help="largest HTTP body; larger ones get 413 without being read (default: 8 MiB)",
-    )
-    limits.add_argument(
-        "--max-json-depth", type=int, default=DEFAULT_MAX_JSON_DEPTH, help="deepest nesting in a JSON body"
-    )
-    limits.add_argument(
-        "--read-timeout",
-        type=float,
-        default=30.0,
-        help="seconds an HTTP client may take to send its headers, or pause while sending its body",
-    )
+    add_request_limits(parser)
     parser.add_argument(
         "--api-key",
         default=None,
@@ -204,20 +164,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     model = args.model or default_model()
-    for flag in (
-        "max_queued_requests",
-        "max_n",
-        "max_beam_width",
-        "max_stop_strings",
-        "max_stop_chars",
-        "max_request_bytes",
-    ):
-        if getattr(args, flag) < 1:
-            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_json_depth < 2:
-        raise SystemExit("--max-json-depth must be >= 2 (a body is an object of lists)")
-    if not args.read_timeout > 0:
-        raise SystemExit("--read-timeout must be > 0")
+    if args.max_queued_requests < 1:
+        raise SystemExit("--max-queued-requests must be >= 1")
+    for flag, *_ in REQUEST_LIMIT_FLAGS:
+        try:
+            check_request_limit(flag, getattr(args, flag[2:].replace("-", "_")))
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
     if args.shutdown_timeout < 0:
         raise SystemExit("--shutdown-timeout must be >= 0")
     names = tuple(dict.fromkeys(args.served_model_name or [model]))

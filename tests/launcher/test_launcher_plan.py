@@ -25,6 +25,7 @@ EVERY_OPTION = dict(
     dtype="float32",
     swap_space=0.5,
     preemption_mode="swap",
+    gateway_limits=(("--max-n", 4), ("--max-beam-width", 2), ("--read-timeout", 2.5)),
 )
 
 
@@ -66,6 +67,22 @@ def test_swap_flags_reach_the_executor_and_the_scheduler():
     assert "--swap-space" not in flags(
         plan(LauncherConfig(model="m"), "redis://r", available=lambda n: True)[0][0].command
     )
+
+
+def test_request_limits_reach_the_gateway():
+    config = LauncherConfig.from_args(
+        parse_up("--max-beam-width", "2", "--max-n", "4", "--read-timeout", "2.5", "--pools", "2")
+    )
+    assert config.gateway_limits == (("--max-n", 4), ("--max-beam-width", 2), ("--read-timeout", 2.5))
+    specs, _ = plan(config, "redis://r", available=lambda name: True)
+    (gateway,) = [flags(s.command) for s in specs if s.name == "gateway"]
+    assert (gateway["--max-n"], gateway["--max-beam-width"], gateway["--read-timeout"]) == ("4", "2", "2.5")
+    assert "--max-json-depth" not in gateway, "not given: the gateway's own default"
+    # Checked by `up` itself, before anything starts, with the gateway's own words.
+    with pytest.raises(ValueError, match=r"--max-json-depth must be >= 2 \(a body is an object of lists\)"):
+        LauncherConfig.from_args(parse_up("--max-json-depth", "1"))
+    with pytest.raises(ValueError, match="--max-beam-width must be >= 1"):
+        LauncherConfig.from_args(parse_up("--max-beam-width", "0"))
 
 
 def test_restart_flags_reach_the_config():
@@ -148,6 +165,9 @@ def test_plan_orders_and_wires_every_service():
         "--kv-map-redis-url": "redis://127.0.0.1:6390/0",
         "--model": "/models/m",
         "--max-queued-requests": "32",
+        "--max-n": "4",
+        "--max-beam-width": "2",
+        "--read-timeout": "2.5",
     }
     assert flags(by_name["tokenizer"].command) == {
         "--host": "127.0.0.1",
