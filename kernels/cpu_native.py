@@ -8,6 +8,8 @@ K and V straight from the pool through the block table instead. It needs no Pyth
 is one `cc` call of well under a second, done once per machine and source (the shared object is
 cached under ~/.cache/pagedserve/kernels, or $PAGEDSERVE_KERNEL_CACHE, keyed by a hash of the source,
 the flags, the compiler and the CPU's flags, since it is built with -march=native).
+PAGEDSERVE_KERNEL_MARCH names another -march: `x86-64` builds the plain C path that a CPU without
+AVX2 (or another architecture) runs, `x86-64-v3` the AVX2 one, so that one machine can check them all.
 
 Optional by design: with no compiler, a failed build, or PAGEDSERVE_NATIVE_KERNELS=0, `decode_kernel()`
 returns None and the torch backend keeps its gather + SDPA path (the reason is logged once).
@@ -45,7 +47,8 @@ HEADERS = (CSRC / "core_share.h",)
 SYMBOL = "pagedserve_decode_attention_f32"
 ENV_SWITCH = "PAGEDSERVE_NATIVE_KERNELS"
 HELPERS_SWITCH = "PAGEDSERVE_CORE_HELPERS"
-BASE_FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11", "-pthread")
+MARCH_ENV = "PAGEDSERVE_KERNEL_MARCH"  # the compiler's -march (default: native)
+COMMON_FLAGS = ("-O3", "-ffp-contract=fast", "-fPIC", "-shared", "-std=c11", "-pthread")
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "kernel" -> DecodeKernel | None, once decided
@@ -77,7 +80,8 @@ def _build(compiler: str) -> Path:
     """Compiles the source (with OpenMP when the compiler has it) unless a cached build exists."""
     source = b"\0".join(path.read_bytes() for path in (*SOURCES, *HEADERS))
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    attempts = [(*BASE_FLAGS, "-fopenmp"), BASE_FLAGS]
+    base = (f"-march={os.environ.get(MARCH_ENV) or 'native'}", *COMMON_FLAGS)
+    attempts = [(*base, "-fopenmp"), base]
     errors = []
     for flags in attempts:
         key = hashlib.sha256(

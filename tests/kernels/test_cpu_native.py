@@ -4,6 +4,8 @@ dense reference and the gather + SDPA path on pools whose unused slots hold NaN.
 
 from __future__ import annotations
 
+import os
+import platform
 import subprocess
 import sys
 
@@ -218,3 +220,31 @@ def test_decodes_shared_with_a_core_helper_match_one_thread(paged_batch, kernel)
             assert torch.equal(out, alone)
     finally:
         cpu_native.stop_helpers()
+
+
+X86_BUILDS = ["x86-64", "x86-64-v3"] if platform.machine() in ("x86_64", "AMD64") else []
+
+
+@pytest.mark.parametrize("march", X86_BUILDS, ids=["plain-c", "avx2"])
+def test_builds_for_other_cpus(march: str, tmp_path) -> None:
+    # The kernel's plain C and AVX2 paths are what CPUs without AVX-512 (or AVX2) run; built here
+    # with that -march (its own cache, a fresh process: one build per process), the reference
+    # tests above must hold for them too. (This test's own name must not match the -k below.)
+    env = {
+        **os.environ,
+        cpu_native.MARCH_ENV: march,
+        "PAGEDSERVE_KERNEL_CACHE": str(tmp_path),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+         "-k", "(match_the_reference or peaked or sharing_leading or core_helper) and not other_cpus"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout, done.stdout[-2000:]
+    # It was this build that ran, and it is the path asked for: no register wider than its -march has.
+    (built,) = tmp_path.glob("paged_decode_cpu-*.so")
+    code = subprocess.run(["objdump", "-d", str(built)], capture_output=True, text=True, timeout=60).stdout
+    assert cpu_native.SYMBOL in code
+    too_wide = {"x86-64": ("%ymm", "%zmm"), "x86-64-v3": ("%zmm",)}[march]
+    assert not any(register in code for register in too_wide), too_wide
