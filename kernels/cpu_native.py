@@ -14,7 +14,8 @@ AVX2 (or another architecture) runs, `x86-64-v3` the AVX2 one, so that one machi
 Optional by design: with no compiler, a failed build, or PAGEDSERVE_NATIVE_KERNELS=0, `decode_kernel()`
 returns None and the torch backend keeps its gather + SDPA path (the reason is logged once).
 
-The same shared object holds `csrc/core_share.c`: helper threads on cores the executor borrows
+The same shared object holds `csrc/rotary_cpu.c` (rotary embeddings in place, for the lean
+forward) and `csrc/core_share.c`: helper threads on cores the executor borrows
 (`start_helpers`; `pagedserve up` pins the other services to the last core, which they use only
 part of each step). While they run, a decode step's attention items and its linears' column slices
 (`kernels.packed_gemm`) are shared with them item by item; each item's arithmetic is the same
@@ -42,7 +43,7 @@ from pagedserve.common.switches import switched_on
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_decode_cpu.c", CSRC / "core_share.c")
+SOURCES = (CSRC / "paged_decode_cpu.c", CSRC / "core_share.c", CSRC / "rotary_cpu.c")
 HEADERS = (CSRC / "core_share.h",)
 SYMBOL = "pagedserve_decode_attention_f32"
 ENV_SWITCH = "PAGEDSERVE_NATIVE_KERNELS"
@@ -123,6 +124,10 @@ class DecodeKernel:
         ]  # fmt: skip
         fn.restype = ctypes.c_int
         self._fn = fn
+        rotary = lib.pagedserve_rotary_f32
+        rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]  # x, token stride, cos, sin, T, H, D
+        rotary.restype = None
+        self._rotary = rotary
 
     def __call__(
         self,
@@ -155,6 +160,30 @@ class DecodeKernel:
         )  # fmt: skip
         if status:
             raise MemoryError("native decode attention: out of memory for its scratch buffers")
+
+
+def rotary_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """x [T, H, D] = x * cos + rotate_half(x) * sin for cos, sin [T, D], in place, with the bits
+    of those tensor ops (`csrc/rotary_cpu.c`); False, x untouched, where the library is not built
+    or the tensors do not suit it (float32 on CPU; each head's D contiguous, heads adjacent; cos
+    and sin contiguous; D even)."""
+    kernel = decode_kernel()
+    if kernel is None or x.dim() != 3 or cos.dim() != 2:
+        return False
+    tokens, heads, dim = x.shape
+    if not (
+        x.device.type == "cpu"
+        and all(t.dtype == torch.float32 for t in (x, cos, sin))
+        and x.stride(2) == 1
+        and x.stride(1) == dim
+        and cos.shape == sin.shape == (tokens, dim)
+        and cos.is_contiguous()
+        and sin.is_contiguous()
+        and dim % 2 == 0
+    ):
+        return False
+    kernel._rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim)
+    return True
 
 
 def decode_kernel() -> DecodeKernel | None:

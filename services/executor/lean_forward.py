@@ -28,6 +28,7 @@ from torch import nn
 
 from pagedserve.common.switches import switched_on
 from pagedserve.executor.attention import LAYER_ATTR, StepMetadata, _attend_layer
+from pagedserve.kernels.cpu_native import rotary_in_place
 from pagedserve.kernels.packed_gemm import PackedLinear, packed_linear
 
 log = logging.getLogger(__name__)
@@ -166,16 +167,23 @@ class LeanForward:
         forward with `logits_to_keep=keep` gives them."""
         hidden = self.embed(input_ids[None])  # [1, T, hid]
         cos, sin = self.rotary(hidden, position_ids=positions[None])  # [1, T, D]
+        flat_cos, flat_sin = cos[0], sin[0]  # [T, D], for the native rotary
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [1, 1, T, D]
         for p in self.layers:
             residual = hidden
             x = _rms_norm(hidden, p.norm1, p.eps1)
             shape = (*x.shape[:-1], -1, p.head_dim)  # [1, T, heads, D]
-            q = p.q(x).view(shape).transpose(1, 2)  # [1, H, T, D]
-            k = p.k(x).view(shape).transpose(1, 2)  # [1, Hkv, T, D]
+            q, k = p.q(x), p.k(x)  # [1, T, heads * D]
+            # in place, the same bits as the tensor ops below, in one pass (cpu_native)
+            q_done = rotary_in_place(q.view(shape)[0], flat_cos, flat_sin)
+            k_done = rotary_in_place(k.view(shape)[0], flat_cos, flat_sin)
+            q = q.view(shape).transpose(1, 2)  # [1, H, T, D]
+            k = k.view(shape).transpose(1, 2)  # [1, Hkv, T, D]
             v = p.v(x).view(shape).transpose(1, 2)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
+            if not q_done:
+                q = (q * cos) + (_rotate_half(q) * sin)
+            if not k_done:
+                k = (k * cos) + (_rotate_half(k) * sin)
             out = _attend_layer(step, p.pool_layer, q, k, v, p.scaling)  # [1, T, H, D]
             out = out.reshape(*x.shape[:-1], -1).contiguous()
             hidden = residual + p.o(out)

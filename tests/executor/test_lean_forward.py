@@ -8,10 +8,12 @@ import pytest
 import torch
 from executor_harness import VOCAB, make_prompts
 
+from pagedserve.executor import lean_forward
 from pagedserve.executor.inputs import ScheduledSeq
 from pagedserve.executor.kv_pool import KVPool
 from pagedserve.executor.lean_forward import ENV_SWITCH, LeanForward, lean_forward_for
 from pagedserve.executor.model_runner import ModelRunner
+from pagedserve.kernels import cpu_native
 from pagedserve.kernels.packed_gemm import PackedLinear
 
 BLOCK = 8
@@ -52,9 +54,18 @@ def _lean_against_transformers(runner: ModelRunner, lean: LeanForward | None, pr
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
-def test_lean_forward_is_bit_identical(family, tiny_model_dir, make_engine) -> None:
+def test_lean_forward_is_bit_identical(family, tiny_model_dir, make_engine, monkeypatch) -> None:
+    # with the native rotary embedding (kernels/csrc/rotary_cpu.c) on every q and k
+    taken = []
+
+    def rotary(*args):
+        taken.append(cpu_native.rotary_in_place(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(lean_forward, "rotary_in_place", rotary)
     runner = make_engine(tiny_model_dir(family)).runner
     assert runner.lean is not None, f"{family} should take the lean forward"
+    taken.clear()  # the engine's start-up self-check ran it too
     prompts = make_prompts((5, 17, 30), VOCAB, seed=3)
     (lean_logits, lean_pool), (hf_logits, hf_pool) = _lean_against_transformers(
         runner, LeanForward(runner.model, pack=False), prompts
@@ -64,6 +75,8 @@ def test_lean_forward_is_bit_identical(family, tiny_model_dir, make_engine) -> N
     for layer in range(runner.num_layers):
         assert torch.equal(lean_pool.k_caches[layer], hf_pool.k_caches[layer])
         assert torch.equal(lean_pool.v_caches[layer], hf_pool.v_caches[layer])
+    # q and k of every layer of the three steps, each rotated natively
+    assert taken == [True] * (2 * runner.num_layers * 3)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])

@@ -248,3 +248,39 @@ def test_builds_for_other_cpus(march: str, tmp_path) -> None:
     assert cpu_native.SYMBOL in code
     too_wide = {"x86-64": ("%ymm", "%zmm"), "x86-64-v3": ("%zmm",)}[march]
     assert not any(register in code for register in too_wide), too_wide
+
+
+def _llama_rotary(tokens: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, D] as Llama's rotary embedding makes them (positions 0..T-1, base 10000)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    freqs = torch.arange(tokens, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@pytest.mark.parametrize(
+    "tokens, heads, dim", [(1, 4, 8), (7, 3, 12), (48, 8, 32), (300, 2, 64), (5, 1, 128)]
+)
+def test_rotary_in_place_has_the_tensor_ops_bits(kernel, tokens, heads, dim) -> None:
+    x = torch.randn(tokens, heads, dim, generator=torch.Generator().manual_seed(tokens)) * 3
+    cos, sin = _llama_rotary(tokens, dim)
+    half = dim // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    expected = (x * cos[:, None]) + (rotated * sin[:, None])  # transformers' apply_rotary_pos_emb
+    got = x.clone()
+    assert cpu_native.rotary_in_place(got, cos, sin)
+    assert torch.equal(got, expected)
+    # Rows of a wider tensor (a token stride past H * D) work too.
+    wide = torch.zeros(tokens, heads + 1, dim)
+    wide[:, :heads] = x
+    assert cpu_native.rotary_in_place(wide[:, :heads], cos, sin)
+    assert torch.equal(wide[:, :heads], expected) and not wide[:, heads].any()
+    # Tensors it does not take are left as they were: heads not adjacent, float64, odd D.
+    for bad, c, s in [
+        (torch.cat((x, x), dim=-1)[..., :dim], cos, sin),  # a head's D, then a gap
+        (x.double(), cos.double(), sin.double()),
+        (x[..., :-1].contiguous(), cos[:, :-1].contiguous(), sin[:, :-1].contiguous()),
+    ]:
+        before = bad.clone()
+        assert not cpu_native.rotary_in_place(bad, c, s)
+        assert torch.equal(bad, before)
