@@ -175,19 +175,19 @@ def test_malloc_keeps_freed_memory_for_the_next_step() -> None:
     # prefill step twice on the bundled model; the page faults of the second one. By default its
     # activations are fresh mmaps, page-faulted in as they are written; with keep_freed_memory()
     # they reuse the pages the first step freed.
-    import subprocess
-    import sys
-
     faults = {}
     for keep in ("0", "1"):
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD_PREFILL, keep], capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        ok, count = out.stdout.split()[-2:]
+        ok, faults[keep] = _child_faults(CHILD_PREFILL, keep)
         assert ok == "True"
-        faults[keep] = int(count)
     assert faults["1"] < faults["0"] // 3, faults
+
+
+def _child_faults(code: str, arg: str) -> tuple[str, int]:
+    """Runs `code` in a child Python with `arg`; its last line's two fields: a word, page faults."""
+    out = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    word, count = out.stdout.split()[-2:]
+    return word, int(count)
 
 
 CHILD_SERVED_PREFILL = """
@@ -235,18 +235,10 @@ def test_served_first_heavy_step_finds_its_memory_warm() -> None:
     # thread allocates from its own arena), so the first real prefill step of a burst reuses the
     # pages the warm-up page-faulted in. A child process per setting: the page faults of that
     # first step, served over gRPC, with the warm-up and without it.
-    import subprocess
-    import sys
-
     faults = {}
     for warm in ("0", "1"):
-        out = subprocess.run(
-            [sys.executable, "-c", CHILD_SERVED_PREFILL, warm], capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        sampled, count = out.stdout.split()[-2:]
+        sampled, faults[warm] = _child_faults(CHILD_SERVED_PREFILL, warm)
         assert sampled == "14"
-        faults[warm] = int(count)
     assert faults["1"] < faults["0"] // 4, faults
 
 
