@@ -300,7 +300,7 @@ class ExecutorEngine:
         on the threads a real one gets; returns the seconds it took. A fresh process's first heavy
         step pays for its memory as it first touches it: on CPU a 2,048-token step of the bundled
         model took 2-3x its later time, page-faulting in tens of MB of activations, and that step
-        is the first token of every request of a burst. Kept by the allocator afterwards (see
+        gives a burst's first requests their first token. Kept by the allocator afterwards (see
         placement.keep_freed_memory), the pages are warm for the first real one."""
         start = time.perf_counter()
         pool, seqs = self.runner.largest_step(num_tokens, self.limits.max_model_len, self.pool.block_size)
