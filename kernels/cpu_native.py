@@ -125,9 +125,9 @@ class DecodeKernel:
         fn.restype = ctypes.c_int
         self._fn = fn
         rotary = lib.pagedserve_rotary_f32
-        rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]  # x, token stride, cos, sin, T, H, D
+        rotary.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64]
         rotary.restype = None
-        self._rotary = rotary
+        self.rotary = rotary  # x, token stride, cos, sin, T, H, D: see rotary_in_place
 
     def __call__(
         self,
@@ -182,7 +182,7 @@ def rotary_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bo
         and dim % 2 == 0
     ):
         return False
-    kernel._rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim)
+    kernel.rotary(x.data_ptr(), x.stride(0), cos.data_ptr(), sin.data_ptr(), tokens, heads, dim)
     return True
 
 

@@ -14,7 +14,7 @@ from typing import NamedTuple
 from pagedserve.cli import SUBCOMMANDS
 from pagedserve.common import internal_tls
 from pagedserve.common.process import RestartPolicy
-from pagedserve.gateway.config import REQUEST_LIMIT_FLAGS, check_request_limit
+from pagedserve.gateway.config import check_request_limit, given_request_limits
 
 PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::")
@@ -93,13 +93,8 @@ class LauncherConfig:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> LauncherConfig:
         """The config from parsed flags; a field with no flag keeps its default."""
-        limits = tuple(
-            (flag, value)
-            for flag, *_ in REQUEST_LIMIT_FLAGS
-            if (value := getattr(args, flag[2:].replace("-", "_"), None)) is not None
-        )
         given = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
-        return cls(**given, gateway_limits=limits)
+        return cls(**given, gateway_limits=given_request_limits(args))
 
     @property
     def restart_policy(self) -> RestartPolicy:

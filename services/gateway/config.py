@@ -47,6 +47,13 @@ def add_request_limits(parser, *, defaults: bool = True) -> None:
         group.add_argument(flag, type=kind, default=default if defaults else None, help=text)
 
 
+def given_request_limits(args) -> tuple[tuple[str, float], ...]:
+    """(flag, value) of each request-limit flag that parsed `args` (an argparse Namespace) holds
+    a value for: every one for the gateway's parser, the given ones for `pagedserve up`'s."""
+    values = ((flag, getattr(args, flag[2:].replace("-", "_"), None)) for flag, *_ in REQUEST_LIMIT_FLAGS)
+    return tuple((flag, value) for flag, value in values if value is not None)
+
+
 def check_request_limit(flag: str, value: float) -> None:
     """ValueError naming `flag` and its bound when `value` is outside it."""
     for name, kind, _, bound, why, _ in REQUEST_LIMIT_FLAGS:

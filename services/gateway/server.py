@@ -28,11 +28,11 @@ from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
 from pagedserve.common.redis_connect import url_arg
 from pagedserve.gateway.config import (
-    REQUEST_LIMIT_FLAGS,
     GatewayConfig,
     RequestLimits,
     add_request_limits,
     check_request_limit,
+    given_request_limits,
 )
 from pagedserve.gateway.downstream import TokenizerClient, close_all
 from pagedserve.gateway.engine import Engine
@@ -166,9 +166,9 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     model = args.model or default_model()
     if args.max_queued_requests < 1:
         raise SystemExit("--max-queued-requests must be >= 1")
-    for flag, *_ in REQUEST_LIMIT_FLAGS:
+    for flag, value in given_request_limits(args):
         try:
-            check_request_limit(flag, getattr(args, flag[2:].replace("-", "_")))
+            check_request_limit(flag, value)
         except ValueError as e:
             raise SystemExit(str(e)) from None
     if args.shutdown_timeout < 0:
