@@ -14,7 +14,9 @@ def _stop_shadowing_kernels() -> None:
     the root's folders (`kernels/` is pagedserve.kernels) and come through the editable install,
     not through the root; with the root on sys.path (`python -m` or `python -c` run from it), its
     `kernels/` is also a top-level `kernels`, which hides the `kernels` distribution that
-    transformers (5.25 on) requires and imports. An installed wheel has nothing of the root."""
+    transformers (5.25 on) requires and imports. An installed wheel has nothing of the root. (A
+    process that imports transformers' model classes before pagedserve, with the root on
+    sys.path, has failed before this runs.)"""
     here = Path(__file__).resolve().parent
     if here.name != "services" or not (here.parent / "kernels" / "__init__.py").is_file():
         return
@@ -27,12 +29,6 @@ def _stop_shadowing_kernels() -> None:
             return False
 
     sys.path[:] = [entry for entry in sys.path if not is_root(entry)]
-    shadow = sys.modules.get("kernels")
-    if (
-        shadow is not None
-        and Path(getattr(shadow, "__file__", None) or "/").resolve().parent == root / "kernels"
-    ):
-        del sys.modules["kernels"]
 
 
 _stop_shadowing_kernels()

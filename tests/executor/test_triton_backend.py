@@ -17,7 +17,11 @@ def test_triton_backend_matches_generate() -> None:
         "TRITON_INTERPRET": "1",
         "HF_HUB_OFFLINE": "1",
         "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": os.pathsep.join([str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
+        # no empty entry: that would be the working directory, the repository root, whose
+        # kernels/ folder hides the `kernels` distribution transformers imports
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH")) if p
+        ),
     }
     proc = subprocess.run(
         [sys.executable, str(HERE / "triton_case.py")], capture_output=True, text=True, env=env, timeout=600
