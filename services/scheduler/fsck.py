@@ -20,7 +20,7 @@ from collections.abc import Iterable
 
 from pagedserve.common.redis_connect import url_arg
 from pagedserve.scheduler.redis_keys import PoolKeys
-from pagedserve.scheduler.redis_lua import SCAN_CPU_TABLES_LUA, SCAN_TABLES_LUA
+from pagedserve.scheduler.redis_lua_pool import SCAN_CPU_TABLES_LUA, SCAN_TABLES_LUA
 
 # Reads the whole pool at once. KEYS[1] = the meta key; ARGV[1], ARGV[2] = SCAN patterns of
 # table and ctable keys.

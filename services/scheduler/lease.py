@@ -19,9 +19,35 @@ import uuid
 import redis
 
 from pagedserve.scheduler.redis_keys import PoolKeys
-from pagedserve.scheduler.redis_lua import ACQUIRE_LUA, RELEASE_LUA, RENEW_LUA
 
 log = logging.getLogger(__name__)
+
+# The lease: KEYS[1] = meta, KEYS[2] = the lease key; ARGV: holder, ttl ms, lowest token to hand out.
+# Taken when free (or already ours); the fencing token only grows, even over a Redis that lost
+# its data (the caller passes the last token it saw).
+ACQUIRE_LUA = r"""
+local holder = redis.call('GET', KEYS[2])
+if holder and holder ~= ARGV[1] then return {0, redis.call('PTTL', KEYS[2])} end
+local token = math.max(tonumber(redis.call('HGET', KEYS[1], 'fence') or '0'), tonumber(ARGV[3])) + 1
+redis.call('HSET', KEYS[1], 'fence', string.format('%d', token))
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
+return {token, tonumber(ARGV[2])}
+"""
+
+# Renew: ARGV holder, ttl ms, token. 1 when still ours, 0 when the lease or the token moved on.
+RENEW_LUA = r"""
+if redis.call('GET', KEYS[2]) ~= ARGV[1] or redis.call('HGET', KEYS[1], 'fence') ~= ARGV[3] then
+  return 0
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+# Give the lease up at a clean stop, so a standby need not wait for the TTL.
+RELEASE_LUA = r"""
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) return 1 end
+return 0
+"""
 
 
 def holder_id() -> str:

@@ -26,7 +26,8 @@ from pagedserve.scheduler.block_pool import (
 )
 from pagedserve.scheduler.fsck import fsck
 from pagedserve.scheduler.redis_keys import PoolKeys
-from pagedserve.scheduler.redis_lua import COUNTS_LUA, INIT_LUA, LOAD_LUA, SEED_LUA, STEP_LUA
+from pagedserve.scheduler.redis_lua import STEP_LUA
+from pagedserve.scheduler.redis_lua_pool import COUNTS_LUA, INIT_LUA, LOAD_LUA, SEED_LUA
 
 FENCED = "PAGEDSERVE_FENCED"
 
