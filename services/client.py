@@ -44,27 +44,20 @@ dropping the last reference to it) cancels the RPC, and the gateway aborts the r
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
 
-from pagedserve.common import errors, structured
+from pagedserve.client_request import build_request
+from pagedserve.common import errors
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
 from pagedserve.common.outputs import Usage
-from pagedserve.common.params import SamplingParams, early_stopping_to_proto
-from pagedserve.gateway import constraints
-from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, tokenizer_pb2
+from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 FINISH_REASONS = {1: "stop", 2: "length", 3: "abort"}
-INT32 = (-(2**31), 2**31 - 1)
-INT64 = (-(2**63), 2**63 - 1)
-FLOAT32_MAX = 3.4028234663852886e38
-_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-_INT32_FIELDS = {"max_tokens", "top_k", "n", "logprobs", "min_tokens", "prompt_logprobs"}
 
 
 class DeadlineExceeded(errors.PagedServeError):
@@ -150,151 +143,6 @@ class ModelCard:
 
 
 # ---- conversion ----
-
-
-def _int(name: str, value: Any, bounds: tuple[int, int]) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise errors.InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
-    if not bounds[0] <= value <= bounds[1]:
-        bits = 32 if bounds == INT32 else 64
-        shown = value if value.bit_length() <= 256 else f"an integer of {value.bit_length()} bits"
-        raise errors.InvalidArgument(
-            f"{name} must be in [{bounds[0]}, {bounds[1]}] (a {bits}-bit integer), got {shown}", field=name
-        )
-    return value
-
-
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise errors.InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
-    if isinstance(value, int) and value.bit_length() > 128 or not math.isfinite(value):
-        raise errors.InvalidArgument(f"{name} must be a finite number, got {value!r}", field=name)
-    if abs(value) > FLOAT32_MAX:
-        raise errors.InvalidArgument(
-            f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value:.4g}", field=name
-        )
-    return float(value)
-
-
-def _text(name: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise errors.InvalidArgument(f"{name} must be a string, got {type(value).__name__}", field=name)
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise errors.InvalidArgument(
-            f"{name} is not valid Unicode: a lone surrogate \\u{ord(value[err.start]):04x} at character {err.start}",
-            field=name,
-        ) from None
-    return value
-
-
-def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingParams:
-    """Only the given fields (None means not given), each checked against its protobuf type."""
-    unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown sampling argument: {', '.join(unknown)}")
-    msg = gateway_pb2.GenerateSamplingParams()
-    for name, value in sampling.items():
-        if value is None:
-            continue
-        if name in _INT32_FIELDS:
-            setattr(msg, name, _int(name, value, INT32))
-        elif name == "seed":
-            msg.seed = _int(name, value, INT64)
-        elif name == "stop_token_ids":
-            msg.stop_token_ids.extend(_int(name, t, INT32) for t in value)
-        elif name in ("ignore_eos", "use_beam_search"):
-            if not isinstance(value, bool):
-                raise errors.InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
-            setattr(msg, name, value)
-        elif name == "early_stopping":
-            if value not in (True, False, "never") or not isinstance(value, bool | str):
-                raise errors.InvalidArgument(
-                    f'early_stopping must be True, False or "never", got {value!r}', field=name
-                )
-            msg.early_stopping = early_stopping_to_proto(value)
-        else:
-            setattr(msg, name, _float(name, value))
-    return msg
-
-
-def _constraint(outputs: dict[str, Any] | None, fmt: dict[str, Any] | None) -> tuple[str, str]:
-    if outputs is not None and fmt is not None:
-        raise errors.InvalidArgument(
-            "pass structured_outputs or response_format, not both", field="structured_outputs"
-        )
-    if outputs is not None:
-        return constraints.structured_outputs(outputs)
-    if fmt is not None:
-        return constraints.response_format(fmt)
-    return "", ""
-
-
-def build_request(
-    prompt: str | None = None,
-    *,
-    token_ids: Sequence[int] | None = None,
-    messages: Sequence[dict[str, str]] | None = None,
-    model: str = "",
-    stop: str | Sequence[str] | None = None,
-    request_id: str = "",
-    add_special_tokens: bool | None = None,
-    skip_special_tokens: bool | None = None,
-    add_generation_prompt: bool = True,
-    priority: int = 0,
-    detokenize: bool | None = None,
-    structured_outputs: dict[str, Any] | None = None,
-    response_format: dict[str, Any] | None = None,
-    **sampling: Any,
-) -> gateway_pb2.GenerateRequest:
-    """A `GenerateRequest` from exactly one of `prompt`, `token_ids` or `messages`.
-
-    The output may be constrained as over HTTP: `structured_outputs` in vLLM's form (exactly one
-    of `json` (a schema), `regex`, `choice` (a list of strings), `grammar` (EBNF), `json_object`)
-    or `response_format` in OpenAI's (`{"type": "json_schema", "json_schema": {"schema": ...}}`
-    or `{"type": "json_object"}`); the gateway refuses a bad one with INVALID_ARGUMENT.
-
-    Raises `InvalidArgument` (naming the field) for a value protobuf cannot carry."""
-    given = [x is not None for x in (prompt, token_ids, messages)]
-    if sum(given) != 1:
-        raise TypeError("pass exactly one of prompt, token_ids= or messages=")
-    stops = [stop] if isinstance(stop, str) else list(stop or [])
-    msg = gateway_pb2.GenerateRequest(
-        model=_text("model", model),
-        sampling=sampling_to_proto(sampling),
-        stop=[_text("stop", s) for s in stops],
-        request_id=_text("request_id", request_id),
-        priority=_int("priority", priority, INT32),
-    )
-    if prompt is not None:
-        msg.text = _text("prompt", prompt)
-    elif token_ids is not None:
-        msg.token_ids.SetInParent()  # set even when empty, so the gateway says "empty", not "missing"
-        msg.token_ids.ids.extend(_int("token_ids", t, INT32) for t in token_ids)
-    else:
-        msg.chat.CopyFrom(
-            tokenizer_pb2.ChatMessages(
-                messages=[
-                    tokenizer_pb2.ChatMessage(
-                        role=_text("messages.role", m["role"]),
-                        content=_text("messages.content", m["content"]),
-                    )
-                    for m in messages or []
-                ],
-                add_generation_prompt=add_generation_prompt,
-            )
-        )
-    kind, spec = _constraint(structured_outputs, response_format)
-    if kind:
-        msg.sampling.structured.CopyFrom(structured.to_proto(kind, spec))
-    if add_special_tokens is not None:
-        msg.add_special_tokens = add_special_tokens
-    if skip_special_tokens is not None:
-        msg.skip_special_tokens = skip_special_tokens
-    if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
-        msg.detokenize = detokenize
-    return msg
 
 
 def _logprobs(items: Sequence[common_pb2.TokenLogprob]) -> list[TokenLogprob]:
