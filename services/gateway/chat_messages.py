@@ -1,0 +1,78 @@
+"""The `messages` of a /v1/chat/completions body, checked, as `ChatMessage`s.
+
+Content is a string or a list of text parts (joined); an assistant message may carry
+`tool_calls`, a tool message `tool_call_id` and `name`. Each error names the message's index.
+"""
+
+from __future__ import annotations
+
+import json
+
+from pagedserve.common.errors import InvalidArgument
+from pagedserve.gateway.body_fields import check_text
+from pagedserve.gateway.datatypes import ChatMessage
+
+
+def read_messages(body: dict) -> list[ChatMessage]:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise InvalidArgument("messages must be a list of {role, content} objects", field="messages")
+    return [_chat_message(m, i) for i, m in enumerate(messages)]
+
+
+def _chat_message(message, position: int) -> ChatMessage:
+    where = f"messages[{position}]"
+    if not isinstance(message, dict):
+        raise InvalidArgument(f"{where} must be an object with role and content", field="messages")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise InvalidArgument(f"{where}.role must be a non-empty string", field="messages")
+    check_text(role, f"{where}.role", "messages")
+    content = message.get("content")
+    if content is None:
+        content = ""
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise InvalidArgument(f"{where}.content: only text parts are supported", field="messages")
+            parts.append(part["text"])
+        content = "".join(parts)
+    elif not isinstance(content, str):
+        raise InvalidArgument(f"{where}.content must be a string or a list of text parts", field="messages")
+    return ChatMessage(
+        role=role,
+        content=check_text(content, f"{where}.content", "messages"),
+        tool_calls_json=_tool_calls_json(message.get("tool_calls"), where),
+        tool_call_id=_optional_text(message, "tool_call_id", where),
+        name=_optional_text(message, "name", where),
+    )
+
+
+def _optional_text(message: dict, key: str, where: str) -> str:
+    value = message.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{where}.{key} must be a string", field="messages")
+    return check_text(value, f"{where}.{key}", "messages")
+
+
+def _tool_calls_json(calls, where: str) -> str:
+    """An assistant message's `tool_calls`, checked, as JSON text (ASCII: no lone surrogate survives)."""
+    if calls is None or calls == []:
+        return ""
+    if not isinstance(calls, list):
+        raise InvalidArgument(f"{where}.tool_calls must be a list", field="messages")
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise InvalidArgument(
+                f"{where}.tool_calls[{i}] must be {{id, type: function, function: {{name, arguments}}}}",
+                field="messages",
+            )
+    return json.dumps(calls)
