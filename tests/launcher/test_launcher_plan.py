@@ -10,8 +10,8 @@ import pytest
 
 from pagedserve.cli import SUBCOMMANDS, build_parser
 from pagedserve.common.models import default_model
+from pagedserve.launch_checks import ports_in_use
 from pagedserve.launch_plan import PAGEDSERVE, LauncherConfig, default_placement, module_available, plan
-from pagedserve.launcher import ports_in_use
 
 SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
 EVERY_OPTION = dict(
