@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.gateway.datatypes import DetokenizeItem
-from pagedserve.tokenizer.core import IncrementalDetokenizer, ServedTokenizer
+from pagedserve.tokenizer.core import ServedTokenizer
+from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
 
 
 class LocalDetokenizer:

@@ -19,7 +19,8 @@ import grpc
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.models import served_model_name
-from pagedserve.tokenizer.core import ChatMessage, IncrementalDetokenizer, ServedTokenizer
+from pagedserve.tokenizer.core import ChatMessage, ServedTokenizer
+from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
 from pagedserve.v1 import tokenizer_pb2 as pb
 from pagedserve.v1 import tokenizer_pb2_grpc
 

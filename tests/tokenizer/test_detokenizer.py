@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.tokenizer.core import REPLACEMENT_CHAR, ServedTokenizer
+from pagedserve.tokenizer.core import ServedTokenizer
+from pagedserve.tokenizer.detokenizer import REPLACEMENT_CHAR
 
 TEXTS = [
     "👩‍💻🎉",

@@ -12,7 +12,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from transformers import PreTrainedTokenizerBase
 
 from pagedserve.common.grpc_utils import health_check
-from pagedserve.tokenizer.core import REPLACEMENT_CHAR
+from pagedserve.tokenizer.detokenizer import REPLACEMENT_CHAR
 from pagedserve.tokenizer.servicer import SERVICE_NAME
 from pagedserve.v1 import tokenizer_pb2 as pb
 from pagedserve.v1 import tokenizer_pb2_grpc
