@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from pagedserve.gateway.config import RequestLimits
-from pagedserve.gateway.server import add_arguments, config_from_args
+from pagedserve.gateway.flags import add_arguments, config_from_args
 
 
 def parse(*argv: str):
