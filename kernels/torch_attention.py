@@ -2,7 +2,7 @@
 
 An `AttentionPlan` works on groups of sequences: decodes (q_len == 1) and the rest (prefills and
 chunked prefills), so a long prefill never pads every decode query to its length; decodes of very
-different context lengths are further split into a few length buckets (`_length_buckets`), so one
+different context lengths are further split into a few length buckets (`length_buckets`), so one
 long context does not pad every short one to its length (padding is gathered and attended like real
 context: with contexts spread over 32-448 tokens, one bucket does 1.6x the needed work). For each
 group it gathers K/V for all its sequences at once into [num_seqs, kv_len, num_kv_heads, head_dim],
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .attention_groups import attend_one_by_one, length_buckets
 from .cpu_native import NativeDecode, decode_kernel
 from .cpu_native import supports as supports_native
 
@@ -129,7 +130,7 @@ class AttentionPlan:
         self.other_groups: list[_GroupPlan] = []
         self.each: list[_OwnPlan] = []
         if others.numel():
-            if _pad_waste(q_lens.index_select(0, others), seq_lens.index_select(0, others)) > EACH_WASTE:
+            if attend_one_by_one(q_lens.index_select(0, others), seq_lens.index_select(0, others)):
                 self.each = self._plan_each(others)
             else:
                 self.other_groups = [self._plan(False, others)]
@@ -163,7 +164,7 @@ class AttentionPlan:
         """The gather + SDPA groups of the decodes (length buckets), planned on first use."""
         if self._decode_groups is None:
             seq_lens = self._metadata[1]
-            buckets = _length_buckets(self._decodes, seq_lens.index_select(0, self._decodes))
+            buckets = length_buckets(self._decodes, seq_lens.index_select(0, self._decodes))
             self._decode_groups = [self._plan(True, bucket) for bucket in buckets]
         return self._decode_groups
 
@@ -258,31 +259,6 @@ class AttentionPlan:
             _attend_own(own, query, k_cache, v_cache, scale, out)
 
 
-# What one more gather + SDPA call per layer costs, in context tokens' worth of gathering and attending
-# (about 60-80 us of per-call overhead against about 0.25 us per token of a 4-KV-head, 32-wide layer
-# on one core): a decode bucket is split off only when it saves more padded tokens than this.
-BUCKET_SPLIT_TOKENS = 256
-# A bucket's shortest context is at least this fraction of its longest, so padding stays under 4/3 of
-# the real work in the worst case, with at most log(max/min) / log(4/3) buckets.
-BUCKET_RATIO = 0.75
-
-
-# Non-decode sequences are attended one by one when padding them to one [S, max_q_len, max_kv_len]
-# problem would do more than this many times their real (rectangular q_len x seq_len) work; one
-# more SDPA call costs about what a few thousand query-key pairs do, so small steps stay batched.
-EACH_WASTE = 2.0
-EACH_MIN_PAIRS = 4096
-
-
-def _pad_waste(q_lens: torch.Tensor, seq_lens: torch.Tensor) -> float:
-    """Padded work over real work of attending these sequences as one padded group (1.0: none)."""
-    real = int((q_lens * seq_lens).sum())
-    padded = q_lens.numel() * int(q_lens.max()) * int(seq_lens.max())
-    if padded < EACH_MIN_PAIRS * q_lens.numel():
-        return 1.0
-    return padded / max(real, 1)
-
-
 @dataclass(slots=True)
 class _OwnPlan:
     """A prefill or prefill chunk attended on its own, without padding."""
@@ -318,33 +294,6 @@ def _attend_own(
         enable_gqa=q.size(1) != num_kv_heads,
     )  # [1, H, Q, D]
     out[rows] = o[0].transpose(0, 1)
-
-
-def _length_buckets(seqs: torch.Tensor, seq_lens: torch.Tensor) -> list[torch.Tensor]:
-    """Splits the decode sequences `seqs` [S] (context lengths `seq_lens` [S]) into groups that are
-    each padded to their own longest context, so that one long context does not pad every other.
-
-    Longest first; a sequence starts a new group when its context is under BUCKET_RATIO of the
-    group's longest and moving it and every shorter one out saves more than BUCKET_SPLIT_TOKENS
-    padded tokens (remaining * (group max - its length)). When nothing splits, the group keeps the
-    original order (adjacent decode tokens stay a slice)."""
-    if seqs.numel() == 0:
-        return []
-    lens = seq_lens.tolist()
-    if min(lens) > BUCKET_RATIO * max(lens):
-        return [seqs]
-    order = sorted(range(len(lens)), key=lambda i: -lens[i])
-    buckets: list[list[int]] = [[]]
-    group_max = lens[order[0]]
-    for rank, i in enumerate(order):
-        remaining = len(order) - rank
-        if lens[i] < BUCKET_RATIO * group_max and remaining * (group_max - lens[i]) > BUCKET_SPLIT_TOKENS:
-            buckets.append([])
-            group_max = lens[i]
-        buckets[-1].append(i)
-    if len(buckets) == 1:
-        return [seqs]
-    return [seqs[torch.tensor(bucket, device=seqs.device)] for bucket in buckets]
 
 
 def _gather_kv(
