@@ -230,7 +230,7 @@ class SchedulerEngine:
     async def run(self) -> None:
         while not self._stopping:
             if self.replicator.fenced:
-                self._fail_all(Unavailable(f"scheduler stopped: {self.replicator.fenced}"))
+                self.scheduler.fail_all(Unavailable(f"scheduler stopped: {self.replicator.fenced}"))
                 self._notify(False)
                 return
             self._expire_detached()
@@ -378,7 +378,9 @@ class SchedulerEngine:
                     down,
                     len(self.scheduler.requests),
                 )
-                self._fail_all(Unavailable(f"the executor is unreachable ({err.message}) for {down:.0f} s"))
+                self.scheduler.fail_all(
+                    Unavailable(f"the executor is unreachable ({err.message}) for {down:.0f} s")
+                )
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=0.5)
@@ -409,15 +411,6 @@ class SchedulerEngine:
         self.scheduler.blocks.num_cpu_blocks = info.num_cpu_blocks
         log.warning("executor pool lost (new epoch %s): recomputing running requests", info.epoch)
         self.scheduler.reset_pool(info.epoch)
-
-    def _fail_all(self, error: Exception) -> None:
-        """End every in-flight request with `error` (its blocks freed at the next step)."""
-        for request_id, request in list(self.scheduler.requests.items()):
-            request.stream.fail(error)
-            self.scheduler.abort(request_id)
-        for seq_aborted in list(self.scheduler._aborts):
-            self.scheduler._abort_now(seq_aborted)
-        self.scheduler._aborts.clear()
 
     def _expire_detached(self) -> None:
         sched = self.scheduler

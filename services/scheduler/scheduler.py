@@ -145,6 +145,19 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
         self._aborts.append(request_id)
         return True
 
+    def fail_all(self, error: Exception) -> None:
+        """End every in-flight request's stream with `error`, aborted now (its blocks are freed
+        at the next step)."""
+        for request_id, request in list(self.requests.items()):
+            request.stream.fail(error)
+            self.abort(request_id)
+        self._apply_aborts()
+
+    def _apply_aborts(self) -> None:
+        for request_id in self._aborts:
+            self._abort_now(request_id)
+        self._aborts.clear()
+
     def load_record(self) -> str:
         """The pool's load as the registry stores it: "running,waiting,tokens,ms"."""
         waiting = len(self.waiting) + self.num_swapped_seqs
@@ -167,9 +180,7 @@ class Scheduler(CompletionMixin, RecoveryMixin, BeamMixin, SwapMixin):
         """Plan one step: blocks for the running sequences (preempting the newest group when
         short), then swapped groups back in, then admissions, and the executor's step with the
         deltas it needs."""
-        for request_id in self._aborts:
-            self._abort_now(request_id)
-        self._aborts.clear()
+        self._apply_aborts()
         planned: list[tuple[Sequence, int, list[int]]] = []  # (seq, tokens, new block ids)
         copies: list[tuple[int, int]] = []
         budget = self.limits.max_num_batched_tokens
