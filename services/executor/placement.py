@@ -148,7 +148,8 @@ def default_threads(num_cores: int, pinned: bool) -> int:
 def apply_placement(
     cpu_threads: int | None, cpu_affinity: tuple[int, ...] | None, device_type: str
 ) -> Placement:
-    """Pins the process (when asked), then sets torch's intra-op thread count; returns what it chose."""
+    """Pins the process, every thread it has (when asked), then sets torch's intra-op thread count;
+    returns what it chose."""
     pinned = cpu_affinity is not None
     wide = available_cores()
     if pinned:
@@ -158,6 +159,9 @@ def apply_placement(
             os.sched_setaffinity(0, cpu_affinity)
         except OSError as e:
             raise ValueError(f"--cpu-affinity {list(cpu_affinity)}: cannot pin to these cores ({e})") from e
+        # and the threads started before (torch's pool, from its import): the call above moved
+        # only this one
+        pin_all_threads(tuple(cpu_affinity))
     cores = available_cores()
     if cpu_threads is not None:
         threads, why = cpu_threads, "--cpu-threads"

@@ -70,16 +70,24 @@ def test_explicit_threads_and_the_cpu_default_are_applied() -> None:
 
 
 def test_affinity_pins_the_process() -> None:
-    # In a child process: pinning this test process would slow every later test.
+    # In a child process: pinning this test process would slow every later test. Every thread
+    # is pinned, those started before too (torch starts one at import; here also one of ours).
     core = available_cores()[-1]
     code = (
-        "import os, torch\n"
+        "import os, threading, torch\n"
         "from pagedserve.executor.placement import apply_placement\n"
+        "stop = threading.Event()\n"
+        "threading.Thread(target=stop.wait).start()\n"
         f"p = apply_placement(None, ({core},), 'cpu')\n"
-        "print(sorted(os.sched_getaffinity(0)), torch.get_num_threads(), p.pinned)\n"
+        "tasks = os.listdir('/proc/self/task')\n"
+        "every = sorted(set().union(*(os.sched_getaffinity(int(t)) for t in tasks)))\n"
+        "print(sorted(os.sched_getaffinity(0)), torch.get_num_threads(), p.pinned, len(tasks), every)\n"
+        "stop.set()\n"
     )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
-    assert out.split() == [f"[{core}]", "1", "True"]
+    mine, threads, pinned, tasks, every = out.split()
+    assert (mine, threads, pinned, every) == (f"[{core}]", "1", "True", f"[{core}]")
+    assert int(tasks) >= 3
 
 
 def test_affinity_outside_the_machine_is_a_clear_error() -> None:
