@@ -111,6 +111,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self._service_names: list[str] = []
+        self._on_stop: list[Callable[[], object]] = []
         self.bound_port = 0
 
     def add(self, add_fn: Callable, servicer: object, service_name: str) -> None:
@@ -144,9 +145,15 @@ class GrpcServer:
         await self.set_serving(True)
         return self.bound_port
 
+    def on_stop(self, fn: Callable[[], object]) -> None:
+        """`fn()` runs once the server has stopped (a servicer's threads to end, say)."""
+        self._on_stop.append(fn)
+
     async def stop(self, grace: float = 2.0) -> None:
         await self.set_serving(False)
         await self.server.stop(grace)
+        while self._on_stop:
+            self._on_stop.pop()()
 
 
 async def run_until_signal(stop: Callable[[], object], on_started: Callable[[], None] | None = None) -> None:

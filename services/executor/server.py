@@ -146,6 +146,7 @@ async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServ
     await servicer.warm_up()  # before serving: a ready executor is a warm one
     server = GrpcServer(host, port, tls=internal_tls.active())
     server.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, SERVICE_NAME)
+    server.on_stop(servicer.close)
     await server.start()
     return server
 

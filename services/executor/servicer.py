@@ -49,6 +49,10 @@ class ExecutorServicer(executor_pb2_grpc.ExecutorServicer):
         self._recent: collections.deque[float] = collections.deque(maxlen=4)  # seconds of the last steps
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="executor-step")
 
+    def close(self) -> None:
+        """Ends the step thread once its current step (if any) is done; later steps are refused."""
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
     async def _on_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -49,6 +50,10 @@ async def generate(client, prompts: list[list[int]], steps: int) -> list[list[in
     return [tokens[f"r{i}"] for i in range(len(prompts))]
 
 
+def _step_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("executor-step")]
+
+
 def test_grpc_matches_in_process(tiny_model_dir, make_engine) -> None:
     path = tiny_model_dir("llama")
     prompts = make_prompts((3, 11, 20), VOCAB, seed=9)
@@ -72,6 +77,11 @@ def test_grpc_matches_in_process(tiny_model_dir, make_engine) -> None:
         finally:
             await client.close()
             await srv.stop(0)
+        # the step thread ends with the server (it ran the larger steps)
+        deadline = time.monotonic() + 5
+        while _step_threads() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not _step_threads()
         closed = GrpcExecutorClient(f"127.0.0.1:{srv.bound_port}", timeout=2)
         with pytest.raises(Unavailable, match="executor at 127.0.0.1"):
             await closed.info()
