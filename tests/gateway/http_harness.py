@@ -1,0 +1,70 @@
+"""The gateway's real uvicorn HTTP server on a socket, for the HTTP tests: `serving` runs it
+against the in-process tokenizer and scheduler stand-ins of `test_gateway_engine`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import httpx
+from test_gateway_engine import FakeScheduler, FakeTokenizer
+
+from pagedserve.common.redis_harness import free_port
+from pagedserve.gateway.config import GatewayConfig
+from pagedserve.gateway.engine import Engine
+from pagedserve.gateway.metrics import GatewayMetrics
+from pagedserve.gateway.server import http_server
+
+MODEL = "/models/tiny-py"
+JSON = {"content-type": "application/json"}
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    scheduler: FakeScheduler, tokenizer: FakeTokenizer | None = None, **config
+) -> AsyncIterator[tuple[str, Engine]]:
+    """The gateway's HTTP server on a free port; yields (base url, engine)."""
+    port = free_port()
+    cfg = GatewayConfig(host="127.0.0.1", http_port=port, model=MODEL, **config)
+    engine = Engine(cfg, tokenizer or FakeTokenizer(), scheduler)
+    server = http_server(engine, GatewayMetrics())
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        assert not task.done(), "the HTTP server did not start"
+        await asyncio.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}", engine
+    finally:
+        server.should_exit = True
+        await task
+
+
+def run(scenario) -> None:
+    asyncio.run(scenario())
+
+
+def assert_error(reply: httpx.Response, status: int, words: str, param: str | None = None) -> dict:
+    assert reply.status_code == status, reply.text
+    assert reply.headers["content-type"] == "application/json"
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert words in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
+    return error
+
+
+async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:
+    """Send raw bytes, read until the server closes (or `wait` runs out)."""
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(request)
+    await writer.drain()
+    data = b""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(wait):
+            while chunk := await reader.read(65536):
+                data += chunk
+    writer.close()
+    return data
