@@ -248,28 +248,9 @@ class Engine:
             prompt_ids = list(prompt.token_ids)
             if len(prompt_ids) >= max_len:  # before looking at each id
                 _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
-            if min(prompt_ids) < 0 or max(prompt_ids) >= info.vocab_size:
-                bad = next(t for t in prompt_ids if not 0 <= t < info.vocab_size)
-                raise InvalidArgument(
-                    f"prompt token id {bad} is outside the vocabulary [0, {info.vocab_size})", field="prompt"
-                )
+            _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
         else:
-            if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
-                raise InvalidArgument("the served model has no chat template", field="messages")
-            if prompt.tools_json and not info.chat_template_supports_tools:
-                raise InvalidArgument(
-                    "tools: the served model's chat template does not support tools", field="tools"
-                )
-            size = (
-                len(prompt.text.encode())
-                + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
-                + len(prompt.tools_json)
-            )
-            if info.max_input_bytes and size > info.max_input_bytes:
-                raise InvalidArgument(
-                    f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
-                )
-            prompt_ids = await self._encode(prompt)
+            prompt_ids = await self.encode(prompt)
             if not prompt_ids:
                 raise InvalidArgument(f"{field} encodes to no tokens", field=field)
 
@@ -278,6 +259,43 @@ class Engine:
         sampling.validate(info.vocab_size)
         _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling
+
+    async def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a text or chat prompt, after the checks every one gets: a chat template
+        for messages, one that takes tools for tools, the tokenizer's input byte limit."""
+        field = _PROMPT_FIELD[prompt.kind]
+        info = await self.tokenizer_info()
+        if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
+            raise InvalidArgument("the served model has no chat template", field="messages")
+        if prompt.tools_json and not info.chat_template_supports_tools:
+            raise InvalidArgument(
+                "tools: the served model's chat template does not support tools", field="tools"
+            )
+        size = (
+            len(prompt.text.encode())
+            + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
+            + len(prompt.tools_json)
+        )
+        if info.max_input_bytes and size > info.max_input_bytes:
+            raise InvalidArgument(
+                f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
+            )
+        return await self._encode(prompt)
+
+    async def decode(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
+        """The text of `token_ids` (each checked against the vocabulary, errors naming `field`)."""
+        _check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
+        if not token_ids:
+            return ""
+        detokenizer = self.tokenizer.detokenizer
+        item = DetokenizeItem(
+            key=f"decode-{uuid.uuid4().hex}",
+            token_ids=token_ids,
+            finish=True,
+            skip_special_tokens=skip_special_tokens,
+        )
+        (text,) = await detokenizer.detokenize([item], detokenizer.begin())
+        return text
 
     async def _encode(self, prompt: Prompt) -> list[int]:
         """Token ids of text or chat. OpenAI's `developer` role takes the place of `system`: a chat
@@ -294,15 +312,8 @@ class Engine:
         """A validated completions prompt as text (for echo): as given, or its ids decoded."""
         if request.prompt.kind is PromptKind.TEXT:
             return request.prompt.text
-        detokenizer = self.tokenizer.detokenizer
-        item = DetokenizeItem(
-            key=f"{request.request_id}/prompt",
-            token_ids=list(request.prompt.token_ids),
-            finish=True,
-            skip_special_tokens=request.skip_special_tokens,
-        )
-        (text,) = await detokenizer.detokenize([item], detokenizer.begin())
-        return text
+        token_ids = list(request.prompt.token_ids)
+        return await self.decode(token_ids, skip_special_tokens=request.skip_special_tokens, field="prompt")
 
     def start_drain(self) -> None:
         """Shutting down: refuse new requests (Unavailable); those in flight run on."""
@@ -345,6 +356,14 @@ class Engine:
         """Wait for pending aborts (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+
+
+def _check_vocabulary(token_ids: list[int], vocab_size: int, field: str) -> None:
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
+        raise InvalidArgument(
+            f"{field} token id {bad} is outside the vocabulary [0, {vocab_size})", field=field
+        )
 
 
 def _check_fits(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from pagedserve import __version__
 from pagedserve.common.errors import InvalidArgument, PagedServeError
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.dashboard import add_dashboard_routes
@@ -47,6 +48,7 @@ from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.openai_request import ApiCall, parse_chat, parse_completion
 from pagedserve.gateway.openai_response import ChunkFormatter, error_body, full_response
 from pagedserve.gateway.sse import DONE, sse_event
+from pagedserve.gateway.tokenize_api import detokenize, tokenize
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +93,8 @@ async def _unless_disconnected(request: Request, work: asyncio.Future | asyncio.
 
 
 class ApiKeyCheck:
-    """ASGI middleware: /v1/* (and /metrics when protected) need `Authorization: Bearer <key>`.
+    """ASGI middleware: /v1/*, /tokenize and /detokenize (and /metrics when protected) need
+    `Authorization: Bearer <key>`.
 
     /health and /ready stay open for probes. The key is compared in constant time."""
 
@@ -110,7 +113,12 @@ class ApiKeyCheck:
         await self.app(scope, receive, send)
 
     def _protected(self, path: str) -> bool:
-        return path == "/v1" or path.startswith("/v1/") or (self.protect_metrics and path == "/metrics")
+        return (
+            path == "/v1"
+            or path.startswith("/v1/")
+            or path in ("/tokenize", "/detokenize")
+            or (self.protect_metrics and path == "/metrics")
+        )
 
 
 def json_depth_over(value: object, limit: int) -> bool:
@@ -255,6 +263,18 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
     async def chat_completions(request: Request) -> Response:
         return await _serve(engine, request, parse_chat, "chatcmpl-")
 
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> Response:
+        return await _answer(engine, request, tokenize)
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> Response:
+        return await _answer(engine, request, detokenize)
+
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": __version__}
+
     return app
 
 
@@ -268,6 +288,18 @@ def _model_card(m) -> dict:
         "parent": None,
         "max_model_len": m.max_model_len,
     }
+
+
+async def _answer(
+    engine: Engine, request: Request, handle: Callable[[Engine, dict], Awaitable[dict]]
+) -> Response:
+    """A JSON body in, `handle`'s dict out as JSON (or the error it raised)."""
+    try:
+        return JSONResponse(await handle(engine, await read_json(request, engine.config.limits)))
+    except PagedServeError as err:
+        return error_response(err)
+    except ClientDisconnect:
+        return Response(status_code=499)
 
 
 async def _serve(

@@ -51,3 +51,31 @@ def test_metrics_mirror_stats_and_time_requests(stack: Stack, http: httpx.Client
     assert metric(text, "pagedserve_time_to_first_token_seconds_count") == ttft + 2
     assert metric(text, "pagedserve_time_per_output_token_seconds_count") > 0
     assert metric(text, "pagedserve_scheduler_up") == 1
+
+
+def test_tokenize_counts_as_a_request_would_and_detokenize_inverts_it(
+    stack: Stack, http: httpx.Client
+) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(stack.model)
+    text = "def add(a, b):\n    return a + b  # café ✓"
+    reply = http.post("/tokenize", json={"prompt": text})
+    assert reply.status_code == 200, reply.text
+    tokens = reply.json()["tokens"]
+    assert tokens == hf.encode(text) and reply.json()["count"] == len(tokens)
+    assert reply.json()["max_model_len"] == MAX_MODEL_LEN
+    completion = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
+    assert completion.json()["usage"]["prompt_tokens"] == len(tokens)
+
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Sum two ints."}]
+    chat_count = http.post("/tokenize", json={"messages": messages}).json()["count"]
+    chat = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert chat.json()["usage"]["prompt_tokens"] == chat_count
+
+    back = http.post("/detokenize", json={"tokens": tokens}).json()["prompt"]
+    assert back == hf.decode(tokens)
+    skipped = http.post("/detokenize", json={"tokens": tokens, "skip_special_tokens": True}).json()["prompt"]
+    assert skipped == hf.decode(tokens, skip_special_tokens=True)
+    too_big = http.post("/detokenize", json={"tokens": [len(hf)]})
+    assert too_big.status_code == 400 and "outside the vocabulary" in too_big.json()["error"]["message"]

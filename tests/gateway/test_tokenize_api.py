@@ -1,0 +1,126 @@
+"""POST /tokenize and /detokenize, GET /version, through the gateway's real HTTP server against the
+stand-ins of `test_gateway_engine` (ids are code points, BOS is 1; the real tokenizer's round trip is
+in tests/e2e/test_endpoints.py). Nothing reaches the scheduler on either route."""
+
+from __future__ import annotations
+
+import httpx
+from http_harness import JSON, MODEL, assert_error, run, serving
+from test_gateway_engine import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer
+
+from pagedserve import __version__
+from pagedserve.gateway.datatypes import PromptKind
+
+
+def test_tokenize_a_prompt_and_a_chat() -> None:
+    async def scenario() -> None:
+        scheduler, tokenizer = FakeScheduler(["ok"]), FakeTokenizer()
+        async with serving(scheduler, tokenizer) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/tokenize", json={"prompt": "hi", "model": MODEL})
+            assert reply.status_code == 200, reply.text
+            assert reply.json() == {
+                "count": 3,
+                "max_model_len": MAX_MODEL_LEN,
+                "tokens": [BOS, ord("h"), ord("i")],
+                "token_strs": None,
+            }
+            body = {"prompt": "x", "add_special_tokens": False}
+            assert (await http.post("/tokenize", json=body)).status_code == 200
+            chat = {"messages": [{"role": "user", "content": "yo"}], "add_generation_prompt": False}
+            reply = await http.post("/tokenize", json=chat)
+            assert reply.json()["tokens"] == [BOS, ord("y"), ord("o")]
+            # an empty prompt counts zero tokens past the special ones
+            assert (await http.post("/tokenize", json={"prompt": ""})).json()["count"] == 1
+        text, no_specials, chat_prompt, _ = tokenizer.encoded
+        assert (text.kind, text.text, text.add_special_tokens) == (PromptKind.TEXT, "hi", True)
+        assert no_specials.add_special_tokens is False
+        assert chat_prompt.kind is PromptKind.CHAT and chat_prompt.add_generation_prompt is False
+        assert scheduler.submitted == []
+
+    run(scenario)
+
+
+def test_tokenize_refuses_bad_bodies_naming_the_field() -> None:
+    async def scenario() -> None:
+        scheduler, tokenizer = FakeScheduler(["ok"]), FakeTokenizer()
+        async with serving(scheduler, tokenizer) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            cases = [
+                ({}, "give exactly one of prompt (a string) or messages (a chat)", "prompt"),
+                ({"prompt": "a", "messages": []}, "give exactly one of prompt", "prompt"),
+                ({"prompt": [1, 2]}, "prompt must be a string", "prompt"),
+                ({"prompt": "a", "add_special_tokens": 1}, "add_special_tokens must be true or false", None),
+                (
+                    {"prompt": "a", "add_generation_prompt": True},
+                    "add_generation_prompt is not supported",
+                    None,
+                ),
+                ({"messages": "hi"}, "messages must be a list of {role, content} objects", "messages"),
+                (
+                    {"messages": [{"role": "user", "content": 5}]},
+                    "messages[0].content must be a string",
+                    None,
+                ),
+                (
+                    {"messages": [{"role": "user", "content": "a"}], "add_special_tokens": True},
+                    "add_special_tokens is not supported: a chat is tokenized as its template renders it",
+                    "add_special_tokens",
+                ),
+                ({"prompt": "a", "return_token_strs": True}, "return_token_strs is not supported", None),
+                ({"prompt": "a", "model": 3}, "model must be a string", "model"),
+                ({"prompt": "x" * 1001}, "prompt is 1001 bytes, more than the limit of 1000", "prompt"),
+            ]
+            for body, words, param in cases:
+                assert_error(await http.post("/tokenize", json=body), 400, words, param)
+            lone = b'{"prompt": "a\\ud800"}'  # JSON's escape: valid JSON, not valid Unicode
+            reply = await http.post("/tokenize", content=lone, headers=JSON)
+            assert_error(
+                reply, 400, "prompt is not valid Unicode: a lone surrogate \\ud800 at character 1", "prompt"
+            )
+            reply = await http.post("/tokenize", json={"prompt": "a", "model": "gpt-4"})
+            assert_error(reply, 404, f"model 'gpt-4' is not served here; served models: '{MODEL}'", "model")
+        assert tokenizer.encoded == [] and scheduler.submitted == []
+
+    run(scenario)
+
+
+def test_detokenize() -> None:
+    async def scenario() -> None:
+        scheduler, tokenizer = FakeScheduler(["ok"]), FakeTokenizer()
+        async with serving(scheduler, tokenizer) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/detokenize", json={"tokens": [BOS, ord("o"), ord("k")], "model": MODEL})
+            assert reply.status_code == 200 and reply.json() == {"prompt": "ok"}
+            assert (await http.post("/detokenize", json={"tokens": []})).json() == {"prompt": ""}
+            body = {"tokens": [ord("a")], "skip_special_tokens": True}
+            assert (await http.post("/detokenize", json=body)).json() == {"prompt": "a"}
+            (last,) = tokenizer.detokenizer.batches[-1]
+            assert last.skip_special_tokens and last.finish
+            cases = [
+                ({}, "tokens must be a list of integer token ids"),
+                ({"tokens": "abc"}, "tokens must be a list of integer token ids"),
+                ({"tokens": [1, True]}, "tokens must be a list of integer token ids"),
+                ({"tokens": [5, 300]}, "tokens token id 300 is outside the vocabulary [0, 300)"),
+                ({"tokens": [-1]}, "tokens token id -1 is outside the vocabulary [0, 300)"),
+                ({"tokens": [5], "skip_special_tokens": "yes"}, "skip_special_tokens must be true or false"),
+            ]
+            before = len(tokenizer.detokenizer.batches)
+            for body, words in cases:
+                assert_error(await http.post("/detokenize", json=body), 400, words)
+            assert len(tokenizer.detokenizer.batches) == before
+        assert scheduler.submitted == []
+
+    run(scenario)
+
+
+def test_version_and_the_api_key() -> None:
+    async def scenario() -> None:
+        async with (
+            serving(FakeScheduler(["ok"]), api_key="s3cret") as (url, _),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            assert (await http.get("/version")).json() == {"version": __version__}
+            for path, body in (("/tokenize", {"prompt": "a"}), ("/detokenize", {"tokens": [5]})):
+                assert_error(await http.post(path, json=body), 401, "missing API key")
+                good = {"authorization": "Bearer s3cret"}
+                assert (await http.post(path, json=body, headers=good)).status_code == 200
+
+    run(scenario)
