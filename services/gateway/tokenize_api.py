@@ -1,14 +1,14 @@
 """`POST /tokenize` and `POST /detokenize`: the served model's tokenizer over HTTP, in vLLM's shapes.
 
-    POST /tokenize   {"prompt": "def f():"}                    -> {"count": 4, "max_model_len": 512,
-                     {"messages": [...], "add_generation_prompt": true}   "tokens": [...], "token_strs": null}
-    POST /detokenize {"tokens": [1, 822, 285]}                 -> {"prompt": "<s> def f"}
+    POST /tokenize    {"prompt": "def f():"}  or  {"messages": [...], "add_generation_prompt": true}
+                      -> {"count": 4, "max_model_len": 512, "tokens": [...], "token_strs": null}
+    POST /detokenize  {"tokens": [1, 822, 285]}  -> {"prompt": "<s> def f"}
 
 `/tokenize` counts a prompt as a completion or chat request would be tokenized (the chat
 template applied, `add_special_tokens` true by default for text), with the same checks and
 limits; a client can size a request against `max_model_len` before sending it. `/detokenize`
-keeps special tokens unless `skip_special_tokens` is true. Both take an optional `model` (a
-served name). With `--api-key`, both need it, as /v1 does.
+keeps special tokens unless `skip_special_tokens` is true, and takes at most max_model_len ids.
+Both take an optional `model` (a served name). With `--api-key`, both need it, as /v1 does.
 """
 
 from __future__ import annotations
@@ -76,5 +76,11 @@ async def detokenize(engine: Engine, body: dict) -> dict:
     tokens = get_field(body, "tokens")
     if tokens is MISSING or not is_int_list(tokens):
         raise InvalidArgument("tokens must be a list of integer token ids", field="tokens")
+    # no sequence here is longer, and the gateway may decode on its event loop
+    limit = await engine.max_model_len()
+    if len(tokens) > limit:
+        raise InvalidArgument(
+            f"tokens has {len(tokens)} ids, more than max_model_len ({limit})", field="tokens"
+        )
     skip = read_bool(body, "skip_special_tokens", False)
     return {"prompt": await engine.decode(tokens, skip_special_tokens=skip, field="tokens")}

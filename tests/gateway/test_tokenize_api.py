@@ -101,6 +101,10 @@ def test_detokenize() -> None:
                 ({"tokens": [5, 300]}, "tokens token id 300 is outside the vocabulary [0, 300)"),
                 ({"tokens": [-1]}, "tokens token id -1 is outside the vocabulary [0, 300)"),
                 ({"tokens": [5], "skip_special_tokens": "yes"}, "skip_special_tokens must be true or false"),
+                (
+                    {"tokens": [5] * (MAX_MODEL_LEN + 1)},
+                    f"tokens has 65 ids, more than max_model_len ({MAX_MODEL_LEN})",
+                ),
             ]
             before = len(tokenizer.detokenizer.batches)
             for body, words in cases:
