@@ -14,6 +14,9 @@
             for choice in delta.choices:
                 print(choice.text, end="", flush=True)
 
+        tokenized = client.tokenize("def fib(n):")  # token ids and max_model_len, as generate counts
+        print(client.detokenize(tokenized.token_ids))
+
     # asyncio
     import asyncio
     from pagedserve.client import AsyncClient
@@ -51,7 +54,7 @@ from typing import Any
 
 import grpc
 
-from pagedserve.client_request import build_request
+from pagedserve.client_request import build_detokenize_request, build_request, build_tokenize_request
 from pagedserve.common import errors
 from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
 from pagedserve.common.outputs import Usage
@@ -133,6 +136,14 @@ class GenerationDelta:
     choices: list[ChoiceDelta]
     usage: Usage | None = None
     prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # on the first delta, when asked
+
+
+@dataclass(slots=True)
+class Tokenized:
+    """A prompt's token ids, as a generation request with it would be tokenized."""
+
+    token_ids: list[int]
+    max_model_len: int  # the longest prompt + output the gateway accepts
 
 
 @dataclass(slots=True)
@@ -280,6 +291,24 @@ class Client:
             raise _error(err) from None
         return [ModelCard(m.id, m.max_model_len, m.root) for m in reply.models]
 
+    def tokenize(self, prompt: str | None = None, **kwargs: Any) -> Tokenized:
+        """Token ids of `prompt` (or `messages=`, with `add_generation_prompt`; text also takes
+        `add_special_tokens`), counted as `generate` would."""
+        request = build_tokenize_request(prompt, **kwargs)
+        try:
+            reply = self._stub.Tokenize(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return Tokenized(list(reply.token_ids), reply.max_model_len)
+
+    def detokenize(self, token_ids: Sequence[int], **kwargs: Any) -> str:
+        """The text of `token_ids` (special tokens kept unless `skip_special_tokens=True`)."""
+        request = build_detokenize_request(token_ids, **kwargs)
+        try:
+            return self._stub.Detokenize(request, timeout=self.timeout, metadata=self._metadata).text
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
     def close(self) -> None:
         self._channel.close()
 
@@ -343,6 +372,21 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise _error(err) from None
         return [ModelCard(m.id, m.max_model_len, m.root) for m in reply.models]
+
+    async def tokenize(self, prompt: str | None = None, **kwargs: Any) -> Tokenized:
+        request = build_tokenize_request(prompt, **kwargs)
+        try:
+            reply = await self._stub.Tokenize(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        return Tokenized(list(reply.token_ids), reply.max_model_len)
+
+    async def detokenize(self, token_ids: Sequence[int], **kwargs: Any) -> str:
+        request = build_detokenize_request(token_ids, **kwargs)
+        try:
+            return (await self._stub.Detokenize(request, timeout=self.timeout, metadata=self._metadata)).text
+        except grpc.RpcError as err:
+            raise _error(err) from None
 
     async def close(self) -> None:
         await self._channel.close()

@@ -145,18 +145,7 @@ def build_request(
         msg.token_ids.SetInParent()  # set even when empty, so the gateway says "empty", not "missing"
         msg.token_ids.ids.extend(_int("token_ids", t, INT32) for t in token_ids)
     else:
-        msg.chat.CopyFrom(
-            tokenizer_pb2.ChatMessages(
-                messages=[
-                    tokenizer_pb2.ChatMessage(
-                        role=_text("messages.role", m["role"]),
-                        content=_text("messages.content", m["content"]),
-                    )
-                    for m in messages or []
-                ],
-                add_generation_prompt=add_generation_prompt,
-            )
-        )
+        msg.chat.CopyFrom(_chat(messages or [], add_generation_prompt))
     kind, spec = _constraint(structured_outputs, response_format)
     if kind:
         msg.sampling.structured.CopyFrom(structured.to_proto(kind, spec))
@@ -167,3 +156,46 @@ def build_request(
     if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
         msg.detokenize = detokenize
     return msg
+
+
+def _chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> tokenizer_pb2.ChatMessages:
+    return tokenizer_pb2.ChatMessages(
+        messages=[
+            tokenizer_pb2.ChatMessage(
+                role=_text("messages.role", m["role"]), content=_text("messages.content", m["content"])
+            )
+            for m in messages
+        ],
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def build_tokenize_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[dict[str, str]] | None = None,
+    model: str = "",
+    add_special_tokens: bool | None = None,
+    add_generation_prompt: bool = True,
+) -> gateway_pb2.TokenizePromptRequest:
+    """A `TokenizePromptRequest` from exactly one of `prompt` or `messages`."""
+    if (prompt is None) == (messages is None):
+        raise TypeError("pass exactly one of prompt or messages=")
+    msg = gateway_pb2.TokenizePromptRequest(model=_text("model", model))
+    if prompt is not None:
+        msg.text = _text("prompt", prompt)
+    else:
+        msg.chat.CopyFrom(_chat(messages or [], add_generation_prompt))
+    if add_special_tokens is not None:
+        msg.add_special_tokens = add_special_tokens
+    return msg
+
+
+def build_detokenize_request(
+    token_ids: Sequence[int], *, model: str = "", skip_special_tokens: bool = False
+) -> gateway_pb2.DetokenizeIdsRequest:
+    return gateway_pb2.DetokenizeIdsRequest(
+        model=_text("model", model),
+        token_ids=[_int("token_ids", t, INT32) for t in token_ids],
+        skip_special_tokens=skip_special_tokens,
+    )

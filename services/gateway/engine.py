@@ -283,7 +283,13 @@ class Engine:
         return await self._encode(prompt)
 
     async def decode(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
-        """The text of `token_ids` (each checked against the vocabulary, errors naming `field`)."""
+        """The text of `token_ids`: at most max_model_len of them (no sequence here is longer, and
+        the gateway may decode on its event loop), each in the vocabulary; errors name `field`."""
+        limit = await self.max_model_len()
+        if len(token_ids) > limit:
+            raise InvalidArgument(
+                f"{field} has {len(token_ids)} ids, more than max_model_len ({limit})", field=field
+            )
         _check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
         if not token_ids:
             return ""

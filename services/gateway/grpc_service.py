@@ -61,15 +61,15 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
     )
 
 
-def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
+def prompt_from_proto(msg: gateway_pb2.GenerateRequest | gateway_pb2.TokenizePromptRequest) -> Prompt:
     kind = msg.WhichOneof("input")
     if kind == "text":
         add_special = msg.add_special_tokens if msg.HasField("add_special_tokens") else True
-        prompt = Prompt(PromptKind.TEXT, text=msg.text, add_special_tokens=add_special)
-    elif kind == "token_ids":
-        prompt = Prompt(PromptKind.TOKEN_IDS, token_ids=list(msg.token_ids.ids))
-    elif kind == "chat":
-        prompt = Prompt(
+        return Prompt(PromptKind.TEXT, text=msg.text, add_special_tokens=add_special)
+    if kind == "token_ids":
+        return Prompt(PromptKind.TOKEN_IDS, token_ids=list(msg.token_ids.ids))
+    if kind == "chat":
+        return Prompt(
             PromptKind.CHAT,
             messages=[
                 ChatMessage(m.role, m.content, m.tool_calls_json, m.tool_call_id, m.name)
@@ -78,10 +78,13 @@ def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
             add_generation_prompt=msg.chat.add_generation_prompt,
             tools_json=msg.chat.tools_json,
         )
-    else:
-        raise InvalidArgument("input must be set: text, token_ids or chat", field="input")
+    kinds = "text, token_ids or chat" if isinstance(msg, gateway_pb2.GenerateRequest) else "text or chat"
+    raise InvalidArgument(f"input must be set: {kinds}", field="input")
+
+
+def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
     return GenerationRequest(
-        prompt=prompt,
+        prompt=prompt_from_proto(msg),
         sampling=sampling_from_proto(msg.sampling),
         model=msg.model,
         stop=list(msg.stop),
@@ -197,6 +200,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.engine.close_later(outputs)
         assert result is not None, "generate() always yields at least one output"
         return result_to_proto(result, self.engine.served_model_name)
+
+    @grpc_errors
+    async def Tokenize(self, request, context) -> gateway_pb2.TokenizePromptResponse:
+        self._authorize(context)
+        self.engine.check_model(request.model)
+        token_ids = await self.engine.encode(prompt_from_proto(request))
+        return gateway_pb2.TokenizePromptResponse(
+            token_ids=token_ids, max_model_len=await self.engine.max_model_len()
+        )
+
+    @grpc_errors
+    async def Detokenize(self, request, context) -> gateway_pb2.DetokenizeIdsResponse:
+        self._authorize(context)
+        self.engine.check_model(request.model)
+        token_ids = list(request.token_ids)
+        text = await self.engine.decode(
+            token_ids, skip_special_tokens=request.skip_special_tokens, field="token_ids"
+        )
+        return gateway_pb2.DetokenizeIdsResponse(text=text)
 
     @grpc_errors
     async def ListModels(self, request, context) -> gateway_pb2.ListModelsResponse:

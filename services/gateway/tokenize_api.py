@@ -76,11 +76,5 @@ async def detokenize(engine: Engine, body: dict) -> dict:
     tokens = get_field(body, "tokens")
     if tokens is MISSING or not is_int_list(tokens):
         raise InvalidArgument("tokens must be a list of integer token ids", field="tokens")
-    # no sequence here is longer, and the gateway may decode on its event loop
-    limit = await engine.max_model_len()
-    if len(tokens) > limit:
-        raise InvalidArgument(
-            f"tokens has {len(tokens)} ids, more than max_model_len ({limit})", field="tokens"
-        )
     skip = read_bool(body, "skip_special_tokens", False)
     return {"prompt": await engine.decode(tokens, skip_special_tokens=skip, field="tokens")}

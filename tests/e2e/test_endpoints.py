@@ -1,11 +1,14 @@
-"""The gateway's other endpoints: models, health, readiness and Prometheus metrics."""
+"""The gateway's other endpoints: models, health, readiness, Prometheus metrics, and tokenizing
+over HTTP and gRPC."""
 
 from __future__ import annotations
 
 import httpx
+import pytest
 from e2e_harness import MAX_MODEL_LEN, NUM_KV_BLOCKS, Stack, metric
 
 from pagedserve.client import Client
+from pagedserve.common.errors import InvalidArgument, NotFound
 
 METRICS = [
     "pagedserve_kv_blocks_total",
@@ -79,3 +82,31 @@ def test_tokenize_counts_as_a_request_would_and_detokenize_inverts_it(
     assert skipped == hf.decode(tokens, skip_special_tokens=True)
     too_big = http.post("/detokenize", json={"tokens": [len(hf)]})
     assert too_big.status_code == 400 and "outside the vocabulary" in too_big.json()["error"]["message"]
+
+
+def test_the_sdk_tokenizes_and_detokenizes_over_grpc(stack: Stack, http: httpx.Client) -> None:
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(stack.model)
+    text = "class Stack:\n    pass"
+    messages = [{"role": "user", "content": "Reverse a list."}]
+    with Client(stack.grpc_address, timeout=30) as client:
+        tokenized = client.tokenize(text)
+        assert tokenized.token_ids == hf.encode(text) and tokenized.max_model_len == MAX_MODEL_LEN
+        plain = client.tokenize(text, add_special_tokens=False).token_ids
+        assert plain == hf.encode(text, add_special_tokens=False)
+        chat = client.tokenize(messages=messages).token_ids
+        assert len(chat) == http.post("/tokenize", json={"messages": messages}).json()["count"]
+        assert len(chat) == client.generate(messages=messages, max_tokens=1).usage.prompt_tokens
+        assert client.detokenize(chat) == hf.decode(chat)
+        assert client.detokenize(chat, skip_special_tokens=True) == hf.decode(chat, skip_special_tokens=True)
+        with pytest.raises(InvalidArgument, match=f"token_ids token id {len(hf)} is outside the vocabulary"):
+            client.detokenize([5, len(hf)])
+        with pytest.raises(
+            InvalidArgument, match=f"token_ids has {MAX_MODEL_LEN + 1} ids, more than max_model_len"
+        ):
+            client.detokenize([5] * (MAX_MODEL_LEN + 1))
+        with pytest.raises(NotFound, match="model 'gpt-4' is not served here"):
+            client.tokenize(text, model="gpt-4")
+        with pytest.raises(TypeError, match="exactly one of prompt or messages"):
+            client.tokenize()

@@ -126,12 +126,19 @@ def test_api_key_over_grpc() -> None:
                 assert info.value.message == "missing API key: send 'Authorization: Bearer <key>'"
                 with pytest.raises(Unauthenticated):
                     await client.models()
+                with pytest.raises(Unauthenticated):
+                    await client.tokenize("x")
+                with pytest.raises(Unauthenticated):
+                    await client.detokenize([5])
             async with AsyncClient(address, timeout=10, api_key="wrong") as client:
                 with pytest.raises(Unauthenticated, match="invalid API key"):
                     async for _ in client.stream("x", max_tokens=2):
                         pass
             async with AsyncClient(address, timeout=10, api_key="s3cret") as client:
                 assert (await client.generate("x", max_tokens=2)).choices[0].text == "ok"
+                # the stand-in tokenizer: BOS (1), then each character's code point
+                assert (await client.tokenize("hi")).token_ids == [1, ord("h"), ord("i")]
+                assert await client.detokenize([1, ord("o"), ord("k")]) == "ok"
         assert len(scheduler.submitted) == 1
 
     asyncio.run(scenario())
