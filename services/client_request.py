@@ -76,6 +76,11 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             msg.seed = _int(name, value, INT64)
         elif name == "stop_token_ids":
             msg.stop_token_ids.extend(_int(name, t, INT32) for t in value)
+        elif name == "logit_bias":
+            if not isinstance(value, dict):
+                raise errors.InvalidArgument("logit_bias must be a dict of {token id: bias}", field=name)
+            for token, bias in value.items():
+                msg.logit_bias[_int(name, token, INT32)] = _float(name, bias)
         elif name in ("ignore_eos", "use_beam_search"):
             if not isinstance(value, bool):
                 raise errors.InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)

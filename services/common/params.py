@@ -12,6 +12,8 @@ from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+LOGIT_BIAS_RANGE = 100.0  # |bias| at most this, as OpenAI
 # Beam search's `early_stopping`, as transformers takes it; the proto enum's values in order.
 EARLY_STOPPING_VALUES: tuple[bool | str, ...] = (False, False, True, "never")
 
@@ -43,6 +45,12 @@ class SamplingParams:
     use_beam_search: bool = False  # n is then the beam width (see scheduler/beam.py)
     length_penalty: float = 1.0  # beam search: score = sum(logprobs) / generated_len ** length_penalty
     early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
+    # token id -> added to its logit before sampling (OpenAI's logit_bias)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.logit_bias:  # ids as ints again after a JSON round trip (stored request states)
+            self.logit_bias = {int(t): float(b) for t, b in self.logit_bias.items()}
 
     @property
     def greedy(self) -> bool:
@@ -104,6 +112,7 @@ class SamplingParams:
                 f"{name} only applies to beam search: set use_beam_search, or leave {name} at its default",
                 field=name,
             )
+        self._validate_logit_bias(vocab_size)
         if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:
@@ -115,6 +124,23 @@ class SamplingParams:
             raise InvalidArgument(
                 f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
             )
+
+    def _validate_logit_bias(self, vocab_size: int | None) -> None:
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(
+                f"logit_bias has {len(self.logit_bias)} tokens, more than the limit of {MAX_LOGIT_BIAS}",
+                field="logit_bias",
+            )
+        for tid, bias in self.logit_bias.items():
+            if not -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE:
+                raise InvalidArgument(
+                    f"logit_bias[{tid}] must be in [-100, 100], got {bias}", field="logit_bias"
+                )
+            if vocab_size is not None and not 0 <= tid < vocab_size:
+                raise InvalidArgument(
+                    f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab_size})",
+                    field="logit_bias",
+                )
 
     @property
     def constrained(self) -> bool:
@@ -141,6 +167,7 @@ class SamplingParams:
             ("logprobs", self.logprobs is not None, "is not supported"),
             ("min_tokens", self.min_tokens != 0, "must be 0"),
             ("stop_token_ids", bool(self.stop_token_ids), "are not supported"),
+            ("logit_bias", bool(self.logit_bias), "is not supported"),
         )
         for name, bad, rule in unsupported:
             if bad:
@@ -173,6 +200,7 @@ class SamplingParams:
             use_beam_search=msg.use_beam_search,
             length_penalty=msg.length_penalty if msg.HasField("length_penalty") else 1.0,
             early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
+            logit_bias=dict(msg.logit_bias),
         )
 
     def to_proto(self):
@@ -204,6 +232,8 @@ class SamplingParams:
             msg.prompt_logprobs = self.prompt_logprobs
         if self.structured_kind:
             msg.structured.CopyFrom(structured.to_proto(self.structured_kind, self.structured_spec))
+        if self.logit_bias:
+            msg.logit_bias.update(self.logit_bias)
         return msg
 
 

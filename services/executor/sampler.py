@@ -4,7 +4,7 @@
 vocabulary). Each row goes through, in vLLM's order:
 
 1. penalties on the raw logits (`apply_penalties`): repetition over prompt ∪ output,
-   presence and frequency over the output only;
+   presence and frequency over the output only; then `logit_bias` is added (`apply_logit_bias`);
 2. `min_tokens`: while a sequence has fewer outputs than `min_tokens`, its EOS ids (unless
    `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`); then structured
    output: tokens a row's grammar does not allow are set to -inf, all rows at once from one
@@ -24,7 +24,7 @@ a seed share torch's default generator for the device.
 
 Logprobs (`params.logprobs` is not None): the sampled token's logprob and the top
 `params.logprobs` alternatives, best first, from the log_softmax of the logits after
-penalties, min_tokens and temperature (temperature 0 counts as 1) but BEFORE top-k, top-p
+penalties, logit bias, min_tokens and temperature (temperature 0 counts as 1) but BEFORE top-k, top-p
 and min-p truncation, so they describe the model's distribution, not the truncated one.
 """
 
@@ -119,6 +119,25 @@ def apply_penalties(
     if all_rows:
         return sub
     return logits.index_copy(0, torch.tensor(rows, device=device), sub)
+
+
+def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
+    """Adds each row's `logit_bias` to its logits, in place (a bias on an id past the logits
+    has nothing to act on)."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    biases: list[float] = []
+    vocab_size = logits.shape[1]
+    for i, p in enumerate(params):
+        for token, bias in p.logit_bias.items():
+            if 0 <= token < vocab_size:
+                rows.append(i)
+                tokens.append(token)
+                biases.append(bias)
+    if rows:
+        device = logits.device
+        index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
+        logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
 
 
 def _min_tokens_ban(
@@ -290,11 +309,14 @@ def sample(
     if (
         mask is None
         and not ban_rows
-        and all(p.greedy and p.logprobs is None and not _has_penalties(p) for p in params)
+        and all(
+            p.greedy and p.logprobs is None and not _has_penalties(p) and not p.logit_bias for p in params
+        )
     ):
         return [(token, None) for token in logits.max(dim=-1).indices.tolist()]
 
     logits = apply_penalties(logits.to(torch.float32), params, prompt_ids, output_ids)  # [B, V], a copy
+    apply_logit_bias(logits, params)
     if ban_rows:
         logits[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = float("-inf")
     if mask is not None:

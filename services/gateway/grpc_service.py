@@ -57,7 +57,11 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
         values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
     kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
     return SamplingParams(
-        **values, stop_token_ids=list(msg.stop_token_ids), structured_kind=kind, structured_spec=spec
+        **values,
+        stop_token_ids=list(msg.stop_token_ids),
+        structured_kind=kind,
+        structured_spec=spec,
+        logit_bias=dict(msg.logit_bias),
     )
 
 

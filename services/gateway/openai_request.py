@@ -24,7 +24,7 @@ from dataclasses import dataclass, replace
 
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.params import MAX_LOGPROBS, SamplingParams
+from pagedserve.common.params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from pagedserve.gateway.body_fields import (
     INT64_MAX,
     INT64_MIN,
@@ -153,7 +153,36 @@ def _sampling(
         use_beam_search=beam,
         length_penalty=read_float(body, "length_penalty", 1.0),
         early_stopping=_early_stopping(body),
+        logit_bias=_logit_bias(body),
     )
+
+
+def _logit_bias(body: dict) -> dict[int, float]:
+    """OpenAI's `{"token id": bias}` (ids as JSON object keys, so strings); ranges are checked by
+    `SamplingParams.validate`, the count here first, before anything is built for it."""
+    value = get_field(body, "logit_bias")
+    if value is MISSING:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument('logit_bias must be an object of {"token id": bias}', field="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise InvalidArgument(
+            f"logit_bias has {len(value)} tokens, more than the limit of {MAX_LOGIT_BIAS}", field="logit_bias"
+        )
+    bias = {}
+    for key, number in value.items():
+        if not (key.isascii() and key.lstrip("-").isdigit() and len(key) <= 12):
+            raise InvalidArgument(f"logit_bias keys must be token ids, got {show(key)}", field="logit_bias")
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise InvalidArgument(
+                f"logit_bias[{key}] must be a number, got {show(number)}", field="logit_bias"
+            )
+        if not -100 <= number <= 100:  # NaN fails too; a huge int never becomes a float
+            raise InvalidArgument(
+                f"logit_bias[{key}] must be in [-100, 100], got {show(number)}", field="logit_bias"
+            )
+        bias[int(key)] = float(number)
+    return bias
 
 
 def _top_count(body: dict, name: str) -> int | None:
@@ -191,7 +220,6 @@ def _common_checks(body: dict) -> None:
         if not isinstance(model, str):
             raise InvalidArgument("model must be a string", field="model")
         check_text(model, "model", "model")
-    reject(body, "logit_bias", lambda v: not v, "logit_bias")
     reject(body, "include_stop_str_in_output", lambda v: v is False, "stop strings are never returned")
 
 

@@ -98,7 +98,7 @@ def test_completion_prompt_in_a_one_element_list() -> None:
         ({"prompt": "x", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs"),
         ({"prompt": "x", "echo": 1}, "echo"),
         ({"prompt": "x", "best_of": 3}, "best_of"),
-        ({"prompt": "x", "logit_bias": {"1": 5}}, "logit_bias"),
+        ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
         ({"prompt": "x", "stop_token_ids": ["a"]}, "stop_token_ids"),
         ({"prompt": "x", "model": 3}, "model"),
