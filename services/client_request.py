@@ -121,6 +121,8 @@ def build_request(
     add_generation_prompt: bool = True,
     priority: int = 0,
     detokenize: bool | None = None,
+    include_stop_str_in_output: bool = False,
+    truncate_prompt_tokens: int | None = None,
     structured_outputs: dict[str, Any] | None = None,
     response_format: dict[str, Any] | None = None,
     **sampling: Any,
@@ -160,6 +162,9 @@ def build_request(
         msg.skip_special_tokens = skip_special_tokens
     if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
         msg.detokenize = detokenize
+    msg.include_stop_str_in_output = include_stop_str_in_output
+    if truncate_prompt_tokens is not None:
+        msg.truncate_prompt_tokens = _int("truncate_prompt_tokens", truncate_prompt_tokens, INT32)
     return msg
 
 

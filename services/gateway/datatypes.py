@@ -67,6 +67,8 @@ class GenerationRequest:
     # Resolve token strings for logprobs (the HTTP API shows tokens as text, gRPC as ids).
     logprob_token_strings: bool = False
     detokenize: bool = True  # False: token ids only, no text (gRPC); stop strings are refused
+    include_stop_str_in_output: bool = False  # a matched stop string ends the text (vLLM's extra)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's extra)
 
 
 @dataclass(slots=True)

@@ -244,8 +244,9 @@ class Engine:
         info = await self.tokenizer_info()
         max_len = await self.max_model_len()
 
+        keep = _kept_prompt_tokens(request.truncate_prompt_tokens, max_len)
         if prompt.kind is PromptKind.TOKEN_IDS:
-            prompt_ids = list(prompt.token_ids)
+            prompt_ids = list(prompt.token_ids)[-keep:] if keep else list(prompt.token_ids)
             if len(prompt_ids) >= max_len:  # before looking at each id
                 _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
             _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
@@ -253,6 +254,8 @@ class Engine:
             prompt_ids = await self.encode(prompt)
             if not prompt_ids:
                 raise InvalidArgument(f"{field} encodes to no tokens", field=field)
+            if keep:
+                prompt_ids = prompt_ids[-keep:]
 
         if request.max_tokens_to_fill:
             sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
@@ -362,6 +365,21 @@ class Engine:
         """Wait for pending aborts (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
+
+
+def _kept_prompt_tokens(truncate: int | None, max_len: int) -> int:
+    """How many of the prompt's last tokens to keep (0: all): vLLM's truncate_prompt_tokens, -1
+    meaning max_model_len."""
+    if truncate is None:
+        return 0
+    if truncate == -1:
+        return max_len
+    if not 1 <= truncate <= max_len:
+        raise InvalidArgument(
+            f"truncate_prompt_tokens must be -1 or in [1, max_model_len={max_len}], got {truncate}",
+            field="truncate_prompt_tokens",
+        )
+    return truncate
 
 
 def _check_vocabulary(token_ids: list[int], vocab_size: int, field: str) -> None:

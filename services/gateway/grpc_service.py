@@ -96,6 +96,8 @@ def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
         skip_special_tokens=msg.skip_special_tokens if msg.HasField("skip_special_tokens") else True,
         priority=msg.priority,
         detokenize=msg.detokenize if msg.HasField("detokenize") else True,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
+        truncate_prompt_tokens=msg.truncate_prompt_tokens if msg.HasField("truncate_prompt_tokens") else None,
     )
 
 

@@ -4,8 +4,9 @@ Parsing is strict about types and ranges (a bad field is a 400 naming it, in Ope
 shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besides OpenAI's
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
-return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first) and
-prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
+return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first),
+include_stop_str_in_output, truncate_prompt_tokens (the prompt's last k tokens; -1: max_model_len)
+and prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
 prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`. Beam search as
 vLLM's `use_beam_search` (n is the beam width; temperature defaults to 0 with it) with
 transformers' `length_penalty` and `early_stopping` (true, false or "never"). Beam search
@@ -220,7 +221,6 @@ def _common_checks(body: dict) -> None:
         if not isinstance(model, str):
             raise InvalidArgument("model must be a string", field="model")
         check_text(model, "model", "model")
-    reject(body, "include_stop_str_in_output", lambda v: v is False, "stop strings are never returned")
 
 
 # ---- bodies ----
@@ -376,4 +376,6 @@ def _request_fields(body: dict, limits: RequestLimits) -> dict:
         "stop": _stop(body, limits),
         "skip_special_tokens": read_bool(body, "skip_special_tokens", True),
         "priority": read_int(body, "priority", 0),
+        "include_stop_str_in_output": read_bool(body, "include_stop_str_in_output", False),
+        "truncate_prompt_tokens": read_int(body, "truncate_prompt_tokens", None),
     }

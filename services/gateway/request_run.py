@@ -75,7 +75,11 @@ class RequestRun:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.choices = [
-            _Choice(index=i, key=f"{request_id}/{i}", matcher=StopMatcher(request.stop))
+            _Choice(
+                index=i,
+                key=f"{request_id}/{i}",
+                matcher=StopMatcher(request.stop, request.include_stop_str_in_output),
+            )
             for i in range(sampling.n)
         ]
         self.cached_prompt_tokens = 0

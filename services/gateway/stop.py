@@ -3,7 +3,7 @@
 Text arrives in pieces (one detokenized step at a time), so a stop string can start in one
 piece and end in another. `StopMatcher` holds back the shortest tail that could still grow
 into a stop string and releases it once it cannot; the text it returns never contains a
-stop string and always ends before the first one matched.
+stop string and always ends before the first one matched (or, with `include`, right after it).
 
 Invariant: the released text never ends with a proper prefix of any stop string while more
 text may come, so a match always starts inside `held + piece` and only that is searched.
@@ -16,20 +16,21 @@ from typing import NamedTuple
 
 class StopResult(NamedTuple):
     text: str  # safe to show now
-    stopped: bool  # a stop string matched; `text` ends right before it and nothing more follows
+    stopped: bool  # a stop string matched; `text` ends right before it (or after, with include)
 
 
 class StopMatcher:
     """Per-choice stop-string state. With no stop strings, text passes straight through."""
 
-    __slots__ = ("stops", "held", "stopped")
+    __slots__ = ("stops", "held", "stopped", "include")
 
-    def __init__(self, stops: list[str]) -> None:
+    def __init__(self, stops: list[str], include: bool = False) -> None:
         if any(s == "" for s in stops):
             raise ValueError("stop strings must not be empty")
         self.stops = list(dict.fromkeys(stops))
         self.held = ""
         self.stopped = False
+        self.include = include  # the matched stop string ends the text (vLLM's include_stop_str_in_output)
 
     def feed(self, piece: str) -> StopResult:
         """Add newly detokenized text; return what can be shown now."""
@@ -38,11 +39,12 @@ class StopMatcher:
         if not self.stops:
             return StopResult(piece, False)
         text = self.held + piece
-        first = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if first >= 0:
+        found = [(i, stop) for stop in self.stops if (i := text.find(stop)) >= 0]
+        if found:
+            first, stop = min(found, key=lambda f: f[0])  # the earliest; on a tie, the first listed
             self.held = ""
             self.stopped = True
-            return StopResult(text[:first], True)
+            return StopResult(text[: first + len(stop) if self.include else first], True)
         keep = self._partial_tail(text)
         self.held = text[len(text) - keep :] if keep else ""
         return StopResult(text[: len(text) - keep], False)

@@ -1,6 +1,6 @@
 """OpenAI's `logit_bias` over HTTP (both endpoints) and gRPC: parsed, checked (400 naming the
 field), and handed to the scheduler as token id -> bias. The sampler's side is in
-tests/executor/test_logit_bias.py, the whole path in tests/e2e/test_generation.py."""
+tests/executor/test_sampler_logit_bias.py, the whole path in tests/e2e/test_request_extras.py."""
 
 from __future__ import annotations
 

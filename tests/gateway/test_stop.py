@@ -77,3 +77,22 @@ def test_any_split_gives_the_text_before_the_first_match(text: str, stop: str, c
     first = text.find(stop)
     assert stopped == (first >= 0)
     assert "".join(shown) == (text[:first] if first >= 0 else text)
+
+
+def test_include_ends_the_text_with_the_matched_stop_string() -> None:
+    def run_including(stops: list[str], pieces: list[str]) -> str:
+        matcher = StopMatcher(stops, include=True)
+        shown = []
+        for piece in pieces:
+            result = matcher.feed(piece)
+            shown.append(result.text)
+            if result.stopped:
+                return "".join(shown)
+        raise AssertionError("no stop string matched")
+
+    assert run_including(["STOP"], ["abc S", "T", "OP more"]) == "abc STOP"
+    assert run_including(["\n\n"], ["def f():\n\nx"]) == "def f():\n\n"
+    # the earliest match wins; at one position, the first listed
+    assert run_including(["cd", "b"], ["abcd"]) == "ab"
+    assert run_including(["ab", "abc"], ["xabc"]) == "xab"
+    assert run_including(["abc", "ab"], ["xabc"]) == "xabc"

@@ -1,5 +1,6 @@
-"""logit_bias through the whole stack (HTTP and the gRPC SDK): +100 all but forces a token,
--100 bans one, greedy and seeded; the pool checks out after each test (conftest)."""
+"""Request extras through the whole stack: logit_bias over HTTP and the gRPC SDK (+100 all but
+forces a token, -100 bans one, greedy and seeded), include_stop_str_in_output and
+truncate_prompt_tokens; the pool checks out after each test (conftest)."""
 
 from __future__ import annotations
 
@@ -46,3 +47,23 @@ def test_plus_100_forces_a_token_and_minus_100_bans_one(stack: Stack, http: http
             PROMPT, max_tokens=4, temperature=0, ignore_eos=True, logit_bias={forced: 100}
         )
         assert result.choices[0].token_ids == [forced] * 4
+
+
+def test_include_stop_str_and_truncate_prompt_tokens(stack: Stack, http: httpx.Client) -> None:
+    body = {"prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    text = http.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    stop = text[5:7]  # a stop string the greedy text is known to contain
+    cut = http.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+    kept = http.post("/v1/completions", json={**body, "stop": [stop], "include_stop_str_in_output": True})
+    assert cut["finish_reason"] == "stop" and kept.json()["choices"][0]["text"] == cut["text"] + stop
+
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(stack.model).encode(PROMPT)
+    last = {"max_tokens": 6, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    truncated = http.post(
+        "/v1/completions", json={"prompt": PROMPT, "truncate_prompt_tokens": 3, **last}
+    ).json()
+    direct = http.post("/v1/completions", json={"prompt": ids[-3:], **last}).json()
+    assert truncated["usage"]["prompt_tokens"] == 3
+    assert truncated["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
