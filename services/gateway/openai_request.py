@@ -255,6 +255,11 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
         raise InvalidArgument("best_of is not supported (only best_of == n)", field="best_of")
     _check_beam_search(sampling, stream)
     common = _request_fields(body, limits)
+    if echo and common["truncate_prompt_tokens"] is not None:
+        raise InvalidArgument(
+            "truncate_prompt_tokens cannot be combined with echo (which prompt would it echo?)",
+            field="truncate_prompt_tokens",
+        )
     token_strings = logprobs is not None or prompt_logprobs is not None
     return ApiCall(
         # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).

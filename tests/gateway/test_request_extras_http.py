@@ -57,6 +57,10 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens() -> None:
             assert (await http.post("/v1/chat/completions", json=chat)).status_code == 200
             whole = {"prompt": "ab", "max_tokens": 2, "truncate_prompt_tokens": -1}  # -1: max_model_len
             assert (await http.post("/v1/completions", json=whole)).status_code == 200
+            echo = await http.post("/v1/completions", json={**body, "echo": True})
+            assert_error(
+                echo, 400, "truncate_prompt_tokens cannot be combined with echo", "truncate_prompt_tokens"
+            )
             for value in (0, -2, MAX_MODEL_LEN + 1):
                 reply = await http.post(
                     "/v1/completions", json={"prompt": "ab", "truncate_prompt_tokens": value}
