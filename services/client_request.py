@@ -74,8 +74,8 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             setattr(msg, name, _int(name, value, INT32))
         elif name == "seed":
             msg.seed = _int(name, value, INT64)
-        elif name == "stop_token_ids":
-            msg.stop_token_ids.extend(_int(name, t, INT32) for t in value)
+        elif name in ("stop_token_ids", "allowed_token_ids"):
+            getattr(msg, name).extend(_int(name, t, INT32) for t in value)
         elif name == "logit_bias":
             if not isinstance(value, dict):
                 raise errors.InvalidArgument("logit_bias must be a dict of {token id: bias}", field=name)

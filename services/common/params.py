@@ -47,6 +47,7 @@ class SamplingParams:
     early_stopping: bool | str = False  # beam search: True, False or "never", as transformers
     # token id -> added to its logit before sampling (OpenAI's logit_bias)
     logit_bias: dict[int, float] = field(default_factory=dict)
+    allowed_token_ids: list[int] = field(default_factory=list)  # when not empty: only these may be sampled
 
     def __post_init__(self) -> None:
         if self.logit_bias:  # ids as ints again after a JSON round trip (stored request states)
@@ -114,6 +115,13 @@ class SamplingParams:
             )
         self._validate_logit_bias(vocab_size)
         if vocab_size is not None:
+            for tid in self.allowed_token_ids:
+                if not 0 <= tid < vocab_size:
+                    raise InvalidArgument(
+                        f"allowed_token_ids: {tid} is outside the vocabulary [0, {vocab_size})",
+                        field="allowed_token_ids",
+                    )
+        if vocab_size is not None:
             for tid in self.stop_token_ids:
                 if not 0 <= tid < vocab_size:
                     raise InvalidArgument(
@@ -168,6 +176,7 @@ class SamplingParams:
             ("min_tokens", self.min_tokens != 0, "must be 0"),
             ("stop_token_ids", bool(self.stop_token_ids), "are not supported"),
             ("logit_bias", bool(self.logit_bias), "is not supported"),
+            ("allowed_token_ids", bool(self.allowed_token_ids), "are not supported"),
         )
         for name, bad, rule in unsupported:
             if bad:
@@ -201,6 +210,7 @@ class SamplingParams:
             length_penalty=msg.length_penalty if msg.HasField("length_penalty") else 1.0,
             early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
             logit_bias=dict(msg.logit_bias),
+            allowed_token_ids=list(msg.allowed_token_ids),
         )
 
     def to_proto(self):
@@ -223,6 +233,7 @@ class SamplingParams:
             use_beam_search=self.use_beam_search,
             length_penalty=self.length_penalty,
             early_stopping=early_stopping_to_proto(self.early_stopping),
+            allowed_token_ids=self.allowed_token_ids,
         )
         if self.seed is not None:
             msg.seed = self.seed

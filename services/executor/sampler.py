@@ -4,7 +4,8 @@
 vocabulary). Each row goes through, in vLLM's order:
 
 1. penalties on the raw logits (`apply_penalties`): repetition over prompt ∪ output,
-   presence and frequency over the output only; then `logit_bias` is added (`apply_logit_bias`);
+   presence and frequency over the output only; then `logit_bias` is added (`apply_logit_bias`)
+   and tokens outside a row's `allowed_token_ids` (when it has them) are set to -inf;
 2. `min_tokens`: while a sequence has fewer outputs than `min_tokens`, its EOS ids (unless
    `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`); then structured
    output: tokens a row's grammar does not allow are set to -inf, all rows at once from one
@@ -122,8 +123,8 @@ def apply_penalties(
 
 
 def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> None:
-    """Adds each row's `logit_bias` to its logits, in place (a bias on an id past the logits
-    has nothing to act on)."""
+    """Adds each row's `logit_bias` to its logits, then leaves only its `allowed_token_ids` (when
+    it has them) finite; in place (an id past the logits has nothing to act on)."""
     rows: list[int] = []
     tokens: list[int] = []
     biases: list[float] = []
@@ -138,6 +139,14 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
         device = logits.device
         index = (torch.tensor(rows, device=device), torch.tensor(tokens, device=device))
         logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
+    for i, p in enumerate(params):
+        if p.allowed_token_ids:
+            allowed = torch.tensor([t for t in p.allowed_token_ids if 0 <= t < vocab_size], dtype=torch.long)
+            if not allowed.numel():  # none exists in the logits: leave the row as it is
+                continue
+            kept = logits[i, allowed.to(logits.device)]
+            logits[i] = float("-inf")
+            logits[i, allowed.to(logits.device)] = kept
 
 
 def _min_tokens_ban(
@@ -310,7 +319,12 @@ def sample(
         mask is None
         and not ban_rows
         and all(
-            p.greedy and p.logprobs is None and not _has_penalties(p) and not p.logit_bias for p in params
+            p.greedy
+            and p.logprobs is None
+            and not _has_penalties(p)
+            and not p.logit_bias
+            and not p.allowed_token_ids
+            for p in params
         )
     ):
         return [(token, None) for token in logits.max(dim=-1).indices.tolist()]

@@ -62,6 +62,7 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
         structured_kind=kind,
         structured_spec=spec,
         logit_bias=dict(msg.logit_bias),
+        allowed_token_ids=list(msg.allowed_token_ids),
     )
 
 

@@ -5,7 +5,8 @@ shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besid
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
 return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first),
-include_stop_str_in_output, truncate_prompt_tokens (the prompt's last k tokens; -1: max_model_len)
+include_stop_str_in_output, truncate_prompt_tokens (the prompt's last k tokens; -1: max_model_len),
+allowed_token_ids
 and prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
 prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`. Beam search as
 vLLM's `use_beam_search` (n is the beam width; temperature defaults to 0 with it) with
@@ -155,6 +156,7 @@ def _sampling(
         length_penalty=read_float(body, "length_penalty", 1.0),
         early_stopping=_early_stopping(body),
         logit_bias=_logit_bias(body),
+        allowed_token_ids=read_int_list(body, "allowed_token_ids"),
     )
 
 

@@ -67,3 +67,15 @@ def test_include_stop_str_and_truncate_prompt_tokens(stack: Stack, http: httpx.C
     direct = http.post("/v1/completions", json={"prompt": ids[-3:], **last}).json()
     assert truncated["usage"]["prompt_tokens"] == 3
     assert truncated["choices"][0]["token_ids"] == direct["choices"][0]["token_ids"]
+
+
+def test_allowed_token_ids(stack: Stack, http: httpx.Client) -> None:
+    plain = _ids(http)
+    allowed = [t for t in (2024, 2025, 3000) if t not in plain]
+    assert set(_ids(http, allowed_token_ids=allowed)) <= set(allowed)
+    assert set(_ids(http, allowed_token_ids=allowed, temperature=1.0, seed=1)) <= set(allowed)
+    with Client(stack.grpc_address, timeout=60) as client:
+        result = client.generate(
+            PROMPT, max_tokens=4, temperature=0, ignore_eos=True, allowed_token_ids=allowed
+        )
+        assert set(result.choices[0].token_ids) <= set(allowed)

@@ -85,3 +85,29 @@ def test_it_survives_protobuf_and_the_stored_json():
     stored = json.loads(json.dumps(dataclasses.asdict(params)))  # as the scheduler keeps request states
     assert stored["logit_bias"] == {"3": 2.5, "17": -100.0}
     assert SamplingParams(**stored) == params
+
+
+def test_allowed_token_ids_restrict_greedy_and_sampled_rows():
+    torch.manual_seed(6)
+    vocab = 30
+    logits = torch.randn(3, vocab)
+    allowed = [4, 9, 17]
+    params = [
+        SamplingParams(temperature=0.0, allowed_token_ids=allowed),
+        SamplingParams(temperature=1.5, seed=2, allowed_token_ids=allowed, logprobs=2),
+        SamplingParams(temperature=0.0),
+    ]
+    best = max(allowed, key=lambda t: logits[0, t].item())
+    seen = set()
+    for step in range(20):
+        out = sample(logits.clone(), params, [[1]] * 3, [[0] * step] * 3, EOS)
+        assert out[0][0] == best and out[2][0] == int(logits[2].argmax())
+        seen.add(out[1][0])
+        assert all(t in allowed for t, _ in out[1][1].top)  # the others are -inf
+    assert seen <= set(allowed) and len(seen) > 1
+    with pytest.raises(
+        InvalidArgument, match=re.escape("allowed_token_ids: 30 is outside the vocabulary [0, 30)")
+    ):
+        SamplingParams(allowed_token_ids=[3, 30]).validate(30)
+    with_ids = SamplingParams(allowed_token_ids=[3, 5])
+    assert SamplingParams.from_proto(with_ids.to_proto()) == with_ids

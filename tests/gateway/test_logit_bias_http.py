@@ -78,3 +78,20 @@ def test_logit_bias_over_grpc() -> None:
         assert [s.logit_bias for _, _, s in scheduler.submitted] == [{65: 3.0, 66: -1.5}]
 
     asyncio.run(scenario())
+
+
+def test_allowed_token_ids_reach_the_scheduler_and_are_checked() -> None:
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["ok"])
+        async with serving(scheduler) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            body = {"prompt": "x", "max_tokens": 2, "allowed_token_ids": [65, 66]}
+            assert (await http.post("/v1/completions", json=body)).status_code == 200
+            reply = await http.post("/v1/completions", json={**body, "allowed_token_ids": [65, 300]})
+            assert_error(
+                reply, 400, "allowed_token_ids: 300 is outside the vocabulary [0, 300)", "allowed_token_ids"
+            )
+            reply = await http.post("/v1/completions", json={**body, "allowed_token_ids": ["a"]})
+            assert_error(reply, 400, "allowed_token_ids must be a list of integers", "allowed_token_ids")
+        assert [s.allowed_token_ids for _, _, s in scheduler.submitted] == [[65, 66]]
+
+    run(scenario)
