@@ -80,6 +80,8 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             if not isinstance(value, dict):
                 raise errors.InvalidArgument("logit_bias must be a dict of {token id: bias}", field=name)
             for token, bias in value.items():
+                if isinstance(token, str) and token.lstrip("-").isdecimal():  # OpenAI's JSON form
+                    token = int(token)
                 msg.logit_bias[_int(name, token, INT32)] = _float(name, bias)
         elif name in ("ignore_eos", "use_beam_search"):
             if not isinstance(value, bool):
@@ -162,6 +164,11 @@ def build_request(
         msg.skip_special_tokens = skip_special_tokens
     if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
         msg.detokenize = detokenize
+    if not isinstance(include_stop_str_in_output, bool):
+        raise errors.InvalidArgument(
+            f"include_stop_str_in_output must be true or false, got {include_stop_str_in_output!r}",
+            field="include_stop_str_in_output",
+        )
     msg.include_stop_str_in_output = include_stop_str_in_output
     if truncate_prompt_tokens is not None:
         msg.truncate_prompt_tokens = _int("truncate_prompt_tokens", truncate_prompt_tokens, INT32)

@@ -150,10 +150,12 @@ class GrpcServer:
         self._on_stop.append(fn)
 
     async def stop(self, grace: float = 2.0) -> None:
-        await self.set_serving(False)
-        await self.server.stop(grace)
-        while self._on_stop:
-            self._on_stop.pop()()
+        try:
+            await self.set_serving(False)
+            await self.server.stop(grace)
+        finally:
+            while self._on_stop:
+                self._on_stop.pop()()
 
 
 async def run_until_signal(stop: Callable[[], object], on_started: Callable[[], None] | None = None) -> None:

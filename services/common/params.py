@@ -13,6 +13,7 @@ from pagedserve.common.errors import InvalidArgument
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
+MAX_ALLOWED_TOKEN_IDS = 4096  # ids one request may restrict sampling to (each step builds its mask)
 LOGIT_BIAS_RANGE = 100.0  # |bias| at most this, as OpenAI
 # Beam search's `early_stopping`, as transformers takes it; the proto enum's values in order.
 EARLY_STOPPING_VALUES: tuple[bool | str, ...] = (False, False, True, "never")
@@ -114,6 +115,12 @@ class SamplingParams:
                 field=name,
             )
         self._validate_logit_bias(vocab_size)
+        if len(self.allowed_token_ids) > MAX_ALLOWED_TOKEN_IDS:
+            raise InvalidArgument(
+                f"allowed_token_ids has {len(self.allowed_token_ids)} ids, more than the limit of "
+                f"{MAX_ALLOWED_TOKEN_IDS}",
+                field="allowed_token_ids",
+            )
         if vocab_size is not None:
             for tid in self.allowed_token_ids:
                 if not 0 <= tid < vocab_size:

@@ -141,12 +141,13 @@ def apply_logit_bias(logits: torch.Tensor, params: Sequence[SamplingParams]) -> 
         logits.index_put_(index, torch.tensor(biases, dtype=logits.dtype, device=device), accumulate=True)
     for i, p in enumerate(params):
         if p.allowed_token_ids:
-            allowed = torch.tensor([t for t in p.allowed_token_ids if 0 <= t < vocab_size], dtype=torch.long)
+            allowed = torch.tensor(p.allowed_token_ids, dtype=torch.long)
+            allowed = allowed[(allowed >= 0) & (allowed < vocab_size)].to(logits.device)
             if not allowed.numel():  # none exists in the logits: leave the row as it is
                 continue
-            kept = logits[i, allowed.to(logits.device)]
+            kept = logits[i, allowed]
             logits[i] = float("-inf")
-            logits[i, allowed.to(logits.device)] = kept
+            logits[i, allowed] = kept
 
 
 def _min_tokens_ban(

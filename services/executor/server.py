@@ -143,11 +143,15 @@ def config_from_args(args: argparse.Namespace) -> ExecutorConfig:
 async def start_server(engine: ExecutorEngine, host: str, port: int) -> GrpcServer:
     """Starts serving `engine`; returns the server (its `bound_port` is the port in use)."""
     servicer = ExecutorServicer(engine)
-    await servicer.warm_up()  # before serving: a ready executor is a warm one
-    server = GrpcServer(host, port, tls=internal_tls.active())
-    server.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, SERVICE_NAME)
-    server.on_stop(servicer.close)
-    await server.start()
+    try:
+        await servicer.warm_up()  # before serving: a ready executor is a warm one
+        server = GrpcServer(host, port, tls=internal_tls.active())
+        server.add(executor_pb2_grpc.add_ExecutorServicer_to_server, servicer, SERVICE_NAME)
+        server.on_stop(servicer.close)
+        await server.start()
+    except BaseException:
+        servicer.close()
+        raise
     return server
 
 

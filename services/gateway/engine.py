@@ -48,6 +48,8 @@ from pagedserve.gateway.request_run import RequestRun
 
 log = logging.getLogger(__name__)
 
+# The most ids /detokenize takes while the scheduler has never told this gateway its max_model_len.
+DECODE_IDS_WITHOUT_LIMIT = 32_768
 _PROMPT_FIELD = {PromptKind.TEXT: "prompt", PromptKind.TOKEN_IDS: "prompt", PromptKind.CHAT: "messages"}
 
 
@@ -81,6 +83,14 @@ class Engine:
         if not self._max_model_len:
             self.note_stats(await self.scheduler.stats())
         return self._max_model_len
+
+    async def last_max_model_len(self) -> int:
+        """`max_model_len`, or while the scheduler cannot be asked, the last one it told (0 when
+        it never did): for answers that do not need the scheduler (tokenizing)."""
+        try:
+            return await self.max_model_len()
+        except PagedServeError:
+            return self._max_model_len
 
     def note_stats(self, stats) -> None:
         """Remember the scheduler's limits from any Stats answer (e.g. a /metrics scrape)."""
@@ -246,7 +256,10 @@ class Engine:
 
         keep = _kept_prompt_tokens(request.truncate_prompt_tokens, max_len)
         if prompt.kind is PromptKind.TOKEN_IDS:
-            prompt_ids = list(prompt.token_ids)[-keep:] if keep else list(prompt.token_ids)
+            prompt_ids = list(prompt.token_ids)
+            if keep:  # every id checked, those dropped too
+                _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
+                prompt_ids = prompt_ids[-keep:]
             if len(prompt_ids) >= max_len:  # before looking at each id
                 _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
             _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
@@ -267,6 +280,8 @@ class Engine:
         """Token ids of a text or chat prompt, after the checks every one gets: a chat template
         for messages, one that takes tools for tools, the tokenizer's input byte limit."""
         field = _PROMPT_FIELD[prompt.kind]
+        if prompt.kind is PromptKind.CHAT and not prompt.messages:
+            raise InvalidArgument("messages must not be empty", field="messages")
         info = await self.tokenizer_info()
         if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
             raise InvalidArgument("the served model has no chat template", field="messages")
@@ -288,7 +303,7 @@ class Engine:
     async def decode(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
         """The text of `token_ids`: at most max_model_len of them (no sequence here is longer, and
         the gateway may decode on its event loop), each in the vocabulary; errors name `field`."""
-        limit = await self.max_model_len()
+        limit = await self.last_max_model_len() or DECODE_IDS_WITHOUT_LIMIT
         if len(token_ids) > limit:
             raise InvalidArgument(
                 f"{field} has {len(token_ids)} ids, more than max_model_len ({limit})", field=field

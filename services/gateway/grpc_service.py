@@ -212,9 +212,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def Tokenize(self, request, context) -> gateway_pb2.TokenizePromptResponse:
         self._authorize(context)
         self.engine.check_model(request.model)
+        if request.WhichOneof("input") == "chat" and request.HasField("add_special_tokens"):
+            raise InvalidArgument(
+                "add_special_tokens goes with text: a chat is tokenized as its template renders it",
+                field="add_special_tokens",
+            )
         token_ids = await self.engine.encode(prompt_from_proto(request))
         return gateway_pb2.TokenizePromptResponse(
-            token_ids=token_ids, max_model_len=await self.engine.max_model_len()
+            token_ids=token_ids, max_model_len=await self.engine.last_max_model_len()
         )
 
     @grpc_errors

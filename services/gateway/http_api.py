@@ -295,7 +295,10 @@ async def _answer(
 ) -> Response:
     """A JSON body in, `handle`'s dict out as JSON (or the error it raised)."""
     try:
-        return JSONResponse(await handle(engine, await read_json(request, engine.config.limits)))
+        body = await read_json(request, engine.config.limits)
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        return JSONResponse(await handle(engine, body))
     except PagedServeError as err:
         return error_response(err)
     except ClientDisconnect:

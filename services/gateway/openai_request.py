@@ -22,6 +22,7 @@ lone surrogates), so that nothing fails later with a 500.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, replace
 
 from pagedserve.common import structured
@@ -160,6 +161,9 @@ def _sampling(
     )
 
 
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,11}")
+
+
 def _logit_bias(body: dict) -> dict[int, float]:
     """OpenAI's `{"token id": bias}` (ids as JSON object keys, so strings); ranges are checked by
     `SamplingParams.validate`, the count here first, before anything is built for it."""
@@ -174,7 +178,7 @@ def _logit_bias(body: dict) -> dict[int, float]:
         )
     bias = {}
     for key, number in value.items():
-        if not (key.isascii() and key.lstrip("-").isdigit() and len(key) <= 12):
+        if not _TOKEN_ID_KEY.fullmatch(key):
             raise InvalidArgument(f"logit_bias keys must be token ids, got {show(key)}", field="logit_bias")
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise InvalidArgument(

@@ -65,7 +65,7 @@ async def tokenize(engine: Engine, body: dict) -> dict:
     token_ids = await engine.encode(prompt)
     return {
         "count": len(token_ids),
-        "max_model_len": await engine.max_model_len(),
+        "max_model_len": await engine.last_max_model_len(),  # 0: not known yet
         "tokens": token_ids,
         "token_strs": None,
     }

@@ -109,5 +109,7 @@ def test_allowed_token_ids_restrict_greedy_and_sampled_rows():
         InvalidArgument, match=re.escape("allowed_token_ids: 30 is outside the vocabulary [0, 30)")
     ):
         SamplingParams(allowed_token_ids=[3, 30]).validate(30)
+    with pytest.raises(InvalidArgument, match="allowed_token_ids has 4097 ids, more than the limit of 4096"):
+        SamplingParams(allowed_token_ids=[1] * 4097).validate(30)
     with_ids = SamplingParams(allowed_token_ids=[3, 5])
     assert SamplingParams.from_proto(with_ids.to_proto()) == with_ids

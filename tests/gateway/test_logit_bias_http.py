@@ -40,6 +40,8 @@ def test_bad_logit_bias_is_400_naming_the_field() -> None:
                 ([1, 2], 'logit_bias must be an object of {"token id": bias}'),
                 ({"a": 1}, "logit_bias keys must be token ids, got 'a'"),
                 ({"1.5": 1}, "logit_bias keys must be token ids, got '1.5'"),
+                ({"--5": 1}, "logit_bias keys must be token ids, got '--5'"),
+                ({"1" * 12: 1}, "logit_bias keys must be token ids, got '111111111111'"),
                 ({"5": "high"}, "logit_bias[5] must be a number, got 'high'"),
                 ({"5": True}, "logit_bias[5] must be a number, got True"),
                 ({"5": 101}, "logit_bias[5] must be in [-100, 100], got 101"),
@@ -68,7 +70,9 @@ def test_logit_bias_over_grpc() -> None:
     async def scenario() -> None:
         scheduler = FakeScheduler(["ok"])
         async with grpc_gateway(scheduler) as address, AsyncClient(address, timeout=10) as client:
-            await client.generate("x", max_tokens=2, logit_bias={65: 3, 66: -1.5})
+            await client.generate(
+                "x", max_tokens=2, logit_bias={65: 3, "66": -1.5}
+            )  # OpenAI's string keys too
             try:
                 await client.generate("x", logit_bias={400: 1.0})
             except InvalidArgument as err:

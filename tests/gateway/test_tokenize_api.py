@@ -4,11 +4,17 @@ in tests/e2e/test_endpoints.py). Nothing reaches the scheduler on either route."
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
+import pytest
 from http_harness import JSON, MODEL, assert_error, run, serving
 from test_gateway_engine import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer
+from test_grpc_presence import grpc_gateway
 
 from pagedserve import __version__
+from pagedserve.client import AsyncClient
+from pagedserve.common.errors import InvalidArgument, Unavailable
 from pagedserve.gateway.datatypes import PromptKind
 
 
@@ -128,3 +134,44 @@ def test_version_and_the_api_key() -> None:
                 assert (await http.post(path, json=body, headers=good)).status_code == 200
 
     run(scenario)
+
+
+def test_non_object_bodies_and_an_empty_chat_are_400() -> None:
+    async def scenario() -> None:
+        async with serving(FakeScheduler(["ok"])) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            for path in ("/tokenize", "/detokenize"):
+                for body in ([1, 2], "x", 3):
+                    reply = await http.post(path, json=body)
+                    assert_error(reply, 400, "the request body must be a JSON object")
+            reply = await http.post("/tokenize", json={"messages": []})
+            assert_error(reply, 400, "messages must not be empty", "messages")
+
+    run(scenario)
+
+
+def test_tokenizing_needs_no_scheduler() -> None:
+    class DownScheduler(FakeScheduler):
+        async def stats(self, timeout=None):
+            raise Unavailable("scheduler at test is unavailable")
+
+    async def scenario() -> None:
+        async with serving(DownScheduler(["ok"])) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            reply = await http.post("/tokenize", json={"prompt": "hi"})
+            assert reply.status_code == 200 and reply.json()["max_model_len"] == 0  # not known yet
+            reply = await http.post("/detokenize", json={"tokens": [ord("o"), ord("k")]})
+            assert reply.json() == {"prompt": "ok"}
+
+    run(scenario)
+
+
+def test_grpc_tokenize_refuses_add_special_tokens_with_a_chat() -> None:
+    async def scenario() -> None:
+        async with grpc_gateway(FakeScheduler(["ok"])) as address, AsyncClient(address, timeout=10) as client:
+            chat = [{"role": "user", "content": "hi"}]
+            assert (await client.tokenize(messages=chat)).token_ids == [BOS, ord("h"), ord("i")]
+            with pytest.raises(InvalidArgument, match="add_special_tokens goes with text"):
+                await client.tokenize(messages=chat, add_special_tokens=True)
+            with pytest.raises(InvalidArgument, match="messages must not be empty"):
+                await client.tokenize(messages=[])
+
+    asyncio.run(scenario())
