@@ -238,12 +238,16 @@ class RequestRun:
                 deltas.append(delta)
             return deltas
         items = []
+        # The token that stopped a choice (EOS or a stop token id) is in its token ids but not its
+        # text, unless the request asked for it (vLLM's include_stop_str_in_output).
+        drop_stop = not self.request.include_stop_str_in_output
         for choice, ct in live:
             finishing = ct.finish_reason is not FinishReason.NONE
+            stop_token = drop_stop and ct.finish_reason is FinishReason.STOP and bool(ct.token_ids)
             items.append(
                 DetokenizeItem(
                     key=choice.key,
-                    token_ids=self._in_vocab(ct.token_ids),
+                    token_ids=self._in_vocab(ct.token_ids[:-1] if stop_token else ct.token_ids),
                     prompt_token_ids=[] if choice.started else self.prompt_ids[-_DETOKENIZE_CONTEXT:],
                     finish=finishing,
                     skip_special_tokens=self.request.skip_special_tokens,

@@ -79,3 +79,17 @@ def test_allowed_token_ids(stack: Stack, http: httpx.Client) -> None:
             PROMPT, max_tokens=4, temperature=0, ignore_eos=True, allowed_token_ids=allowed
         )
         assert set(result.choices[0].token_ids) <= set(allowed)
+
+
+def test_a_stop_token_is_in_the_ids_but_not_the_text_unless_asked(stack: Stack, http: httpx.Client) -> None:
+    def completion(**extra) -> dict:
+        body = {"prompt": PROMPT, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **extra}
+        return http.post("/v1/completions", json=body).json()["choices"][0]
+
+    ids = completion(max_tokens=6)["token_ids"]
+    k = next(i for i, t in enumerate(ids) if i >= 2 and t not in ids[:i])  # its first occurrence
+    stopped = completion(max_tokens=6, stop_token_ids=[ids[k]])
+    assert stopped["finish_reason"] == "stop" and stopped["token_ids"] == ids[: k + 1]
+    assert stopped["text"] == completion(max_tokens=k)["text"]
+    kept = completion(max_tokens=6, stop_token_ids=[ids[k]], include_stop_str_in_output=True)
+    assert kept["text"] == completion(max_tokens=k + 1)["text"]
