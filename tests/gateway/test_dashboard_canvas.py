@@ -11,7 +11,7 @@ import threading
 from collections.abc import Iterator
 
 import redis
-from http_harness import serving
+from gateway_harness import serving
 from test_kv_map import start_request
 
 from pagedserve.common.pool_registry import pool_key, register

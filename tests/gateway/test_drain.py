@@ -9,8 +9,8 @@ import json
 import time
 
 import httpx
-from http_harness import assert_error, serving
-from test_gateway_engine import FakeScheduler
+from gateway_fakes import FakeScheduler
+from gateway_harness import assert_error, serving
 
 from pagedserve.common.grpc_utils import GrpcServer
 from pagedserve.common.redis_harness import free_port

@@ -4,38 +4,16 @@ API key, through a real grpc.aio server in process with the engine's downstream 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 import pytest
-from test_gateway_engine import FakeScheduler, FakeTokenizer
+from gateway_fakes import FakeScheduler
+from gateway_harness import MODEL, grpc_gateway
 
 from pagedserve.client import AsyncClient, Unauthenticated, build_request
 from pagedserve.common import errors
-from pagedserve.common.grpc_utils import GrpcServer
-from pagedserve.common.redis_harness import free_port
-from pagedserve.gateway.config import GatewayConfig, RequestLimits
-from pagedserve.gateway.engine import Engine
-from pagedserve.gateway.grpc_service import GatewayServicer, request_from_proto
-from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
-
-MODEL = "/models/tiny-py"
-
-
-@contextlib.asynccontextmanager
-async def grpc_gateway(scheduler: FakeScheduler, **config) -> AsyncIterator[str]:
-    """The Gateway servicer on a real gRPC server; yields its address."""
-    port = free_port()
-    engine = Engine(GatewayConfig(model=MODEL, **config), FakeTokenizer(), scheduler)
-    server = GrpcServer("127.0.0.1", port)
-    server.add(
-        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(engine), "pagedserve.v1.Gateway"
-    )
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=0.5)
+from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.grpc_service import request_from_proto
+from pagedserve.v1 import common_pb2, gateway_pb2
 
 
 def test_unset_fields_take_defaults_and_zero_stays_zero() -> None:
@@ -200,7 +178,7 @@ def test_sdk_sends_only_the_fields_given() -> None:
 
 
 def test_engine_limits_apply_to_grpc_requests_too() -> None:
-    from test_gateway_engine import collect, make_engine, text_request
+    from gateway_fakes import collect, make_engine, text_request
 
     engine, _ = make_engine(FakeScheduler(["ok"]), limits=RequestLimits(max_n=2))
     with pytest.raises(errors.InvalidArgument, match=r"n must be <= 2 \(the gateway's --max-n\), got 3"):

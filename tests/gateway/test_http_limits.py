@@ -1,8 +1,8 @@
 """The HTTP API's request limits, names and auth, through the gateway's real uvicorn server on a
-socket (`http_harness`; the transport's limits are in test_http_transport.py).
+socket (`gateway_harness`; the transport's limits are in test_http_transport.py).
 
 The engine runs against the in-process tokenizer and scheduler stand-ins of
-`test_gateway_engine` (the same paths run against the real services in
+`gateway_fakes` (the same paths run against the real services in
 tests/e2e/test_gateway_limits.py). Every case asserts the status and the message, and that
 nothing reached the scheduler when the request was refused.
 """
@@ -15,8 +15,8 @@ import time
 
 import httpx
 import pytest
-from http_harness import JSON, MODEL, assert_error, run, serving
-from test_gateway_engine import FakeScheduler, FakeTokenizer
+from gateway_fakes import FakeScheduler, FakeTokenizer
+from gateway_harness import JSON, MODEL, assert_error, run, serving
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.gateway.config import RequestLimits

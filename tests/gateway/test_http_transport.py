@@ -1,6 +1,6 @@
 """The HTTP API's transport limits: content type, body size (declared or chunked), slow bodies
 and headers, JSON nesting, unknown routes and unexpected errors, each a JSON error in OpenAI's
-shape, through the gateway's real uvicorn server on a socket (`http_harness`)."""
+shape, through the gateway's real uvicorn server on a socket (`gateway_harness`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import time
 
 import httpx
 import pytest
-from http_harness import JSON, assert_error, raw_exchange, run, serving
-from test_gateway_engine import FakeScheduler, FakeTokenizer
+from gateway_fakes import FakeScheduler, FakeTokenizer
+from gateway_harness import JSON, assert_error, raw_exchange, run, serving
 
 from pagedserve.gateway.config import RequestLimits
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import redis
 import redis.asyncio
-from http_harness import assert_error, run, serving
-from test_gateway_engine import FakeScheduler
+from gateway_fakes import FakeScheduler
+from gateway_harness import assert_error, run, serving
 
 from pagedserve.common.pool_registry import pool_key, register
 from pagedserve.common.redis_harness import free_port

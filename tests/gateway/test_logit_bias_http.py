@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from http_harness import JSON, assert_error, run, serving
-from test_gateway_engine import FakeScheduler
-from test_grpc_presence import grpc_gateway
+from gateway_fakes import FakeScheduler
+from gateway_harness import JSON, assert_error, grpc_gateway, run, serving
 
 from pagedserve.client import AsyncClient
 from pagedserve.common.errors import InvalidArgument

@@ -1,5 +1,5 @@
 """vLLM's request extras include_stop_str_in_output and truncate_prompt_tokens over HTTP and gRPC,
-against the stand-ins of `test_gateway_engine` (ids are code points after BOS = 1)."""
+against the stand-ins of `gateway_fakes` (ids are code points after BOS = 1)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ import asyncio
 import json
 
 import httpx
-from http_harness import assert_error, run, serving
-from test_gateway_engine import BOS, MAX_MODEL_LEN, FakeScheduler
-from test_grpc_presence import grpc_gateway
+from gateway_fakes import BOS, MAX_MODEL_LEN, FakeScheduler
+from gateway_harness import assert_error, grpc_gateway, run, serving
 
 from pagedserve.client import AsyncClient
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_gateway_engine import FakeScheduler, FakeTokenizer
+from gateway_fakes import FakeScheduler, FakeTokenizer
 
 from pagedserve.client import AsyncClient
 from pagedserve.common import errors

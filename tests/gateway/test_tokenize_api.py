@@ -1,5 +1,5 @@
 """POST /tokenize and /detokenize, GET /version, through the gateway's real HTTP server against the
-stand-ins of `test_gateway_engine` (ids are code points, BOS is 1; the real tokenizer's round trip is
+stand-ins of `gateway_fakes` (ids are code points, BOS is 1; the real tokenizer's round trip is
 in tests/e2e/test_endpoints.py). Nothing reaches the scheduler on either route."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ import asyncio
 
 import httpx
 import pytest
-from http_harness import JSON, MODEL, assert_error, run, serving
-from test_gateway_engine import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer
-from test_grpc_presence import grpc_gateway
+from gateway_fakes import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer
+from gateway_harness import JSON, MODEL, assert_error, grpc_gateway, run, serving
 
 from pagedserve import __version__
 from pagedserve.client import AsyncClient

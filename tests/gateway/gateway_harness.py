@@ -1,5 +1,6 @@
-"""The gateway's real uvicorn HTTP server on a socket, for the HTTP tests: `serving` runs it
-against the in-process tokenizer and scheduler stand-ins of `test_gateway_engine`."""
+"""The gateway's real servers for the tests, against the in-process stand-ins of `gateway_fakes`:
+`serving` runs its uvicorn HTTP server on a socket, `grpc_gateway` its gRPC servicer on a real
+grpc.aio server."""
 
 from __future__ import annotations
 
@@ -8,13 +9,16 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import httpx
-from test_gateway_engine import FakeScheduler, FakeTokenizer
+from gateway_fakes import FakeScheduler, FakeTokenizer
 
+from pagedserve.common.grpc_utils import GrpcServer
 from pagedserve.common.redis_harness import free_port
 from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.engine import Engine
+from pagedserve.gateway.grpc_service import GatewayServicer
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.server import http_server
+from pagedserve.v1 import gateway_pb2_grpc
 
 MODEL = "/models/tiny-py"
 JSON = {"content-type": "application/json"}
@@ -68,3 +72,19 @@ async def raw_exchange(url: str, request: bytes, wait: float = 5.0) -> bytes:
                 data += chunk
     writer.close()
     return data
+
+
+@contextlib.asynccontextmanager
+async def grpc_gateway(scheduler: FakeScheduler, **config) -> AsyncIterator[str]:
+    """The Gateway servicer on a real gRPC server; yields its address."""
+    port = free_port()
+    engine = Engine(GatewayConfig(model=MODEL, **config), FakeTokenizer(), scheduler)
+    server = GrpcServer("127.0.0.1", port)
+    server.add(
+        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(engine), "pagedserve.v1.Gateway"
+    )
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=0.5)
