@@ -25,6 +25,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import ExecutorClient, ExecutorInfo, StepOutput
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerLimits
+from pagedserve.scheduler.executor_watch import ExecutorWatchMixin, wait_for_info
 from pagedserve.scheduler.lease import Lease
 from pagedserve.scheduler.output import RequestStream
 from pagedserve.scheduler.recovery import ChoiceProgress
@@ -34,26 +35,8 @@ from pagedserve.scheduler.swap import DEFAULT_SWAP_MIN_TOKENS
 
 log = logging.getLogger(__name__)
 
-MAX_RETRY_DELAY = 2.0
 
-
-async def wait_for_info(
-    executor: ExecutorClient, *, delay: float = 0.2, timeout: float | None = None
-) -> ExecutorInfo:
-    """The executor's Info, retried (with backoff) while it is unreachable."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    while True:
-        try:
-            return await executor.info()
-        except Unavailable as err:
-            if deadline is not None and time.monotonic() > deadline:
-                raise
-            log.info("waiting for the executor: %s", err.message)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, MAX_RETRY_DELAY)
-
-
-class SchedulerEngine:
+class SchedulerEngine(ExecutorWatchMixin):
     """Owns the `Scheduler`, the executor client, the replicator and the loop task."""
 
     def __init__(
@@ -356,61 +339,6 @@ class SchedulerEngine:
             await self._recover()
             return None
         return output
-
-    # --- executor trouble ------------------------------------------------------------------
-
-    def _executor_lost(self) -> None:
-        if self.executor_down_since is None:
-            self.executor_down_since = time.monotonic()
-            self._notify(False)
-        self.scheduler.forget_executor_state()
-
-    async def _probe_executor(self) -> None:
-        """While the executor is down: retry its Info; past the stall timeout, fail every
-        in-flight request (UNAVAILABLE) rather than leave its stream silent."""
-        try:
-            info = await self.executor.info()
-        except Unavailable as err:
-            down = time.monotonic() - (self.executor_down_since or time.monotonic())
-            if down > self.stall_timeout and self.scheduler.requests:
-                log.error(
-                    "executor unreachable for %.0f s: failing %d request(s)",
-                    down,
-                    len(self.scheduler.requests),
-                )
-                self.scheduler.fail_all(
-                    Unavailable(f"the executor is unreachable ({err.message}) for {down:.0f} s")
-                )
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=0.5)
-            return
-        log.info("executor is back (epoch %s)", info.epoch)
-        self.executor_down_since = None
-        self._apply_info(info)
-        self._notify(self.serving)
-
-    async def _recover(self) -> None:
-        self._apply_info(await wait_for_info(self.executor, timeout=self.stall_timeout))
-
-    def _apply_info(self, info: ExecutorInfo) -> None:
-        if info.epoch == self.scheduler.epoch:
-            self.scheduler.forget_executor_state()
-            return
-        if (info.num_blocks, info.block_size) != (self.info.num_blocks, self.info.block_size):
-            log.error(
-                "the executor came back with a different pool (%d x %d, was %d x %d); "
-                "restart the scheduler to use it",
-                info.num_blocks,
-                info.block_size,
-                self.info.num_blocks,
-                self.info.block_size,
-            )
-        self.info = info
-        # The swap space may differ (another --swap-space): the reset below sizes it anew.
-        self.scheduler.blocks.num_cpu_blocks = info.num_cpu_blocks
-        log.warning("executor pool lost (new epoch %s): recomputing running requests", info.epoch)
-        self.scheduler.reset_pool(info.epoch)
 
     def _expire_detached(self) -> None:
         sched = self.scheduler
