@@ -48,6 +48,12 @@ def _float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise errors.InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
+    return value
+
+
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str):
         raise errors.InvalidArgument(f"{name} must be a string, got {type(value).__name__}", field=name)
@@ -84,9 +90,7 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
                     token = int(token)
                 msg.logit_bias[_int(name, token, INT32)] = _float(name, bias)
         elif name in ("ignore_eos", "use_beam_search"):
-            if not isinstance(value, bool):
-                raise errors.InvalidArgument(f"{name} must be true or false, got {value!r}", field=name)
-            setattr(msg, name, value)
+            setattr(msg, name, _bool(name, value))
         elif name == "early_stopping":
             if value not in (True, False, "never") or not isinstance(value, bool | str):
                 raise errors.InvalidArgument(
@@ -164,12 +168,7 @@ def build_request(
         msg.skip_special_tokens = skip_special_tokens
     if detokenize is not None:  # False: token ids only, the gateway does no detokenizing
         msg.detokenize = detokenize
-    if not isinstance(include_stop_str_in_output, bool):
-        raise errors.InvalidArgument(
-            f"include_stop_str_in_output must be true or false, got {include_stop_str_in_output!r}",
-            field="include_stop_str_in_output",
-        )
-    msg.include_stop_str_in_output = include_stop_str_in_output
+    msg.include_stop_str_in_output = _bool("include_stop_str_in_output", include_stop_str_in_output)
     if truncate_prompt_tokens is not None:
         msg.truncate_prompt_tokens = _int("truncate_prompt_tokens", truncate_prompt_tokens, INT32)
     return msg

@@ -6,6 +6,7 @@ message (naming the field and the limit) whether it came over gRPC or HTTP.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedserve.common import structured
@@ -122,19 +123,8 @@ class SamplingParams:
                 field="allowed_token_ids",
             )
         if vocab_size is not None:
-            for tid in self.allowed_token_ids:
-                if not 0 <= tid < vocab_size:
-                    raise InvalidArgument(
-                        f"allowed_token_ids: {tid} is outside the vocabulary [0, {vocab_size})",
-                        field="allowed_token_ids",
-                    )
-        if vocab_size is not None:
-            for tid in self.stop_token_ids:
-                if not 0 <= tid < vocab_size:
-                    raise InvalidArgument(
-                        f"stop_token_ids: {tid} is outside the vocabulary [0, {vocab_size})",
-                        field="stop_token_ids",
-                    )
+            _check_in_vocabulary("allowed_token_ids", self.allowed_token_ids, vocab_size)
+            _check_in_vocabulary("stop_token_ids", self.stop_token_ids, vocab_size)
         if self.top_k > 0 and vocab_size is not None and self.top_k > vocab_size:
             raise InvalidArgument(
                 f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
@@ -151,11 +141,8 @@ class SamplingParams:
                 raise InvalidArgument(
                     f"logit_bias[{tid}] must be in [-100, 100], got {bias}", field="logit_bias"
                 )
-            if vocab_size is not None and not 0 <= tid < vocab_size:
-                raise InvalidArgument(
-                    f"logit_bias: token id {tid} is outside the vocabulary [0, {vocab_size})",
-                    field="logit_bias",
-                )
+            if vocab_size is not None:  # each entry whole before the next, as given
+                _check_in_vocabulary("logit_bias", (tid,), vocab_size, "token id ")
 
     @property
     def constrained(self) -> bool:
@@ -253,6 +240,15 @@ class SamplingParams:
         if self.logit_bias:
             msg.logit_bias.update(self.logit_bias)
         return msg
+
+
+def _check_in_vocabulary(field: str, token_ids: Iterable[int], vocab_size: int, what: str = "") -> None:
+    """InvalidArgument naming `field` for the first id outside [0, vocab_size)."""
+    for tid in token_ids:
+        if not 0 <= tid < vocab_size:
+            raise InvalidArgument(
+                f"{field}: {what}{tid} is outside the vocabulary [0, {vocab_size})", field=field
+            )
 
 
 def early_stopping_to_proto(value: bool | str) -> int:
