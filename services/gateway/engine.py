@@ -44,6 +44,7 @@ from pagedserve.gateway.datatypes import (
     TokenizerInfo,
     Usage,
 )
+from pagedserve.gateway.prompt_checks import check_fits, check_vocabulary, kept_prompt_tokens
 from pagedserve.gateway.request_run import RequestRun
 
 log = logging.getLogger(__name__)
@@ -254,15 +255,16 @@ class Engine:
         info = await self.tokenizer_info()
         max_len = await self.max_model_len()
 
-        keep = _kept_prompt_tokens(request.truncate_prompt_tokens, max_len)
+        keep = kept_prompt_tokens(request.truncate_prompt_tokens, max_len)
         if prompt.kind is PromptKind.TOKEN_IDS:
             prompt_ids = list(prompt.token_ids)
             if keep:  # every id checked, those dropped too
-                _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
+                check_vocabulary(prompt_ids, info.vocab_size, "prompt")
                 prompt_ids = prompt_ids[-keep:]
             if len(prompt_ids) >= max_len:  # before looking at each id
-                _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
-            _check_vocabulary(prompt_ids, info.vocab_size, "prompt")
+                check_fits(len(prompt_ids), sampling.max_tokens, max_len)
+            if not keep:  # a truncated prompt had every id checked above
+                check_vocabulary(prompt_ids, info.vocab_size, "prompt")
         else:
             prompt_ids = await self.encode(prompt)
             if not prompt_ids:
@@ -273,7 +275,7 @@ class Engine:
         if request.max_tokens_to_fill:
             sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
         sampling.validate(info.vocab_size)
-        _check_fits(len(prompt_ids), sampling.max_tokens, max_len)
+        check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling
 
     async def encode(self, prompt: Prompt) -> list[int]:
@@ -308,7 +310,10 @@ class Engine:
             raise InvalidArgument(
                 f"{field} has {len(token_ids)} ids, more than max_model_len ({limit})", field=field
             )
-        _check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
+        check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
+        return await self._decode(token_ids, skip_special_tokens)
+
+    async def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if not token_ids:
             return ""
         detokenizer = self.tokenizer.detokenizer
@@ -337,7 +342,7 @@ class Engine:
         if request.prompt.kind is PromptKind.TEXT:
             return request.prompt.text
         token_ids = list(request.prompt.token_ids)
-        return await self.decode(token_ids, skip_special_tokens=request.skip_special_tokens, field="prompt")
+        return await self._decode(token_ids, request.skip_special_tokens)  # checked by `prepare`
 
     def start_drain(self) -> None:
         """Shutting down: refuse new requests (Unavailable); those in flight run on."""
@@ -380,38 +385,6 @@ class Engine:
         """Wait for pending aborts (shutdown)."""
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.config.connect_timeout)
-
-
-def _kept_prompt_tokens(truncate: int | None, max_len: int) -> int:
-    """How many of the prompt's last tokens to keep (0: all): vLLM's truncate_prompt_tokens, -1
-    meaning max_model_len."""
-    if truncate is None:
-        return 0
-    if truncate == -1:
-        return max_len
-    if not 1 <= truncate <= max_len:
-        raise InvalidArgument(
-            f"truncate_prompt_tokens must be -1 or in [1, max_model_len={max_len}], got {truncate}",
-            field="truncate_prompt_tokens",
-        )
-    return truncate
-
-
-def _check_vocabulary(token_ids: list[int], vocab_size: int, field: str) -> None:
-    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
-        bad = next(t for t in token_ids if not 0 <= t < vocab_size)
-        raise InvalidArgument(
-            f"{field} token id {bad} is outside the vocabulary [0, {vocab_size})", field=field
-        )
-
-
-def _check_fits(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:
-    if num_prompt_tokens + max_tokens > max_len:
-        raise InvalidArgument(
-            f"prompt ({num_prompt_tokens} tokens) + max_tokens ({max_tokens}) = "
-            f"{num_prompt_tokens + max_tokens} tokens is more than max_model_len={max_len}",
-            field="max_tokens",
-        )
 
 
 async def _aclose_quietly(outputs) -> None:
