@@ -100,3 +100,20 @@ def reject(body: dict, name: str, ok, why: str) -> None:
     value = get_field(body, name)
     if value is not MISSING and not ok(value):
         raise InvalidArgument(f"{name} is not supported: {why}", field=name)
+
+
+def check_object(body) -> dict:
+    """The parsed body, which must be a JSON object."""
+    if not isinstance(body, dict):
+        raise InvalidArgument("the request body must be a JSON object")
+    return body
+
+
+def read_model(body: dict) -> str:
+    """The `model` field: a served name to be checked by the engine, "" when not given."""
+    model = get_field(body, "model")
+    if model is MISSING:
+        return ""
+    if not isinstance(model, str):
+        raise InvalidArgument("model must be a string", field="model")
+    return check_text(model, "model", "model")

@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve import __version__
 from pagedserve.common.errors import InvalidArgument, PagedServeError
+from pagedserve.gateway.body_fields import check_object
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.dashboard import add_dashboard_routes
 from pagedserve.gateway.datatypes import (
@@ -295,9 +296,7 @@ async def _answer(
 ) -> Response:
     """A JSON body in, `handle`'s dict out as JSON (or the error it raised)."""
     try:
-        body = await read_json(request, engine.config.limits)
-        if not isinstance(body, dict):
-            raise InvalidArgument("the request body must be a JSON object")
+        body = check_object(await read_json(request, engine.config.limits))
         return JSONResponse(await handle(engine, body))
     except PagedServeError as err:
         return error_response(err)

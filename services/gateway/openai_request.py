@@ -27,11 +27,12 @@ from dataclasses import dataclass, replace
 
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.params import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from pagedserve.common.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
 from pagedserve.gateway.body_fields import (
     INT64_MAX,
     INT64_MIN,
     MISSING,
+    check_object,
     check_text,
     get_field,
     is_int_list,
@@ -39,6 +40,7 @@ from pagedserve.gateway.body_fields import (
     read_float,
     read_int,
     read_int_list,
+    read_model,
     reject,
     show,
 )
@@ -184,7 +186,9 @@ def _logit_bias(body: dict) -> dict[int, float]:
             raise InvalidArgument(
                 f"logit_bias[{key}] must be a number, got {show(number)}", field="logit_bias"
             )
-        if not -100 <= number <= 100:  # NaN fails too; a huge int never becomes a float
+        if (
+            not -LOGIT_BIAS_RANGE <= number <= LOGIT_BIAS_RANGE
+        ):  # NaN fails too; a huge int is never made a float
             raise InvalidArgument(
                 f"logit_bias[{key}] must be in [-100, 100], got {show(number)}", field="logit_bias"
             )
@@ -220,13 +224,8 @@ def _stream_options(body: dict, stream: bool) -> bool:
 
 
 def _common_checks(body: dict) -> None:
-    if not isinstance(body, dict):
-        raise InvalidArgument("the request body must be a JSON object")
-    model = get_field(body, "model")
-    if model is not MISSING:
-        if not isinstance(model, str):
-            raise InvalidArgument("model must be a string", field="model")
-        check_text(model, "model", "model")
+    check_object(body)
+    read_model(body)
 
 
 # ---- bodies ----
@@ -381,9 +380,8 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
 
 def _request_fields(body: dict, limits: RequestLimits) -> dict:
     """The GenerationRequest fields besides prompt and sampling."""
-    model = get_field(body, "model")
     return {
-        "model": "" if model is MISSING else model,
+        "model": read_model(body),
         "stop": _stop(body, limits),
         "skip_special_tokens": read_bool(body, "skip_special_tokens", True),
         "priority": read_int(body, "priority", 0),

@@ -14,20 +14,19 @@ Both take an optional `model` (a served name). With `--api-key`, both need it, a
 from __future__ import annotations
 
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.gateway.body_fields import MISSING, check_text, get_field, is_int_list, read_bool, reject
+from pagedserve.gateway.body_fields import (
+    MISSING,
+    check_text,
+    get_field,
+    is_int_list,
+    read_bool,
+    read_model,
+    reject,
+)
 from pagedserve.gateway.chat_messages import read_messages
 from pagedserve.gateway.datatypes import Prompt, PromptKind
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.tool_calls import parse_tools
-
-
-def _model(engine: Engine, body: dict) -> None:
-    model = get_field(body, "model")
-    if model is MISSING:
-        return
-    if not isinstance(model, str):
-        raise InvalidArgument("model must be a string", field="model")
-    engine.check_model(model)
 
 
 def _prompt(body: dict) -> Prompt:
@@ -59,7 +58,7 @@ def _prompt(body: dict) -> Prompt:
 
 
 async def tokenize(engine: Engine, body: dict) -> dict:
-    _model(engine, body)
+    engine.check_model(read_model(body))
     reject(body, "return_token_strs", lambda v: v is False, "ask /detokenize for the text of ids")
     prompt = _prompt(body)
     token_ids = await engine.encode(prompt)
@@ -72,7 +71,7 @@ async def tokenize(engine: Engine, body: dict) -> dict:
 
 
 async def detokenize(engine: Engine, body: dict) -> dict:
-    _model(engine, body)
+    engine.check_model(read_model(body))
     tokens = get_field(body, "tokens")
     if tokens is MISSING or not is_int_list(tokens):
         raise InvalidArgument("tokens must be a list of integer token ids", field="tokens")
