@@ -117,13 +117,13 @@ def test_allowed_token_ids_restrict_greedy_and_sampled_rows():
 
 def test_the_same_request_steps_again_with_its_tensors_kept():
     # one SamplingParams object per request, every step: its ids become tensors once
-    from pagedserve.executor import sampler
+    from pagedserve.executor import logit_bias
 
     p = SamplingParams(temperature=0.0, logit_bias={3: 100.0}, allowed_token_ids=[3, 4])
     logits = torch.zeros(1, 10)
     for _ in range(3):
         assert sample(logits.clone(), [p], [[1]], [[]], EOS)[0][0] == 3
-    assert sampler._id_tensors._entries[id(p)][0] is p
+    assert logit_bias._id_tensors._entries[id(p)][0] is p
     # a smaller vocabulary cuts the ids again rather than reuse the cached ones
     assert sample(torch.zeros(1, 4), [p], [[1]], [[]], EOS)[0][0] == 3
     assert sample(torch.zeros(1, 3), [p], [[1]], [[]], EOS)[0][0] in (0, 1, 2)  # both ids cut: row left as is
