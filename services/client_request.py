@@ -7,7 +7,6 @@ client, before anything is sent.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
@@ -15,11 +14,11 @@ from typing import Any
 from pagedserve.common import errors, structured
 from pagedserve.common.params import SamplingParams, early_stopping_to_proto
 from pagedserve.gateway import constraints
+from pagedserve.gateway.body_fields import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, check_float
 from pagedserve.v1 import gateway_pb2, tokenizer_pb2
 
-INT32 = (-(2**31), 2**31 - 1)
-INT64 = (-(2**63), 2**63 - 1)
-FLOAT32_MAX = 3.4028234663852886e38
+INT32 = (INT32_MIN, INT32_MAX)
+INT64 = (INT64_MIN, INT64_MAX)
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _INT32_FIELDS = {"max_tokens", "top_k", "n", "logprobs", "min_tokens", "prompt_logprobs"}
 
@@ -34,18 +33,6 @@ def _int(name: str, value: Any, bounds: tuple[int, int]) -> int:
             f"{name} must be in [{bounds[0]}, {bounds[1]}] (a {bits}-bit integer), got {shown}", field=name
         )
     return value
-
-
-def _float(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise errors.InvalidArgument(f"{name} must be a number, got {value!r}", field=name)
-    if isinstance(value, int) and value.bit_length() > 128 or not math.isfinite(value):
-        raise errors.InvalidArgument(f"{name} must be a finite number, got {value!r}", field=name)
-    if abs(value) > FLOAT32_MAX:
-        raise errors.InvalidArgument(
-            f"{name} must be at most {FLOAT32_MAX:.4g} in size, got {value:.4g}", field=name
-        )
-    return float(value)
 
 
 def _bool(name: str, value: Any) -> bool:
@@ -88,7 +75,7 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             for token, bias in value.items():
                 if isinstance(token, str) and token.lstrip("-").isdecimal():  # OpenAI's JSON form
                     token = int(token)
-                msg.logit_bias[_int(name, token, INT32)] = _float(name, bias)
+                msg.logit_bias[_int(name, token, INT32)] = check_float(name, bias)
         elif name in ("ignore_eos", "use_beam_search"):
             setattr(msg, name, _bool(name, value))
         elif name == "early_stopping":
@@ -98,7 +85,7 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
                 )
             msg.early_stopping = early_stopping_to_proto(value)
         else:
-            setattr(msg, name, _float(name, value))
+            setattr(msg, name, check_float(name, value))
     return msg
 
 

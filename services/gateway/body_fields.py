@@ -46,8 +46,11 @@ def read_int(body: dict, name: str, default, *, lo: int = INT32_MIN, hi: int = I
 
 def read_float(body: dict, name: str, default):
     value = get_field(body, name)
-    if value is MISSING:
-        return default
+    return default if value is MISSING else check_float(name, value)
+
+
+def check_float(name: str, value) -> float:
+    """A finite number that fits a float32 (the wire's type), as a float; errors name `name`."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidArgument(f"{name} must be a number, got {show(value)}", field=name)
     if isinstance(value, int) and value.bit_length() > 128 or not math.isfinite(value):

@@ -1,6 +1,7 @@
 """The gateway's core: one request's life from validation to the last text delta.
 
-    1. admit (RESOURCE_EXHAUSTED when this gateway already has `max_queued_requests` in flight);
+    1. admit (RESOURCE_EXHAUSTED when this gateway already has `max_queued_requests` in flight,
+       tokenize and detokenize calls counted with generations);
     2. validate: served model, the sizes it asks for (n, stop strings) against `RequestLimits`,
        non-empty prompt, sampling params, prompt + max_tokens <= max_model_len;
     3. tokenize (or take the client's ids, checked against the vocabulary);
@@ -18,13 +19,13 @@ Steps 1-3 are here, 4-8 in `request_run.py`. The engine sees downstream services
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pagedserve.common import structured
 from pagedserve.common.errors import (
     InvalidArgument,
     NotFound,
@@ -33,7 +34,7 @@ from pagedserve.common.errors import (
     Unavailable,
 )
 from pagedserve.common.params import SamplingParams
-from pagedserve.gateway.config import GatewayConfig, RequestLimits
+from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.datatypes import (
     DetokenizeItem,
     GenerationRequest,
@@ -44,7 +45,7 @@ from pagedserve.gateway.datatypes import (
     TokenizerInfo,
     Usage,
 )
-from pagedserve.gateway.prompt_checks import check_fits, check_vocabulary, kept_prompt_tokens
+from pagedserve.gateway.prompt_checks import check_fits, check_limits, check_vocabulary, kept_prompt_tokens
 from pagedserve.gateway.request_run import RequestRun
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,7 @@ class Engine:
         self.scheduler = scheduler
         self.metrics = metrics
         self._in_flight: set[str] = set()
+        self._tokenizing = 0  # tokenize/detokenize calls running: they hold places in the queue too
         self.draining = False  # shutting down: new requests get Unavailable
         # Requests (by their first id) cut short by `abort_in_flight`: they end with Unavailable.
         self._cut: set[str] = set()
@@ -73,7 +75,26 @@ class Engine:
 
     @property
     def num_in_flight(self) -> int:
-        return len(self._in_flight)
+        return len(self._in_flight) + self._tokenizing
+
+    def _admit(self, count: int) -> None:
+        """Unavailable while draining; ResourceExhausted when `count` more calls would put more
+        than `max_queued_requests` in flight."""
+        if self.draining:
+            raise Unavailable("the gateway is shutting down; send the request to another gateway")
+        if self.num_in_flight + count > self.config.max_queued_requests:
+            raise ResourceExhausted(
+                f"the gateway queue is full ({self.config.max_queued_requests} requests in flight); retry later"
+            )
+
+    @contextlib.contextmanager
+    def _tokenizing_call(self):
+        self._admit(1)
+        self._tokenizing += 1
+        try:
+            yield
+        finally:
+            self._tokenizing -= 1
 
     async def tokenizer_info(self) -> TokenizerInfo:
         if self._tokenizer_info is None:
@@ -127,13 +148,7 @@ class Engine:
         """Several prompts with the same sampling as one request (a completions batch): every one
         is validated and tokenized before any is submitted; choice j of prompt i comes as choice
         i * n + j; usage is summed and comes on the last output. Closing the iterator aborts all."""
-        if self.draining:
-            raise Unavailable("the gateway is shutting down; send the request to another gateway")
-        free = self.config.max_queued_requests - len(self._in_flight)
-        if len(requests) > free:
-            raise ResourceExhausted(
-                f"the gateway queue is full ({self.config.max_queued_requests} requests in flight); retry later"
-            )
+        self._admit(len(requests))
         request_ids = [r.request_id or uuid.uuid4().hex for r in requests]
         for request_id in request_ids:
             if request_id in self._in_flight or request_ids.count(request_id) > 1:
@@ -202,47 +217,10 @@ class Engine:
             for run in runs:
                 self.close_later(run)
 
-    def check_limits(self, request: GenerationRequest) -> None:
-        """The sizes a request asks for, against `RequestLimits`, before anything is built for it."""
-        if not request.detokenize and request.stop:
-            raise InvalidArgument(
-                "stop strings need text: they cannot go with detokenize=false", field="stop"
-            )
-        limits: RequestLimits = self.config.limits
-        if request.sampling.n > limits.max_n:
-            raise InvalidArgument(
-                f"n must be <= {limits.max_n} (the gateway's --max-n), got {request.sampling.n}", field="n"
-            )
-        if request.sampling.use_beam_search:
-            if request.sampling.n > limits.max_beam_width:
-                raise InvalidArgument(
-                    f"n must be <= {limits.max_beam_width} with use_beam_search (the gateway's "
-                    f"--max-beam-width), got {request.sampling.n}",
-                    field="n",
-                )
-            if request.stop:
-                raise InvalidArgument("stop strings are not supported with use_beam_search", field="stop")
-        if len(request.stop) > limits.max_stop_strings:
-            raise InvalidArgument(
-                f"stop has {len(request.stop)} strings, more than the limit of {limits.max_stop_strings}",
-                field="stop",
-            )
-        total = sum(len(s) for s in request.stop)
-        if total > limits.max_stop_chars:
-            raise InvalidArgument(
-                f"stop strings are {total} characters in all, more than the limit of {limits.max_stop_chars}",
-                field="stop",
-            )
-        sampling = request.sampling
-        if sampling.structured_kind or sampling.structured_spec:
-            # Parsed once per distinct spec (cached): a bad schema, regex or grammar is refused
-            # here, never in the executor. HTTP bodies were checked under their own field names.
-            structured.validate(sampling.structured_kind, sampling.structured_spec, "structured")
-
     async def prepare(self, request: GenerationRequest) -> tuple[list[int], SamplingParams]:
         """Validate and tokenize; raise `InvalidArgument`/`NotFound` before anything is allocated."""
         self.check_model(request.model)
-        self.check_limits(request)
+        check_limits(request, self.config.limits)
         prompt = request.prompt
         field = _PROMPT_FIELD[prompt.kind]
         if prompt.is_empty:
@@ -302,16 +280,24 @@ class Engine:
             )
         return await self._encode(prompt)
 
-    async def decode(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
-        """The text of `token_ids`: at most max_model_len of them (no sequence here is longer, and
-        the gateway may decode on its event loop), each in the vocabulary; errors name `field`."""
-        limit = await self.last_max_model_len() or DECODE_IDS_WITHOUT_LIMIT
-        if len(token_ids) > limit:
-            raise InvalidArgument(
-                f"{field} has {len(token_ids)} ids, more than max_model_len ({limit})", field=field
-            )
-        check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
-        return await self._decode(token_ids, skip_special_tokens)
+    async def tokenize(self, prompt: Prompt) -> list[int]:
+        """`encode` for the tokenize APIs: the call holds a place in the gateway's queue, so a
+        flood of them is refused (RESOURCE_EXHAUSTED) as a flood of generations is."""
+        with self._tokenizing_call():
+            return await self.encode(prompt)
+
+    async def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
+        """The text of `token_ids` for the detokenize APIs, holding a place in the queue: at most
+        max_model_len ids (no sequence here is longer, and the gateway may decode on its event
+        loop), each in the vocabulary; errors name `field`."""
+        with self._tokenizing_call():
+            limit = await self.last_max_model_len() or DECODE_IDS_WITHOUT_LIMIT
+            if len(token_ids) > limit:
+                raise InvalidArgument(
+                    f"{field} has {len(token_ids)} ids, more than max_model_len ({limit})", field=field
+                )
+            check_vocabulary(token_ids, (await self.tokenizer_info()).vocab_size, field)
+            return await self._decode(token_ids, skip_special_tokens)
 
     async def _decode(self, token_ids: list[int], skip_special_tokens: bool) -> str:
         if not token_ids:
@@ -351,9 +337,9 @@ class Engine:
     async def wait_idle(self, timeout: float) -> bool:
         """Wait up to `timeout` seconds for every request in flight to end; True when none is left."""
         deadline = time.monotonic() + timeout
-        while self._in_flight and time.monotonic() < deadline:
+        while self.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        return not self._in_flight
+        return not self.num_in_flight
 
     def abort_in_flight(self) -> int:
         """Cut every request still running: each is aborted in the scheduler, which ends its

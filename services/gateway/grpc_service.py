@@ -217,7 +217,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "add_special_tokens goes with text: a chat is tokenized as its template renders it",
                 field="add_special_tokens",
             )
-        token_ids = await self.engine.encode(prompt_from_proto(request))
+        token_ids = await self.engine.tokenize(prompt_from_proto(request))
         return gateway_pb2.TokenizePromptResponse(
             token_ids=token_ids, max_model_len=await self.engine.last_max_model_len()
         )
@@ -227,7 +227,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self._authorize(context)
         self.engine.check_model(request.model)
         token_ids = list(request.token_ids)
-        text = await self.engine.decode(
+        text = await self.engine.detokenize(
             token_ids, skip_special_tokens=request.skip_special_tokens, field="token_ids"
         )
         return gateway_pb2.DetokenizeIdsResponse(text=text)

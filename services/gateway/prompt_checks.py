@@ -1,9 +1,13 @@
-"""The checks a prompt's token ids get before anything is allocated for them: the vocabulary,
-prompt + max_tokens within max_model_len, and vLLM's truncate_prompt_tokens."""
+"""The checks a request gets before anything is allocated for it: the sizes it asks for against
+the gateway's limits, and its prompt's token ids against the vocabulary, prompt + max_tokens
+within max_model_len, and vLLM's truncate_prompt_tokens."""
 
 from __future__ import annotations
 
+from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.datatypes import GenerationRequest
 
 
 def kept_prompt_tokens(truncate: int | None, max_len: int) -> int:
@@ -36,3 +40,38 @@ def check_fits(num_prompt_tokens: int, max_tokens: int, max_len: int) -> None:
             f"{num_prompt_tokens + max_tokens} tokens is more than max_model_len={max_len}",
             field="max_tokens",
         )
+
+
+def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
+    """The sizes a request asks for, against `RequestLimits`, before anything is built for it."""
+    if not request.detokenize and request.stop:
+        raise InvalidArgument("stop strings need text: they cannot go with detokenize=false", field="stop")
+    if request.sampling.n > limits.max_n:
+        raise InvalidArgument(
+            f"n must be <= {limits.max_n} (the gateway's --max-n), got {request.sampling.n}", field="n"
+        )
+    if request.sampling.use_beam_search:
+        if request.sampling.n > limits.max_beam_width:
+            raise InvalidArgument(
+                f"n must be <= {limits.max_beam_width} with use_beam_search (the gateway's "
+                f"--max-beam-width), got {request.sampling.n}",
+                field="n",
+            )
+        if request.stop:
+            raise InvalidArgument("stop strings are not supported with use_beam_search", field="stop")
+    if len(request.stop) > limits.max_stop_strings:
+        raise InvalidArgument(
+            f"stop has {len(request.stop)} strings, more than the limit of {limits.max_stop_strings}",
+            field="stop",
+        )
+    total = sum(len(s) for s in request.stop)
+    if total > limits.max_stop_chars:
+        raise InvalidArgument(
+            f"stop strings are {total} characters in all, more than the limit of {limits.max_stop_chars}",
+            field="stop",
+        )
+    sampling = request.sampling
+    if sampling.structured_kind or sampling.structured_spec:
+        # Parsed once per distinct spec (cached): a bad schema, regex or grammar is refused
+        # here, never in the executor. HTTP bodies were checked under their own field names.
+        structured.validate(sampling.structured_kind, sampling.structured_spec, "structured")

@@ -61,7 +61,7 @@ async def tokenize(engine: Engine, body: dict) -> dict:
     engine.check_model(read_model(body))
     reject(body, "return_token_strs", lambda v: v is False, "ask /detokenize for the text of ids")
     prompt = _prompt(body)
-    token_ids = await engine.encode(prompt)
+    token_ids = await engine.tokenize(prompt)
     return {
         "count": len(token_ids),
         "max_model_len": await engine.last_max_model_len(),  # 0: not known yet
@@ -76,4 +76,4 @@ async def detokenize(engine: Engine, body: dict) -> dict:
     if tokens is MISSING or not is_int_list(tokens):
         raise InvalidArgument("tokens must be a list of integer token ids", field="tokens")
     skip = read_bool(body, "skip_special_tokens", False)
-    return {"prompt": await engine.decode(tokens, skip_special_tokens=skip, field="tokens")}
+    return {"prompt": await engine.detokenize(tokens, skip_special_tokens=skip, field="tokens")}

@@ -53,6 +53,7 @@ class FakeTokenizer:
     def __init__(self) -> None:
         self.detokenizer = FakeDetokenizer()
         self.encoded: list[Prompt] = []
+        self.gate: asyncio.Event | None = None  # when set to an Event, encode waits for it
 
     def check_connected(self) -> None:
         pass
@@ -64,6 +65,8 @@ class FakeTokenizer:
 
     async def encode(self, prompt: Prompt) -> list[int]:
         self.encoded.append(prompt)
+        if self.gate is not None:
+            await self.gate.wait()
         text = prompt.text if prompt.kind is PromptKind.TEXT else "".join(m.content for m in prompt.messages)
         return [BOS] + [ord(c) for c in text]
 

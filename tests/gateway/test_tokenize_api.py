@@ -8,7 +8,7 @@ import asyncio
 
 import httpx
 import pytest
-from gateway_fakes import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer
+from gateway_fakes import BOS, MAX_MODEL_LEN, FakeScheduler, FakeTokenizer, text_request
 from gateway_harness import JSON, MODEL, assert_error, grpc_gateway, run, serving
 
 from pagedserve import __version__
@@ -174,3 +174,41 @@ def test_grpc_tokenize_refuses_add_special_tokens_with_a_chat() -> None:
                 await client.tokenize(messages=[])
 
     asyncio.run(scenario())
+
+
+def test_tokenize_calls_take_places_in_the_gateway_queue() -> None:
+    """A flood of /tokenize or /detokenize is refused as a flood of generations is: each call
+    holds one of `max_queued_requests` places while it runs; draining refuses them too."""
+
+    async def scenario() -> None:
+        scheduler, tokenizer = FakeScheduler(["abcdefgh"], gate=asyncio.Event()), FakeTokenizer()
+        async with (
+            serving(scheduler, tokenizer, max_queued_requests=1) as (url, engine),
+            httpx.AsyncClient(base_url=url) as http,
+        ):
+            full = "the gateway queue is full (1 requests in flight); retry later"
+            # a generation holds the one place: both tokenize routes get 429
+            outputs = engine.generate(text_request("p", max_tokens=8))
+            await anext(outputs)
+            assert_error(await http.post("/tokenize", json={"prompt": "hi"}), 429, full)
+            assert_error(await http.post("/detokenize", json={"tokens": [1]}), 429, full)
+            scheduler.gate.set()
+            async for _ in outputs:
+                pass
+            assert engine.num_in_flight == 0
+            # a tokenize call held in the tokenizer holds the place: a completion gets 429
+            tokenizer.gate = asyncio.Event()
+            held = asyncio.ensure_future(http.post("/tokenize", json={"prompt": "hi"}))
+            while engine.num_in_flight == 0:
+                await asyncio.sleep(0.01)
+            body = {"prompt": "p", "max_tokens": 2}
+            assert_error(await http.post("/v1/completions", json=body), 429, full)
+            tokenizer.gate.set()
+            assert (await held).json()["count"] == 3
+            assert engine.num_in_flight == 0
+            assert (await http.post("/detokenize", json={"tokens": [104]})).json() == {"prompt": "h"}
+            engine.start_drain()
+            assert_error(await http.post("/tokenize", json={"prompt": "hi"}), 503, "shutting down")
+        assert len(scheduler.submitted) == 1
+
+    run(scenario)
