@@ -293,8 +293,9 @@ class Client:
         return [ModelCard(m.id, m.max_model_len, m.root) for m in reply.models]
 
     def tokenize(self, prompt: str | None = None, **kwargs: Any) -> Tokenized:
-        """Token ids of `prompt` (or `messages=`, with `add_generation_prompt`; text also takes
-        `add_special_tokens`), counted as `generate` would."""
+        """Token ids of `prompt` (or `messages=`, with `add_generation_prompt`,
+        `continue_final_message` and `chat_template_kwargs`; text also takes `add_special_tokens`),
+        counted as `generate` would."""
         request = build_tokenize_request(prompt, **kwargs)
         try:
             reply = self._stub.Tokenize(request, timeout=self.timeout, metadata=self._metadata)

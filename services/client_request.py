@@ -12,6 +12,7 @@ from dataclasses import fields
 from typing import Any
 
 from pagedserve.common import errors, structured
+from pagedserve.common.chat_template import check_template_kwargs, template_kwargs_to_json
 from pagedserve.common.params import SamplingParams, early_stopping_to_proto
 from pagedserve.gateway import constraints
 from pagedserve.gateway.body_fields import INT32_MAX, INT32_MIN, INT64_MAX, INT64_MIN, check_float
@@ -111,7 +112,9 @@ def build_request(
     request_id: str = "",
     add_special_tokens: bool | None = None,
     skip_special_tokens: bool | None = None,
-    add_generation_prompt: bool = True,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
     priority: int = 0,
     detokenize: bool | None = None,
     include_stop_str_in_output: bool = False,
@@ -145,7 +148,9 @@ def build_request(
         msg.token_ids.SetInParent()  # set even when empty, so the gateway says "empty", not "missing"
         msg.token_ids.ids.extend(_int("token_ids", t, INT32) for t in token_ids)
     else:
-        msg.chat.CopyFrom(_chat(messages or [], add_generation_prompt))
+        msg.chat.CopyFrom(
+            _chat(messages or [], add_generation_prompt, continue_final_message, chat_template_kwargs)
+        )
     kind, spec = _constraint(structured_outputs, response_format)
     if kind:
         msg.sampling.structured.CopyFrom(structured.to_proto(kind, spec))
@@ -161,16 +166,34 @@ def build_request(
     return msg
 
 
-def _chat(messages: Sequence[dict[str, str]], add_generation_prompt: bool) -> tokenizer_pb2.ChatMessages:
-    return tokenizer_pb2.ChatMessages(
+def _chat(
+    messages: Sequence[dict[str, str]],
+    add_generation_prompt: bool | None,
+    continue_final_message: bool,
+    template_kwargs: dict[str, Any] | None,
+) -> tokenizer_pb2.ChatMessages:
+    """A chat with its template options; `add_generation_prompt` None leaves it to the gateway (true,
+    or false with `continue_final_message`); `template_kwargs` are checked here as the gateway will."""
+    chat = tokenizer_pb2.ChatMessages(
         messages=[
             tokenizer_pb2.ChatMessage(
                 role=_text("messages.role", m["role"]), content=_text("messages.content", m["content"])
             )
             for m in messages
         ],
-        add_generation_prompt=add_generation_prompt,
+        continue_final_message=_bool("continue_final_message", continue_final_message),
     )
+    if add_generation_prompt is not None:
+        chat.add_generation_prompt = _bool("add_generation_prompt", add_generation_prompt)
+    if template_kwargs is not None:
+        kwargs = check_template_kwargs(template_kwargs)
+        try:
+            chat.chat_template_kwargs_json = template_kwargs_to_json(kwargs)
+        except (TypeError, ValueError) as err:  # a value JSON cannot hold: a set, bytes, an object
+            raise errors.InvalidArgument(
+                f"chat_template_kwargs must hold JSON values: {err}", field="chat_template_kwargs"
+            ) from None
+    return chat
 
 
 def build_tokenize_request(
@@ -179,7 +202,9 @@ def build_tokenize_request(
     messages: Sequence[dict[str, str]] | None = None,
     model: str = "",
     add_special_tokens: bool | None = None,
-    add_generation_prompt: bool = True,
+    add_generation_prompt: bool | None = None,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> gateway_pb2.TokenizePromptRequest:
     """A `TokenizePromptRequest` from exactly one of `prompt` or `messages`."""
     if (prompt is None) == (messages is None):
@@ -188,7 +213,9 @@ def build_tokenize_request(
     if prompt is not None:
         msg.text = _text("prompt", prompt)
     else:
-        msg.chat.CopyFrom(_chat(messages or [], add_generation_prompt))
+        msg.chat.CopyFrom(
+            _chat(messages or [], add_generation_prompt, continue_final_message, chat_template_kwargs)
+        )
     if add_special_tokens is not None:
         msg.add_special_tokens = add_special_tokens
     return msg

@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "the gateway routes over them by what their caches hold")  # fmt: skip
     kv.add_argument("--served-model-name", nargs="+", default=(), metavar="NAME",
                     help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
+    kv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",
+                    help="a Jinja chat template in place of the model's own, for the tokenizer")  # fmt: skip
     kv.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
                     help="seconds a request may make no progress while a service is away (default: 30)")  # fmt: skip
     kv.add_argument("--scheduler-stream", choices=["shared", "per-request"], default=None,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
@@ -39,6 +40,7 @@ class LauncherConfig:
     max_model_len: int | None = None
     max_queued_requests: int | None = None
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
+    chat_template: str | None = None  # the tokenizer's --chat-template (a file or the Jinja text)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -84,6 +86,12 @@ class LauncherConfig:
         if self.internal_tls and self.internal_tls_cert:
             raise ValueError(
                 "give --internal-tls (make certificates) or --internal-tls-cert/-key/-ca, not both"
+            )
+        if self.chat_template and not (
+            os.path.isfile(self.chat_template) or "{{" in self.chat_template or "{%" in self.chat_template
+        ):
+            raise ValueError(
+                f"--chat-template {self.chat_template!r:.80} is neither a file nor a Jinja template"
             )
         for flag, value in self.gateway_limits:
             check_request_limit(flag, value)
@@ -158,6 +166,10 @@ def module_available(service: str) -> bool:
         return False
 
 
+def _absolute_if_file(path_or_text: str) -> str:
+    return os.path.abspath(path_or_text) if os.path.isfile(path_or_text) else path_or_text
+
+
 def _opt(flag: str, value: object) -> tuple[str, ...]:
     return () if value is None else (flag, str(value))
 
@@ -185,7 +197,8 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *(("--compile",) if config.compile else ()),
           *(("--enforce-eager",) if config.enforce_eager else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
-         ("--host", host, "--port", str(config.tokenizer_port), *model)),
+         ("--host", host, "--port", str(config.tokenizer_port), *model,
+          *_opt("--chat-template", _absolute_if_file(config.chat_template) if config.chat_template else None))),
         ("scheduler", ("executor",), (config.scheduler_port,),
          ("--host", host, "--port", str(config.scheduler_port), "--executor", executor_address,
           "--redis-url", redis_url, *_opt("--max-num-seqs", config.max_num_seqs), *batching,

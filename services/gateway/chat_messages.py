@@ -1,16 +1,38 @@
-"""The `messages` of a /v1/chat/completions body, checked, as `ChatMessage`s.
+"""The `messages` of a /v1/chat/completions (or /tokenize) body, checked, as `ChatMessage`s, and
+the chat `Prompt` they make with the body's template options.
 
 Content is a string or a list of text parts (joined); an assistant message may carry
 `tool_calls`, a tool message `tool_call_id` and `name`. Each error names the message's index.
+The template options are vLLM's: `add_generation_prompt`, `continue_final_message` and
+`chat_template_kwargs` (see `common.chat_template`).
 """
 
 from __future__ import annotations
 
 import json
 
+from pagedserve.common.chat_template import check_template_kwargs, generation_prompt, template_kwargs_to_json
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.gateway.body_fields import check_text
-from pagedserve.gateway.datatypes import ChatMessage
+from pagedserve.gateway.body_fields import MISSING, check_text, get_field, read_bool
+from pagedserve.gateway.datatypes import ChatMessage, Prompt, PromptKind
+
+
+def read_chat_prompt(body: dict, tools_json: str) -> Prompt:
+    """The body's chat, with its template options, as a `Prompt`."""
+    continue_final = read_bool(body, "continue_final_message", False)
+    kwargs = get_field(body, "chat_template_kwargs")
+    return Prompt(
+        PromptKind.CHAT,
+        messages=read_messages(body),
+        add_generation_prompt=generation_prompt(
+            read_bool(body, "add_generation_prompt", None), continue_final
+        ),
+        tools_json=tools_json,
+        continue_final_message=continue_final,
+        template_kwargs_json=""
+        if kwargs is MISSING
+        else template_kwargs_to_json(check_template_kwargs(kwargs)),
+    )
 
 
 def read_messages(body: dict) -> list[ChatMessage]:

@@ -41,6 +41,8 @@ class Prompt:
     add_special_tokens: bool = True  # text only
     add_generation_prompt: bool = True  # chat only
     tools_json: str = ""  # chat only: OpenAI's `tools` list as JSON text, for the template
+    continue_final_message: bool = False  # chat only: leave the last message open
+    template_kwargs_json: str = ""  # chat only: extra template variables, a JSON object's text
 
     @property
     def is_empty(self) -> bool:

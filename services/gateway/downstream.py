@@ -87,6 +87,8 @@ class TokenizerClient:
                     ],
                     add_generation_prompt=prompt.add_generation_prompt,
                     tools_json=prompt.tools_json,
+                    continue_final_message=prompt.continue_final_message,
+                    chat_template_kwargs_json=prompt.template_kwargs_json,
                 )
             )
         try:

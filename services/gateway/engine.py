@@ -273,6 +273,7 @@ class Engine:
             len(prompt.text.encode())
             + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
             + len(prompt.tools_json)
+            + len(prompt.template_kwargs_json)
         )
         if info.max_input_bytes and size > info.max_input_bytes:
             raise InvalidArgument(

@@ -9,6 +9,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from pagedserve.common import structured
+from pagedserve.common.chat_template import (
+    chat_generation_prompt,
+    template_kwargs_from_json,
+    template_kwargs_to_json,
+)
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.params import EARLY_STOPPING_VALUES, SamplingParams
@@ -80,8 +85,14 @@ def prompt_from_proto(msg: gateway_pb2.GenerateRequest | gateway_pb2.TokenizePro
                 ChatMessage(m.role, m.content, m.tool_calls_json, m.tool_call_id, m.name)
                 for m in msg.chat.messages
             ],
-            add_generation_prompt=msg.chat.add_generation_prompt,
+            add_generation_prompt=chat_generation_prompt(msg.chat),
             tools_json=msg.chat.tools_json,
+            continue_final_message=msg.chat.continue_final_message,
+            template_kwargs_json=template_kwargs_to_json(
+                template_kwargs_from_json(
+                    msg.chat.chat_template_kwargs_json, "chat.chat_template_kwargs_json"
+                )
+            ),
         )
     kinds = "text, token_ids or chat" if isinstance(msg, gateway_pb2.GenerateRequest) else "text or chat"
     raise InvalidArgument(f"input must be set: {kinds}", field="input")

@@ -44,7 +44,7 @@ from pagedserve.gateway.body_fields import (
     reject,
     show,
 )
-from pagedserve.gateway.chat_messages import read_messages
+from pagedserve.gateway.chat_messages import read_chat_prompt
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.constraints import parse_constraint
 from pagedserve.gateway.datatypes import GenerationRequest, Prompt, PromptKind
@@ -335,12 +335,7 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
             )
         kind, spec = "json_schema", json.dumps(tool_schema, separators=(",", ":"))
         structured.validate(kind, spec, "tools")
-    prompt = Prompt(
-        PromptKind.CHAT,
-        messages=read_messages(body),
-        add_generation_prompt=read_bool(body, "add_generation_prompt", True),
-        tools_json=tools_json,
-    )
+    prompt = read_chat_prompt(body, tools_json)
     max_tokens = read_int(body, "max_completion_tokens", None)
     if max_tokens is None:
         max_tokens = read_int(body, "max_tokens", None)

@@ -23,7 +23,7 @@ from pagedserve.gateway.body_fields import (
     read_model,
     reject,
 )
-from pagedserve.gateway.chat_messages import read_messages
+from pagedserve.gateway.chat_messages import read_chat_prompt
 from pagedserve.gateway.datatypes import Prompt, PromptKind
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.tool_calls import parse_tools
@@ -49,12 +49,7 @@ def _prompt(body: dict) -> Prompt:
     # the chat template places the special tokens itself
     reject(body, "add_special_tokens", lambda v: v is False, "a chat is tokenized as its template renders it")
     tools_json, _, _ = parse_tools(body)
-    return Prompt(
-        PromptKind.CHAT,
-        messages=read_messages(body),
-        add_generation_prompt=read_bool(body, "add_generation_prompt", True),
-        tools_json=tools_json,
-    )
+    return read_chat_prompt(body, tools_json)
 
 
 async def tokenize(engine: Engine, body: dict) -> dict:

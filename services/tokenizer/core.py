@@ -15,8 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from pagedserve.common.chat_template import check_template_kwargs, generation_prompt, template_kwargs_to_json
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
 
@@ -84,9 +86,15 @@ class ServedTokenizer:
     cleans_up_spaces: bool
 
     @classmethod
-    def load(cls, model: str, *, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> ServedTokenizer:
-        """Load `AutoTokenizer.from_pretrained(model)` (a local folder or a hub id)."""
-        return cls.wrap(AutoTokenizer.from_pretrained(model), model=model, max_input_bytes=max_input_bytes)
+    def load(
+        cls, model: str, *, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES, chat_template: str = ""
+    ) -> ServedTokenizer:
+        """Load `AutoTokenizer.from_pretrained(model)` (a local folder or a hub id); `chat_template`
+        (a file or the Jinja text itself, see `read_chat_template`) replaces the model's own."""
+        hf = AutoTokenizer.from_pretrained(model)
+        if chat_template:
+            hf.chat_template = read_chat_template(chat_template)
+        return cls.wrap(hf, model=model, max_input_bytes=max_input_bytes)
 
     @classmethod
     def wrap(
@@ -162,8 +170,10 @@ class ServedTokenizer:
         source: str | Sequence[ChatMessage],
         *,
         add_special_tokens: bool = False,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
     ) -> Encoding:
         """Token ids of plain text, or of a conversation rendered with the chat template.
 
@@ -173,18 +183,28 @@ class ServedTokenizer:
         if isinstance(source, str):
             self.check_text(source)
             return Encoding(self.hf.encode(source, add_special_tokens=add_special_tokens), source)
-        rendered = self.render_chat(source, add_generation_prompt=add_generation_prompt, tools=tools)
+        rendered = self.render_chat(
+            source,
+            add_generation_prompt=add_generation_prompt,
+            tools=tools,
+            continue_final_message=continue_final_message,
+            template_kwargs=template_kwargs,
+        )
         return Encoding(self.hf.encode(rendered, add_special_tokens=False), rendered)
 
     def render_chat(
         self,
         messages: Sequence[ChatMessage],
         *,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool | None = None,
         tools: list[dict] | None = None,
+        continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
     ) -> str:
         """The conversation as text, through the tokenizer's chat template; `tools` (OpenAI's
-        list) are handed to the template, which must support them."""
+        list) are handed to the template, which must support them; `template_kwargs` are extra
+        template variables (checked by `chat_template.check_template_kwargs`); with
+        `continue_final_message` the last message is left open for the model to continue."""
         if not self.has_chat_template:
             raise InvalidArgument(
                 f"the tokenizer of {self.model} has no chat template: send text instead of chat messages",
@@ -199,6 +219,10 @@ class ServedTokenizer:
             content_bytes += len(message.content.encode("utf-8", errors="replace")) + len(
                 message.tool_calls_json
             )
+        template_kwargs = check_template_kwargs(template_kwargs or {}, "chat.chat_template_kwargs_json")
+        if template_kwargs:
+            content_bytes += len(template_kwargs_to_json(template_kwargs).encode())
+        add_generation_prompt = generation_prompt(add_generation_prompt, continue_final_message)
         if content_bytes > self.max_input_bytes:  # before rendering a huge conversation
             raise InvalidArgument(
                 f"chat is {content_bytes} bytes, over the limit of {self.max_input_bytes} bytes", field="chat"
@@ -215,10 +239,16 @@ class ServedTokenizer:
             ) from None
         try:
             rendered = self.hf.apply_chat_template(
-                conversation, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+                conversation,
+                tools=tools or None,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                continue_final_message=continue_final_message,
+                **template_kwargs,
             )
         except Exception as exc:  # jinja2 errors, including the template's raise_exception()
-            raise InvalidArgument(f"the chat template rejected the messages: {exc}", field="chat") from None
+            why = str(exc) if len(str(exc)) <= 300 else str(exc)[:297] + "..."  # some quote the whole chat
+            raise InvalidArgument(f"the chat template rejected the messages: {why}", field="chat") from None
         self.check_text(rendered, field="chat")
         return rendered
 
@@ -238,6 +268,28 @@ class ServedTokenizer:
         return self.hf.decode(
             token_ids, skip_special_tokens=skip_special_tokens, clean_up_tokenization_spaces=False
         )
+
+
+def read_chat_template(value: str) -> str:
+    """The template that `--chat-template` names: a file's text, or `value` itself when it holds
+    Jinja tags. A template that does not parse is a ValueError here, not an error on every chat."""
+    path = Path(value)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif "{{" in value or "{%" in value:
+        text = value
+    else:
+        raise ValueError(f"--chat-template {value!r:.80} is neither a file nor a Jinja template")
+    try:
+        jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(_without_generation_tags(text))
+    except jinja2.TemplateSyntaxError as err:
+        raise ValueError(f"--chat-template does not parse: {err.message} (line {err.lineno})") from None
+    return text
+
+
+def _without_generation_tags(text: str) -> str:
+    """transformers' own `{% generation %}` block tags, which plain Jinja does not know."""
+    return re.sub(r"\{%-?\s*(end)?generation\s*-?%\}", "", text)
 
 
 def _skipped_ids(hf: PreTrainedTokenizerBase) -> frozenset[int]:

@@ -35,10 +35,17 @@ class TokenizerConfig:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+    chat_template: str = ""  # a file or the Jinja text; "": the model's own
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> TokenizerConfig:
-        return cls(model=args.model, host=args.host, port=args.port, max_input_bytes=args.max_input_bytes)
+        return cls(
+            model=args.model,
+            host=args.host,
+            port=args.port,
+            max_input_bytes=args.max_input_bytes,
+            chat_template=args.chat_template,
+        )
 
 
 def _env_int(name: str, default: int) -> int:
@@ -71,6 +78,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_env_int("PAGEDSERVE_TOKENIZER_MAX_INPUT_BYTES", DEFAULT_MAX_INPUT_BYTES),
         help="largest text Encode accepts, in UTF-8 bytes (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        default="",
+        help="a Jinja chat template, as a file or the text itself, in place of the model's own "
+        "(default: the model's)",
     )
     internal_tls.add_arguments(parser)
 
@@ -110,7 +123,9 @@ def main(args: argparse.Namespace) -> int:
         log.error("--max-input-bytes must be >= 1, got %d", config.max_input_bytes)
         return 2
     try:
-        tokenizer = ServedTokenizer.load(config.model, max_input_bytes=config.max_input_bytes)
+        tokenizer = ServedTokenizer.load(
+            config.model, max_input_bytes=config.max_input_bytes, chat_template=config.chat_template
+        )
     except (OSError, ValueError) as exc:  # no such folder, no tokenizer files, a malformed hub id
         log.error("could not load the tokenizer of %s: %s", config.model, exc)
         return 1

@@ -16,6 +16,7 @@ from typing import TypeVar
 
 import grpc
 
+from pagedserve.common.chat_template import chat_generation_prompt, template_kwargs_from_json
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.models import served_model_name
@@ -46,10 +47,16 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
                 ChatMessage(m.role, m.content, m.tool_calls_json, m.tool_call_id, m.name)
                 for m in request.chat.messages
             ]
-            tools = _tools(request.chat.tools_json)
+            chat = request.chat
+            tools = _tools(chat.tools_json)
+            kwargs = template_kwargs_from_json(chat.chat_template_kwargs_json)
             encoding = await self._run(
                 lambda: self.tokenizer.encode(
-                    messages, add_generation_prompt=add_generation_prompt(request.chat), tools=tools
+                    messages,
+                    add_generation_prompt=chat_generation_prompt(chat),
+                    tools=tools,
+                    continue_final_message=chat.continue_final_message,
+                    template_kwargs=kwargs,
                 )
             )
         elif which == "text":
@@ -129,8 +136,3 @@ def _tools(tools_json: str) -> list[dict] | None:
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise InvalidArgument("chat.tools_json must be a JSON list of objects", field="tools")
     return tools
-
-
-def add_generation_prompt(chat: pb.ChatMessages) -> bool:
-    """`add_generation_prompt` is an `optional bool`: unset means true, so a chat is answered."""
-    return chat.add_generation_prompt if chat.HasField("add_generation_prompt") else True

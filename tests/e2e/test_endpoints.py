@@ -110,3 +110,34 @@ def test_the_sdk_tokenizes_and_detokenizes_over_grpc(stack: Stack, http: httpx.C
             client.tokenize(text, model="gpt-4")
         with pytest.raises(TypeError, match="exactly one of prompt or messages"):
             client.tokenize()
+
+
+def test_chat_template_options_reach_the_template(stack: Stack, http: httpx.Client) -> None:
+    """continue_final_message renders the last message open, as transformers does, and the model
+    continues it; chat_template_kwargs reach the template (the bundled one reads none of them)."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(stack.model)
+    messages = [{"role": "user", "content": "Write f."}, {"role": "assistant", "content": "def f("}]
+    expected = hf.encode(
+        hf.apply_chat_template(messages, tokenize=False, continue_final_message=True),
+        add_special_tokens=False,
+    )
+    body = {"messages": messages, "continue_final_message": True}
+    assert http.post("/tokenize", json=body).json()["tokens"] == expected
+    chat = http.post("/v1/chat/completions", json={**body, "max_tokens": 6, "temperature": 0})
+    assert chat.status_code == 200, chat.text
+    assert chat.json()["usage"]["prompt_tokens"] == len(expected)
+    same_ids = http.post("/v1/completions", json={"prompt": expected, "max_tokens": 6, "temperature": 0})
+    assert chat.json()["choices"][0]["message"]["content"] == same_ids.json()["choices"][0]["text"]
+    with Client(stack.grpc_address, timeout=30) as client:
+        assert client.tokenize(messages=messages, continue_final_message=True).token_ids == expected
+        plain = client.tokenize(messages=messages[:1]).token_ids
+        assert (
+            client.tokenize(messages=messages[:1], chat_template_kwargs={"enable_thinking": False}).token_ids
+            == plain
+        )
+    refused = http.post(
+        "/v1/chat/completions", json={**body, "chat_template_kwargs": {"chat_template": "{{ 1 }}"}}
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "chat_template_kwargs"

@@ -25,6 +25,7 @@ EVERY_OPTION = dict(
     dtype="float32",
     swap_space=0.5,
     preemption_mode="swap",
+    chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
     gateway_limits=(("--max-n", 4), ("--max-beam-width", 2), ("--read-timeout", 2.5)),
 )
 
@@ -67,6 +68,22 @@ def test_swap_flags_reach_the_executor_and_the_scheduler():
     assert "--swap-space" not in flags(
         plan(LauncherConfig(model="m"), "redis://r", available=lambda n: True)[0][0].command
     )
+
+
+def test_chat_template_reaches_the_tokenizer(tmp_path, monkeypatch):
+    def tokenizer_flags(config: LauncherConfig) -> dict[str, str]:
+        specs, _ = plan(config, "redis://r", available=lambda name: True)
+        return flags(next(s for s in specs if s.name == "tokenizer").command)
+
+    (tmp_path / "t.jinja").write_text("{{ messages[0].content }}")
+    monkeypatch.chdir(tmp_path)
+    config = LauncherConfig.from_args(parse_up("--chat-template", "t.jinja"))
+    assert tokenizer_flags(config)["--chat-template"] == str(tmp_path / "t.jinja")  # a file, made absolute
+    inline = LauncherConfig(model="m", chat_template="{{ messages[0].content }}")
+    assert tokenizer_flags(inline)["--chat-template"] == "{{ messages[0].content }}"
+    assert "--chat-template" not in tokenizer_flags(LauncherConfig(model="m"))
+    with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
+        LauncherConfig(model="m", chat_template="missing.jinja")
 
 
 def test_request_limits_reach_the_gateway():
@@ -173,6 +190,7 @@ def test_plan_orders_and_wires_every_service():
         "--host": "127.0.0.1",
         "--port": "50052",
         "--model": "/models/m",
+        "--chat-template": "{% for m in messages %}{{ m.content }}{% endfor %}",
     }
     assert by_name["gateway"].health_address == "127.0.0.1:50051"
     assert by_name["gateway"].ports == (50051, 8000)

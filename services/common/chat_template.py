@@ -1,0 +1,105 @@
+"""What a chat request may pass to the chat template besides its messages and tools, checked the
+same way in the gateway (HTTP and gRPC) and the tokenizer service.
+
+- `chat_template_kwargs`: extra variables for the template, e.g. `{"enable_thinking": false}` for
+  templates that read one. Each key must be a plain identifier and must not be one of
+  `apply_chat_template`'s own parameters or a variable the renderer sets itself: a key like
+  `chat_template` would otherwise swap the server's template for the caller's text. Values are
+  any JSON; the whole object travels as JSON text and counts toward the tokenizer's input limit.
+- `continue_final_message`: render the last message open, so the model continues it (e.g. an
+  assistant turn the client has begun) instead of starting a new turn. It cannot go with
+  `add_generation_prompt`, which then defaults to false.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from pagedserve.common.errors import InvalidArgument
+
+# apply_chat_template's parameters (a kwarg with one of these names would set it instead of
+# reaching the template), and the names the renderer passes to every template itself.
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+        "raise_exception",
+        "strftime_now",
+    }
+)
+MAX_TEMPLATE_KWARGS = 64  # keys in one request's chat_template_kwargs
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+
+
+def check_template_kwargs(value: object, field: str = "chat_template_kwargs") -> dict:
+    """`value` as the template's extra variables, or InvalidArgument naming `field`."""
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field} must be an object of template variables", field=field)
+    if len(value) > MAX_TEMPLATE_KWARGS:
+        raise InvalidArgument(
+            f"{field} has {len(value)} keys, more than the limit of {MAX_TEMPLATE_KWARGS}", field=field
+        )
+    for key in value:
+        if not isinstance(key, str) or not _IDENTIFIER.match(key):
+            raise InvalidArgument(
+                f"{field} key {key!r:.70} is not a template variable name (letters, digits and _, "
+                "at most 64, not starting with a digit)",
+                field=field,
+            )
+        if key in RESERVED_TEMPLATE_KWARGS:
+            raise InvalidArgument(
+                f"{field} may not set {key!r}: it is set by the server or by its own request field",
+                field=field,
+            )
+    return value
+
+
+def template_kwargs_from_json(text: str, field: str = "chat.chat_template_kwargs_json") -> dict:
+    """`ChatMessages.chat_template_kwargs_json` read and checked; empty text: no variables."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        raise InvalidArgument(f"{field} is not valid JSON", field=field) from None
+    return check_template_kwargs(value, field)
+
+
+def template_kwargs_to_json(kwargs: dict) -> str:
+    return json.dumps(kwargs, separators=(",", ":")) if kwargs else ""
+
+
+def generation_prompt(add_generation_prompt: bool | None, continue_final_message: bool) -> bool:
+    """`add_generation_prompt` as given, or by default true unless the final message is continued;
+    both true is InvalidArgument."""
+    if add_generation_prompt is None:
+        return not continue_final_message
+    if add_generation_prompt and continue_final_message:
+        raise InvalidArgument(
+            "continue_final_message continues the last message, so add_generation_prompt must be "
+            "false with it",
+            field="continue_final_message",
+        )
+    return add_generation_prompt
+
+
+def chat_generation_prompt(chat) -> bool:
+    """A `ChatMessages` proto's add_generation_prompt (an `optional bool`: unset means true, so
+    a chat is answered, unless its final message is to be continued)."""
+    given = chat.add_generation_prompt if chat.HasField("add_generation_prompt") else None
+    return generation_prompt(given, chat.continue_final_message)
