@@ -2,7 +2,8 @@
 
 Flags override the environment, which overrides the defaults:
 `--model` ($PAGEDSERVE_MODEL, else the bundled model), `--host` ($PAGEDSERVE_TOKENIZER_HOST),
-`--port` ($PAGEDSERVE_TOKENIZER_PORT), `--max-input-bytes` ($PAGEDSERVE_TOKENIZER_MAX_INPUT_BYTES).
+`--port` ($PAGEDSERVE_TOKENIZER_PORT), `--max-input-bytes` ($PAGEDSERVE_TOKENIZER_MAX_INPUT_BYTES),
+`--chat-template` (a Jinja file or text in place of the model's template; checked at start).
 """
 
 from __future__ import annotations
