@@ -41,6 +41,7 @@ class LauncherConfig:
     max_queued_requests: int | None = None
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     chat_template: str | None = None  # the tokenizer's --chat-template (a file or the Jinja text)
+    generation_config: str | None = None  # the gateway's --generation-config (auto, vllm or a folder)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -166,8 +167,11 @@ def module_available(service: str) -> bool:
         return False
 
 
-def _absolute_if_file(path_or_text: str) -> str:
-    return os.path.abspath(path_or_text) if os.path.isfile(path_or_text) else path_or_text
+def _absolute_if_path(value: str | None) -> str | None:
+    """A file or folder given relative to where `up` runs, made absolute for the services."""
+    return (
+        os.path.abspath(value) if value and value not in ("auto", "vllm") and os.path.exists(value) else value
+    )
 
 
 def _opt(flag: str, value: object) -> tuple[str, ...]:
@@ -198,7 +202,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *(("--enforce-eager",) if config.enforce_eager else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
          ("--host", host, "--port", str(config.tokenizer_port), *model,
-          *_opt("--chat-template", _absolute_if_file(config.chat_template) if config.chat_template else None))),
+          *_opt("--chat-template", _absolute_if_path(config.chat_template or None)))),
         ("scheduler", ("executor",), (config.scheduler_port,),
          ("--host", host, "--port", str(config.scheduler_port), "--executor", executor_address,
           "--redis-url", redis_url, *_opt("--max-num-seqs", config.max_num_seqs), *batching,
@@ -211,6 +215,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           "--kv-map-redis-url", redis_url, *model,
           *_opt("--max-queued-requests", config.max_queued_requests),
           *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
+          *_opt("--generation-config", _absolute_if_path(config.generation_config)),
           *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream),
           *(str(x) for pair in config.gateway_limits for x in pair))),
     ]  # fmt: skip

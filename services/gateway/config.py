@@ -116,6 +116,9 @@ class GatewayConfig:
     # than `pagedserve up`'s --stop-timeout (10 s), which then kills the gateway.
     shutdown_timeout: float = 5.0
     limits: RequestLimits = field(default_factory=RequestLimits)
+    # Sampling defaults from the model's generation_config.json (`--generation-config`): a request
+    # that leaves one of these fields out gets the model's value (see `generation_defaults`).
+    sampling_defaults: dict[str, float] = field(default_factory=dict)
     tls_cert: str | None = None  # PEM certificate (chain) file: HTTPS and gRPC over TLS
     tls_key: str | None = None  # its PEM private key file
     api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token

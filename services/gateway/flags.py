@@ -8,6 +8,7 @@ import os
 from pagedserve.common import internal_tls
 from pagedserve.common.models import default_model
 from pagedserve.common.redis_connect import url_arg
+from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.config import (
     GatewayConfig,
     RequestLimits,
@@ -98,6 +99,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: --model exactly as given, as vLLM does)",
     )
     parser.add_argument(
+        "--generation-config",
+        default="auto",
+        metavar="auto|vllm|FOLDER",
+        help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty) for "
+        "requests that leave them out: auto, from the model folder's generation_config.json; vllm, "
+        "the API's own defaults; or that file in FOLDER (default: auto)",
+    )
+    parser.add_argument(
         "--max-queued-requests",
         type=int,
         default=1024,
@@ -147,6 +156,10 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
     names = tuple(dict.fromkeys(args.served_model_name or [model]))
     if any(not name.strip() for name in names):
         raise SystemExit("--served-model-name: names must not be empty")
+    try:
+        sampling_defaults = generation_defaults.load(args.generation_config, model)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
@@ -174,6 +187,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         max_queued_requests=args.max_queued_requests,
         request_timeout=args.request_timeout if args.request_timeout and args.request_timeout > 0 else None,
         shutdown_timeout=args.shutdown_timeout,
+        sampling_defaults=sampling_defaults,
         limits=RequestLimits(
             max_n=args.max_n,
             max_beam_width=args.max_beam_width,

@@ -6,7 +6,7 @@ With an API key configured every call must carry the metadata `authorization: Be
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 from pagedserve.common import structured
 from pagedserve.common.chat_template import (
@@ -17,6 +17,7 @@ from pagedserve.common.chat_template import (
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
 from pagedserve.common.params import EARLY_STOPPING_VALUES, SamplingParams
+from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.datatypes import (
     ChatMessage,
     CompletedRequest,
@@ -32,8 +33,11 @@ from pagedserve.gateway.engine import Engine
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 
-def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingParams:
-    """Unset fields take `SamplingParams`' defaults; a field set to 0 stays 0 (and may be invalid)."""
+def sampling_from_proto(
+    msg: gateway_pb2.GenerateSamplingParams, defaults: Mapping[str, float] | None = None
+) -> SamplingParams:
+    """Unset fields take the model's `defaults` (its generation_config.json), else `SamplingParams`'
+    defaults; a field set to 0 stays 0 (and may be invalid)."""
     values = {
         name: getattr(msg, name)
         for name in (
@@ -58,8 +62,10 @@ def sampling_from_proto(msg: gateway_pb2.GenerateSamplingParams) -> SamplingPara
     }
     if msg.HasField("early_stopping"):
         values["early_stopping"] = EARLY_STOPPING_VALUES[msg.early_stopping]
-    if values.get("use_beam_search"):
+    beam = bool(values.get("use_beam_search"))
+    if beam:
         values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
+    values = generation_defaults.apply(values, defaults or {}, beam)
     kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
     return SamplingParams(
         **values,
@@ -98,10 +104,12 @@ def prompt_from_proto(msg: gateway_pb2.GenerateRequest | gateway_pb2.TokenizePro
     raise InvalidArgument(f"input must be set: {kinds}", field="input")
 
 
-def request_from_proto(msg: gateway_pb2.GenerateRequest) -> GenerationRequest:
+def request_from_proto(
+    msg: gateway_pb2.GenerateRequest, defaults: Mapping[str, float] | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         prompt=prompt_from_proto(msg),
-        sampling=sampling_from_proto(msg.sampling),
+        sampling=sampling_from_proto(msg.sampling, defaults),
         model=msg.model,
         stop=list(msg.stop),
         request_id=msg.request_id,
@@ -195,7 +203,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @grpc_errors
     async def Generate(self, request, context) -> AsyncIterator[gateway_pb2.GenerateResponse]:
         self._authorize(context)
-        outputs = self.engine.generate(request_from_proto(request))
+        outputs = self.engine.generate(request_from_proto(request, self.engine.config.sampling_defaults))
         model = self.engine.served_model_name
         try:
             async for output in outputs:
@@ -206,7 +214,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @grpc_errors
     async def GenerateUnary(self, request, context) -> gateway_pb2.GenerateResult:
         self._authorize(context)
-        generation = request_from_proto(request)
+        generation = request_from_proto(request, self.engine.config.sampling_defaults)
         outputs = self.engine.generate(generation)
         result: CompletedRequest | None = None
         try:

@@ -304,11 +304,12 @@ async def _answer(
         return Response(status_code=499)
 
 
-async def _serve(
-    engine: Engine, request: Request, parse: Callable[[dict, RequestLimits], ApiCall], id_prefix: str
-) -> Response:
+async def _serve(engine: Engine, request: Request, parse: Callable[..., ApiCall], id_prefix: str) -> Response:
+    config = engine.config
     try:
-        call = parse(await read_json(request, engine.config.limits), engine.config.limits)
+        call = parse(
+            await read_json(request, config.limits), config.limits, defaults=config.sampling_defaults
+        )
     except PagedServeError as err:
         return error_response(err)
     except ClientDisconnect:

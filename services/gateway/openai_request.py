@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from pagedserve.common import structured
@@ -134,17 +135,21 @@ def _sampling(
     logprobs: int | None,
     limits: RequestLimits,
     constraint: tuple[str, str] = ("", ""),
+    defaults: Mapping[str, float] | None = None,
 ) -> SamplingParams:
+    """The body's sampling fields; one it leaves out takes the model's default from
+    `defaults` (its generation_config.json, see `generation_defaults`), else the API's own."""
     beam = read_bool(body, "use_beam_search", False)
+    model = {} if beam or defaults is None else defaults  # beam search is greedy and takes none
     n_limit = (limits.max_beam_width, " with use_beam_search (the gateway's --max-beam-width)")
     n_hi, n_why = n_limit if beam else (limits.max_n, " (the gateway's --max-n)")
     return SamplingParams(
         max_tokens=max_tokens,
-        temperature=read_float(body, "temperature", 0.0 if beam else 1.0),
-        top_p=read_float(body, "top_p", 1.0),
-        top_k=read_int(body, "top_k", 0),
-        min_p=read_float(body, "min_p", 0.0),
-        repetition_penalty=read_float(body, "repetition_penalty", 1.0),
+        temperature=read_float(body, "temperature", 0.0 if beam else model.get("temperature", 1.0)),
+        top_p=read_float(body, "top_p", model.get("top_p", 1.0)),
+        top_k=read_int(body, "top_k", model.get("top_k", 0)),
+        min_p=read_float(body, "min_p", model.get("min_p", 0.0)),
+        repetition_penalty=read_float(body, "repetition_penalty", model.get("repetition_penalty", 1.0)),
         presence_penalty=read_float(body, "presence_penalty", 0.0),
         frequency_penalty=read_float(body, "frequency_penalty", 0.0),
         seed=read_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
@@ -231,7 +236,9 @@ def _common_checks(body: dict) -> None:
 # ---- bodies ----
 
 
-def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall:
+def parse_completion(
+    body: dict, limits: RequestLimits | None = None, *, defaults: Mapping[str, float] | None = None
+) -> ApiCall:
     """A /v1/completions body: prompt is a string or a list of token ids, or a list of either
     (a batch: one request per prompt, each with n choices)."""
     limits = limits or RequestLimits()
@@ -244,7 +251,12 @@ def parse_completion(body: dict, limits: RequestLimits | None = None) -> ApiCall
     prompt_logprobs = _prompt_logprobs(body, stream)
     kind, spec, _ = parse_constraint(body)
     sampling = _sampling(
-        body, read_int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT), logprobs, limits, (kind, spec)
+        body,
+        read_int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT),
+        logprobs,
+        limits,
+        (kind, spec),
+        defaults,
     )
     # The executor computes the prompt's logprobs once, with the most tops either form wants.
     asked = [k for k in (prompt_logprobs, logprobs if echo else None) if k is not None]
@@ -320,7 +332,9 @@ def _copy(sampling: SamplingParams) -> SamplingParams:
     return replace(sampling, stop_token_ids=list(sampling.stop_token_ids))
 
 
-def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
+def parse_chat(
+    body: dict, limits: RequestLimits | None = None, *, defaults: Mapping[str, float] | None = None
+) -> ApiCall:
     """A /v1/chat/completions body. Without max_tokens the answer may fill the context."""
     limits = limits or RequestLimits()
     _common_checks(body)
@@ -352,7 +366,9 @@ def parse_chat(body: dict, limits: RequestLimits | None = None) -> ApiCall:
     stream = read_bool(body, "stream", False)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # Without max_tokens the engine fills it in once the prompt's length is known.
-    sampling = _sampling(body, 1 if max_tokens is None else max_tokens, logprobs, limits, (kind, spec))
+    sampling = _sampling(
+        body, 1 if max_tokens is None else max_tokens, logprobs, limits, (kind, spec), defaults
+    )
     sampling.prompt_logprobs = prompt_logprobs
     request = GenerationRequest(
         prompt=prompt,

@@ -24,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from pagedserve.common import internal_tls, structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
+from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.config import (
     GatewayConfig,
 )
@@ -217,6 +218,12 @@ async def serve(config: GatewayConfig) -> None:
             config.tokenizer_address,
             config.scheduler_address or f"pools in {config.redis_url}",
         )
+        if config.sampling_defaults:
+            log.info(
+                "default sampling parameters from the model's generation_config.json: %s (a request's "
+                "own values win; --generation-config vllm ignores the file)",
+                generation_defaults.describe(config.sampling_defaults),
+            )
 
     await run_until_signal(stop, started)
 

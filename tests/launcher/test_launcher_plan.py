@@ -26,6 +26,7 @@ EVERY_OPTION = dict(
     swap_space=0.5,
     preemption_mode="swap",
     chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
+    generation_config="vllm",
     gateway_limits=(("--max-n", 4), ("--max-beam-width", 2), ("--read-timeout", 2.5)),
 )
 
@@ -84,6 +85,24 @@ def test_chat_template_reaches_the_tokenizer(tmp_path, monkeypatch):
     assert "--chat-template" not in tokenizer_flags(LauncherConfig(model="m"))
     with pytest.raises(ValueError, match="neither a file nor a Jinja template"):
         LauncherConfig(model="m", chat_template="missing.jinja")
+
+
+def test_generation_config_reaches_the_gateway(tmp_path, monkeypatch):
+    def gateway_flags(config: LauncherConfig) -> dict[str, str]:
+        specs, _ = plan(config, "redis://r", available=lambda name: True)
+        return flags(next(s for s in specs if s.name == "gateway").command)
+
+    assert "--generation-config" not in gateway_flags(LauncherConfig(model="m"))
+    assert (
+        gateway_flags(LauncherConfig.from_args(parse_up("--generation-config", "vllm")))[
+            "--generation-config"
+        ]
+        == "vllm"
+    )
+    (tmp_path / "tuned").mkdir()
+    monkeypatch.chdir(tmp_path)
+    folder = LauncherConfig.from_args(parse_up("--generation-config", "tuned"))
+    assert gateway_flags(folder)["--generation-config"] == str(tmp_path / "tuned")  # made absolute
 
 
 def test_request_limits_reach_the_gateway():
@@ -182,6 +201,7 @@ def test_plan_orders_and_wires_every_service():
         "--kv-map-redis-url": "redis://127.0.0.1:6390/0",
         "--model": "/models/m",
         "--max-queued-requests": "32",
+        "--generation-config": "vllm",
         "--max-n": "4",
         "--max-beam-width": "2",
         "--read-timeout": "2.5",
