@@ -40,7 +40,8 @@ def _prompt(body: dict) -> Prompt:
         text = body["prompt"]
         if not isinstance(text, str):
             raise InvalidArgument("prompt must be a string", field="prompt")
-        reject(body, "add_generation_prompt", lambda _: False, "it goes with messages")
+        for name in ("add_generation_prompt", "continue_final_message", "chat_template_kwargs"):
+            reject(body, name, lambda _: False, "it goes with messages")
         return Prompt(
             PromptKind.TEXT,
             text=check_text(text, "prompt", "prompt"),

@@ -115,6 +115,13 @@ def test_http_chat_and_tokenize_pass_the_options_to_the_tokenizer() -> None:
             assert_error(
                 await http.post("/tokenize", json=big), 400, "more than the limit of 1000", "messages"
             )
+            text = {"prompt": "x", "continue_final_message": True}
+            assert_error(
+                await http.post("/tokenize", json=text),
+                400,
+                "it goes with messages",
+                "continue_final_message",
+            )
             refused = {"messages": [USER], "chat_template_kwargs": {"chat_template": "{{ 7 * 7 }}"}}
             for path in ("/tokenize", "/v1/chat/completions"):
                 assert_error(await http.post(path, json=refused), 400, "may not set", "chat_template_kwargs")
