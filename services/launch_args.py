@@ -112,6 +112,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     "the gateway routes over them by what their caches hold")  # fmt: skip
     kv.add_argument("--served-model-name", nargs="+", default=(), metavar="NAME",
                     help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
+    kv.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
+                    help="browser origins whose pages may call the HTTP API (CORS; default: none)")  # fmt: skip
     kv.add_argument("--generation-config", default=None, metavar="auto|vllm|FOLDER",
                     help="the gateway's default sampling from generation_config.json (default: auto, the model's)")  # fmt: skip
     kv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",

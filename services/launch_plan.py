@@ -42,6 +42,7 @@ class LauncherConfig:
     served_model_name: tuple[str, ...] = ()  # names the gateway serves the model under (default: --model)
     chat_template: str | None = None  # the tokenizer's --chat-template (a file or the Jinja text)
     generation_config: str | None = None  # the gateway's --generation-config (auto, vllm or a folder)
+    allowed_origins: tuple[str, ...] = ()  # the gateway's --allowed-origins (CORS for these pages)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -216,6 +217,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--max-queued-requests", config.max_queued_requests),
           *(("--served-model-name", *config.served_model_name) if config.served_model_name else ()),
           *_opt("--generation-config", _absolute_if_path(config.generation_config)),
+          *(("--allowed-origins", *config.allowed_origins) if config.allowed_origins else ()),
           *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream),
           *(str(x) for pair in config.gateway_limits for x in pair))),
     ]  # fmt: skip

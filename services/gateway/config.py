@@ -123,6 +123,7 @@ class GatewayConfig:
     tls_key: str | None = None  # its PEM private key file
     api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token
     protect_metrics: bool = False  # with api_key: /metrics needs the key too
+    allowed_origins: tuple[str, ...] = ()  # browser origins the HTTP API answers with CORS ("*": any)
 
     @property
     def model_names(self) -> tuple[str, ...]:

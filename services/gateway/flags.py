@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 
 from pagedserve.common import internal_tls
 from pagedserve.common.models import default_model
@@ -136,6 +137,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protect-metrics", action="store_true", help="with an API key, /metrics needs it too"
     )
     parser.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=None,
+        metavar="ORIGIN",
+        help="browser origins (https://ui.example.com, or * for any) whose pages may call the HTTP "
+        "API: CORS headers and preflight answers for them (default: none, same-origin only)",
+    )
+    parser.add_argument(
         "--tls-cert", default=None, help="PEM certificate file: serve HTTPS and gRPC over TLS"
     )
     parser.add_argument("--tls-key", default=None, help="PEM private key file of --tls-cert")
@@ -160,6 +169,11 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         sampling_defaults = generation_defaults.load(args.generation_config, model)
     except ValueError as e:
         raise SystemExit(str(e)) from None
+    for origin in args.allowed_origins or ():
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise SystemExit(
+                f"--allowed-origins: {origin!r} is not * or an origin like https://ui.example.com"
+            )
     api_key = args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
@@ -199,6 +213,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         ),
         api_key=api_key,
         protect_metrics=args.protect_metrics,
+        allowed_origins=tuple(args.allowed_origins or ()),
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )

@@ -7,7 +7,8 @@ aborted: streams are cancelled by Starlette, non-streaming requests by watching 
 `http.disconnect`.
 
 A JSON route reads its body only after the checks that cost nothing: Content-Type must be
-application/json (415: a browser page cannot post JSON without a CORS preflight), a
+application/json (415: a browser page cannot post JSON without a CORS preflight, which only
+the origins given to `--allowed-origins` pass), a
 Content-Length over `--max-request-bytes` is refused unread (413, and the connection closed),
 and a body that stalls for `read_timeout` seconds is 408. The parsed JSON may nest at most
 `max_json_depth` levels.
@@ -26,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -194,6 +196,16 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
     app = FastAPI(title="pagedserve", docs_url=None, redoc_url=None, openapi_url=None)
     if config.api_key:
         app.add_middleware(ApiKeyCheck, api_key=config.api_key, protect_metrics=config.protect_metrics)
+    if config.allowed_origins:
+        # Outermost, so a preflight (which carries no API key) is answered here. Only the listed
+        # origins get the headers; a browser page elsewhere still cannot read or post.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.allowed_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:

@@ -27,6 +27,7 @@ EVERY_OPTION = dict(
     preemption_mode="swap",
     chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
     generation_config="vllm",
+    allowed_origins=("https://ui.example.com",),
     gateway_limits=(("--max-n", 4), ("--max-beam-width", 2), ("--read-timeout", 2.5)),
 )
 
@@ -87,7 +88,7 @@ def test_chat_template_reaches_the_tokenizer(tmp_path, monkeypatch):
         LauncherConfig(model="m", chat_template="missing.jinja")
 
 
-def test_generation_config_reaches_the_gateway(tmp_path, monkeypatch):
+def test_generation_config_and_origins_reach_the_gateway(tmp_path, monkeypatch):
     def gateway_flags(config: LauncherConfig) -> dict[str, str]:
         specs, _ = plan(config, "redis://r", available=lambda name: True)
         return flags(next(s for s in specs if s.name == "gateway").command)
@@ -99,6 +100,9 @@ def test_generation_config_reaches_the_gateway(tmp_path, monkeypatch):
         ]
         == "vllm"
     )
+    two = LauncherConfig.from_args(parse_up("--allowed-origins", "https://a.example", "*"))
+    gateway = next(s for s in plan(two, "redis://r", available=lambda name: True)[0] if s.name == "gateway")
+    assert "--allowed-origins https://a.example *" in " ".join(gateway.command)
     (tmp_path / "tuned").mkdir()
     monkeypatch.chdir(tmp_path)
     folder = LauncherConfig.from_args(parse_up("--generation-config", "tuned"))
@@ -202,6 +206,7 @@ def test_plan_orders_and_wires_every_service():
         "--model": "/models/m",
         "--max-queued-requests": "32",
         "--generation-config": "vllm",
+        "--allowed-origins": "https://ui.example.com",
         "--max-n": "4",
         "--max-beam-width": "2",
         "--read-timeout": "2.5",
