@@ -3,7 +3,8 @@
 `Stack` runs `pagedserve executor | tokenizer | scheduler | gateway` on free ports, waits for
 each to report SERVING on the standard gRPC health service, and stops every process group,
 failing if any process outlives it. `Stack.assert_clean()` waits for the pool to be idle (no
-running or waiting request, no referenced block) and runs `pagedserve fsck` on it.
+running or waiting request, no referenced block) and runs `pagedserve fsck` on it. `gateway()`
+runs one more gateway, with other flags, on a stack's tokenizer and scheduler.
 
 Kept out of conftest.py so that test modules can import it by a unique name.
 """
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from hf_reference import reference_greedy as hf_greedy  # noqa: F401  (re-exported to the tests)
 
@@ -325,3 +327,38 @@ def metric(text: str, name: str) -> float:
     match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
+
+
+@contextlib.contextmanager
+def gateway(stack: Stack, log_dir: Path, *flags: str) -> Iterator[tuple[str, str, ChildProcess]]:
+    """Another gateway process on the stack's tokenizer and scheduler, with `flags`; yields
+    (gRPC address, HTTP url, its process)."""
+    grpc_port, http_port = free_port(), free_port()
+    command = [
+        *PAGEDSERVE, "gateway", "--host", stack.host, "--grpc-port", str(grpc_port),
+        "--http-port", str(http_port), "--tokenizer", stack.tokenizer_address,
+        "--scheduler", stack.scheduler_address, "--model", stack.model, *flags,
+    ]  # fmt: skip
+    child = ChildProcess(
+        f"gateway-{grpc_port}", command, env=ENV, log_path=log_dir / f"gateway-{grpc_port}.log"
+    )
+    child.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not health_check(f"{stack.host}:{grpc_port}", timeout=1.0):
+            assert child.poll() is None, f"the gateway exited with {child.poll()}"
+            assert time.monotonic() < deadline, "the gateway did not start within 60 s"
+            time.sleep(0.1)
+        yield f"{stack.host}:{grpc_port}", f"http://{stack.host}:{http_port}", child
+    finally:
+        stop_all([child], grace=5.0)
+        child.close()
+
+
+def assert_error(reply: httpx.Response, status: int, message: str, param: str | None = None) -> None:
+    assert reply.status_code == status, reply.text
+    error = reply.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert message in error["message"], error["message"]
+    if param is not None:
+        assert error["param"] == param
