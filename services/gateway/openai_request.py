@@ -7,7 +7,8 @@ stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
 return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first),
 include_stop_str_in_output, truncate_prompt_tokens (the prompt's last k tokens; -1: max_model_len),
 allowed_token_ids
-and prompt_logprobs (not with stream, as in vLLM). Completions' `echo` with `logprobs` gets the
+and prompt_logprobs (not with stream, as in vLLM); chat bodies also chat_template_kwargs and
+continue_final_message (`chat_messages.py`). The sampling fields are read in `sampling_body.py`. Completions' `echo` with `logprobs` gets the
 prompt tokens' logprobs too: both forms set `SamplingParams.prompt_logprobs`. Beam search as
 vLLM's `use_beam_search` (n is the beam width; temperature defaults to 0 with it) with
 transformers' `length_penalty` and `early_stopping` (true, false or "never"). Beam search
@@ -22,33 +23,28 @@ lone surrogates), so that nothing fails later with a 500.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams
+from pagedserve.common.params import MAX_LOGPROBS, SamplingParams
 from pagedserve.gateway.body_fields import (
-    INT64_MAX,
-    INT64_MIN,
     MISSING,
     check_object,
     check_text,
     get_field,
     is_int_list,
     read_bool,
-    read_float,
     read_int,
-    read_int_list,
     read_model,
     reject,
-    show,
 )
 from pagedserve.gateway.chat_messages import read_chat_prompt
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.constraints import parse_constraint
 from pagedserve.gateway.datatypes import GenerationRequest, Prompt, PromptKind
+from pagedserve.gateway.sampling_body import read_sampling
 from pagedserve.gateway.tool_calls import ToolChoice, parse_tools
 
 COMPLETIONS_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
@@ -110,95 +106,12 @@ def _stop(body: dict, limits: RequestLimits) -> list[str]:
     return value
 
 
-def _early_stopping(body: dict) -> bool | str:
-    value = get_field(body, "early_stopping")
-    if value is MISSING:
-        return False
-    if value not in (True, False, "never") or isinstance(value, int | float) and not isinstance(value, bool):
-        raise InvalidArgument(
-            f'early_stopping must be true, false or "never", got {show(value)}', field="early_stopping"
-        )
-    return value
-
-
 def _check_beam_search(sampling: SamplingParams, stream: bool) -> None:
     """What beam search cannot go with at this layer (the rest: `SamplingParams.validate`)."""
     if stream and sampling.use_beam_search:
         raise InvalidArgument(
             "stream is not supported with use_beam_search: beams come all at once", field="stream"
         )
-
-
-def _sampling(
-    body: dict,
-    max_tokens: int,
-    logprobs: int | None,
-    limits: RequestLimits,
-    constraint: tuple[str, str] = ("", ""),
-    defaults: Mapping[str, float] | None = None,
-) -> SamplingParams:
-    """The body's sampling fields; one it leaves out takes the model's default from
-    `defaults` (its generation_config.json, see `generation_defaults`), else the API's own."""
-    beam = read_bool(body, "use_beam_search", False)
-    model = {} if beam or defaults is None else defaults  # beam search is greedy and takes none
-    n_limit = (limits.max_beam_width, " with use_beam_search (the gateway's --max-beam-width)")
-    n_hi, n_why = n_limit if beam else (limits.max_n, " (the gateway's --max-n)")
-    return SamplingParams(
-        max_tokens=max_tokens,
-        temperature=read_float(body, "temperature", 0.0 if beam else model.get("temperature", 1.0)),
-        top_p=read_float(body, "top_p", model.get("top_p", 1.0)),
-        top_k=read_int(body, "top_k", model.get("top_k", 0)),
-        min_p=read_float(body, "min_p", model.get("min_p", 0.0)),
-        repetition_penalty=read_float(body, "repetition_penalty", model.get("repetition_penalty", 1.0)),
-        presence_penalty=read_float(body, "presence_penalty", 0.0),
-        frequency_penalty=read_float(body, "frequency_penalty", 0.0),
-        seed=read_int(body, "seed", None, lo=INT64_MIN, hi=INT64_MAX),
-        n=read_int(body, "n", 1, hi=n_hi, limit=n_why),
-        stop_token_ids=read_int_list(body, "stop_token_ids"),
-        ignore_eos=read_bool(body, "ignore_eos", False),
-        logprobs=logprobs,
-        min_tokens=read_int(body, "min_tokens", 0),
-        structured_kind=constraint[0],
-        structured_spec=constraint[1],
-        use_beam_search=beam,
-        length_penalty=read_float(body, "length_penalty", 1.0),
-        early_stopping=_early_stopping(body),
-        logit_bias=_logit_bias(body),
-        allowed_token_ids=read_int_list(body, "allowed_token_ids"),
-    )
-
-
-_TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,11}")
-
-
-def _logit_bias(body: dict) -> dict[int, float]:
-    """OpenAI's `{"token id": bias}` (ids as JSON object keys, so strings); ranges are checked by
-    `SamplingParams.validate`, the count here first, before anything is built for it."""
-    value = get_field(body, "logit_bias")
-    if value is MISSING:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgument('logit_bias must be an object of {"token id": bias}', field="logit_bias")
-    if len(value) > MAX_LOGIT_BIAS:
-        raise InvalidArgument(
-            f"logit_bias has {len(value)} tokens, more than the limit of {MAX_LOGIT_BIAS}", field="logit_bias"
-        )
-    bias = {}
-    for key, number in value.items():
-        if not _TOKEN_ID_KEY.fullmatch(key):
-            raise InvalidArgument(f"logit_bias keys must be token ids, got {show(key)}", field="logit_bias")
-        if isinstance(number, bool) or not isinstance(number, int | float):
-            raise InvalidArgument(
-                f"logit_bias[{key}] must be a number, got {show(number)}", field="logit_bias"
-            )
-        if (
-            not -LOGIT_BIAS_RANGE <= number <= LOGIT_BIAS_RANGE
-        ):  # NaN fails too; a huge int is never made a float
-            raise InvalidArgument(
-                f"logit_bias[{key}] must be in [-100, 100], got {show(number)}", field="logit_bias"
-            )
-        bias[int(key)] = float(number)
-    return bias
 
 
 def _top_count(body: dict, name: str) -> int | None:
@@ -250,7 +163,7 @@ def parse_completion(
     stream = read_bool(body, "stream", False)
     prompt_logprobs = _prompt_logprobs(body, stream)
     kind, spec, _ = parse_constraint(body)
-    sampling = _sampling(
+    sampling = read_sampling(
         body,
         read_int(body, "max_tokens", COMPLETIONS_MAX_TOKENS_DEFAULT),
         logprobs,
@@ -366,7 +279,7 @@ def parse_chat(
     stream = read_bool(body, "stream", False)
     prompt_logprobs = _prompt_logprobs(body, stream)
     # Without max_tokens the engine fills it in once the prompt's length is known.
-    sampling = _sampling(
+    sampling = read_sampling(
         body, 1 if max_tokens is None else max_tokens, logprobs, limits, (kind, spec), defaults
     )
     sampling.prompt_logprobs = prompt_logprobs
