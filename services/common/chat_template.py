@@ -17,6 +17,7 @@ import json
 import re
 
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.json_text import load_json_text
 
 # apply_chat_template's parameters (a kwarg with one of these names would set it instead of
 # reaching the template), and the names the renderer passes to every template itself.
@@ -73,11 +74,7 @@ def template_kwargs_from_json(text: str, field: str = "chat.chat_template_kwargs
     """`ChatMessages.chat_template_kwargs_json` read and checked; empty text: no variables."""
     if not text:
         return {}
-    try:
-        value = json.loads(text)
-    except ValueError:
-        raise InvalidArgument(f"{field} is not valid JSON", field=field) from None
-    return check_template_kwargs(value, field)
+    return check_template_kwargs(load_json_text(text, field), field)
 
 
 def template_kwargs_to_json(kwargs: dict) -> str:

@@ -25,9 +25,11 @@ import json
 import re
 
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.json_text import text_nests_over, too_deep
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 1 << 16  # a schema or grammar larger than this is refused before compiling
+MAX_SCHEMA_DEPTH = 64  # arrays and objects inside one another in a JSON schema's text
 # JSON output without free whitespace: a small model cannot spend its tokens on blank runs,
 # and ", " / ": " are the separators models see most in their training text.
 _JSON_OPTIONS = {"any_whitespace": False}
@@ -45,6 +47,10 @@ def check_shape(kind: str, spec: str, field: str = "structured") -> None:
         raise InvalidArgument(
             f"{field}.{kind} is {len(spec)} characters, more than the limit of {MAX_SPEC_CHARS}", field=field
         )
+    # A schema's grammar takes time that grows with the cube of its nesting (a 30 KB schema
+    # nested 800 levels deep: a minute), so its nesting is limited.
+    if kind == "json_schema" and text_nests_over(spec, MAX_SCHEMA_DEPTH):
+        raise too_deep(f"{field}.json_schema", MAX_SCHEMA_DEPTH, field)
 
 
 def choice_spec(choices: list[str], field: str) -> str:

@@ -17,6 +17,8 @@ import json
 
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.json_text import load_json_text
+from pagedserve.common.structured import MAX_SCHEMA_DEPTH
 
 NONE = ("", "")
 _STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice", "grammar": "grammar"}
@@ -25,10 +27,7 @@ _STRUCTURED_KEYS = {"json": "json_schema", "regex": "regex", "choice": "choice",
 def _schema_text(schema, field: str) -> str:
     """A schema given as an object, a boolean or JSON text, as compact JSON text."""
     if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except ValueError as exc:
-            raise InvalidArgument(f"{field} is not valid JSON: {exc}", field=field) from None
+        schema = load_json_text(schema, field, MAX_SCHEMA_DEPTH)
     if not isinstance(schema, dict | bool):
         raise InvalidArgument(f"{field} must be a JSON Schema object", field=field)
     return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pagedserve import __version__
 from pagedserve.common.errors import InvalidArgument, PagedServeError
+from pagedserve.common.json_text import depth_over
 from pagedserve.gateway.body_fields import check_object
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.dashboard import add_dashboard_routes
@@ -124,23 +125,6 @@ class ApiKeyCheck:
         )
 
 
-def json_depth_over(value: object, limit: int) -> bool:
-    """Whether arrays and objects in parsed JSON nest deeper than `limit` (iterative: no
-    recursion). A list of scalars (a prompt's token ids) is passed over at C speed."""
-    if type(value) not in (dict, list):
-        return False
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            return True
-        children = item.values() if type(item) is dict else item
-        types = set(map(type, children))
-        if list in types or dict in types:
-            stack.extend((c, depth + 1) for c in children if type(c) in (dict, list))
-    return False
-
-
 async def read_json(request: Request, limits: RequestLimits) -> object:
     """The body as JSON, after the checks that cost nothing (see the module docstring)."""
     content_type = request.headers.get("content-type")
@@ -184,7 +168,7 @@ async def read_json(request: Request, limits: RequestLimits) -> object:
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits
         raise InvalidArgument(f"the request body is not valid JSON: {err}") from None
     opening = data.count(b"[") + data.count(b"{")
-    if opening > limits.max_json_depth and json_depth_over(body, limits.max_json_depth):
+    if opening > limits.max_json_depth and depth_over(body, limits.max_json_depth):
         raise InvalidArgument(
             f"the request body nests arrays or objects more than {limits.max_json_depth} levels deep"
         )

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.common.chat_template import check_template_kwargs, generation_prompt, template_kwargs_to_json
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.json_text import load_json_text
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
 
 DEFAULT_MAX_INPUT_BYTES = 1 << 20
@@ -41,14 +42,18 @@ class ChatMessage:
         object is handed over decoded."""
         message: dict = {"role": self.role, "content": self.content}
         if self.tool_calls_json:
-            calls = json.loads(self.tool_calls_json)
+            calls = load_json_text(self.tool_calls_json, "chat.messages.tool_calls_json")
+            if not isinstance(calls, list):
+                raise InvalidArgument(
+                    "chat.messages.tool_calls_json must be a JSON list", field="chat.messages.tool_calls_json"
+                )
             for call in calls:
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                     try:
-                        arguments = json.loads(function["arguments"])
-                    except ValueError:
-                        continue
+                        arguments = load_json_text(function["arguments"], "arguments")
+                    except InvalidArgument:
+                        continue  # handed over as the text it is
                     if isinstance(arguments, dict):
                         function["arguments"] = arguments
             message["tool_calls"] = calls
@@ -231,12 +236,7 @@ class ServedTokenizer:
             raise InvalidArgument(
                 f"the chat template of {self.model} does not support tools: send no tools", field="tools"
             )
-        try:
-            conversation = [m.to_template() for m in messages]
-        except ValueError:
-            raise InvalidArgument(
-                "chat.messages: tool_calls is not valid JSON", field="chat.messages"
-            ) from None
+        conversation = [m.to_template() for m in messages]
         try:
             rendered = self.hf.apply_chat_template(
                 conversation,

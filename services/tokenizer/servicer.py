@@ -9,7 +9,6 @@ few ids each and run on the loop.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
@@ -19,6 +18,7 @@ import grpc
 from pagedserve.common.chat_template import chat_generation_prompt, template_kwargs_from_json
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
+from pagedserve.common.json_text import load_json_text
 from pagedserve.common.models import served_model_name
 from pagedserve.tokenizer.core import ChatMessage, ServedTokenizer
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -129,10 +129,7 @@ def _tools(tools_json: str) -> list[dict] | None:
     """`ChatMessages.tools_json`: OpenAI's `tools` list as JSON text, or empty for none."""
     if not tools_json:
         return None
-    try:
-        tools = json.loads(tools_json)
-    except ValueError:
-        raise InvalidArgument("chat.tools_json is not valid JSON", field="tools") from None
+    tools = load_json_text(tools_json, "chat.tools_json")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
         raise InvalidArgument("chat.tools_json must be a JSON list of objects", field="tools")
     return tools

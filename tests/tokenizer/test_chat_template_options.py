@@ -152,3 +152,28 @@ def test_the_service_takes_the_options(grpc_server) -> None:
             )
             stub.Encode(pb.EncodeRequest(chat=chat), timeout=10)
         assert "add_generation_prompt must be false" in err.value.details()
+
+
+def test_the_service_refuses_deep_json_fields(grpc_server) -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    with grpc.insecure_channel(grpc_server.address) as channel:
+        stub = tokenizer_pb2_grpc.TokenizerStub(channel)
+        user = pb.ChatMessage(role="user", content="x")
+        for chat, words in [
+            (pb.ChatMessages(messages=[user], tools_json=deep), "chat.tools_json nests arrays or objects"),
+            (
+                pb.ChatMessages(messages=[user], chat_template_kwargs_json='{"a": ' + deep + "}"),
+                "kwargs_json nests",
+            ),
+            (
+                pb.ChatMessages(
+                    messages=[
+                        pb.ChatMessage(role="assistant", content="", tool_calls_json="[" * 65 + "]" * 65)
+                    ]  # 65 deep, under 1,000 bytes
+                ),
+                "chat.messages.tool_calls_json nests",
+            ),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Encode(pb.EncodeRequest(chat=chat), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in err.value.details()
