@@ -11,7 +11,11 @@ the copy (a few percent faster, measured), so those keep F.linear. MKL exports t
 Two properties matter for serving:
 - from `MIN_ROWS` rows up, a row's result does not depend on how many rows are multiplied with it
   (checked up to 64 rows in tests/kernels/test_packed_gemm.py). `F.linear` switches kernels with the
-  row count (at 16 rows on this machine), and its bits with them.
+  row count (at 16 rows on an AVX-512 Xeon), and its bits with them. MKL's packed kernels keep a
+  row's bits on some CPUs and not on others: on an AVX2 EPYC, 5-7 and 9-11 rows summed in another
+  order than the same rows among 64, while 4, 8 and 12 or more did not. So at the first packing a
+  probe finds the smallest row multiple that keeps every row's bits from 3 to 64 rows (1 on the
+  Xeon, 4 on the EPYC), and a call with another row count is padded with zero rows up to it.
 - the bits are not always `F.linear`'s: the sums over the inner dimension may be split at other
   places (differences of about 1e-6 at unit scale, tested); greedy outputs stay token-identical to
   transformers in the tests.
@@ -50,6 +54,8 @@ _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
 # this one gave the best times across 1-512 rows on the models measured.
 _PACK_ROWS = 256
 MIN_ROWS = 3  # fewer rows go to F.linear
+_GRANULES = (1, 2, 4, 8, 16)  # row multiples the probe tries, smallest first
+_PROBE_ROWS = 64
 # With core helpers: a weight's columns in about two slices per worker (at least this wide, a
 # multiple of 16), so that a late helper leaves the caller little to wait for.
 MIN_SLICE_COLUMNS = 64
@@ -95,12 +101,49 @@ def _library() -> ctypes.CDLL | None:
         return _loaded["lib"]  # type: ignore[return-value]
 
 
+def _granule_keeps_bits(lib: ctypes.CDLL, granule: int) -> bool:
+    """Whether rows padded up to a multiple of `granule` keep their bits from 3 to 64 rows, on two
+    shapes (square-ish and wide, one inner dimension no power of two)."""
+    gen = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((176, 64), (96, 40)):
+        linear = PackedLinear(
+            lib, torch.randn(out_features, in_features, generator=gen), None, granule=granule
+        )
+        x = torch.randn(_PROBE_ROWS, in_features, generator=gen)
+        full = linear(x)
+        for m in range(MIN_ROWS, _PROBE_ROWS):
+            if not (torch.equal(linear(x[:m]), full[:m]) and torch.equal(linear(x[-m:]), full[-m:])):
+                return False
+    return True
+
+
+def row_granule(lib: ctypes.CDLL) -> int:
+    """The row multiple this CPU's packed kernels keep a row's bits at (probed once per process)."""
+    with _lock:
+        if "granule" not in _loaded:
+            granule = next((g for g in _GRANULES if _granule_keeps_bits(lib, g)), None)
+            if granule is None:
+                log.warning(
+                    "packed linears: no row multiple up to %d keeps a row's bits on this CPU", _GRANULES[-1]
+                )
+            elif granule > 1:
+                log.info(
+                    "packed linears: row counts padded to a multiple of %d (it keeps a row's bits on this CPU)",
+                    granule,
+                )
+            _loaded["granule"] = granule or 1
+        return _loaded["granule"]  # type: ignore[return-value]
+
+
 class PackedLinear:
     """y = x @ weight.T (+ bias) for float32 CPU tensors, the weight [out, in] packed at construction
     (a model's weights do not change while it serves; a later change would reach only F.linear's
     calls of fewer than MIN_ROWS rows)."""
 
-    def __init__(self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None, granule: int | None = None
+    ) -> None:
+        self.granule = row_granule(lib) if granule is None else granule  # rows padded to a multiple
         self.weight = weight.detach()  # the module's own tensor, for F.linear below MIN_ROWS rows
         weight = self.weight.contiguous()
         self.out_features, self.in_features = weight.shape
@@ -131,6 +174,10 @@ class PackedLinear:
         m = rows.shape[0]
         if m < MIN_ROWS:
             return F.linear(x, self.weight, self.bias)
+        if m % self.granule:  # zero rows up to the multiple that keeps every row's bits
+            padded = rows.new_zeros((m + self.granule - m % self.granule, k))
+            padded[:m] = rows
+            return self(padded)[:m].view(*x.shape[:-1], n)
         out = torch.empty((m, n), dtype=torch.float32)
         if m and len(self.slices) > 1:
             # on one torch thread shared with the helpers; with more (a heavy step), torch's

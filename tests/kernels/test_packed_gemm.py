@@ -49,6 +49,28 @@ def test_a_rows_bits_do_not_depend_on_its_batch() -> None:
         assert torch.equal(linear(x[:rows]), F.linear(x[:rows], linear.weight, linear.bias))
 
 
+def test_rows_padded_to_the_granule() -> None:
+    """Where the probe finds that a CPU keeps a row's bits only at some row multiple (4 on an AVX2
+    EPYC), a call is padded with zero rows up to it; forced here, so every CPU runs that path."""
+    from pagedserve.kernels.packed_gemm import _library, row_granule
+
+    assert row_granule(_library()) in (1, 2, 4, 8, 16)
+    gen = torch.Generator().manual_seed(1)
+    weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    padded = PackedLinear(_library(), weight, bias, granule=4)
+    plain = PackedLinear(_library(), weight, bias, granule=1)
+    x = torch.randn(2, 4, 40, generator=gen)
+    for rows in (3, 5, 6, 7):
+        got = padded(x.reshape(8, 40)[:rows])
+        assert got.shape == (rows, 96)
+        assert torch.equal(
+            got, plain(torch.cat([x.reshape(8, 40)[:rows], torch.zeros(-rows % 4, 40)]))[:rows]
+        )
+    assert torch.equal(
+        padded(x[:, :3]), plain(torch.cat([x[:, :3].reshape(6, 40), torch.zeros(2, 40)]))[:6].view(2, 3, 96)
+    )
+
+
 def test_non_contiguous_input() -> None:
     weight = torch.randn(32, 64)
     x = torch.randn(64, 10).t()  # [10, 64], strided
