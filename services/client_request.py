@@ -134,6 +134,8 @@ def build_request(
     given = [x is not None for x in (prompt, token_ids, messages)]
     if sum(given) != 1:
         raise TypeError("pass exactly one of prompt, token_ids= or messages=")
+    if messages is None:
+        _no_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     msg = gateway_pb2.GenerateRequest(
         model=_text("model", model),
@@ -164,6 +166,17 @@ def build_request(
     if truncate_prompt_tokens is not None:
         msg.truncate_prompt_tokens = _int("truncate_prompt_tokens", truncate_prompt_tokens, INT32)
     return msg
+
+
+def _no_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs) -> None:
+    """The chat template's options go with messages= only (the gateway would not see them)."""
+    for name, value, unset in (
+        ("add_generation_prompt", add_generation_prompt, None),
+        ("continue_final_message", continue_final_message, False),
+        ("chat_template_kwargs", chat_template_kwargs, None),
+    ):
+        if value is not unset:
+            raise errors.InvalidArgument(f"{name} goes with messages=, not a text prompt", field=name)
 
 
 def _chat(
@@ -209,6 +222,8 @@ def build_tokenize_request(
     """A `TokenizePromptRequest` from exactly one of `prompt` or `messages`."""
     if (prompt is None) == (messages is None):
         raise TypeError("pass exactly one of prompt or messages=")
+    if messages is None:
+        _no_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
     msg = gateway_pb2.TokenizePromptRequest(model=_text("model", model))
     if prompt is not None:
         msg.text = _text("prompt", prompt)

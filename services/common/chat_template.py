@@ -17,13 +17,15 @@ import json
 import re
 
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.json_text import load_json_text
+from pagedserve.common.json_text import MAX_DEPTH, depth_over, load_json_text, too_deep
 
 # apply_chat_template's parameters (a kwarg with one of these names would set it instead of
-# reaching the template), and the names the renderer passes to every template itself.
+# reaching the template), and the names it and the renderer pass on or to every template themselves.
 RESERVED_TEMPLATE_KWARGS = frozenset(
     {
+        "self",
         "conversation",
+        "conversations",
         "messages",
         "tools",
         "documents",
@@ -51,6 +53,8 @@ def check_template_kwargs(value: object, field: str = "chat_template_kwargs") ->
     """`value` as the template's extra variables, or InvalidArgument naming `field`."""
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field} must be an object of template variables", field=field)
+    if depth_over(value, MAX_DEPTH):
+        raise too_deep(field, MAX_DEPTH)
     if len(value) > MAX_TEMPLATE_KWARGS:
         raise InvalidArgument(
             f"{field} has {len(value)} keys, more than the limit of {MAX_TEMPLATE_KWARGS}", field=field

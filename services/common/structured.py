@@ -25,11 +25,11 @@ import json
 import re
 
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.json_text import text_nests_over, too_deep
+from pagedserve.common.json_text import MAX_DEPTH, text_nests_over, too_deep
 
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 1 << 16  # a schema or grammar larger than this is refused before compiling
-MAX_SCHEMA_DEPTH = 64  # arrays and objects inside one another in a JSON schema's text
+MAX_SCHEMA_DEPTH = MAX_DEPTH  # arrays and objects inside one another in a JSON schema's text
 # JSON output without free whitespace: a small model cannot spend its tokens on blank runs,
 # and ", " / ": " are the separators models see most in their training text.
 _JSON_OPTIONS = {"any_whitespace": False}

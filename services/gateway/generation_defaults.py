@@ -6,7 +6,8 @@ default) the gateway reads those fields from the model folder's file at start, a
 does not set one gets the model's value instead of the API's own default (temperature 1.0, top_p
 1.0, top_k off, min_p 0, repetition_penalty 1.0). A request's own value always wins; beam search
 takes none of them (it is greedy and refuses the others). `vllm` ignores the file, and a folder
-path reads that folder's file instead. Other fields of the file (`do_sample`, `max_new_tokens`,
+path reads that folder's file instead (for a hub id, `auto` reads the copy in the local Hugging
+Face cache, if there is one). Other fields of the file (`do_sample`, `max_new_tokens`,
 ...) are not used: an explicit request is never capped by them.
 """
 
@@ -14,56 +15,69 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Mapping
 from pathlib import Path
+
+from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.body_fields import check_float
 
 log = logging.getLogger(__name__)
 
 FILE_NAME = "generation_config.json"
-# field -> (is an integer, the check, what the check says)
-FIELDS = {
-    "temperature": (False, lambda v: v >= 0, ">= 0"),
-    "top_p": (False, lambda v: 0 < v <= 1, "in (0, 1]"),
-    "top_k": (True, lambda v: v >= -1, ">= -1 (0 or -1: off)"),
-    "min_p": (False, lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "repetition_penalty": (False, lambda v: v > 0, "> 0"),
-}
-CHOICES = ("auto", "vllm")
+# field -> whether it is an integer; the ranges are SamplingParams.validate's
+FIELDS = {"temperature": False, "top_p": False, "top_k": True, "min_p": False, "repetition_penalty": False}
+
+
+def _find(source: str, model: str) -> Path | None:
+    """The file `source` names for `model`: a folder's, or for `auto` the model folder's, or the
+    copy of a hub model's in the local Hugging Face cache (never downloaded)."""
+    if source != "auto":
+        path = Path(source) / FILE_NAME
+        if not path.is_file():
+            raise ValueError(f"--generation-config {source}: no {FILE_NAME} in that folder")
+        return path
+    if Path(model).is_dir():
+        path = Path(model) / FILE_NAME
+        return path if path.is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, FILE_NAME)
+    except Exception:  # not a repo id, no cache: nothing to read
+        return None
+    return Path(cached) if isinstance(cached, str) else None
 
 
 def load(source: str, model: str) -> dict[str, float]:
-    """The defaults `--generation-config source` gives for `model`: `auto` reads the model
-    folder's file (none when the model is not a local folder or has no file), `vllm` none,
-    anything else is a folder whose file must exist. A bad value is a ValueError naming it."""
-    if source == "vllm":
+    """The defaults `--generation-config source` gives for `model`: `auto` reads the model's file
+    (none when it has none), `vllm` none, anything else is a folder whose file must exist. A bad
+    value is a ValueError naming the file and the field."""
+    path = None if source == "vllm" else _find(source, model)
+    if path is None:
         return {}
-    folder = Path(model if source == "auto" else source)
-    path = folder / FILE_NAME
-    if not path.is_file():
-        if source == "auto":
-            return {}
-        raise ValueError(f"--generation-config {source}: no {FILE_NAME} in that folder")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:
         raise ValueError(f"{path} could not be read as JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
     defaults: dict[str, float] = {}
-    for name, (integer, ok, rule) in FIELDS.items():
-        value = data.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-            raise ValueError(f"{path}: {name} must be a number, got {value!r}")
-        if integer and value != int(value) or not ok(value):
-            raise ValueError(
-                f"{path}: {name} must be {'an integer ' if integer else ''}{rule}, got {value!r}"
-            )
-        defaults[name] = int(value) if integer else float(value)
-    if defaults.get("top_k") == -1:
-        defaults["top_k"] = 0  # off, in this API's spelling
+    try:
+        for name, integer in FIELDS.items():
+            value = data.get(name)
+            if value is None:
+                continue
+            if integer and (isinstance(value, float) and value.is_integer()):
+                value = int(value)
+            if integer and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
+            defaults[name] = value if integer else check_float(name, value)
+        if defaults.get("top_k") == -1:
+            defaults["top_k"] = 0  # off, in this API's spelling
+        SamplingParams(**defaults).validate()
+    except InvalidArgument as err:
+        raise ValueError(f"{path}: {err.message}") from None
     return defaults
 
 
@@ -71,8 +85,7 @@ def describe(defaults: Mapping[str, float]) -> str:
     return ", ".join(f"{name}={value:g}" for name, value in defaults.items())
 
 
-def apply(values: dict, defaults: Mapping[str, float], beam: bool) -> dict:
-    """`values` (the fields a request gave) with the model's defaults filled in for the rest."""
-    if beam:
-        return values
-    return {**defaults, **values}
+def for_request(defaults: Mapping[str, float] | None, beam: bool) -> Mapping[str, float]:
+    """The model's defaults a request takes for the fields it leaves out: none with beam search,
+    which is greedy and refuses the sampling fields."""
+    return {} if beam or defaults is None else defaults

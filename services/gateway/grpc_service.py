@@ -65,7 +65,7 @@ def sampling_from_proto(
     beam = bool(values.get("use_beam_search"))
     if beam:
         values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)
-    values = generation_defaults.apply(values, defaults or {}, beam)
+    values = {**generation_defaults.for_request(defaults, beam), **values}
     kind, spec = structured.from_proto(msg.structured) if msg.HasField("structured") else ("", "")
     return SamplingParams(
         **values,

@@ -187,7 +187,8 @@ def build_app(engine: Engine, metrics: GatewayMetrics) -> FastAPI:
             CORSMiddleware,
             allow_origins=list(config.allowed_origins),
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type"],
+            allow_headers=["*"],  # the openai JS SDK sends its x-stainless-* headers; no credentials
+            expose_headers=["Retry-After"],
             max_age=600,
         )
 

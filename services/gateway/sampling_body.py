@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, SamplingParams
+from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.body_fields import (
     INT64_MAX,
     INT64_MIN,
@@ -38,7 +39,7 @@ def read_sampling(
     """The body's sampling fields; one it leaves out takes the model's default from
     `defaults` (its generation_config.json, see `generation_defaults`), else the API's own."""
     beam = read_bool(body, "use_beam_search", False)
-    model = {} if beam or defaults is None else defaults  # beam search is greedy and takes none
+    model = generation_defaults.for_request(defaults, beam)
     n_limit = (limits.max_beam_width, " with use_beam_search (the gateway's --max-beam-width)")
     n_hi, n_why = n_limit if beam else (limits.max_n, " (the gateway's --max-n)")
     return SamplingParams(

@@ -9,6 +9,7 @@ Bad input raises `InvalidArgument` naming the field and the limit.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -272,12 +273,12 @@ class ServedTokenizer:
 
 def read_chat_template(value: str) -> str:
     """The template that `--chat-template` names: a file's text, or `value` itself when it holds
-    Jinja tags. A template that does not parse is a ValueError here, not an error on every chat."""
-    path = Path(value)
-    if path.is_file():
-        text = path.read_text(encoding="utf-8")
+    Jinja tags, its backslash escapes decoded as vLLM does (a template written on one line, `\\n`
+    for a newline). A template that does not parse is a ValueError here, not an error on every chat."""
+    if os.path.isfile(value):  # (Path.is_file raises for a name of 256+ bytes: a long inline template)
+        text = Path(value).read_text(encoding="utf-8")
     elif "{{" in value or "{%" in value:
-        text = value
+        text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     else:
         raise ValueError(f"--chat-template {value!r:.80} is neither a file nor a Jinja template")
     try:

@@ -131,5 +131,5 @@ def _tools(tools_json: str) -> list[dict] | None:
         return None
     tools = load_json_text(tools_json, "chat.tools_json")
     if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise InvalidArgument("chat.tools_json must be a JSON list of objects", field="tools")
+        raise InvalidArgument("chat.tools_json must be a JSON list of objects", field="chat.tools_json")
     return tools

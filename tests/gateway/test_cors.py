@@ -32,10 +32,15 @@ def test_listed_origins_get_cors_and_others_do_not() -> None:
             assert reply.headers["access-control-allow-origin"] == UI
             assert "POST" in reply.headers["access-control-allow-methods"]
             assert "authorization" in reply.headers["access-control-allow-headers"].lower()
+            # the openai JS SDK's own headers pass too
+            sdk = {**PREFLIGHT, "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"}
+            reply = await http.options("/v1/completions", headers={"Origin": UI, **sdk})
+            assert reply.status_code == 200, reply.text
             body = {"prompt": "p", "max_tokens": 2}
             headers = {"Origin": UI, "Authorization": "Bearer k"}
             reply = await http.post("/v1/completions", json=body, headers=headers)
             assert reply.status_code == 200 and reply.headers["access-control-allow-origin"] == UI
+            assert "retry-after" in reply.headers["access-control-expose-headers"].lower()
             # the key is still needed for the real request
             reply = await http.post("/v1/completions", json=body, headers={"Origin": UI})
             assert reply.status_code == 401 and reply.headers["access-control-allow-origin"] == UI

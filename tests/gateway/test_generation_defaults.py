@@ -35,6 +35,7 @@ DEFAULTS = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty":
 
 
 def model_folder(tmp_path: Path, config: dict) -> str:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "generation_config.json").write_text(json.dumps(config))
     return str(tmp_path)
 
@@ -62,7 +63,9 @@ def test_load(tmp_path: Path) -> None:
         ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
         ({"temperature": -0.5}, "temperature must be >= 0"),
         ({"top_p": 0}, "top_p must be in (0, 1]"),
-        ({"top_k": 2.5}, "top_k must be an integer >= -1"),
+        ({"top_k": 2.5}, "top_k must be an integer, got 2.5"),
+        ({"top_k": -2}, "top_k must be -1, 0 (disabled) or >= 1"),
+        ({"temperature": 1e39}, "temperature must be at most 3.403e+38 in size"),
         ({"min_p": 2}, "min_p must be in [0, 1]"),
         ({"repetition_penalty": 0}, "repetition_penalty must be > 0"),
         ({"temperature": True}, "temperature must be a number"),
@@ -74,6 +77,18 @@ def test_bad_files_stop_the_gateway_naming_the_field(tmp_path: Path, config, wor
     with pytest.raises(SystemExit, match=re.escape(words)):
         parse_flags("--model", folder)
     assert parse_flags("--model", folder, "--generation-config", "vllm").sampling_defaults == {}
+
+
+def test_a_hub_id_reads_the_local_cache_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert generation_defaults.load("auto", "org/tuned") == {}  # not cached: nothing, nothing fetched
+    repo = tmp_path / "models--org--tuned"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    model_folder(repo / "snapshots" / "abc123", QWEN_LIKE)
+    assert generation_defaults.load("auto", "org/tuned") == DEFAULTS
 
 
 def test_flags_read_the_model_folder(tmp_path: Path) -> None:

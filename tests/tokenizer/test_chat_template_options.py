@@ -101,6 +101,9 @@ def test_read_chat_template(tmp_path: Path) -> None:
         read_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match=r"does not parse: .* \(line 1\)"):
         read_chat_template("{% for m in messages %}{{ m.content }}")
+    # inline, as vLLM reads it: escapes decoded (a one-line template), long text is no file name
+    long = "{% for m in messages %}" + "x" * 300 + "{{ m.content }}\\n{% endfor %}é你"
+    assert read_chat_template(long) == long.replace("\\n", "\n")
     # transformers' own block tag parses
     generation = "{% for m in messages %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
     assert read_chat_template(generation) == generation
