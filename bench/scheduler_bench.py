@@ -62,7 +62,6 @@ class NoOpExecutorClient:
         self.step_starts.append(time.perf_counter())
         if self.step_seconds:
             await asyncio.sleep(self.step_seconds)
-        self.step_ends.append(time.perf_counter())
         known = self.known
         for rid in step.forget_request_ids:
             known.pop(rid, None)
@@ -81,6 +80,9 @@ class NoOpExecutorClient:
             if state[1] == state[0]:
                 state[0] += 1
                 sampled.append(SampledToken(r.request_id, SAMPLED_TOKEN))
+        # The output is ready now: this stand-in's own bookkeeping above (a Python loop over the
+        # batch) is the executor's time, not the control plane's.
+        self.step_ends.append(time.perf_counter())
         return StepOutput(self.epoch, sampled)
 
     async def close(self) -> None:
