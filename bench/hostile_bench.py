@@ -12,7 +12,10 @@ requests the gateway's limits allow (the defaults of `GatewayConfig`, or the fla
 - a body just under --max-request-bytes (the rest of it a field the gateway ignores);
 - a body nested --max-json-depth levels deep;
 - the largest prompt: max_model_len - 1 token ids (the stack's, from /v1/models);
-- and just past the limits: n = 2^40 (400) and a Content-Length over the byte limit (413, unread).
+- the deepest JSON schema accepted (`structured_outputs.json`, nested `MAX_SCHEMA_DEPTH` levels),
+  a new one each time (a schema's grammar is cached by its text);
+- and just past the limits: n = 2^40 (400), a JSON schema nested 800 levels (400; its grammar
+  would take about a minute to build) and a Content-Length over the byte limit (413, unread).
 
 The attacker is a process of its own, so that building and sending its bodies does not share
 this process's interpreter with the streams being timed. The wave runs alone once more after
@@ -39,6 +42,7 @@ from typing import NamedTuple
 
 from pagedserve.bench import doc_sections
 from pagedserve.bench.metrics import percentile
+from pagedserve.common.structured import MAX_SCHEMA_DEPTH
 from pagedserve.gateway.config import RequestLimits
 
 BEGIN, END = doc_sections.markers("hostile")
@@ -66,8 +70,9 @@ class AttackSpec:
     attack_tokens: int  # max_tokens of each of the max-n choices
 
 
-def attack_bodies(spec: AttackSpec) -> list[tuple[str, bytes]]:
-    """(name, JSON body) of each request at the limits; built once, sent again and again."""
+def attack_bodies(spec: AttackSpec) -> list[tuple[str, bytes | list[bytes]]]:
+    """(name, JSON body) of each request at the limits; built once, sent again and again (a list:
+    versions sent in turn)."""
     limits = spec.limits
     stop_len = max(limits.max_stop_chars // limits.max_stop_strings, 1)
     stops = ["~" * (stop_len - 1) + "!"] * limits.max_stop_strings  # never in the model's text
@@ -80,14 +85,38 @@ def attack_bodies(spec: AttackSpec) -> list[tuple[str, bytes]]:
         deep = [deep]
     rng = random.Random(0)
     prompt = [rng.randrange(3, 1000) for _ in range(spec.max_model_len - 1)]
+    levels = (MAX_SCHEMA_DEPTH - 1) // 2  # each level: an object and its properties
+    deep_schema = nested_schema(800)
     bodies = {
         f"n={limits.max_n} x {limits.max_stop_strings} stops": {**most, "stop": stops},
         f"{limits.max_request_bytes // 1024} KiB body": {**base, "user": "a" * padding},
         f"JSON depth {limits.max_json_depth}": {**base, "metadata": deep},
         f"{len(prompt)}-token prompt": {"prompt": prompt, "max_tokens": 1},
         "n=2^40 (over)": {**base, "n": 2**40},
+        "JSON schema 800 levels (over)": {**base, "structured_outputs": {"json": deep_schema}},
     }
-    return [(name, json.dumps(body).encode()) for name, body in bodies.items()]
+    built: list[tuple[str, bytes | list[bytes]]] = [
+        (name, json.dumps(body).encode()) for name, body in bodies.items()
+    ]
+    # the deepest schema accepted, in 1,000 versions sent in turn: the gateway caches a schema's
+    # verdict by its text, so an attacker would send a new one each time
+    schemas = [
+        json.dumps({**base, "structured_outputs": {"json": nested_schema(levels, f"t{k}")}}).encode()
+        for k in range(1000)
+    ]
+    built.insert(4, (f"JSON schema {levels} levels", schemas))
+    return built
+
+
+def nested_schema(levels: int, title: str = "") -> str:
+    """A JSON schema's text: objects `levels` deep, each with one property."""
+    top = f'{{"title":"{title}",' if title else "{"
+    return (
+        top
+        + '"type":"object","properties":{"a":'
+        + '{"type":"object","properties":{"a":' * (levels - 1)
+        + ('{"type":"integer"}' + "}}" * levels)
+    )
 
 
 def _oversized_head(spec: AttackSpec) -> bytes:
@@ -119,6 +148,8 @@ def _attack(spec: AttackSpec, ready, stop, results) -> None:
         ready.set()
         while not stop.is_set():
             for name, body in bodies:
+                if isinstance(body, list):
+                    body = body[len(sent) % len(body)]
                 started = time.monotonic()
                 status = client.post("/v1/completions", content=body, headers=headers).status_code
                 sent.append((name, status, time.monotonic() - started))

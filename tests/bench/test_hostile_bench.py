@@ -43,7 +43,9 @@ def test_hostile_bench_prints_the_ratio(tmp_path) -> None:
         "8192 KiB body": "200",
         "JSON depth 64": "200",
         "95-token prompt": "200",
+        "JSON schema 31 levels": "200",
         "n=2^40 (over)": "400",
+        "JSON schema 800 levels (over)": "400",
         "Content-Length over (unread)": "413",
     }, out
     text = docs.read_text()
