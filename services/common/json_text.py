@@ -45,6 +45,8 @@ def too_deep(name: str, max_depth: int, field: str | None = None) -> InvalidArgu
 def text_nests_over(text: str, limit: int) -> bool:
     """Whether JSON `text` nests arrays and objects more than `limit` levels (False for text that
     is not JSON: its own parser then says what is wrong with it)."""
+    if text.count("[") + text.count("{") <= limit:  # cannot nest deeper than it opens: no parse
+        return False
     try:
         return depth_over(json.loads(text), limit)
     except RecursionError:

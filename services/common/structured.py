@@ -47,10 +47,16 @@ def check_shape(kind: str, spec: str, field: str = "structured") -> None:
         raise InvalidArgument(
             f"{field}.{kind} is {len(spec)} characters, more than the limit of {MAX_SPEC_CHARS}", field=field
         )
-    # A schema's grammar takes time that grows with the cube of its nesting (a 30 KB schema
-    # nested 800 levels deep: a minute), so its nesting is limited.
-    if kind == "json_schema" and text_nests_over(spec, MAX_SCHEMA_DEPTH):
+    if kind == "json_schema" and _schema_too_deep(spec):
         raise too_deep(f"{field}.json_schema", MAX_SCHEMA_DEPTH, field)
+
+
+@functools.lru_cache(maxsize=256)
+def _schema_too_deep(spec: str) -> bool:
+    """A schema's grammar takes time that grows with the cube of its nesting (a 30 KB schema
+    nested 800 levels deep: a minute), so its nesting is limited. Remembered per text: every
+    service checks a request's schema, the gateway several times."""
+    return text_nests_over(spec, MAX_SCHEMA_DEPTH)
 
 
 def choice_spec(choices: list[str], field: str) -> str:

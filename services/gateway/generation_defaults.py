@@ -14,15 +14,12 @@ Face cache, if there is one). Other fields of the file (`do_sample`, `max_new_to
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Mapping
 from pathlib import Path
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
 from pagedserve.gateway.body_fields import check_float
-
-log = logging.getLogger(__name__)
 
 FILE_NAME = "generation_config.json"
 # field -> whether it is an integer; the ranges are SamplingParams.validate's
