@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 from pagedserve.cli import SUBCOMMANDS
 from pagedserve.common import internal_tls
+from pagedserve.common.chat_template import chat_template_is_file
 from pagedserve.common.process import RestartPolicy
 from pagedserve.gateway.config import check_request_limit, given_request_limits
 
@@ -89,12 +90,8 @@ class LauncherConfig:
             raise ValueError(
                 "give --internal-tls (make certificates) or --internal-tls-cert/-key/-ca, not both"
             )
-        if self.chat_template and not (
-            os.path.isfile(self.chat_template) or "{{" in self.chat_template or "{%" in self.chat_template
-        ):
-            raise ValueError(
-                f"--chat-template {self.chat_template!r:.80} is neither a file nor a Jinja template"
-            )
+        if self.chat_template:
+            chat_template_is_file(self.chat_template)  # a ValueError when it is neither
         for flag, value in self.gateway_limits:
             check_request_limit(flag, value)
         if self.internal_tls_cert or self.internal_tls_key or self.internal_tls_ca:

@@ -14,6 +14,7 @@ same way in the gateway (HTTP and gRPC) and the tokenizer service.
 from __future__ import annotations
 
 import json
+import os
 import re
 
 from pagedserve.common.errors import InvalidArgument
@@ -97,6 +98,17 @@ def generation_prompt(add_generation_prompt: bool | None, continue_final_message
             field="continue_final_message",
         )
     return add_generation_prompt
+
+
+def chat_template_is_file(value: str) -> bool:
+    """What `--chat-template value` names: a file (True), or the template's text (False), which
+    must hold Jinja tags; anything else is a ValueError. (os.path.isfile, not Path.is_file: the
+    latter raises for a name of 256+ bytes, which a template's text usually is.)"""
+    if os.path.isfile(value):
+        return True
+    if "{{" in value or "{%" in value:
+        return False
+    raise ValueError(f"--chat-template {value!r:.80} is neither a file nor a Jinja template")
 
 
 def chat_generation_prompt(chat) -> bool:

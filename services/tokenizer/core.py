@@ -9,7 +9,6 @@ Bad input raises `InvalidArgument` naming the field and the limit.
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,7 +18,12 @@ from typing import NamedTuple
 import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from pagedserve.common.chat_template import check_template_kwargs, generation_prompt, template_kwargs_to_json
+from pagedserve.common.chat_template import (
+    chat_template_is_file,
+    check_template_kwargs,
+    generation_prompt,
+    template_kwargs_to_json,
+)
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.json_text import load_json_text
 from pagedserve.tokenizer.detokenizer import IncrementalDetokenizer
@@ -275,12 +279,10 @@ def read_chat_template(value: str) -> str:
     """The template that `--chat-template` names: a file's text, or `value` itself when it holds
     Jinja tags, its backslash escapes decoded as vLLM does (a template written on one line, `\\n`
     for a newline). A template that does not parse is a ValueError here, not an error on every chat."""
-    if os.path.isfile(value):  # (Path.is_file raises for a name of 256+ bytes: a long inline template)
+    if chat_template_is_file(value):
         text = Path(value).read_text(encoding="utf-8")
-    elif "{{" in value or "{%" in value:
-        text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     else:
-        raise ValueError(f"--chat-template {value!r:.80} is neither a file nor a Jinja template")
+        text = value.encode("latin-1", "backslashreplace").decode("unicode_escape")
     try:
         jinja2.Environment(extensions=["jinja2.ext.loopcontrols"]).parse(_without_generation_tags(text))
     except jinja2.TemplateSyntaxError as err:
