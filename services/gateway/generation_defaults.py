@@ -19,11 +19,11 @@ from pathlib import Path
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
-from pagedserve.gateway.body_fields import check_float
+from pagedserve.gateway.body_fields import read_float, read_int
 
 FILE_NAME = "generation_config.json"
-# field -> whether it is an integer; the ranges are SamplingParams.validate's
-FIELDS = {"temperature": False, "top_p": False, "top_k": True, "min_p": False, "repetition_penalty": False}
+# read as a request's fields are (top_k an integer, the rest floats); ranges: SamplingParams.validate
+FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
 def _find(source: str, model: str) -> Path | None:
@@ -59,17 +59,14 @@ def load(source: str, model: str) -> dict[str, float]:
         raise ValueError(f"{path} could not be read as JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object")
+    if isinstance(data.get("top_k"), float) and data["top_k"].is_integer():
+        data["top_k"] = int(data["top_k"])  # 20.0, as some files write it
     defaults: dict[str, float] = {}
     try:
-        for name, integer in FIELDS.items():
-            value = data.get(name)
-            if value is None:
-                continue
-            if integer and (isinstance(value, float) and value.is_integer()):
-                value = int(value)
-            if integer and (isinstance(value, bool) or not isinstance(value, int)):
-                raise InvalidArgument(f"{name} must be an integer, got {value!r}", field=name)
-            defaults[name] = value if integer else check_float(name, value)
+        for name in FIELDS:
+            value = read_int(data, name, None) if name == "top_k" else read_float(data, name, None)
+            if value is not None:
+                defaults[name] = value
         if defaults.get("top_k") == -1:
             defaults["top_k"] = 0  # off, in this API's spelling
         SamplingParams(**defaults).validate()
