@@ -34,7 +34,7 @@ from pagedserve.bench.metrics import summarize
 from pagedserve.bench.workload import BenchRequest
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.models import default_model
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 
 VOCAB = 4096
 
@@ -70,7 +70,7 @@ def _scheduler_totals(http_url: str) -> tuple[float, float]:
 class Gateway:
     def __init__(self, name: str, flags: list[str], tokenizer: str, model: str, log_dir: Path) -> None:
         self.name = name
-        self.grpc, self.http = free_port(), free_port()
+        self.grpc, self.http = free_ports(2)
         self.url = f"http://127.0.0.1:{self.http}"
         log = open(log_dir / f"gateway-{name}.log", "w")  # noqa: SIM115 (closed with the process)
         self.proc = subprocess.Popen(
@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     model = args.model or str(default_model())
     log_dir = Path(tempfile.mkdtemp(prefix="pagedserve-pools-bench-"))
-    ports = {n: free_port() for n in ("http", "grpc", "tokenizer", "scheduler", "executor")}
+    names = ("http", "grpc", "tokenizer", "scheduler", "executor")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     up_cmd = [sys.executable, "-m", "pagedserve.cli", "up", "--model", model, "--pools", "2",
               "--num-kv-blocks", str(args.num_kv_blocks), "--max-model-len", "1024", "--log-dir", str(log_dir),
               *(a for n, p in ports.items() for a in (f"--{n}-port", str(p)))]  # fmt: skip

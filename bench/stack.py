@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pagedserve.common.grpc_utils import health_check
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 
 
 class StackFailed(RuntimeError):
@@ -40,7 +40,8 @@ class LaunchedStack:
     proc: subprocess.Popen | None = None
 
     def __post_init__(self) -> None:
-        self.ports = {n: free_port() for n in ("http", "grpc", "tokenizer", "scheduler", "executor")}
+        names = ("http", "grpc", "tokenizer", "scheduler", "executor")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.gateway_address = f"127.0.0.1:{self.ports['grpc']}"
         self.scheduler_address = f"127.0.0.1:{self.ports['scheduler']}"
         self.http_url = f"http://127.0.0.1:{self.ports['http']}"

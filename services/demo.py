@@ -20,7 +20,7 @@ import httpx
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.models import default_model
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 
 KV_METRICS = (
     "pagedserve_kv_blocks_total",
@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _start_stack(model: str, log_dir: str) -> tuple[subprocess.Popen, str, str]:
-    ports = {name: free_port() for name in ("http", "grpc", "tokenizer", "scheduler", "executor")}
+    names = ("http", "grpc", "tokenizer", "scheduler", "executor")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     cmd = [
         sys.executable, "-m", "pagedserve.cli", "up", "--model", model, "--log-dir", log_dir,
         "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),

@@ -8,6 +8,7 @@ scripts must run on a real Redis.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -24,10 +25,33 @@ class RedisUnavailable(RuntimeError):
     """No Redis could be started; the message says what was tried."""
 
 
+# Ports this process handed out lately. A port is free when picked but is not bound until its
+# server starts, and the kernel readily hands a just-released port out again: without this, two
+# picks made before either server binds can name the same port.
+_RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free now and not handed out lately by this process. Each socket
+    stays bound until all are picked, so one call cannot name a port twice."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        for _ in range(count * 64):
+            if len(ports) == count:
+                break
+            s = stack.enter_context(contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+            if port not in _RECENT_PORTS:
+                ports.append(port)
+                _RECENT_PORTS.append(port)
+        if len(ports) < count:
+            raise OSError(f"found {len(ports)} of {count} free ports on {host}")
+        return ports
 
 
 def docker_available(timeout: float = 3.0) -> bool:

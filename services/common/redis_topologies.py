@@ -14,7 +14,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from pagedserve.common.redis_harness import RedisUnavailable, ensure_redis_server_binary, free_port
+from pagedserve.common.redis_harness import (
+    RedisUnavailable,
+    ensure_redis_server_binary,
+    free_port,
+    free_ports,
+)
 
 
 def _cli(port: int, *args: str, password: str | None = None, tls: tuple[str, str, str] | None = None,
@@ -207,7 +212,7 @@ class LocalRedisSentinel(RedisNodes):
     def __init__(self, service_name: str = "pagedserve", password: str | None = None) -> None:
         super().__init__()
         self.service_name, self.password = service_name, password
-        self.master_port, self.sentinel_port = free_port(), free_port()
+        self.master_port, self.sentinel_port = free_ports(2)
         self.url = ""
 
     def start(self) -> LocalRedisSentinel:

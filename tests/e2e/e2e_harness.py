@@ -28,7 +28,7 @@ from hf_reference import reference_greedy as hf_greedy  # noqa: F401  (re-export
 
 from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.process import ChildProcess, stop_all
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 from pagedserve.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 PAGEDSERVE = (sys.executable, "-m", "pagedserve.cli")
@@ -73,7 +73,7 @@ class Stack:
 
     def __post_init__(self) -> None:
         names = ("executor", "tokenizer", "scheduler", "standby", "grpc", "http")
-        ports = {name: free_port() for name in names}
+        ports = dict(zip(names, free_ports(len(names)), strict=True))
         self.executor_address = f"{self.host}:{ports['executor']}"
         self.tokenizer_address = f"{self.host}:{ports['tokenizer']}"
         self.scheduler_address = f"{self.host}:{ports['scheduler']}"
@@ -213,7 +213,7 @@ class Stack:
     @contextlib.contextmanager
     def extra_gateway(self, **flags: int) -> Iterator[tuple[str, str]]:
         """A second gateway on the same tokenizer and scheduler; yields (grpc address, http url)."""
-        grpc_port, http_port = free_port(), free_port()
+        grpc_port, http_port = free_ports(2)
         name = f"gateway-{grpc_port}"
         service = Service(
             name,
@@ -333,7 +333,7 @@ def metric(text: str, name: str) -> float:
 def gateway(stack: Stack, log_dir: Path, *flags: str) -> Iterator[tuple[str, str, ChildProcess]]:
     """Another gateway process on the stack's tokenizer and scheduler, with `flags`; yields
     (gRPC address, HTTP url, its process)."""
-    grpc_port, http_port = free_port(), free_port()
+    grpc_port, http_port = free_ports(2)
     command = [
         *PAGEDSERVE, "gateway", "--host", stack.host, "--grpc-port", str(grpc_port),
         "--http-port", str(http_port), "--tokenizer", stack.tokenizer_address,

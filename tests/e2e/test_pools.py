@@ -29,7 +29,7 @@ from pagedserve.common.grpc_utils import health_check
 from pagedserve.common.pool_registry import read_pools
 from pagedserve.common.process import ChildProcess, stop_all
 from pagedserve.common.redis_connect import connect
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_port, free_ports
 from pagedserve.scheduler.fsck import fsck
 
 HOST = "127.0.0.1"
@@ -72,7 +72,7 @@ class PoolsStack:
         return "\n".join(path.read_text(errors="replace").splitlines()[-30:]) if path.exists() else "(no log)"
 
     def add_pool(self, pool_id: str, *, stall_timeout: float = 3.0) -> None:
-        e_port, s_port = free_port(), free_port()
+        e_port, s_port = free_ports(2)
         self.spawn(
             f"executor-{pool_id}", "executor",
             ["--host", HOST, "--port", str(e_port), "--model", self.model, "--block-size", str(BLOCK_SIZE),
@@ -87,7 +87,7 @@ class PoolsStack:
         )  # fmt: skip
 
     def add_gateway(self, name: str, *flags: str) -> str:
-        grpc_port, http_port = free_port(), free_port()
+        grpc_port, http_port = free_ports(2)
         self.spawn(
             name, "gateway",
             ["--host", HOST, "--grpc-port", str(grpc_port), "--http-port", str(http_port), "--tokenizer",

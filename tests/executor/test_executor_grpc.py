@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,16 +19,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pagedserve.common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from pagedserve.common.grpc_utils import health_check
+from pagedserve.common.redis_harness import free_port
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor import server
 from pagedserve.executor.client import GrpcExecutorClient, InProcessExecutorClient
 from pagedserve.executor.servicer import SERVICE_NAME
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def generate(client, prompts: list[list[int]], steps: int) -> list[list[int]]:

@@ -15,7 +15,7 @@ from gateway_fakes import FakeScheduler, FakeTokenizer
 
 from pagedserve.client import AsyncClient
 from pagedserve.common import errors
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.engine import Engine
 from pagedserve.gateway.grpc_service import GatewayServicer
@@ -38,11 +38,13 @@ def certificate(tmp_path: Path) -> tuple[str, str]:
 def test_https_and_grpc_over_tls(certificate: tuple[str, str]) -> None:
     cert, key = certificate
 
+    http_port, grpc_port = free_ports(2)
+
     async def scenario() -> None:
         config = GatewayConfig(
             host="127.0.0.1",
-            http_port=free_port(),
-            grpc_port=free_port(),
+            http_port=http_port,
+            grpc_port=grpc_port,
             model="m",
             tls_cert=cert,
             tls_key=key,

@@ -29,7 +29,7 @@ import pytest
 import redis
 
 from pagedserve.common.grpc_utils import health_check
-from pagedserve.common.redis_harness import free_port
+from pagedserve.common.redis_harness import free_ports
 from pagedserve.launch_plan import LauncherConfig, module_available, plan
 from pagedserve.launcher import READY
 
@@ -171,7 +171,8 @@ def launch():
 
 
 def port_flags() -> tuple[list[str], LauncherConfig]:
-    ports = {name: free_port() for name in ("http", "grpc", "tokenizer", "scheduler", "executor")}
+    names = ("http", "grpc", "tokenizer", "scheduler", "executor")
+    ports = dict(zip(names, free_ports(len(names)), strict=True))
     argv = [arg for name, port in ports.items() for arg in (f"--{name}-port", str(port))]
     config = LauncherConfig(model="", **{f"{name}_port": port for name, port in ports.items()})
     return argv, config
