@@ -154,7 +154,9 @@ class Launcher:
             return self._run_with_harness_redis()
         data_dir = tempfile.mkdtemp(prefix="pagedserve-redis-")
         try:
-            redis = redis_spec(binary, free_port(), data_dir)
+            # not a port of the services': they bind theirs only after Redis is up
+            taken = {port for spec in plan(self.config, "redis://127.0.0.1:0/0").specs for port in spec.ports}
+            redis = redis_spec(binary, free_port(avoid=taken), data_dir)
             specs, skipped = plan(self.config, f"redis://{redis.health_address}/0")
             return self.serve([redis, *specs], skipped)
         finally:

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Collection
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +32,14 @@ class RedisUnavailable(RuntimeError):
 _RECENT_PORTS: collections.deque[int] = collections.deque(maxlen=1024)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    return free_ports(1, host)[0]
+def free_port(host: str = "127.0.0.1", avoid: Collection[int] = ()) -> int:
+    return free_ports(1, host, avoid)[0]
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports free now and not handed out lately by this process. Each socket
-    stays bound until all are picked, so one call cannot name a port twice."""
+def free_ports(count: int, host: str = "127.0.0.1", avoid: Collection[int] = ()) -> list[int]:
+    """`count` distinct ports free now, not in `avoid` (ports promised to servers that have not
+    bound yet) and not handed out lately by this process. Each socket stays bound until all are
+    picked, so one call cannot name a port twice."""
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
         for _ in range(count * 64):
@@ -46,7 +48,7 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s = stack.enter_context(contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)))
             s.bind((host, 0))
             port = s.getsockname()[1]
-            if port not in _RECENT_PORTS:
+            if port not in _RECENT_PORTS and port not in avoid:
                 ports.append(port)
                 _RECENT_PORTS.append(port)
         if len(ports) < count:
