@@ -364,11 +364,13 @@ async def _sse(
 ) -> AsyncIterator[bytes]:
     """The event stream; Starlette cancels it when the client goes, and closing it aborts the request."""
     try:
+        formatter.count_prompt(first)  # the opening chunk's running usage has the prompt's tokens
         for chunk in formatter.start():
             yield sse_event(chunk)
         output: RequestOutput | None = first
         usage = None
         while output is not None:
+            formatter.count(output)
             for chunk in formatter.deltas(output.choices, output.prompt_token_ids, output.prompt_logprobs):
                 yield sse_event(chunk)
             usage = output.usage or usage

@@ -61,6 +61,8 @@ class ApiCall:
     chat: bool
     stream: bool = False
     include_usage: bool = False
+    # stream_options.continuous_usage_stats (vLLM's): the running usage in every chunk too
+    continuous_usage: bool = False
     return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
     echo: bool = False  # completions: each choice's text starts with its prompt
     # completions with echo and logprobs: the prompt's tokens lead each choice's logprobs
@@ -130,15 +132,19 @@ def _prompt_logprobs(body: dict, stream: bool) -> int | None:
     return value
 
 
-def _stream_options(body: dict, stream: bool) -> bool:
+def _stream_options(body: dict, stream: bool) -> dict[str, bool]:
+    """ApiCall's include_usage and continuous_usage. Like vLLM, continuous_usage_stats counts only
+    together with include_usage."""
     options = get_field(body, "stream_options")
     if options is MISSING:
-        return False
+        return {}
     if not isinstance(options, dict):
         raise InvalidArgument("stream_options must be an object", field="stream_options")
     if not stream:
         raise InvalidArgument("stream_options is only allowed when stream is true", field="stream_options")
-    return read_bool(options, "include_usage", False)
+    include = read_bool(options, "include_usage", False)
+    continuous = read_bool(options, "continuous_usage_stats", False)
+    return {"include_usage": include, "continuous_usage": include and continuous}
 
 
 def _common_checks(body: dict) -> None:
@@ -201,7 +207,7 @@ def parse_completion(
         ],
         chat=False,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        **_stream_options(body, stream),
         return_token_ids=read_bool(body, "return_token_ids", False),
         echo=echo,
         echo_logprobs=echo and logprobs is not None,
@@ -295,7 +301,7 @@ def parse_chat(
         requests=[request],
         chat=True,
         stream=stream,
-        include_usage=_stream_options(body, stream),
+        **_stream_options(body, stream),
         return_token_ids=read_bool(body, "return_token_ids", False),
         prompt_logprobs=prompt_logprobs,
         tool_choice=tool_choice,

@@ -8,6 +8,7 @@ from pagedserve.gateway.datatypes import (
     CompletedRequest,
     FinishReason,
     PromptLogprobs,
+    RequestOutput,
     TokenLogprob,
     Usage,
 )
@@ -220,6 +221,9 @@ class ChunkFormatter:
         # tool call (and where the call starts and ends) is known only then.
         tools = call.tool_choice
         self.held_text: dict[int, str] | None = {} if tools is not None and tools.mode != "none" else None
+        # continuous_usage_stats: the tokens seen so far, and the prompts whose tokens are counted
+        self.running = Usage()
+        self.prompts_counted: set[int] = set()
 
     def _chunk(self, choices: list[dict]) -> dict:
         chunk = {
@@ -230,8 +234,27 @@ class ChunkFormatter:
             "choices": choices,
         }
         if self.call.include_usage:
-            chunk["usage"] = None
+            chunk["usage"] = self._running_usage() if self.call.continuous_usage else None
         return chunk
+
+    def count_prompt(self, output: RequestOutput) -> None:
+        """Running usage (continuous_usage_stats): each prompt's tokens come with its first output."""
+        if output.prompt_token_ids is not None and output.prompt_index not in self.prompts_counted:
+            self.prompts_counted.add(output.prompt_index)
+            self.running.prompt_tokens += len(output.prompt_token_ids)
+
+    def count(self, output: RequestOutput) -> None:
+        """Add one output's tokens to the running usage; once per output, before its chunks."""
+        self.count_prompt(output)
+        self.running.completion_tokens += sum(len(d.token_ids) for d in output.choices)
+
+    def _running_usage(self) -> dict:
+        usage = self.running
+        return {
+            "prompt_tokens": usage.prompt_tokens,
+            "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens,
+        }
 
     def start(self) -> list[dict]:
         """Chat streams open with the assistant role for every choice."""

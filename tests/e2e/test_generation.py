@@ -155,7 +155,8 @@ def test_64_concurrent_streams_complete(stack: Stack) -> None:
             "temperature": 0.7,
             "seed": i,
             "stream": True,
-            "stream_options": {"include_usage": True},
+            # every other one with the running usage in each chunk
+            "stream_options": {"include_usage": True, "continuous_usage_stats": i % 2 == 1},
         }
         async with client.stream("POST", "/v1/completions", json=body) as reply:
             assert reply.status_code == 200
@@ -164,6 +165,15 @@ def test_64_concurrent_streams_complete(stack: Stack) -> None:
         assert events[-1] == "[DONE]"
         usage = events[-2]["usage"]
         assert events[-2]["choices"] == [] and 1 <= usage["completion_tokens"] <= max_tokens
+        running = [e["usage"] for e in events[:-2]]
+        if i % 2:
+            # it counts what the final usage counts, by the last chunk with choices
+            assert running[-1]["prompt_tokens"] == usage["prompt_tokens"] > 0
+            assert running[-1]["completion_tokens"] == usage["completion_tokens"]
+            completions = [u["completion_tokens"] for u in running]
+            assert completions == sorted(completions) and completions[0] >= 1
+        else:
+            assert running == [None] * len(running)
         finishes = [c["finish_reason"] for e in events[:-2] for c in e["choices"] if c["finish_reason"]]
         assert finishes in (["length"], ["stop"])
         return "".join(c["text"] for e in events[:-2] for c in e["choices"])

@@ -100,6 +100,14 @@ def test_completion_prompt_in_a_one_element_list() -> None:
         ({"prompt": "x", "best_of": 3}, "best_of"),
         ({"prompt": "x", "logit_bias": {"1": 500}}, "logit_bias"),
         ({"prompt": "x", "stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {
+                "prompt": "x",
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": 1},
+            },
+            "continuous_usage_stats",
+        ),
         ({"prompt": "x", "stop_token_ids": ["a"]}, "stop_token_ids"),
         ({"prompt": "x", "model": 3}, "model"),
     ],
