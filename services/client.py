@@ -145,6 +145,14 @@ class Tokenized:
 
     token_ids: list[int]
     max_model_len: int  # the longest prompt + output the gateway accepts
+    token_strs: list[str] | None = None  # with return_token_strs=True: each id's vocabulary entry
+
+
+def _tokenized(
+    request: gateway_pb2.TokenizePromptRequest, reply: gateway_pb2.TokenizePromptResponse
+) -> Tokenized:
+    strs = list(reply.token_strs) if request.return_token_strs else None
+    return Tokenized(list(reply.token_ids), reply.max_model_len, strs)
 
 
 @dataclass(slots=True)
@@ -295,13 +303,13 @@ class Client:
     def tokenize(self, prompt: str | None = None, **kwargs: Any) -> Tokenized:
         """Token ids of `prompt` (or `messages=`, with `add_generation_prompt`,
         `continue_final_message` and `chat_template_kwargs`; text also takes `add_special_tokens`),
-        counted as `generate` would."""
+        counted as `generate` would; `return_token_strs=True` adds each id's vocabulary entry."""
         request = build_tokenize_request(prompt, **kwargs)
         try:
             reply = self._stub.Tokenize(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise _error(err) from None
-        return Tokenized(list(reply.token_ids), reply.max_model_len)
+        return _tokenized(request, reply)
 
     def detokenize(self, token_ids: Sequence[int], **kwargs: Any) -> str:
         """The text of `token_ids` (special tokens kept unless `skip_special_tokens=True`)."""
@@ -381,7 +389,7 @@ class AsyncClient:
             reply = await self._stub.Tokenize(request, timeout=self.timeout, metadata=self._metadata)
         except grpc.RpcError as err:
             raise _error(err) from None
-        return Tokenized(list(reply.token_ids), reply.max_model_len)
+        return _tokenized(request, reply)
 
     async def detokenize(self, token_ids: Sequence[int], **kwargs: Any) -> str:
         request = build_detokenize_request(token_ids, **kwargs)

@@ -218,13 +218,14 @@ def build_tokenize_request(
     add_generation_prompt: bool | None = None,
     continue_final_message: bool = False,
     chat_template_kwargs: dict[str, Any] | None = None,
+    return_token_strs: bool = False,
 ) -> gateway_pb2.TokenizePromptRequest:
     """A `TokenizePromptRequest` from exactly one of `prompt` or `messages`."""
     if (prompt is None) == (messages is None):
         raise TypeError("pass exactly one of prompt or messages=")
     if messages is None:
         _no_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
-    msg = gateway_pb2.TokenizePromptRequest(model=_text("model", model))
+    msg = gateway_pb2.TokenizePromptRequest(model=_text("model", model), return_token_strs=return_token_strs)
     if prompt is not None:
         msg.text = _text("prompt", prompt)
     else:

@@ -68,9 +68,19 @@ class TokenizerClient:
 
     async def encode(self, prompt: Prompt) -> list[int]:
         """Token ids for a text or chat prompt."""
+        return list((await self._encode(prompt, return_token_strs=False)).token_ids)
+
+    async def encode_with_strs(self, prompt: Prompt) -> tuple[list[int], list[str]]:
+        """Token ids and each one's spelling in the vocabulary (/tokenize's `token_strs`)."""
+        reply = await self._encode(prompt, return_token_strs=True)
+        return list(reply.token_ids), list(reply.token_strs)
+
+    async def _encode(self, prompt: Prompt, *, return_token_strs: bool) -> tokenizer_pb2.EncodeResponse:
         if prompt.kind is PromptKind.TEXT:
             request = tokenizer_pb2.EncodeRequest(
-                text=prompt.text, add_special_tokens=prompt.add_special_tokens
+                text=prompt.text,
+                add_special_tokens=prompt.add_special_tokens,
+                return_token_strs=return_token_strs,
             )
         else:
             request = tokenizer_pb2.EncodeRequest(
@@ -89,13 +99,13 @@ class TokenizerClient:
                     tools_json=prompt.tools_json,
                     continue_final_message=prompt.continue_final_message,
                     chat_template_kwargs_json=prompt.template_kwargs_json,
-                )
+                ),
+                return_token_strs=return_token_strs,
             )
         try:
-            reply = await self.stub.Encode(request, timeout=self.timeout * 10)
+            return await self.stub.Encode(request, timeout=self.timeout * 10)
         except grpc.RpcError as err:
             raise error_from_rpc(err, self.service) from None
-        return list(reply.token_ids)
 
     def check_connected(self) -> None:
         _raise_if_down(self.channel, self.service)

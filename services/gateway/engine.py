@@ -259,6 +259,12 @@ class Engine:
     async def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a text or chat prompt, after the checks every one gets: a chat template
         for messages, one that takes tools for tools, the tokenizer's input byte limit."""
+        token_ids, _ = await self._checked_encode(prompt, token_strs=False)
+        return token_ids
+
+    async def _checked_encode(
+        self, prompt: Prompt, *, token_strs: bool
+    ) -> tuple[list[int], list[str] | None]:
         field = _PROMPT_FIELD[prompt.kind]
         if prompt.kind is PromptKind.CHAT and not prompt.messages:
             raise InvalidArgument("messages must not be empty", field="messages")
@@ -279,13 +285,16 @@ class Engine:
             raise InvalidArgument(
                 f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
             )
-        return await self._encode(prompt)
+        return await self._encode(prompt, token_strs)
 
-    async def tokenize(self, prompt: Prompt) -> list[int]:
-        """`encode` for the tokenize APIs: the call holds a place in the gateway's queue, so a
-        flood of them is refused (RESOURCE_EXHAUSTED) as a flood of generations is."""
+    async def tokenize(
+        self, prompt: Prompt, *, return_token_strs: bool = False
+    ) -> tuple[list[int], list[str] | None]:
+        """`encode` for the tokenize APIs, with each id's spelling in the vocabulary when asked:
+        the call holds a place in the gateway's queue, so a flood of them is refused
+        (RESOURCE_EXHAUSTED) as a flood of generations is."""
         with self._tokenizing_call():
-            return await self.encode(prompt)
+            return await self._checked_encode(prompt, token_strs=return_token_strs)
 
     async def detokenize(self, token_ids: list[int], *, skip_special_tokens: bool, field: str) -> str:
         """The text of `token_ids` for the detokenize APIs, holding a place in the queue: at most
@@ -313,16 +322,23 @@ class Engine:
         (text,) = await detokenizer.detokenize([item], detokenizer.begin())
         return text
 
-    async def _encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of text or chat. OpenAI's `developer` role takes the place of `system`: a chat
-        template that refuses it is given the messages again with `system` in its place."""
+    async def _encode(self, prompt: Prompt, token_strs: bool) -> tuple[list[int], list[str] | None]:
+        """Token ids of text or chat (and their spellings, with `token_strs`). OpenAI's `developer`
+        role takes the place of `system`: a chat template that refuses it is given the messages
+        again with `system` in its place."""
+
+        async def encode(prompt: Prompt) -> tuple[list[int], list[str] | None]:
+            if token_strs:
+                return await self.tokenizer.encode_with_strs(prompt)
+            return await self.tokenizer.encode(prompt), None
+
         try:
-            return await self.tokenizer.encode(prompt)
+            return await encode(prompt)
         except InvalidArgument:
             if prompt.kind is not PromptKind.CHAT or not any(m.role == "developer" for m in prompt.messages):
                 raise
         messages = [replace(m, role="system") if m.role == "developer" else m for m in prompt.messages]
-        return await self.tokenizer.encode(replace(prompt, messages=messages))
+        return await encode(replace(prompt, messages=messages))
 
     async def prompt_text(self, request: GenerationRequest) -> str:
         """A validated completions prompt as text (for echo): as given, or its ids decoded."""

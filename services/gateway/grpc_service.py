@@ -236,9 +236,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 "add_special_tokens goes with text: a chat is tokenized as its template renders it",
                 field="add_special_tokens",
             )
-        token_ids = await self.engine.tokenize(prompt_from_proto(request))
+        token_ids, token_strs = await self.engine.tokenize(
+            prompt_from_proto(request), return_token_strs=request.return_token_strs
+        )
         return gateway_pb2.TokenizePromptResponse(
-            token_ids=token_ids, max_model_len=await self.engine.last_max_model_len()
+            token_ids=token_ids,
+            max_model_len=await self.engine.last_max_model_len(),
+            token_strs=token_strs or [],
         )
 
     @grpc_errors

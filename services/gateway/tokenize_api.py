@@ -2,6 +2,7 @@
 
     POST /tokenize    {"prompt": "def f():"}  or  {"messages": [...], "add_generation_prompt": true}
                       -> {"count": 4, "max_model_len": 512, "tokens": [...], "token_strs": null}
+                      ("return_token_strs": true: "token_strs" holds each id's vocabulary entry)
     POST /detokenize  {"tokens": [1, 822, 285]}  -> {"prompt": "<s> def f"}
 
 `/tokenize` counts a prompt as a completion or chat request would be tokenized (the chat
@@ -55,14 +56,14 @@ def _prompt(body: dict) -> Prompt:
 
 async def tokenize(engine: Engine, body: dict) -> dict:
     engine.check_model(read_model(body))
-    reject(body, "return_token_strs", lambda v: v is False, "ask /detokenize for the text of ids")
+    return_token_strs = read_bool(body, "return_token_strs", False)
     prompt = _prompt(body)
-    token_ids = await engine.tokenize(prompt)
+    token_ids, token_strs = await engine.tokenize(prompt, return_token_strs=return_token_strs)
     return {
         "count": len(token_ids),
         "max_model_len": await engine.last_max_model_len(),  # 0: not known yet
         "tokens": token_ids,
-        "token_strs": None,
+        "token_strs": token_strs,
     }
 
 

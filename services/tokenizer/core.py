@@ -262,6 +262,11 @@ class ServedTokenizer:
         self.check_token_ids(token_ids)
         return self.hf.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    def token_strs(self, token_ids: Sequence[int]) -> list[str]:
+        """Each id's token as the vocabulary spells it (`hf.convert_ids_to_tokens`), after validation."""
+        self.check_token_ids(token_ids, allow_empty=True)
+        return [str(t) for t in self.hf.convert_ids_to_tokens(list(token_ids))]
+
     def detokenizer(
         self, prompt_token_ids: Sequence[int] = (), *, skip_special_tokens: bool = False
     ) -> IncrementalDetokenizer:

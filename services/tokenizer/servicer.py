@@ -65,7 +65,12 @@ class TokenizerServicer(tokenizer_pb2_grpc.TokenizerServicer):
             )
         else:
             raise InvalidArgument("the request has neither text nor chat", field="input")
-        return pb.EncodeResponse(token_ids=encoding.token_ids, rendered_text=encoding.rendered_text)
+        token_strs = []
+        if request.return_token_strs:
+            token_strs = await self._run(lambda: self.tokenizer.token_strs(encoding.token_ids))
+        return pb.EncodeResponse(
+            token_ids=encoding.token_ids, rendered_text=encoding.rendered_text, token_strs=token_strs
+        )
 
     @grpc_errors
     async def Decode(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext) -> pb.DecodeResponse:

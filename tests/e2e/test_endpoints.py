@@ -67,7 +67,9 @@ def test_tokenize_counts_as_a_request_would_and_detokenize_inverts_it(
     assert reply.status_code == 200, reply.text
     tokens = reply.json()["tokens"]
     assert tokens == hf.encode(text) and reply.json()["count"] == len(tokens)
-    assert reply.json()["max_model_len"] == MAX_MODEL_LEN
+    assert reply.json()["max_model_len"] == MAX_MODEL_LEN and reply.json()["token_strs"] is None
+    spelled = http.post("/tokenize", json={"prompt": text, "return_token_strs": True}).json()
+    assert spelled["tokens"] == tokens and spelled["token_strs"] == hf.convert_ids_to_tokens(tokens)
     completion = http.post("/v1/completions", json={"prompt": text, "max_tokens": 1})
     assert completion.json()["usage"]["prompt_tokens"] == len(tokens)
 
@@ -93,6 +95,9 @@ def test_the_sdk_tokenizes_and_detokenizes_over_grpc(stack: Stack, http: httpx.C
     with Client(stack.grpc_address, timeout=30) as client:
         tokenized = client.tokenize(text)
         assert tokenized.token_ids == hf.encode(text) and tokenized.max_model_len == MAX_MODEL_LEN
+        assert tokenized.token_strs is None
+        spelled = client.tokenize(messages=messages, return_token_strs=True)
+        assert spelled.token_strs == hf.convert_ids_to_tokens(spelled.token_ids) != []
         plain = client.tokenize(text, add_special_tokens=False).token_ids
         assert plain == hf.encode(text, add_special_tokens=False)
         chat = client.tokenize(messages=messages).token_ids

@@ -70,6 +70,10 @@ class FakeTokenizer:
         text = prompt.text if prompt.kind is PromptKind.TEXT else "".join(m.content for m in prompt.messages)
         return [BOS] + [ord(c) for c in text]
 
+    async def encode_with_strs(self, prompt: Prompt) -> tuple[list[int], list[str]]:
+        token_ids = await self.encode(prompt)
+        return token_ids, ["<s>" if t == BOS else chr(t) for t in token_ids]
+
 
 class FakeStream:
     """Waits at `gate` after the first update; ends (as the scheduler's does) once aborted."""

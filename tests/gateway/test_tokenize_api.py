@@ -34,9 +34,11 @@ def test_tokenize_a_prompt_and_a_chat() -> None:
             chat = {"messages": [{"role": "user", "content": "yo"}], "add_generation_prompt": False}
             reply = await http.post("/tokenize", json=chat)
             assert reply.json()["tokens"] == [BOS, ord("y"), ord("o")]
+            body = {"prompt": "hi", "return_token_strs": True}
+            assert (await http.post("/tokenize", json=body)).json()["token_strs"] == ["<s>", "h", "i"]
             # an empty prompt counts zero tokens past the special ones
             assert (await http.post("/tokenize", json={"prompt": ""})).json()["count"] == 1
-        text, no_specials, chat_prompt, _ = tokenizer.encoded
+        text, no_specials, chat_prompt, _, _ = tokenizer.encoded
         assert (text.kind, text.text, text.add_special_tokens) == (PromptKind.TEXT, "hi", True)
         assert no_specials.add_special_tokens is False
         assert chat_prompt.kind is PromptKind.CHAT and chat_prompt.add_generation_prompt is False
@@ -70,7 +72,11 @@ def test_tokenize_refuses_bad_bodies_naming_the_field() -> None:
                     "add_special_tokens is not supported: a chat is tokenized as its template renders it",
                     "add_special_tokens",
                 ),
-                ({"prompt": "a", "return_token_strs": True}, "return_token_strs is not supported", None),
+                (
+                    {"prompt": "a", "return_token_strs": "yes"},
+                    "return_token_strs must be true or false",
+                    None,
+                ),
                 ({"prompt": "a", "model": 3}, "model must be a string", "model"),
                 ({"prompt": "x" * 1001}, "prompt is 1001 bytes, more than the limit of 1000", "prompt"),
             ]

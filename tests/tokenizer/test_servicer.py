@@ -48,7 +48,12 @@ def test_encode_text_and_decode(stub: tokenizer_pb2_grpc.TokenizerStub, hf: PreT
     reply = stub.Encode(pb.EncodeRequest(text=text, add_special_tokens=True), timeout=10)
     assert list(reply.token_ids) == hf.encode(text, add_special_tokens=True)
     assert reply.token_ids[0] == hf.bos_token_id
-    assert reply.rendered_text == text
+    assert reply.rendered_text == text and list(reply.token_strs) == []
+    spelled = stub.Encode(
+        pb.EncodeRequest(text=text, add_special_tokens=True, return_token_strs=True), timeout=10
+    )
+    assert list(spelled.token_strs) == hf.convert_ids_to_tokens(list(reply.token_ids))
+    assert spelled.token_strs[0] == "<|bos|>" and len(spelled.token_strs) == len(reply.token_ids)
     plain = stub.Encode(pb.EncodeRequest(text=text), timeout=10)
     assert list(plain.token_ids) == list(reply.token_ids[1:])
     decoded = stub.Decode(pb.DecodeRequest(token_ids=reply.token_ids, skip_special_tokens=True), timeout=10)
