@@ -32,7 +32,8 @@
 Sampling keywords are the fields of `pagedserve.common.params.SamplingParams` (max_tokens,
 temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty, frequency_penalty,
 seed, n, stop_token_ids, ignore_eos, logprobs, min_tokens, prompt_logprobs, logit_bias (a dict
-of token id to bias), allowed_token_ids, and for beam search
+of token id to bias), allowed_token_ids, bad_words (words the output must not contain) or
+bad_words_token_ids (the same as lists of token ids), and for beam search
 use_beam_search, length_penalty, early_stopping (True, False or "never"); with beam search, n
 is the beam width and each choice carries `cumulative_logprob` and `beam_score`); only those given are sent, so the
 gateway tells an unset field (its default) from 0. A value that does not fit its protobuf

@@ -70,6 +70,17 @@ def sampling_to_proto(sampling: dict[str, Any]) -> gateway_pb2.GenerateSamplingP
             msg.seed = _int(name, value, INT64)
         elif name in ("stop_token_ids", "allowed_token_ids"):
             getattr(msg, name).extend(_int(name, t, INT32) for t in value)
+        elif name == "bad_words":
+            if isinstance(value, str) or not isinstance(value, list | tuple):
+                raise errors.InvalidArgument("bad_words must be a list of strings", field=name)
+            msg.bad_words.extend(_text(f"{name}[{i}]", w) for i, w in enumerate(value))
+        elif name == "bad_words_token_ids":
+            if not isinstance(value, list | tuple) or not all(isinstance(ids, list | tuple) for ids in value):
+                raise errors.InvalidArgument(
+                    "bad_words_token_ids must be a list of lists of token ids", field=name
+                )
+            for ids in value:
+                msg.bad_words_token_ids.add(ids=[_int(name, t, INT32) for t in ids])
         elif name == "logit_bias":
             if not isinstance(value, dict):
                 raise errors.InvalidArgument("logit_bias must be a dict of {token id: bias}", field=name)

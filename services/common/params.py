@@ -16,6 +16,10 @@ MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_ALLOWED_TOKEN_IDS = 4096  # ids one request may restrict sampling to (each step builds its mask)
 LOGIT_BIAS_RANGE = 100.0  # |bias| at most this, as OpenAI
+MAX_BAD_WORDS = 64  # words one request may ban (bad_words)
+MAX_BAD_WORD_CHARS = 256  # characters in one of them
+MAX_BAD_WORD_SEQUENCES = 2 * MAX_BAD_WORDS  # token sequences (each word is tokenized two ways)
+MAX_BAD_WORD_TOKENS = 64  # ids in one sequence (each step compares the output's tail with it)
 # Beam search's `early_stopping`, as transformers takes it; the proto enum's values in order.
 EARLY_STOPPING_VALUES: tuple[bool | str, ...] = (False, False, True, "never")
 
@@ -50,6 +54,11 @@ class SamplingParams:
     # token id -> added to its logit before sampling (OpenAI's logit_bias)
     logit_bias: dict[int, float] = field(default_factory=dict)
     allowed_token_ids: list[int] = field(default_factory=list)  # when not empty: only these may be sampled
+    # Words the output must not contain (vLLM's bad_words): the gateway tokenizes them into
+    # bad_words_token_ids, the only form the scheduler and executor act on. A sequence's last id
+    # is never sampled while the output ends with the rest of it.
+    bad_words: list[str] = field(default_factory=list)
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.logit_bias:  # ids as ints again after a JSON round trip (stored request states)
@@ -122,6 +131,7 @@ class SamplingParams:
                 f"{MAX_ALLOWED_TOKEN_IDS}",
                 field="allowed_token_ids",
             )
+        self._validate_bad_words(vocab_size)
         if vocab_size is not None:
             _check_in_vocabulary("allowed_token_ids", self.allowed_token_ids, vocab_size)
             _check_in_vocabulary("stop_token_ids", self.stop_token_ids, vocab_size)
@@ -143,6 +153,35 @@ class SamplingParams:
                 )
             if vocab_size is not None:  # each entry whole before the next, as given
                 _check_in_vocabulary("logit_bias", (tid,), vocab_size, "token id ")
+
+    def _validate_bad_words(self, vocab_size: int | None) -> None:
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise InvalidArgument(
+                f"bad_words has {len(self.bad_words)} words, more than the limit of {MAX_BAD_WORDS}",
+                field="bad_words",
+            )
+        for i, word in enumerate(self.bad_words):
+            if not 1 <= len(word) <= MAX_BAD_WORD_CHARS or not word.strip():
+                raise InvalidArgument(
+                    f"bad_words[{i}] must have 1 to {MAX_BAD_WORD_CHARS} characters, not only spaces "
+                    f"(got {len(word)})",
+                    field="bad_words",
+                )
+        sequences = self.bad_words_token_ids
+        if len(sequences) > MAX_BAD_WORD_SEQUENCES:
+            raise InvalidArgument(
+                f"bad_words_token_ids has {len(sequences)} sequences, more than the limit of "
+                f"{MAX_BAD_WORD_SEQUENCES}",
+                field="bad_words_token_ids",
+            )
+        for i, ids in enumerate(sequences):
+            if not 1 <= len(ids) <= MAX_BAD_WORD_TOKENS:
+                raise InvalidArgument(
+                    f"bad_words_token_ids[{i}] must have 1 to {MAX_BAD_WORD_TOKENS} ids, got {len(ids)}",
+                    field="bad_words_token_ids",
+                )
+            if vocab_size is not None:
+                _check_in_vocabulary("bad_words_token_ids", ids, vocab_size)
 
     @property
     def constrained(self) -> bool:
@@ -171,6 +210,8 @@ class SamplingParams:
             ("stop_token_ids", bool(self.stop_token_ids), "are not supported"),
             ("logit_bias", bool(self.logit_bias), "is not supported"),
             ("allowed_token_ids", bool(self.allowed_token_ids), "are not supported"),
+            ("bad_words", bool(self.bad_words), "are not supported"),
+            ("bad_words_token_ids", bool(self.bad_words_token_ids), "are not supported"),
         )
         for name, bad, rule in unsupported:
             if bad:
@@ -205,6 +246,8 @@ class SamplingParams:
             early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
             logit_bias=dict(msg.logit_bias),
             allowed_token_ids=list(msg.allowed_token_ids),
+            bad_words=list(msg.bad_words),
+            bad_words_token_ids=[list(t.ids) for t in msg.bad_words_token_ids],
         )
 
     def to_proto(self):
@@ -228,6 +271,8 @@ class SamplingParams:
             length_penalty=self.length_penalty,
             early_stopping=early_stopping_to_proto(self.early_stopping),
             allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words,
+            bad_words_token_ids=[common_pb2.TokenIds(ids=ids) for ids in self.bad_words_token_ids],
         )
         if self.seed is not None:
             msg.seed = self.seed

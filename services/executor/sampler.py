@@ -7,7 +7,8 @@ vocabulary). Each row goes through, in vLLM's order:
    presence and frequency over the output only; then `logit_bias` is added (`logit_bias.apply_logit_bias`)
    and tokens outside a row's `allowed_token_ids` (when it has them) are set to -inf;
 2. `min_tokens`: while a sequence has fewer outputs than `min_tokens`, its EOS ids (unless
-   `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`); then structured
+   `ignore_eos`) and `stop_token_ids` are set to -inf (`apply_min_tokens`), and so is the last id
+   of each `bad_words_token_ids` sequence whose other ids the output ends with; then structured
    output: tokens a row's grammar does not allow are set to -inf, all rows at once from one
    bitmask (`mask`, see `pagedserve.executor.grammar`);
 3. temperature: greedy rows (`SamplingParams.greedy`) take the argmax here; the rest are
@@ -142,6 +143,31 @@ def _min_tokens_ban(
         banned = sorted(t for t in banned if 0 <= t < vocab_size)
         rows.extend([i] * len(banned))
         tokens.extend(banned)
+    return rows, tokens
+
+
+def _bad_words_ban(
+    params: Sequence[SamplingParams], output_ids: Sequence[Sequence[int]], vocab_size: int
+) -> tuple[list[int], list[int]]:
+    """(rows, token ids) to set to -inf: for each of a row's bad_words_token_ids, its last id
+    while the output ends with the ids before it (always, for a one-id sequence). Only the
+    output counts, not the prompt: a prompt that ends with a word's first tokens does not ban
+    its last."""
+    rows: list[int] = []
+    tokens: list[int] = []
+    for i, p in enumerate(params):
+        if not p.bad_words_token_ids:
+            continue
+        output = output_ids[i]
+        banned = set()
+        for ids in p.bad_words_token_ids:
+            before = len(ids) - 1
+            if before > len(output) or not 0 <= ids[-1] < vocab_size:
+                continue
+            if before == 0 or list(output[-before:]) == ids[:-1]:
+                banned.add(ids[-1])
+        rows.extend([i] * len(banned))
+        tokens.extend(sorted(banned))
     return rows, tokens
 
 
@@ -285,6 +311,9 @@ def sample(
         )
     device = logits.device
     ban_rows, ban_tokens = _min_tokens_ban(params, output_ids, eos_token_ids, vocab_size)
+    bad_rows, bad_tokens = _bad_words_ban(params, output_ids, vocab_size)
+    ban_rows += bad_rows
+    ban_tokens += bad_tokens
 
     # Fast path: every row plain greedy, nothing to mask or report: no copy, no penalty, temperature,
     # top-k/top-p or softmax work. `max(dim).indices` is argmax (the first maximum on ties, NaN wins)

@@ -34,6 +34,7 @@ from pagedserve.common.errors import (
     Unavailable,
 )
 from pagedserve.common.params import SamplingParams
+from pagedserve.gateway.bad_words import bad_word_ids
 from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.datatypes import (
     DetokenizeItem,
@@ -252,6 +253,10 @@ class Engine:
 
         if request.max_tokens_to_fill:
             sampling = replace(sampling, max_tokens=max(max_len - len(prompt_ids), 1))
+        if sampling.bad_words:
+            sampling.validate()  # the words' count and sizes, before any is tokenized
+            more = await bad_word_ids(sampling.bad_words, self.tokenizer.encode)
+            sampling = replace(sampling, bad_words_token_ids=[*sampling.bad_words_token_ids, *more])
         sampling.validate(info.vocab_size)
         check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling

@@ -74,6 +74,8 @@ def sampling_from_proto(
         structured_spec=spec,
         logit_bias=dict(msg.logit_bias),
         allowed_token_ids=list(msg.allowed_token_ids),
+        bad_words=list(msg.bad_words),
+        bad_words_token_ids=[list(t.ids) for t in msg.bad_words_token_ids],
     )
 
 

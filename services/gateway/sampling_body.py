@@ -1,7 +1,7 @@
 """The sampling fields of an OpenAI body (/v1/completions or /v1/chat/completions) as
 `SamplingParams`: OpenAI's fields, vLLM's extras (top_k, min_p, repetition_penalty, ignore_eos,
-stop_token_ids, min_tokens, allowed_token_ids, beam search's use_beam_search, length_penalty and
-early_stopping) and OpenAI's logit_bias. Types and the sizes that cost work are checked here;
+stop_token_ids, min_tokens, allowed_token_ids, bad_words, beam search's use_beam_search,
+length_penalty and early_stopping) and OpenAI's logit_bias. Types and the sizes that cost work are checked here;
 ranges are left to `SamplingParams.validate`. A field the body leaves out takes the model's
 default from its generation_config.json when the gateway has one (`generation_defaults`).
 """
@@ -12,12 +12,13 @@ import re
 from collections.abc import Mapping
 
 from pagedserve.common.errors import InvalidArgument
-from pagedserve.common.params import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, SamplingParams
+from pagedserve.common.params import LOGIT_BIAS_RANGE, MAX_BAD_WORDS, MAX_LOGIT_BIAS, SamplingParams
 from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.body_fields import (
     INT64_MAX,
     INT64_MIN,
     MISSING,
+    check_text,
     get_field,
     read_bool,
     read_float,
@@ -64,7 +65,26 @@ def read_sampling(
         early_stopping=_early_stopping(body),
         logit_bias=_logit_bias(body),
         allowed_token_ids=read_int_list(body, "allowed_token_ids"),
+        bad_words=_bad_words(body),
     )
+
+
+def _bad_words(body: dict) -> list[str]:
+    """vLLM's `bad_words`: a list of strings (the count checked before each one is read)."""
+    value = get_field(body, "bad_words")
+    if value is MISSING:
+        return []
+    if not isinstance(value, list):
+        raise InvalidArgument("bad_words must be a list of strings", field="bad_words")
+    if len(value) > MAX_BAD_WORDS:
+        raise InvalidArgument(
+            f"bad_words has {len(value)} words, more than the limit of {MAX_BAD_WORDS}", field="bad_words"
+        )
+    for i, word in enumerate(value):
+        if not isinstance(word, str):
+            raise InvalidArgument(f"bad_words[{i}] must be a string, got {show(word)}", field="bad_words")
+        check_text(word, f"bad_words[{i}]", "bad_words")
+    return value
 
 
 def _early_stopping(body: dict) -> bool | str:

@@ -93,3 +93,50 @@ def test_a_stop_token_is_in_the_ids_but_not_the_text_unless_asked(stack: Stack, 
     assert stopped["text"] == completion(max_tokens=k)["text"]
     kept = completion(max_tokens=6, stop_token_ids=[ids[k]], include_stop_str_in_output=True)
     assert kept["text"] == completion(max_tokens=k + 1)["text"]
+
+
+def test_bad_words_match_transformers_bad_words_ids(stack: Stack, http: httpx.Client) -> None:
+    """Greedy with banned token sequences is token-identical to transformers' generate with the
+    same bad_words_ids; a word given as text bans what the gateway tokenizes it into."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(stack.model)
+    model = AutoModelForCausalLM.from_pretrained(stack.model, torch_dtype=torch.float32).eval()
+    prompt_ids = hf.encode(PROMPT)
+
+    def transformers_greedy(bad_words_ids: list[list[int]]) -> list[int]:
+        out = model.generate(
+            torch.tensor([prompt_ids]), max_new_tokens=6, do_sample=False, min_new_tokens=6,
+            bad_words_ids=bad_words_ids, pad_token_id=hf.eos_token_id,
+        )  # fmt: skip
+        return out[0, len(prompt_ids) :].tolist()
+
+    plain = _ids(http)
+    assert plain == transformers_greedy(None)
+    # one id: never sampled; two ids: the second is banned only right after the first (which the
+    # prompt does not end with, where transformers would look too)
+    assert prompt_ids[-1] != plain[2]
+    for sequences in ([[plain[0]]], [[plain[2], plain[3]]]):
+        with Client(stack.grpc_address, timeout=60) as client:
+            result = client.generate(
+                PROMPT, max_tokens=6, temperature=0, ignore_eos=True, bad_words_token_ids=sequences
+            )
+        banned = result.choices[0].token_ids
+        # (no EOS either, so ignore_eos here and min_new_tokens there choose alike)
+        assert banned == transformers_greedy(sequences) != plain and hf.eos_token_id not in banned
+        if len(sequences[0]) == 2:
+            assert banned[:3] == plain[:3], "the pair bans nothing before its first id is out"
+    assert _ids(http, bad_words=[]) == plain
+
+    # a word the plain output writes (as its own token)
+    word = next(w for w in (hf.decode([t]).strip() for t in plain) if w.isalnum())
+    texts = [word, " " + word]
+    with_words = _ids(http, bad_words=[word])
+    assert with_words != plain
+    for text in texts:
+        ids = hf.encode(text, add_special_tokens=False)
+        runs = [with_words[i : i + len(ids)] for i in range(len(with_words) - len(ids) + 1)]
+        assert ids not in runs, (text, ids, with_words)
+    reply = http.post("/v1/completions", json={"prompt": PROMPT, "bad_words": ["x" * 257]})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "bad_words"

@@ -68,7 +68,8 @@ class FakeTokenizer:
         if self.gate is not None:
             await self.gate.wait()
         text = prompt.text if prompt.kind is PromptKind.TEXT else "".join(m.content for m in prompt.messages)
-        return [BOS] + [ord(c) for c in text]
+        specials = [] if prompt.kind is PromptKind.TEXT and not prompt.add_special_tokens else [BOS]
+        return specials + [ord(c) for c in text]
 
     async def encode_with_strs(self, prompt: Prompt) -> tuple[list[int], list[str]]:
         token_ids = await self.encode(prompt)
