@@ -282,3 +282,14 @@ def redis_spec(binary: str, port: int, data_dir: str) -> ServiceSpec:
                "--appendonly", "no", "--daemonize", "no", "--protected-mode", "yes",
                "--loglevel", "warning", "--logfile", "/dev/stderr")  # fmt: skip
     return ServiceSpec("redis", command, f"127.0.0.1:{port}", (port,), (), -1, "redis")
+
+
+def service_ports(config: LauncherConfig) -> set[int]:
+    """Every port the planned services listen on, `--pools` ports included."""
+    return {port for spec in plan(config, "redis://127.0.0.1:0/0").specs for port in spec.ports}
+
+
+def cuda_available() -> bool:
+    import torch  # here, not at the top: the launcher needs it for this question only
+
+    return torch.cuda.is_available()

@@ -67,10 +67,12 @@ from pagedserve.launch_checks import given_redis_problem, is_ready, ports_in_use
 from pagedserve.launch_plan import (
     LauncherConfig,
     ServiceSpec,
+    cuda_available,
     default_placement,
     hostport,
     plan,
     redis_spec,
+    service_ports,
 )
 
 READY = "pagedserve up: ready"
@@ -155,8 +157,7 @@ class Launcher:
         data_dir = tempfile.mkdtemp(prefix="pagedserve-redis-")
         try:
             # not a port of the services': they bind theirs only after Redis is up
-            taken = {port for spec in plan(self.config, "redis://127.0.0.1:0/0").specs for port in spec.ports}
-            redis = redis_spec(binary, free_port(avoid=taken), data_dir)
+            redis = redis_spec(binary, free_port(avoid=service_ports(self.config)), data_dir)
             specs, skipped = plan(self.config, f"redis://{redis.health_address}/0")
             return self.serve([redis, *specs], skipped)
         finally:
@@ -375,12 +376,6 @@ class Launcher:
             child.close()
 
 
-def _cuda_available() -> bool:
-    import torch  # here, not at the top: the launcher needs it for this question only
-
-    return torch.cuda.is_available()
-
-
 def main(args: argparse.Namespace) -> int:
     try:
         config = LauncherConfig.from_args(args)
@@ -389,7 +384,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     from pagedserve.common.cpus import available_cores
 
-    config, placed = default_placement(config, available_cores(), _cuda_available)
+    config, placed = default_placement(config, available_cores(), cuda_available)
     launcher = Launcher(config)
     if placed:
         launcher.say(placed)
