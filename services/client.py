@@ -58,7 +58,7 @@ import grpc
 
 from pagedserve.client_request import build_detokenize_request, build_request, build_tokenize_request
 from pagedserve.common import errors
-from pagedserve.common.grpc_utils import CHANNEL_OPTIONS
+from pagedserve.common.grpc_utils import CHANNEL_OPTIONS, field_of
 from pagedserve.common.outputs import Usage
 from pagedserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
@@ -226,7 +226,7 @@ def _error(err: grpc.RpcError) -> errors.PagedServeError:
         grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
         grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     }
-    error = by_code.get(code, errors.PagedServeError)(details or code.name)
+    error = by_code.get(code, errors.PagedServeError)(details or code.name, field=field_of(err))
     error.code = code.name
     return error
 

@@ -44,6 +44,22 @@ def _status(err: PagedServeError) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, err.code, grpc.StatusCode.INTERNAL)
 
 
+# Trailing metadata that carries a refused request's field (the `param` of an HTTP error), so
+# that it survives each hop: the tokenizer's or scheduler's verdict reaches the gateway's
+# client, and the gateway's reaches the SDK's `InvalidArgument.field`.
+FIELD_METADATA_KEY = "pagedserve-field"
+
+
+def _trailers(err: PagedServeError) -> tuple[tuple[str, str], ...]:
+    return ((FIELD_METADATA_KEY, err.field),) if err.field and err.field.isascii() else ()
+
+
+def field_of(err: grpc.RpcError) -> str | None:
+    """The field a failed call's trailers name, if any."""
+    trailers = err.trailing_metadata() if hasattr(err, "trailing_metadata") else None
+    return next((value for key, value in trailers or () if key == FIELD_METADATA_KEY), None)
+
+
 def grpc_errors(method: Callable) -> Callable:
     """Decorate an async servicer method (unary or async generator) so that a
     `PagedServeError` aborts the call with its status code and message."""
@@ -55,7 +71,7 @@ def grpc_errors(method: Callable) -> Callable:
                 async for item in method(self, request, context):
                     yield item
             except PagedServeError as err:
-                await context.abort(_status(err), err.message)
+                await context.abort(_status(err), err.message, trailing_metadata=_trailers(err))
 
         return stream_wrapper
 
@@ -64,7 +80,7 @@ def grpc_errors(method: Callable) -> Callable:
         try:
             return await method(self, request, context)
         except PagedServeError as err:
-            await context.abort(_status(err), err.message)
+            await context.abort(_status(err), err.message, trailing_metadata=_trailers(err))
 
     return unary_wrapper
 
@@ -73,10 +89,10 @@ def error_from_rpc(err: grpc.RpcError, service: str) -> PagedServeError:
     """Map a failed downstream call to the error this service should answer with."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     details = err.details() if hasattr(err, "details") else str(err)
-    return error_from_status(code.name, details, service)
+    return error_from_status(code.name, details, service, field_of(err))
 
 
-def error_from_status(code: str, details: str, service: str) -> PagedServeError:
+def error_from_status(code: str, details: str, service: str, field: str | None = None) -> PagedServeError:
     """The error for a downstream status, given by the name of its `grpc.StatusCode` member."""
     from pagedserve.common import errors
 
@@ -91,7 +107,7 @@ def error_from_status(code: str, details: str, service: str) -> PagedServeError:
         "FAILED_PRECONDITION": errors.FailedPrecondition,
     }
     cls = by_name.get(code, PagedServeError)
-    return cls(details or f"{service} failed with {code}")
+    return cls(details or f"{service} failed with {code}", field=field)
 
 
 class GrpcServer:

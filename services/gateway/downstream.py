@@ -105,7 +105,12 @@ class TokenizerClient:
         try:
             return await self.stub.Encode(request, timeout=self.timeout * 10)
         except grpc.RpcError as err:
-            raise error_from_rpc(err, self.service) from None
+            error = error_from_rpc(err, self.service)
+            # the tokenizer names fields of its own request (chat.messages.role): say which of
+            # the client's it was, or none
+            head = (error.field or "").removeprefix("chat.").split(".")[0]
+            error.field = {"chat": "messages", "messages": "messages", "tools": "tools"}.get(head)
+            raise error from None
 
     def check_connected(self) -> None:
         _raise_if_down(self.channel, self.service)

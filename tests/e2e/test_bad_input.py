@@ -35,7 +35,7 @@ HTTP_CASES = [
     ("no messages", "/v1/chat/completions", {"messages": []}, 400, "messages", "empty"),
     ("chat top_p", "/v1/chat/completions", {"messages": CHAT, "top_p": -1}, 400, "top_p", "(0, 1]"),
     ("chat unknown model", "/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model", "nope"),
-    ("chat role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, None, "robot"),
+    ("chat role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "robot"),
 ]  # fmt: skip
 
 

@@ -111,8 +111,13 @@ def test_the_sdk_tokenizes_and_detokenizes_over_grpc(stack: Stack, http: httpx.C
             InvalidArgument, match=f"token_ids has {MAX_MODEL_LEN + 1} ids, more than max_model_len"
         ):
             client.detokenize([5] * (MAX_MODEL_LEN + 1))
-        with pytest.raises(NotFound, match="model 'gpt-4' is not served here"):
+        with pytest.raises(NotFound, match="model 'gpt-4' is not served here") as info:
             client.tokenize(text, model="gpt-4")
+        assert info.value.field == "model"
+        # a field the tokenizer service names reaches the SDK as the client's
+        with pytest.raises(InvalidArgument, match="robot") as info:
+            client.tokenize(messages=[{"role": "robot", "content": "hi"}])
+        assert info.value.field == "messages"
         with pytest.raises(TypeError, match="exactly one of prompt or messages"):
             client.tokenize()
 

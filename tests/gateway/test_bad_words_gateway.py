@@ -58,6 +58,7 @@ def test_bad_words_and_their_sequences_over_grpc() -> None:
             with pytest.raises(InvalidArgument) as info:
                 await client.generate("x", bad_words_token_ids=[[]])
             assert "bad_words_token_ids[0] must have 1 to 64 ids, got 0" in str(info.value)
+            assert info.value.field == "bad_words_token_ids", "the field rides the call's trailers"
             with pytest.raises(InvalidArgument) as info:
                 await client.generate("x", use_beam_search=True, n=2, bad_words=["hi"])
             assert "bad_words are not supported with use_beam_search" in str(info.value)
