@@ -46,7 +46,13 @@ from pagedserve.gateway.datatypes import (
     TokenizerInfo,
     Usage,
 )
-from pagedserve.gateway.prompt_checks import check_fits, check_limits, check_vocabulary, kept_prompt_tokens
+from pagedserve.gateway.prompt_checks import (
+    check_encodable,
+    check_fits,
+    check_limits,
+    check_vocabulary,
+    kept_prompt_tokens,
+)
 from pagedserve.gateway.request_run import RequestRun
 
 log = logging.getLogger(__name__)
@@ -270,26 +276,9 @@ class Engine:
     async def _checked_encode(
         self, prompt: Prompt, *, token_strs: bool
     ) -> tuple[list[int], list[str] | None]:
-        field = _PROMPT_FIELD[prompt.kind]
         if prompt.kind is PromptKind.CHAT and not prompt.messages:
             raise InvalidArgument("messages must not be empty", field="messages")
-        info = await self.tokenizer_info()
-        if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
-            raise InvalidArgument("the served model has no chat template", field="messages")
-        if prompt.tools_json and not info.chat_template_supports_tools:
-            raise InvalidArgument(
-                "tools: the served model's chat template does not support tools", field="tools"
-            )
-        size = (
-            len(prompt.text.encode())
-            + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
-            + len(prompt.tools_json)
-            + len(prompt.template_kwargs_json)
-        )
-        if info.max_input_bytes and size > info.max_input_bytes:
-            raise InvalidArgument(
-                f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
-            )
+        check_encodable(prompt, _PROMPT_FIELD[prompt.kind], await self.tokenizer_info())
         return await self._encode(prompt, token_strs)
 
     async def tokenize(

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pagedserve.common import structured
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.gateway.config import RequestLimits
-from pagedserve.gateway.datatypes import GenerationRequest
+from pagedserve.gateway.datatypes import GenerationRequest, Prompt, PromptKind, TokenizerInfo
 
 
 def kept_prompt_tokens(truncate: int | None, max_len: int) -> int:
@@ -75,3 +75,22 @@ def check_limits(request: GenerationRequest, limits: RequestLimits) -> None:
         # Parsed once per distinct spec (cached): a bad schema, regex or grammar is refused
         # here, never in the executor. HTTP bodies were checked under their own field names.
         structured.validate(sampling.structured_kind, sampling.structured_spec, "structured")
+
+
+def check_encodable(prompt: Prompt, field: str, info: TokenizerInfo) -> None:
+    """What every prompt to be tokenized gets checked for: a chat template for messages, one that
+    takes tools for tools, and the tokenizer's input byte limit (`field` names the prompt)."""
+    if prompt.kind is PromptKind.CHAT and not info.has_chat_template:
+        raise InvalidArgument("the served model has no chat template", field="messages")
+    if prompt.tools_json and not info.chat_template_supports_tools:
+        raise InvalidArgument("tools: the served model's chat template does not support tools", field="tools")
+    size = (
+        len(prompt.text.encode())
+        + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
+        + len(prompt.tools_json)
+        + len(prompt.template_kwargs_json)
+    )
+    if info.max_input_bytes and size > info.max_input_bytes:
+        raise InvalidArgument(
+            f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
+        )
