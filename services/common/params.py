@@ -183,6 +183,28 @@ class SamplingParams:
             if vocab_size is not None:
                 _check_in_vocabulary("bad_words_token_ids", ids, vocab_size)
 
+    def check_samplable(self, eos_token_ids: Iterable[int]) -> None:
+        """Raise `InvalidArgument` when allowed_token_ids leaves nothing to sample: every id is
+        a one-token bad word, or, while min_tokens holds, every id left ends the sequence (a
+        stop_token_id, or EOS unless ignore_eos). Needs the bad words as ids (after the gateway
+        tokenized them) and the model's EOS ids."""
+        if not self.allowed_token_ids:
+            return
+        banned = {ids[0] for ids in self.bad_words_token_ids if len(ids) == 1}
+        left = set(self.allowed_token_ids) - banned
+        if not left:
+            name = "bad_words" if self.bad_words else "bad_words_token_ids"
+            raise InvalidArgument(
+                f"{name} bans every id of allowed_token_ids, so no token could be sampled", field=name
+            )
+        ending = set(self.stop_token_ids) | (set() if self.ignore_eos else set(eos_token_ids))
+        if self.min_tokens and left <= ending:
+            raise InvalidArgument(
+                f"min_tokens={self.min_tokens} needs a token that does not end the sequence, but "
+                "every id of allowed_token_ids left after bad words is a stop_token_id or EOS",
+                field="min_tokens",
+            )
+
     @property
     def constrained(self) -> bool:
         return bool(self.structured_kind)

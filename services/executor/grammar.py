@@ -11,7 +11,8 @@ executor restart, a scheduler taking over) gets a fresh matcher that replays its
 Once the output is complete the mask allows only EOS, so the scheduler's EOS check ends the
 sequence. A request whose constraint cannot be compiled here, or whose output the matcher
 refuses (which the mask should make impossible), is logged and may then sample EOS only: a bad
-grammar ends its own request and never the executor.
+grammar ends its own request and never the executor. So does a step where the mask and the
+request's allowed_token_ids or bad words leave no token at all (the sampler then picks EOS).
 
 Compiling needs the tokenizer's vocabulary: it is loaded from the model's folder the first time a
 constrained request arrives, and each distinct (kind, spec) is compiled once (an LRU of

@@ -19,6 +19,8 @@ vocabulary). Each row goes through, in vLLM's order:
 5. one draw from the softmax per row by exponential race: argmax(probs / E), E ~ Exp(1)
    i.i.d., which picks token i with probability probs[i].
 
+A row that steps 1-2 leave with no token at all samples its EOS (`_end_rows_with_nothing_left`).
+
 Randomness: a row whose request has a `seed` draws its E from its own `torch.Generator`
 seeded with `step_seed(seed, len(output_ids))`, so a seeded request gets the same tokens
 whatever else is in the batch, and again after a preemption or a re-sent step. Rows without
@@ -188,6 +190,17 @@ def apply_min_tokens(
     return out
 
 
+def _end_rows_with_nothing_left(logits: torch.Tensor, eos_token_ids: Sequence[int]) -> None:
+    """A row whose every token the masks ruled out (allowed_token_ids against bad words or a
+    grammar, say) gets logit 0 on its first EOS id, in place, so it samples EOS and ends, with
+    logprob 0, rather than an arbitrary token with a NaN logprob. The gateway refuses the
+    combinations it can see ahead (`SamplingParams.check_samplable`); this is for the rest."""
+    eos = next((t for t in eos_token_ids if 0 <= t < logits.shape[1]), None)
+    dead = logits.amax(dim=-1) == float("-inf")  # [B]
+    if eos is not None and bool(dead.any()):
+        logits[dead, eos] = 0.0
+
+
 def apply_top_k_top_p(
     logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None
 ) -> torch.Tensor:
@@ -338,6 +351,9 @@ def sample(
         logits[torch.tensor(ban_rows, device=device), torch.tensor(ban_tokens, device=device)] = float("-inf")
     if mask is not None:
         mask.apply(logits)
+    # Only these masks can leave a row with nothing (a bias is finite).
+    if mask is not None or ban_rows or any(p.allowed_token_ids for p in params):
+        _end_rows_with_nothing_left(logits, eos_token_ids)
 
     tokens = logits.argmax(dim=-1)  # [B] the answer for greedy rows
     temperatures = [p.temperature if p.temperature > 0.0 else 1.0 for p in params]

@@ -264,6 +264,7 @@ class Engine:
             more = await bad_word_ids(sampling.bad_words, self.tokenizer.encode)
             sampling = replace(sampling, bad_words_token_ids=[*sampling.bad_words_token_ids, *more])
         sampling.validate(info.vocab_size)
+        sampling.check_samplable(info.eos_token_ids)
         check_fits(len(prompt_ids), sampling.max_tokens, max_len)
         return prompt_ids, sampling
 

@@ -62,6 +62,16 @@ def usage_json(usage: Usage) -> dict:
     }
 
 
+# What JSON shows for a logprob of -inf (a token a mask ruled out, e.g. an alternative past a short
+# allowed_token_ids) or NaN: JSON has no infinity, and a client's parser would refuse the body.
+LOGPROB_FLOOR = -9999.0
+
+
+def json_logprob(value: float) -> float:
+    """`value`, or LOGPROB_FLOOR when it is below it, -inf or NaN."""
+    return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
+
+
 def _token_bytes(token: str | None) -> list[int]:
     return list((token or "").encode())
 
@@ -71,10 +81,14 @@ def chat_logprobs_json(logprobs: list[TokenLogprob]) -> dict:
         "content": [
             {
                 "token": lp.token or "",
-                "logprob": lp.logprob,
+                "logprob": json_logprob(lp.logprob),
                 "bytes": _token_bytes(lp.token),
                 "top_logprobs": [
-                    {"token": t.token or "", "logprob": t.logprob, "bytes": _token_bytes(t.token)}
+                    {
+                        "token": t.token or "",
+                        "logprob": json_logprob(t.logprob),
+                        "bytes": _token_bytes(t.token),
+                    }
                     for t in lp.top
                 ],
             }
@@ -98,12 +112,12 @@ def completion_logprobs_json(
         top_logprobs.append(None)
         for lp in prompt.logprobs:
             tokens.append(lp.token or "")
-            token_logprobs.append(lp.logprob)
-            top_logprobs.append({t.token or "": t.logprob for t in lp.top[:k]})
+            token_logprobs.append(json_logprob(lp.logprob))
+            top_logprobs.append({t.token or "": json_logprob(t.logprob) for t in lp.top[:k]})
     for lp in logprobs:
         tokens.append(lp.token or "")
-        token_logprobs.append(lp.logprob)
-        top_logprobs.append({t.token or "": t.logprob for t in lp.top})
+        token_logprobs.append(json_logprob(lp.logprob))
+        top_logprobs.append({t.token or "": json_logprob(t.logprob) for t in lp.top})
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
@@ -125,9 +139,17 @@ def prompt_logprobs_json(prompt: PromptLogprobs | None, k: int) -> list[dict | N
     entries: list[dict | None] = [None]
     for lp in prompt.logprobs:
         tops = lp.top[:k]
-        entry = {str(lp.token_id): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.token}}
+        entry = {
+            str(lp.token_id): {
+                "logprob": json_logprob(lp.logprob),
+                "rank": lp.rank,
+                "decoded_token": lp.token,
+            }
+        }
         for i, t in enumerate(tops):
-            entry.setdefault(str(t.token_id), {"logprob": t.logprob, "rank": i + 1, "decoded_token": t.token})
+            entry.setdefault(
+                str(t.token_id), {"logprob": json_logprob(t.logprob), "rank": i + 1, "decoded_token": t.token}
+            )
         entries.append(entry)
     return entries
 

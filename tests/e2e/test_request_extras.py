@@ -1,8 +1,12 @@
 """Request extras through the whole stack: logit_bias over HTTP and the gRPC SDK (+100 all but
 forces a token, -100 bans one, greedy and seeded), include_stop_str_in_output and
-truncate_prompt_tokens; the pool checks out after each test (conftest)."""
+truncate_prompt_tokens, allowed_token_ids and bad words, and a request they leave with no token
+(it ends with EOS; -inf logprobs reach JSON as -9999.0); the pool checks out after each test
+(conftest)."""
 
 from __future__ import annotations
+
+import json
 
 import httpx
 from e2e_harness import Stack
@@ -79,6 +83,59 @@ def test_allowed_token_ids(stack: Stack, http: httpx.Client) -> None:
             PROMPT, max_tokens=4, temperature=0, ignore_eos=True, allowed_token_ids=allowed
         )
         assert set(result.choices[0].token_ids) <= set(allowed)
+
+
+def _strict_json(text: str) -> dict:
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_request_left_with_no_token_ends_with_eos_and_its_json_stays_valid(
+    stack: Stack, http: httpx.Client
+) -> None:
+    plain = _ids(http)
+    allowed = [t for t in (2024, 2025) if t not in plain]
+    # more alternatives asked than allowed_token_ids leaves: the rest are -inf, written as -9999.0
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0, "allowed_token_ids": allowed}
+    reply = http.post("/v1/completions", json={**body, "logprobs": 4})
+    tops = _strict_json(reply.text)["choices"][0]["logprobs"]["top_logprobs"]
+    assert all(-9999.0 in top.values() for top in tops), tops
+    chat = {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 4}
+    with http.stream("POST", "/v1/chat/completions", json={**body, **chat, "stream": True}) as stream:
+        lines = [line[6:] for line in stream.iter_lines() if line.startswith("data: {")]
+    chunks = [_strict_json(line) for line in lines]
+    floors = [
+        t["logprob"]
+        for c in chunks
+        for choice in c["choices"]
+        for entry in (choice.get("logprobs") or {}).get("content", [])
+        for t in entry["top_logprobs"]
+    ]
+    assert floors.count(-9999.0) == 2 * 2, floors
+
+    # every pair of allowed ids banned: after the first token nothing is left, so EOS ends it
+    from transformers import GenerationConfig
+
+    eos = GenerationConfig.from_pretrained(stack.model).eos_token_id  # the model's EOS ids
+    pairs = [[x, y] for x in allowed for y in allowed]
+    with Client(stack.grpc_address, timeout=60) as client:
+        result = client.generate(
+            PROMPT,
+            max_tokens=6,
+            temperature=0,
+            allowed_token_ids=allowed,
+            bad_words_token_ids=pairs,
+            logprobs=1,
+        )
+    choice = result.choices[0]
+    assert choice.finish_reason == "stop" and choice.token_ids[0] in allowed
+    assert len(choice.token_ids) == 2 and choice.token_ids[1] in eos
+    assert choice.logprobs[1].logprob == 0.0
+    # what the gateway can see ahead is refused before anything is allocated
+    reply = http.post("/v1/completions", json={**body, "min_tokens": 1, "stop_token_ids": allowed})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "min_tokens", reply.text
 
 
 def test_a_stop_token_is_in_the_ids_but_not_the_text_unless_asked(stack: Stack, http: httpx.Client) -> None:
