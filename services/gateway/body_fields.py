@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.request_ids import check_request_id
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT32_MAX = 3.4028234663852886e38
 MISSING = object()
+# A client's id for an HTTP request; short enough that "chatcmpl-" before it and a batch's "-i"
+# after it stay within MAX_REQUEST_ID_CHARS.
+HTTP_REQUEST_ID_CHARS = 128
 
 
 def show(value) -> str:
@@ -120,3 +124,18 @@ def read_model(body: dict) -> str:
     if not isinstance(model, str):
         raise InvalidArgument("model must be a string", field="model")
     return check_text(model, "model", "model")
+
+
+def read_request_id(header: str | None, body: dict) -> str | None:
+    """The id the client chose for an HTTP request: its `X-Request-Id` header, else the body's
+    `request_id` (as vLLM reads them); None for neither."""
+    if header is not None:
+        check_request_id(header, "X-Request-Id", HTTP_REQUEST_ID_CHARS)
+        return header
+    value = get_field(body, "request_id")
+    if value is MISSING:
+        return None
+    if not isinstance(value, str):
+        raise InvalidArgument(f"request_id must be a string, got {show(value)}", field="request_id")
+    check_request_id(value, "request_id", HTTP_REQUEST_ID_CHARS)
+    return value

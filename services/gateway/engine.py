@@ -34,6 +34,7 @@ from pagedserve.common.errors import (
     Unavailable,
 )
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.request_ids import check_request_id
 from pagedserve.gateway.bad_words import bad_word_ids
 from pagedserve.gateway.config import GatewayConfig
 from pagedserve.gateway.datatypes import (
@@ -158,6 +159,7 @@ class Engine:
         self._admit(len(requests))
         request_ids = [r.request_id or uuid.uuid4().hex for r in requests]
         for request_id in request_ids:
+            check_request_id(request_id)
             if request_id in self._in_flight or request_ids.count(request_id) > 1:
                 raise InvalidArgument(f"request_id '{request_id}' is already in flight", field="request_id")
         self._in_flight.update(request_ids)

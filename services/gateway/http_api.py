@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagedserve import __version__
 from pagedserve.common.errors import InvalidArgument, PagedServeError
 from pagedserve.common.json_text import depth_over
-from pagedserve.gateway.body_fields import check_object
+from pagedserve.gateway.body_fields import check_object, read_request_id
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.dashboard import add_dashboard_routes
 from pagedserve.gateway.datatypes import (
@@ -302,17 +302,29 @@ async def _answer(
 
 
 async def _serve(engine: Engine, request: Request, parse: Callable[..., ApiCall], id_prefix: str) -> Response:
+    """A completions or chat call; the response's `X-Request-Id` is the client's id, or its own."""
+    response = await _serve_call(engine, request, parse, id_prefix)
+    request_id = getattr(request.state, "request_id", None)
+    if request_id is not None:
+        response.headers["X-Request-Id"] = request_id
+    return response
+
+
+async def _serve_call(
+    engine: Engine, request: Request, parse: Callable[..., ApiCall], id_prefix: str
+) -> Response:
     config = engine.config
     try:
-        call = parse(
-            await read_json(request, config.limits), config.limits, defaults=config.sampling_defaults
-        )
+        body = await read_json(request, config.limits)
+        call = parse(body, config.limits, defaults=config.sampling_defaults)
+        client_id = read_request_id(request.headers.get("x-request-id"), body)
     except PagedServeError as err:
         return error_response(err)
     except ClientDisconnect:
         log.info("client disconnected while sending its request")
         return Response(status_code=499)
-    response_id = id_prefix + uuid.uuid4().hex
+    response_id = id_prefix + (client_id or uuid.uuid4().hex)
+    request.state.request_id = client_id or response_id
     for i, generation in enumerate(call.requests):
         generation.request_id = response_id if len(call.requests) == 1 else f"{response_id}-{i}"
     created = int(time.time())

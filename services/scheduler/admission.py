@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.params import SamplingParams
+from pagedserve.common.request_ids import check_request_id
 from pagedserve.common.sizes import cdiv
 from pagedserve.scheduler.beam import num_candidates
 from pagedserve.scheduler.config import SchedulerLimits
@@ -19,13 +20,11 @@ def check_admissible(
 
     prompt + max_tokens must fit max_model_len, and the whole request must fit the pool at
     once: with n > 1 choices, the prompt's full blocks are shared and each choice needs the rest."""
-    if not request_id or not request_id.isprintable():
-        raise InvalidArgument(
-            "request_id must be non-empty, printable text (no control characters)", field="request_id"
-        )
+    check_request_id(request_id)
     if not prompt_token_ids:
         raise InvalidArgument("prompt_token_ids must be non-empty", field="prompt_token_ids")
     sampling.validate(limits.vocab_size)
+    sampling.check_samplable(limits.eos_token_ids)
     bad = next((t for t in prompt_token_ids if not 0 <= t < limits.vocab_size), None)
     if bad is not None:
         raise InvalidArgument(
