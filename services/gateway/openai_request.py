@@ -5,6 +5,7 @@ shape) and lenient about fields it does not use (`user`, `metadata`, ...). Besid
 fields it takes vLLM's sampling extras: top_k, min_p, repetition_penalty, ignore_eos,
 stop_token_ids, min_tokens, skip_special_tokens, add_special_tokens, priority,
 return_token_ids (choices carry `token_ids`, and `prompt_token_ids` on the first),
+return_tokens_as_token_ids (logprobs name tokens "token_id:<id>"),
 include_stop_str_in_output, truncate_prompt_tokens (the prompt's last k tokens; -1: max_model_len),
 allowed_token_ids
 and prompt_logprobs (not with stream, as in vLLM); chat bodies also chat_template_kwargs and
@@ -64,6 +65,8 @@ class ApiCall:
     # stream_options.continuous_usage_stats (vLLM's): the running usage in every chunk too
     continuous_usage: bool = False
     return_token_ids: bool = False  # vLLM's extra: token ids in every choice (and the prompt's)
+    # vLLM's return_tokens_as_token_ids: logprobs name each token "token_id:<id>", not its text
+    tokens_as_ids: bool = False
     echo: bool = False  # completions: each choice's text starts with its prompt
     # completions with echo and logprobs: the prompt's tokens lead each choice's logprobs
     echo_logprobs: bool = False
@@ -196,7 +199,8 @@ def parse_completion(
             "truncate_prompt_tokens cannot be combined with echo (which prompt would it echo?)",
             field="truncate_prompt_tokens",
         )
-    token_strings = logprobs is not None or prompt_logprobs is not None
+    tokens_as_ids = read_bool(body, "return_tokens_as_token_ids", False)
+    token_strings = (logprobs is not None and not tokens_as_ids) or prompt_logprobs is not None
     return ApiCall(
         # Each request has its own SamplingParams: the engine may adjust one (max_tokens to fill).
         requests=[
@@ -209,6 +213,7 @@ def parse_completion(
         stream=stream,
         **_stream_options(body, stream),
         return_token_ids=read_bool(body, "return_token_ids", False),
+        tokens_as_ids=tokens_as_ids,
         echo=echo,
         echo_logprobs=echo and logprobs is not None,
         prompt_logprobs=prompt_logprobs,
@@ -273,6 +278,7 @@ def parse_chat(
     if max_tokens is None:
         max_tokens = read_int(body, "max_tokens", None)
     want_logprobs = read_bool(body, "logprobs", False)
+    tokens_as_ids = read_bool(body, "return_tokens_as_token_ids", False)
     top_logprobs = read_int(body, "top_logprobs", None)
     if top_logprobs is not None:
         if not want_logprobs:
@@ -292,7 +298,7 @@ def parse_chat(
     request = GenerationRequest(
         prompt=prompt,
         sampling=sampling,
-        logprob_token_strings=want_logprobs or prompt_logprobs is not None,
+        logprob_token_strings=(want_logprobs and not tokens_as_ids) or prompt_logprobs is not None,
         **_request_fields(body, limits),
     )
     request.max_tokens_to_fill = max_tokens is None
@@ -303,6 +309,7 @@ def parse_chat(
         stream=stream,
         **_stream_options(body, stream),
         return_token_ids=read_bool(body, "return_token_ids", False),
+        tokens_as_ids=tokens_as_ids,
         prompt_logprobs=prompt_logprobs,
         tool_choice=tool_choice,
     )

@@ -10,6 +10,7 @@ from pagedserve.gateway.datatypes import (
     PromptLogprobs,
     RequestOutput,
     TokenLogprob,
+    TopLogprob,
     Usage,
 )
 from pagedserve.gateway.openai_request import ApiCall
@@ -72,52 +73,52 @@ def json_logprob(value: float) -> float:
     return value if value >= LOGPROB_FLOOR else LOGPROB_FLOOR
 
 
-def _token_bytes(token: str | None) -> list[int]:
-    return list((token or "").encode())
+def _shown(token_id: int, token: str | None, as_ids: bool) -> str:
+    """How logprobs name a token: its text, or "token_id:<id>" (return_tokens_as_token_ids)."""
+    return f"token_id:{token_id}" if as_ids else token or ""
 
 
-def chat_logprobs_json(logprobs: list[TokenLogprob]) -> dict:
+def _chat_entry(t: TokenLogprob | TopLogprob, as_ids: bool) -> dict:
+    token = _shown(t.token_id, t.token, as_ids)
+    return {"token": token, "logprob": json_logprob(t.logprob), "bytes": list(token.encode())}
+
+
+def chat_logprobs_json(logprobs: list[TokenLogprob], as_ids: bool = False) -> dict:
     return {
         "content": [
-            {
-                "token": lp.token or "",
-                "logprob": json_logprob(lp.logprob),
-                "bytes": _token_bytes(lp.token),
-                "top_logprobs": [
-                    {
-                        "token": t.token or "",
-                        "logprob": json_logprob(t.logprob),
-                        "bytes": _token_bytes(t.token),
-                    }
-                    for t in lp.top
-                ],
-            }
+            {**_chat_entry(lp, as_ids), "top_logprobs": [_chat_entry(t, as_ids) for t in lp.top]}
             for lp in logprobs
         ]
     }
 
 
 def completion_logprobs_json(
-    logprobs: list[TokenLogprob], text_offset: int, prompt: PromptLogprobs | None = None, k: int = 0
+    logprobs: list[TokenLogprob],
+    text_offset: int,
+    prompt: PromptLogprobs | None = None,
+    k: int = 0,
+    as_ids: bool = False,
 ) -> dict:
     """The legacy completions form; `text_offset` is where the first token's text starts. With
     `prompt` (echo), the prompt's tokens come first, the first with null logprob and tops, the
-    others with their top `k`."""
+    others with their top `k`. `as_ids`: tokens are named "token_id:<id>"."""
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict | None] = []
+
+    def add(lp: TokenLogprob, tops: list[TopLogprob]) -> None:
+        tokens.append(_shown(lp.token_id, lp.token, as_ids))
+        token_logprobs.append(json_logprob(lp.logprob))
+        top_logprobs.append({_shown(t.token_id, t.token, as_ids): json_logprob(t.logprob) for t in tops})
+
     if prompt is not None:
-        tokens.append(prompt.first_token or "")
+        tokens.append(_shown(prompt.first_token_id, prompt.first_token, as_ids))
         token_logprobs.append(None)
         top_logprobs.append(None)
         for lp in prompt.logprobs:
-            tokens.append(lp.token or "")
-            token_logprobs.append(json_logprob(lp.logprob))
-            top_logprobs.append({t.token or "": json_logprob(t.logprob) for t in lp.top[:k]})
+            add(lp, lp.top[:k])
     for lp in logprobs:
-        tokens.append(lp.token or "")
-        token_logprobs.append(json_logprob(lp.logprob))
-        top_logprobs.append({t.token or "": json_logprob(t.logprob) for t in lp.top})
+        add(lp, lp.top)
     offsets = []
     for token in tokens:
         offsets.append(text_offset)
@@ -173,7 +174,7 @@ def full_response(
             choice["message"], choice["finish_reason"] = chat_message(
                 call.tool_choice, c.text, c.finish_reason
             )
-            choice["logprobs"] = chat_logprobs_json(c.logprobs) if want_logprobs else None
+            choice["logprobs"] = chat_logprobs_json(c.logprobs, call.tokens_as_ids) if want_logprobs else None
         else:
             choice["text"] = (echo_texts[c.index // n] if echo_texts else "") + c.text
             choice["logprobs"] = (
@@ -182,6 +183,7 @@ def full_response(
                     0,
                     prompts.get(c.index // n) if call.echo_logprobs else None,
                     call.request.sampling.logprobs or 0,
+                    call.tokens_as_ids,
                 )
                 if want_logprobs
                 else None
@@ -327,7 +329,9 @@ class ChunkFormatter:
                 choice["delta"] = (
                     {"content": d.text} if d.text or d.finish_reason is FinishReason.NONE else {}
                 )
-                choice["logprobs"] = chat_logprobs_json(d.logprobs) if self.want_logprobs else None
+                choice["logprobs"] = (
+                    chat_logprobs_json(d.logprobs, self.call.tokens_as_ids) if self.want_logprobs else None
+                )
             else:
                 choice["text"] = d.text
                 if self.want_logprobs:
@@ -340,6 +344,7 @@ class ChunkFormatter:
                         self.text_offsets[d.index],
                         prompt,
                         self.call.request.sampling.logprobs or 0,
+                        self.call.tokens_as_ids,
                     )
                     choice["logprobs"] = logprobs
                     self.text_offsets[d.index] += sum(len(t) for t in logprobs["tokens"])

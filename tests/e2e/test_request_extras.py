@@ -138,6 +138,20 @@ def test_a_request_left_with_no_token_ends_with_eos_and_its_json_stays_valid(
     assert reply.status_code == 400 and reply.json()["error"]["param"] == "min_tokens", reply.text
 
 
+def test_tokens_as_token_ids_name_the_ids_the_choice_returned(http: httpx.Client) -> None:
+    body = {"max_tokens": 4, "logprobs": 2, "return_tokens_as_token_ids": True}
+    reply = http.post(
+        "/v1/completions",
+        json={"prompt": PROMPT, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **body},
+    )
+    choice = reply.json()["choices"][0]
+    assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+    assert all(
+        len(top) == 2 and all(k.startswith("token_id:") for k in top)
+        for top in choice["logprobs"]["top_logprobs"]
+    )
+
+
 def test_a_stop_token_is_in_the_ids_but_not_the_text_unless_asked(stack: Stack, http: httpx.Client) -> None:
     def completion(**extra) -> dict:
         body = {"prompt": PROMPT, "temperature": 0, "ignore_eos": True, "return_token_ids": True, **extra}
