@@ -103,7 +103,7 @@ class _Connection:
                     inbox = self.inboxes.pop(err.request_id, None)
                     if inbox is not None:
                         inbox.finished = True
-                        inbox.put(error_from_status(err.code, err.message, self.service))
+                        inbox.put(error_from_status(err.code, err.message, self.service, err.field or None))
         except grpc.RpcError as err:
             # Requests' own errors come as RequestErrors; the call itself only ends in error
             # when the scheduler is gone, is a standby, or broke: all worth a re-attach

@@ -143,5 +143,7 @@ class ConnectSession:
 
 def _error(request_id: str, err: Exception) -> scheduler_pb2.RequestError:
     if isinstance(err, PagedServeError):
-        return scheduler_pb2.RequestError(request_id=request_id, code=err.code, message=err.message)
+        return scheduler_pb2.RequestError(
+            request_id=request_id, code=err.code, message=err.message, field=err.field or ""
+        )
     return scheduler_pb2.RequestError(request_id=request_id, code="INTERNAL", message=str(err))

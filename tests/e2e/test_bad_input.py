@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from e2e_harness import MAX_MODEL_LEN, Stack, metric
+from e2e_harness import MAX_MODEL_LEN, NUM_KV_BLOCKS, Stack, metric
 
 from pagedserve.client import Client
 from pagedserve.common import errors
@@ -36,6 +36,9 @@ HTTP_CASES = [
     ("chat top_p", "/v1/chat/completions", {"messages": CHAT, "top_p": -1}, 400, "top_p", "(0, 1]"),
     ("chat unknown model", "/v1/chat/completions", {"messages": CHAT, "model": "nope"}, 404, "model", "nope"),
     ("chat role", "/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages", "robot"),
+    # refused by the scheduler (the pool's size), not the gateway: the field comes back all the same
+    ("n over the pool", "/v1/completions", {"prompt": "x", "n": 128, "max_tokens": 300}, 400, "n",
+     f"the pool has {NUM_KV_BLOCKS}"),
 ]  # fmt: skip
 
 
