@@ -114,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                     help="names clients may use for the model (default: --model as given); the first is reported")  # fmt: skip
     kv.add_argument("--allowed-origins", nargs="+", default=(), metavar="ORIGIN",
                     help="browser origins whose pages may call the HTTP API (CORS; default: none)")  # fmt: skip
+    kv.add_argument("--api-key", default=None, metavar="KEY",
+                    help="clients must send it as a bearer token, on HTTP /v1 and gRPC (default: "
+                    "$PAGEDSERVE_API_KEY; none: open)")  # fmt: skip
     kv.add_argument("--generation-config", default=None, metavar="auto|vllm|FOLDER",
                     help="the gateway's default sampling from generation_config.json (default: auto, the model's)")  # fmt: skip
     kv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",

@@ -44,6 +44,7 @@ class LauncherConfig:
     chat_template: str | None = None  # the tokenizer's --chat-template (a file or the Jinja text)
     generation_config: str | None = None  # the gateway's --generation-config (auto, vllm or a folder)
     allowed_origins: tuple[str, ...] = ()  # the gateway's --allowed-origins (CORS for these pages)
+    api_key: str | None = None  # the gateway's --api-key, given in its environment, never on its command line
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -113,6 +114,15 @@ class LauncherConfig:
     def connect_host(self) -> str:
         """Where the launcher and the services reach each other: loopback for a wildcard bind."""
         return "127.0.0.1" if self.host in _WILDCARD_HOSTS else self.host
+
+
+def service_env(config: LauncherConfig, name: str) -> dict[str, str]:
+    """What service `name` gets in its environment besides the launcher's own: unbuffered output,
+    and for the gateway its --api-key (a command line is public to every user of the machine)."""
+    env = {"PYTHONUNBUFFERED": "1"}
+    if config.api_key and name == "gateway":
+        env["PAGEDSERVE_API_KEY"] = config.api_key
+    return env
 
 
 class ServiceSpec(NamedTuple):

@@ -8,7 +8,8 @@ needs it; the launcher says which, so `up` works with whatever part of the stack
 
 Redis is a child like the others (a local `redis-server` on a free port, started first and
 stopped last) unless `--redis-url` names one; with no `redis-server` installed, the Redis of
-`redis_harness` (Docker) is used, and that one is not supervised.
+`redis_harness` (Docker) is used, and that one is not supervised. Secrets (a Redis password,
+`--api-key`) reach the services in their environment, never on a command line.
 
 A child that exits during start-up fails the start-up: the launcher prints its name, how it
 exited and the last lines of its stderr, stops the rest and exits 1. Once the stack is
@@ -25,9 +26,9 @@ started with PR_SET_PDEATHSIG (Linux), so that a launcher that is SIGKILLed leav
 running: the kernel sends each one SIGTERM. Every child is started on the thread that runs
 `serve` (the main thread in `pagedserve up`), since that signal follows the starting thread.
 
-Exit status: 0 when stopped by a signal once ready; 1 when a service failed or was not
-SERVING in time, or died more often than allowed; 128 + the signal when stopped during
-start-up; 2 for bad flags.
+Exit status: 0 when stopped by a signal once ready; 1 when a service failed or was not SERVING
+in time, or died more often than allowed; 128 + the signal when stopped during start-up; 2 for
+bad flags.
 """
 
 from __future__ import annotations
@@ -48,13 +49,7 @@ from typing import TextIO
 
 from pagedserve.common import internal_tls
 from pagedserve.common.certs import make_certs
-from pagedserve.common.process import (
-    ChildProcess,
-    RestartHistory,
-    signal_name,
-    stop_all,
-    write_line,
-)
+from pagedserve.common.process import ChildProcess, RestartHistory, signal_name, stop_all, write_line
 from pagedserve.common.redis_connect import off_the_command_line, redact
 from pagedserve.common.redis_harness import (
     RedisServer,
@@ -72,6 +67,7 @@ from pagedserve.launch_plan import (
     hostport,
     plan,
     redis_spec,
+    service_env,
     service_ports,
 )
 
@@ -245,7 +241,7 @@ class Launcher:
         child = ChildProcess(
             spec.name,
             spec.command,
-            env={**os.environ, **self.child_env, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **self.child_env, **service_env(self.config, spec.name)},
             log_path=log_path,
             prefix=f"{spec.name:<{width}} | ",
             out=self.out,

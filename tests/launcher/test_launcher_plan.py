@@ -11,7 +11,14 @@ import pytest
 from pagedserve.cli import SUBCOMMANDS, build_parser
 from pagedserve.common.models import default_model
 from pagedserve.launch_checks import ports_in_use
-from pagedserve.launch_plan import PAGEDSERVE, LauncherConfig, default_placement, module_available, plan
+from pagedserve.launch_plan import (
+    PAGEDSERVE,
+    LauncherConfig,
+    default_placement,
+    module_available,
+    plan,
+    service_env,
+)
 
 SERVICES = ("executor", "tokenizer", "scheduler", "gateway")
 EVERY_OPTION = dict(
@@ -107,6 +114,16 @@ def test_generation_config_and_origins_reach_the_gateway(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     folder = LauncherConfig.from_args(parse_up("--generation-config", "tuned"))
     assert gateway_flags(folder)["--generation-config"] == str(tmp_path / "tuned")  # made absolute
+
+
+def test_the_api_key_reaches_the_gateway_in_its_environment_only():
+    config = LauncherConfig.from_args(parse_up("--api-key", "s3cret"))
+    specs, _ = plan(config, "redis://r", available=lambda name: True)
+    assert all("s3cret" not in " ".join(s.command) for s in specs)
+    envs = {s.name: service_env(config, s.name) for s in specs}
+    assert envs["gateway"] == {"PYTHONUNBUFFERED": "1", "PAGEDSERVE_API_KEY": "s3cret"}
+    assert all(env == {"PYTHONUNBUFFERED": "1"} for name, env in envs.items() if name != "gateway")
+    assert "PAGEDSERVE_API_KEY" not in service_env(LauncherConfig(model="m"), "gateway")
 
 
 def test_request_limits_reach_the_gateway():

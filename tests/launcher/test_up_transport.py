@@ -1,7 +1,8 @@
 """Transport security of `pagedserve up` as real processes: `--internal-tls` makes a throwaway
 CA and certificate and every internal gRPC link (gateway → tokenizer and scheduler, scheduler
 → executor) uses mutual TLS, on a password-protected Redis; a client without a certificate is
-refused by every internal service. A wrong Redis password is a clear error at start-up, from
+refused by every internal service, and `--api-key` protects the gateway without showing on a
+service's command line. A wrong Redis password is a clear error at start-up, from
 `pagedserve up` and from a scheduler alone, and never printed.
 """
 
@@ -30,6 +31,7 @@ from pagedserve.common.redis_topologies import LocalRedis
 from pagedserve.v1 import executor_pb2, executor_pb2_grpc
 
 PASSWORD = "pagedserve-test-secret"
+API_KEY = "pagedserve-test-api-key"
 
 
 def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model, monkeypatch) -> None:  # noqa: F811
@@ -37,13 +39,16 @@ def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model, m
         # The URL named by an environment variable: no command line carries the password, not
         # `up`'s and not its services' (they get it in their environment too).
         monkeypatch.setenv("TEST_REDIS_URL", server.url)
+        # --api-key on up's command line (the test's choice) reaches the gateway in its environment
         up, http_url = start_small_stack(
-            launch, up_model, "--internal-tls", "--redis-url", "env:TEST_REDIS_URL"
+            launch, up_model, "--internal-tls", "--redis-url", "env:TEST_REDIS_URL", "--api-key", API_KEY
         )
         stack = [up.proc.pid, *marked_processes(up.marker)]
         assert len(stack) >= 5, stack  # up, executor, tokenizer, scheduler, gateway
         for pid in stack:
             assert PASSWORD.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
+            if pid != up.proc.pid:
+                assert API_KEY.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes(), pid
         # /ready asks the tokenizer and the scheduler over mutual TLS (the first handshakes can
         # take seconds on a loaded machine).
         deadline = time.monotonic() + 60
@@ -51,11 +56,14 @@ def test_up_with_internal_mtls_on_a_password_protected_redis(launch, up_model, m
             assert time.monotonic() < deadline, ready.text
             time.sleep(0.5)
         assert ready.json() == {"tokenizer": True, "scheduler": True}
-        reply = complete(http_url)
+        assert complete(http_url).status_code == 401, "the gateway took a call without the key"
+        body = {"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0}
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        reply = httpx.post(f"{http_url}/v1/completions", json=body, headers=auth, timeout=60)
         assert reply.status_code == 200, reply.text
         assert reply.json()["usage"]["completion_tokens"] >= 1
         out = up.output()
-        assert PASSWORD not in out, out
+        assert PASSWORD not in out and API_KEY not in out, out
         cert_dir = Path(re.search(r"a throwaway CA and certificate in (\S+)", out)[1])
         full = load(
             str(cert_dir / "service.pem"), str(cert_dir / "service-key.pem"), str(cert_dir / "ca.pem")
