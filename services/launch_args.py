@@ -117,6 +117,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     kv.add_argument("--api-key", default=None, metavar="KEY",
                     help="clients must send it as a bearer token, on HTTP /v1 and gRPC (default: "
                     "$PAGEDSERVE_API_KEY; none: open)")  # fmt: skip
+    kv.add_argument(
+        "--protect-metrics", action="store_true", help="with --api-key, /metrics needs the key too"
+    )
+    kv.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
+                    help="seconds a request may take end to end, at the gateway (default: none)")  # fmt: skip
+    kv.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
+                    help="on CUDA: the executor's share of device memory for weights, activations and "
+                    "the pool, when no pool size is given (default: 0.9)")  # fmt: skip
+    kv.add_argument("--seed", type=int, default=None,
+                    help="the executor's generator seed for requests without their own")  # fmt: skip
     kv.add_argument("--generation-config", default=None, metavar="auto|vllm|FOLDER",
                     help="the gateway's default sampling from generation_config.json (default: auto, the model's)")  # fmt: skip
     kv.add_argument("--chat-template", default=None, metavar="FILE_OR_TEXT",

@@ -45,6 +45,8 @@ class LauncherConfig:
     generation_config: str | None = None  # the gateway's --generation-config (auto, vllm or a folder)
     allowed_origins: tuple[str, ...] = ()  # the gateway's --allowed-origins (CORS for these pages)
     api_key: str | None = None  # the gateway's --api-key, given in its environment, never on its command line
+    protect_metrics: bool = False  # the gateway's --protect-metrics (/metrics behind the key too)
+    request_timeout: float | None = None  # the gateway's --request-timeout (seconds end to end)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -55,6 +57,8 @@ class LauncherConfig:
     compile: bool = False  # the executor's torch.compile'd forward
     enforce_eager: bool = False  # the executor's --enforce-eager (no CUDA graphs, no compile)
     swap_space: float | None = None  # the executor's --swap-space (GiB of CPU blocks)
+    gpu_memory_utilization: float | None = None  # the executor's, on CUDA
+    seed: int | None = None  # the executor's generator seed for unseeded requests
     preemption_mode: str | None = None  # the scheduler's --preemption-mode
     pools: int = 1  # executor + scheduler pairs; pool i > 0 takes the executor/scheduler ports + 100 * i
     attention_backend: str | None = None
@@ -206,6 +210,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--cpu-threads", config.cpu_threads),
           *_opt("--prefill-threads", config.prefill_threads), *_opt("--cpu-affinity", config.cpu_affinity),
           *_opt("--swap-space", config.swap_space),
+          *_opt("--gpu-memory-utilization", config.gpu_memory_utilization), *_opt("--seed", config.seed),
           *(("--compile",) if config.compile else ()),
           *(("--enforce-eager",) if config.enforce_eager else ()))),
         ("tokenizer", (), (config.tokenizer_port,),
@@ -226,6 +231,8 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--generation-config", _absolute_if_path(config.generation_config)),
           *(("--allowed-origins", *config.allowed_origins) if config.allowed_origins else ()),
           *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream),
+          *_opt("--request-timeout", config.request_timeout),
+          *(("--protect-metrics",) if config.protect_metrics else ()),
           *(str(x) for pair in config.gateway_limits for x in pair))),
     ]  # fmt: skip
     if config.pools > 1:

@@ -31,6 +31,9 @@ EVERY_OPTION = dict(
     attention_backend="torch",
     dtype="float32",
     swap_space=0.5,
+    gpu_memory_utilization=0.8,
+    seed=7,
+    request_timeout=120.0,
     preemption_mode="swap",
     chat_template="{% for m in messages %}{{ m.content }}{% endfor %}",
     generation_config="vllm",
@@ -126,6 +129,21 @@ def test_the_api_key_reaches_the_gateway_in_its_environment_only():
     assert "PAGEDSERVE_API_KEY" not in service_env(LauncherConfig(model="m"), "gateway")
 
 
+def test_executor_and_gateway_options_reach_their_commands():
+    args = ("--seed", "7", "--gpu-memory-utilization", "0.5", "--request-timeout", "60", "--protect-metrics")
+    specs, _ = plan(LauncherConfig.from_args(parse_up(*args)), "redis://r", available=lambda name: True)
+    commands = {s.name: " ".join(s.command) for s in specs}
+    assert "--gpu-memory-utilization 0.5" in commands["executor"] and "--seed 7" in commands["executor"]
+    assert "--request-timeout 60.0" in commands["gateway"] and "--protect-metrics" in commands["gateway"]
+    gateway = next(s for s in specs if s.name == "gateway")
+    assert build_parser("gateway").parse_args(list(gateway.command[len(PAGEDSERVE) :])).protect_metrics
+    bare = {
+        s.name: s.command for s in plan(LauncherConfig(model="m"), "redis://r", available=lambda n: True)[0]
+    }
+    assert not {"--seed", "--gpu-memory-utilization"} & set(bare["executor"])
+    assert not {"--request-timeout", "--protect-metrics"} & set(bare["gateway"])
+
+
 def test_request_limits_reach_the_gateway():
     config = LauncherConfig.from_args(
         parse_up("--max-beam-width", "2", "--max-n", "4", "--read-timeout", "2.5", "--pools", "2")
@@ -201,6 +219,8 @@ def test_plan_orders_and_wires_every_service():
         "--dtype": "float32",
         "--attention-backend": "torch",
         "--swap-space": "0.5",
+        "--gpu-memory-utilization": "0.8",
+        "--seed": "7",
     }
     assert flags(by_name["scheduler"].command) == {
         "--host": "127.0.0.1",
@@ -224,6 +244,7 @@ def test_plan_orders_and_wires_every_service():
         "--max-queued-requests": "32",
         "--generation-config": "vllm",
         "--allowed-origins": "https://ui.example.com",
+        "--request-timeout": "120.0",
         "--max-n": "4",
         "--max-beam-width": "2",
         "--read-timeout": "2.5",
