@@ -197,6 +197,13 @@ def test_model_comes_from_the_environment():
         assert SERVICES[name]["environment"]["PAGEDSERVE_MODEL"] == "${PAGEDSERVE_MODEL:-/app/models/tiny-py}"
 
 
+def test_the_gateway_takes_an_api_key_from_the_environment():
+    # empty when unset: the gateway reads "" as no key (open)
+    assert SERVICES["gateway"]["environment"]["PAGEDSERVE_API_KEY"] == "${PAGEDSERVE_API_KEY:-}"
+    others = [name for name in APP_SERVICES if name != "gateway"]
+    assert all("PAGEDSERVE_API_KEY" not in SERVICES[name]["environment"] for name in others)
+
+
 def test_dockerfile_builds_one_image_that_runs_pagedserve():
     text = (REPO_ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM python:3\.11-slim", text, re.M)
