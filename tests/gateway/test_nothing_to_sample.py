@@ -15,7 +15,7 @@ from gateway_harness import assert_error, grpc_gateway, run, serving
 from pagedserve.client import AsyncClient
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.gateway.datatypes import PromptLogprobs, TokenLogprob, TopLogprob
-from pagedserve.gateway.openai_response import (
+from pagedserve.gateway.openai_logprobs import (
     LOGPROB_FLOOR,
     chat_logprobs_json,
     completion_logprobs_json,
