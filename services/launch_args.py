@@ -8,6 +8,7 @@ from pagedserve.common.models import default_model
 from pagedserve.common.redis_connect import url_arg
 from pagedserve.common.sizes import parse_byte_size
 from pagedserve.gateway.config import add_request_limits
+from pagedserve.gateway.reasoning import PARSERS
 from pagedserve.launch_plan import LauncherConfig
 
 
@@ -122,6 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     kv.add_argument("--request-timeout", type=float, default=None, metavar="SECONDS",
                     help="seconds a request may take end to end, at the gateway (default: none)")  # fmt: skip
+    kv.add_argument("--reasoning-parser", choices=PARSERS, default=None,
+                    help="the gateway splits a reasoning model's <think>...</think> into the chat "
+                    "message's `reasoning` (default: off)")  # fmt: skip
     kv.add_argument("--gpu-memory-utilization", type=float, default=None, metavar="FRACTION",
                     help="on CUDA: the executor's share of device memory for weights, activations and "
                     "the pool, when no pool size is given (default: 0.9)")  # fmt: skip

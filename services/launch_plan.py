@@ -47,6 +47,7 @@ class LauncherConfig:
     api_key: str | None = None  # the gateway's --api-key, given in its environment, never on its command line
     protect_metrics: bool = False  # the gateway's --protect-metrics (/metrics behind the key too)
     request_timeout: float | None = None  # the gateway's --request-timeout (seconds end to end)
+    reasoning_parser: str | None = None  # the gateway's --reasoning-parser (deepseek_r1, qwen3)
     stall_timeout: float | None = None  # the scheduler's and the gateway's --stall-timeout
     scheduler_stream: str | None = None  # the gateway's --scheduler-stream (default: shared)
     # the gateway's request limits that were given (flag, value): --max-n, --max-beam-width, ...
@@ -231,7 +232,7 @@ def plan(config: LauncherConfig, redis_url: str, available=module_available) -> 
           *_opt("--generation-config", _absolute_if_path(config.generation_config)),
           *(("--allowed-origins", *config.allowed_origins) if config.allowed_origins else ()),
           *_opt("--stall-timeout", config.stall_timeout), *_opt("--scheduler-stream", config.scheduler_stream),
-          *_opt("--request-timeout", config.request_timeout),
+          *_opt("--request-timeout", config.request_timeout), *_opt("--reasoning-parser", config.reasoning_parser),
           *(("--protect-metrics",) if config.protect_metrics else ()),
           *(str(x) for pair in config.gateway_limits for x in pair))),
     ]  # fmt: skip

@@ -124,6 +124,7 @@ class GatewayConfig:
     api_key: str | None = None  # when set, HTTP /v1 and gRPC calls must carry it as a bearer token
     protect_metrics: bool = False  # with api_key: /metrics needs the key too
     allowed_origins: tuple[str, ...] = ()  # browser origins the HTTP API answers with CORS ("*": any)
+    reasoning_parser: str | None = None  # chat: split <think>...</think> into `reasoning` (reasoning.py)
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from pagedserve.gateway.config import (
     check_request_limit,
     given_request_limits,
 )
+from pagedserve.gateway.reasoning import PARSERS
 from pagedserve.gateway.scheduler_stream import SCHEDULER_STREAMS
 
 
@@ -106,6 +107,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="default sampling parameters (temperature, top_p, top_k, min_p, repetition_penalty) for "
         "requests that leave them out: auto, from the model folder's generation_config.json; vllm, "
         "the API's own defaults; or that file in FOLDER (default: auto)",
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=PARSERS,
+        default=None,
+        help="split a reasoning model's <think>...</think> from its answer into the chat message's "
+        "`reasoning` field (deepseek_r1: thinking until </think>; qwen3: only when the output opens "
+        "with <think>; default: off)",
     )
     parser.add_argument(
         "--max-queued-requests",
@@ -214,6 +223,7 @@ def config_from_args(args: argparse.Namespace) -> GatewayConfig:
         api_key=api_key,
         protect_metrics=args.protect_metrics,
         allowed_origins=tuple(args.allowed_origins or ()),
+        reasoning_parser=args.reasoning_parser,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
     )

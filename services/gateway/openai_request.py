@@ -73,6 +73,7 @@ class ApiCall:
     # vLLM's extra: each choice (chat: the response) carries `prompt_logprobs` with this many tops
     prompt_logprobs: int | None = None
     tool_choice: ToolChoice | None = None  # chat with tools: how to read tool calls from the output
+    reasoning: str | None = None  # chat: the gateway's --reasoning-parser, set after parsing
 
     @property
     def request(self) -> GenerationRequest:

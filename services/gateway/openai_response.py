@@ -17,19 +17,28 @@ from pagedserve.gateway.openai_logprobs import (
     prompt_logprobs_json,
 )
 from pagedserve.gateway.openai_request import ApiCall
+from pagedserve.gateway.reasoning import ReasoningStream, split_reasoning
 from pagedserve.gateway.tool_calls import ToolChoice, extract_tool_calls
 
 
-def chat_message(tool_choice: ToolChoice | None, text: str, finish: FinishReason) -> tuple[dict, str | None]:
-    """The assistant message of a finished chat choice and its finish_reason: tool calls found in
-    the text (see `tool_calls`) fill `tool_calls`, and the reason is then "tool_calls"."""
-    if tool_choice is None or tool_choice.mode == "none" or finish is FinishReason.ABORT:
-        return {"role": "assistant", "content": text}, finish.openai_name
-    content, calls = extract_tool_calls(tool_choice, text)
-    if not calls:
-        return {"role": "assistant", "content": text}, finish.openai_name
-    message = {"role": "assistant", "content": content, "tool_calls": [c.to_json() for c in calls]}
-    return message, "tool_calls" if finish is FinishReason.STOP else finish.openai_name
+def chat_message(
+    tool_choice: ToolChoice | None, text: str, finish: FinishReason, reasoning_parser: str | None = None
+) -> tuple[dict, str | None]:
+    """The assistant message of a finished chat choice and its finish_reason: with a reasoning
+    parser, the thinking goes to `reasoning` (see `reasoning`); tool calls found in the answer
+    (see `tool_calls`) fill `tool_calls`, and the reason is then "tool_calls"."""
+    message: dict = {"role": "assistant"}
+    content: str | None = text
+    if reasoning_parser:
+        message["reasoning"], content = split_reasoning(reasoning_parser, text)
+    tools_on = tool_choice is not None and tool_choice.mode != "none"
+    if tools_on and content and finish is not FinishReason.ABORT:
+        answer, calls = extract_tool_calls(tool_choice, content)
+        if calls:
+            message.update(content=answer, tool_calls=[c.to_json() for c in calls])
+            return message, "tool_calls" if finish is FinishReason.STOP else finish.openai_name
+    message["content"] = content
+    return message, finish.openai_name
 
 
 def error_body(err: PagedServeError) -> tuple[int, dict]:
@@ -83,7 +92,7 @@ def full_response(
         choice: dict = {"index": c.index, "finish_reason": c.finish_reason.openai_name}
         if call.chat:
             choice["message"], choice["finish_reason"] = chat_message(
-                call.tool_choice, c.text, c.finish_reason
+                call.tool_choice, c.text, c.finish_reason, call.reasoning
             )
             choice["logprobs"] = chat_logprobs_json(c.logprobs, call.tokens_as_ids) if want_logprobs else None
         else:
@@ -156,6 +165,8 @@ class ChunkFormatter:
         # tool call (and where the call starts and ends) is known only then.
         tools = call.tool_choice
         self.held_text: dict[int, str] | None = {} if tools is not None and tools.mode != "none" else None
+        # --reasoning-parser: each chat choice's text split into reasoning and content as it comes
+        self.reasoning: dict[int, ReasoningStream] | None = {} if call.chat and call.reasoning else None
         # continuous_usage_stats: the tokens seen so far, and the prompts whose tokens are counted
         self.running = Usage()
         self.prompts_counted: set[int] = set()
@@ -237,9 +248,12 @@ class ChunkFormatter:
                 continue  # nothing a client could see yet (e.g. held-back text)
             choice: dict = {"index": d.index}
             if self.call.chat:
-                choice["delta"] = (
-                    {"content": d.text} if d.text or d.finish_reason is FinishReason.NONE else {}
-                )
+                if self.reasoning is not None:
+                    choice["delta"] = self._reasoning_delta(d)
+                else:
+                    choice["delta"] = (
+                        {"content": d.text} if d.text or d.finish_reason is FinishReason.NONE else {}
+                    )
                 choice["logprobs"] = (
                     chat_logprobs_json(d.logprobs, self.call.tokens_as_ids) if self.want_logprobs else None
                 )
@@ -269,6 +283,15 @@ class ChunkFormatter:
             choices.append(choice)
         return [self._chunk(choices)] if choices else []
 
+    def _reasoning_delta(self, d: ChoiceDelta) -> dict:
+        assert self.reasoning is not None and self.call.reasoning
+        stream = self.reasoning.setdefault(d.index, ReasoningStream(self.call.reasoning))
+        reasoning, content = stream.feed(d.text, final=d.finish_reason is not FinishReason.NONE)
+        delta = {"reasoning": reasoning} if reasoning else {}
+        if content or not reasoning and d.finish_reason is FinishReason.NONE:
+            delta["content"] = content
+        return delta
+
     def _held_delta(self, d: ChoiceDelta) -> dict | None:
         """Tool mode: hold the text; at the finish, one delta with the content or the tool calls."""
         assert self.held_text is not None
@@ -277,8 +300,8 @@ class ChunkFormatter:
             self.held_text[d.index] = text
             return None
         self.held_text.pop(d.index, None)
-        message, finish = chat_message(self.call.tool_choice, text, d.finish_reason)
-        delta: dict = {}
+        message, finish = chat_message(self.call.tool_choice, text, d.finish_reason, self.call.reasoning)
+        delta: dict = {"reasoning": message["reasoning"]} if message.get("reasoning") else {}
         if message["content"]:
             delta["content"] = message["content"]
         if "tool_calls" in message:
