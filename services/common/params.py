@@ -17,6 +17,9 @@ MAX_LOGIT_BIAS = 1024  # tokens one request may bias
 MAX_ALLOWED_TOKEN_IDS = 4096  # ids one request may restrict sampling to (each step builds its mask)
 LOGIT_BIAS_RANGE = 100.0  # |bias| at most this, as OpenAI
 MAX_BAD_WORDS = 64  # words one request may ban (bad_words)
+# Below this temperature sampling is argmax (as vLLM's epsilon): logits / 1e-38 overflow to inf.
+GREEDY_TEMPERATURE = 1e-5
+MAX_LENGTH_PENALTY = 10.0  # beam search: len ** 10 stays finite for any length a model takes
 MAX_BAD_WORD_CHARS = 256  # characters in one of them
 MAX_BAD_WORD_SEQUENCES = 2 * MAX_BAD_WORDS  # token sequences (each word is tokenized two ways)
 MAX_BAD_WORD_TOKENS = 64  # ids in one sequence (each step compares the output's tail with it)
@@ -66,23 +69,28 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        """Argmax sampling: temperature 0 (or below GREEDY_TEMPERATURE, where dividing by it would
+        overflow the logits), or top_k 1."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def validate(self, vocab_size: int | None = None) -> None:
         """Raise `InvalidArgument` naming the first field that is out of range."""
         if self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens must be >= 1, got {self.max_tokens}", field="max_tokens")
-        if not self.temperature >= 0.0:
-            raise InvalidArgument(f"temperature must be >= 0, got {self.temperature}", field="temperature")
+        if not 0.0 <= self.temperature < float("inf"):
+            raise InvalidArgument(
+                f"temperature must be a finite number >= 0, got {self.temperature}", field="temperature"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidArgument(f"top_p must be in (0, 1], got {self.top_p}", field="top_p")
         if self.top_k < -1:
             raise InvalidArgument(f"top_k must be -1, 0 (disabled) or >= 1, got {self.top_k}", field="top_k")
         if not 0.0 <= self.min_p <= 1.0:
             raise InvalidArgument(f"min_p must be in [0, 1], got {self.min_p}", field="min_p")
-        if not self.repetition_penalty > 0.0:
+        if not 0.0 < self.repetition_penalty < float("inf"):
             raise InvalidArgument(
-                f"repetition_penalty must be > 0, got {self.repetition_penalty}", field="repetition_penalty"
+                f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty}",
+                field="repetition_penalty",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
@@ -217,8 +225,18 @@ class SamplingParams:
                 f'early_stopping must be true, false or "never", got {self.early_stopping!r}',
                 field="early_stopping",
             )
-        if self.length_penalty != self.length_penalty or abs(self.length_penalty) == float("inf"):
-            raise InvalidArgument("length_penalty must be a finite number", field="length_penalty")
+        if not abs(self.length_penalty) <= MAX_LENGTH_PENALTY:  # NaN too
+            raise InvalidArgument(
+                f"length_penalty must be in [-{MAX_LENGTH_PENALTY:g}, {MAX_LENGTH_PENALTY:g}], got "
+                f"{self.length_penalty:g} (a score divides by the length to this power)",
+                field="length_penalty",
+            )
+        if self.constrained:
+            raise InvalidArgument(
+                "use_beam_search cannot be combined with structured output (response_format, "
+                "structured_outputs, guided_*, or a tool_choice that constrains)",
+                field="use_beam_search",
+            )
         unsupported = (
             ("temperature", self.temperature != 0.0, "must be 0"),
             ("top_p", self.top_p != 1.0, "must be 1"),
@@ -265,7 +283,7 @@ class SamplingParams:
             structured_spec=spec,
             use_beam_search=msg.use_beam_search,
             length_penalty=msg.length_penalty if msg.HasField("length_penalty") else 1.0,
-            early_stopping=EARLY_STOPPING_VALUES[msg.early_stopping],
+            early_stopping=early_stopping_from_proto(msg.early_stopping),
             logit_bias=dict(msg.logit_bias),
             allowed_token_ids=list(msg.allowed_token_ids),
             bad_words=list(msg.bad_words),
@@ -316,6 +334,17 @@ def _check_in_vocabulary(field: str, token_ids: Iterable[int], vocab_size: int, 
             raise InvalidArgument(
                 f"{field}: {what}{tid} is outside the vocabulary [0, {vocab_size})", field=field
             )
+
+
+def early_stopping_from_proto(value: int) -> bool | str:
+    """A `pagedserve.v1.EarlyStopping` value as False, True or "never"; an unknown number (a
+    client's newer or garbled enum) is an `InvalidArgument`, not an index error."""
+    if not 0 <= value < len(EARLY_STOPPING_VALUES):
+        raise InvalidArgument(
+            f"early_stopping must be an EarlyStopping value (0 to {len(EARLY_STOPPING_VALUES) - 1}), got {value}",
+            field="early_stopping",
+        )
+    return EARLY_STOPPING_VALUES[value]
 
 
 def early_stopping_to_proto(value: bool | str) -> int:

@@ -28,7 +28,7 @@ a seed share torch's default generator for the device.
 
 Logprobs (`params.logprobs` is not None): the sampled token's logprob and the top
 `params.logprobs` alternatives, best first, from the log_softmax of the logits after
-penalties, logit bias, min_tokens and temperature (temperature 0 counts as 1) but BEFORE top-k, top-p
+penalties, logit bias, min_tokens and temperature (one below GREEDY_TEMPERATURE counts as 1) but BEFORE top-k, top-p
 and min-p truncation, so they describe the model's distribution, not the truncated one.
 """
 
@@ -40,7 +40,7 @@ from typing import Protocol
 
 import torch
 
-from pagedserve.common.params import SamplingParams
+from pagedserve.common.params import GREEDY_TEMPERATURE, SamplingParams
 from pagedserve.common.step import TokenLogprobs
 from pagedserve.executor.logit_bias import apply_logit_bias
 
@@ -356,7 +356,7 @@ def sample(
         _end_rows_with_nothing_left(logits, eos_token_ids)
 
     tokens = logits.argmax(dim=-1)  # [B] the answer for greedy rows
-    temperatures = [p.temperature if p.temperature > 0.0 else 1.0 for p in params]
+    temperatures = [p.temperature if p.temperature >= GREEDY_TEMPERATURE else 1.0 for p in params]
     scaled = logits  # [B, V]
     if any(t != 1.0 for t in temperatures):
         scaled = logits / torch.tensor(temperatures, device=device).unsqueeze(1)

@@ -16,7 +16,7 @@ from pagedserve.common.chat_template import (
 )
 from pagedserve.common.errors import InvalidArgument
 from pagedserve.common.grpc_utils import grpc_errors
-from pagedserve.common.params import EARLY_STOPPING_VALUES, SamplingParams
+from pagedserve.common.params import SamplingParams, early_stopping_from_proto
 from pagedserve.gateway import generation_defaults
 from pagedserve.gateway.datatypes import (
     ChatMessage,
@@ -61,7 +61,7 @@ def sampling_from_proto(
         if msg.HasField(name)
     }
     if msg.HasField("early_stopping"):
-        values["early_stopping"] = EARLY_STOPPING_VALUES[msg.early_stopping]
+        values["early_stopping"] = early_stopping_from_proto(msg.early_stopping)
     beam = bool(values.get("use_beam_search"))
     if beam:
         values.setdefault("temperature", 0.0)  # beam search is greedy unless told otherwise (refused)

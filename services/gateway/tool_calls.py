@@ -79,6 +79,10 @@ def parse_tools(body: dict) -> tuple[str, ToolChoice | None, dict | None]:
             raise InvalidArgument(
                 f"tools[{i}].function.parameters must be a JSON Schema object", field="tools"
             )
+        if not isinstance(params.get("$defs", {}), dict):
+            raise InvalidArgument(
+                f"tools[{i}].function.parameters.$defs must be an object of named schemas", field="tools"
+            )
         parameters[name] = params
     tools_json = json.dumps(tools)  # ASCII: a lone surrogate stays an escape, refused by the tokenizer
     names = list(parameters)

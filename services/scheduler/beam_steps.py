@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
+from pagedserve.common.errors import PagedServeError
 from pagedserve.common.outputs import FinishReason, Usage
 from pagedserve.common.sizes import cdiv
 from pagedserve.common.step import NewRequestData
@@ -152,13 +153,19 @@ class BeamMixin:
                 continue
             params = request.sampling
             max_new = min(params.max_tokens, self.limits.max_model_len - len(request.prompt_token_ids))
-            chosen = request.beam.advance(
-                [b.cumulative_logprob for b in beams],
-                [b.output_token_ids for b in beams],
-                [candidates[b.seq_id] for b in beams],
-                self._beam_eos(request),
-                max_new,
-            )
+            try:
+                chosen = request.beam.advance(
+                    [b.cumulative_logprob for b in beams],
+                    [b.output_token_ids for b in beams],
+                    [candidates[b.seq_id] for b in beams],
+                    self._beam_eos(request),
+                    max_new,
+                )
+            except Exception as err:  # this request fails (its blocks freed next step), not the step
+                log.exception("beam request %s: its search failed", request_id)
+                request.stream.fail(PagedServeError(f"beam search failed: {type(err).__name__}: {err}"))
+                self.abort(request_id)
+                continue
             self.stats.generated_tokens += len(beams)
             children = []
             for parent_index, token_id, total in chosen:

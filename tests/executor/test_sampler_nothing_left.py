@@ -1,7 +1,8 @@
 """A row the masks leave with no token at all (allowed_token_ids against bad words or a grammar,
 min_tokens against stop tokens) samples its first EOS id with logprob 0 and so ends, rather than
 an arbitrary id with a NaN logprob; the other rows of the batch are untouched. The gateway
-refuses what it can see ahead (`SamplingParams.check_samplable`)."""
+refuses what it can see ahead (`SamplingParams.check_samplable`). A temperature too small to
+divide the logits by (they would overflow to inf and NaN) is greedy."""
 
 from __future__ import annotations
 
@@ -95,3 +96,19 @@ def test_check_samplable_names_the_field_that_leaves_nothing() -> None:
     ]
     for params in fine:
         params.check_samplable(EOS)
+
+
+def test_a_temperature_too_small_to_divide_by_samples_the_argmax_with_finite_logprobs() -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(2, VOCAB)
+    params = [
+        SamplingParams(temperature=1e-38, logprobs=1),
+        SamplingParams(temperature=1e-6, seed=3, logprobs=1),
+    ]
+    assert all(p.greedy for p in params)
+    out = sample(logits.clone(), params, [[2]] * 2, [[], []], EOS)
+    assert [t for t, _ in out] == logits.argmax(-1).tolist()
+    for _, logprobs in out:
+        # as for temperature 0: the model's own distribution (temperature counts as 1)
+        assert logprobs is not None and math.isfinite(logprobs.logprob)
+    assert out[0][1].logprob == pytest.approx(logits[0].log_softmax(-1).max().item())

@@ -150,7 +150,7 @@ BAD_STEPS: dict[str, tuple[Callable[[ExecutorEngine], StepInput], str]] = {
         lambda e: step_with(
             e, new=[NewRequestData("c", [7], [], SamplingParams(temperature=-1), [20], 0, 1)]
         ),
-        "temperature must be >= 0",
+        "temperature must be a finite number >= 0",
     ),
     "prompt over max_model_len": (
         lambda e: step_with(e, new=[NewRequestData("c", [7] * 65, [], GREEDY, list(range(20, 29)), 0, 30)]),

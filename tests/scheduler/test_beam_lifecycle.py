@@ -224,3 +224,42 @@ def test_beam_groups_that_do_not_fit_one_step_take_turns(random_model, redis_cli
     assert sent_whole  # some beams waited a step and were sent whole
     assert_pool_clean(engine)
     assert executor.requests == {}
+
+
+def test_a_search_that_fails_fails_its_request_alone_and_frees_its_blocks(
+    random_model, redis_client, monkeypatch
+):
+    """A beam request whose ranking raises (a bug, or a numeric corner the checks missed) ends
+    with INTERNAL and gives its blocks back; the step and the other requests go on."""
+    from pagedserve.common.errors import PagedServeError
+    from pagedserve.scheduler.beam import BeamSearch
+
+    path, _ = random_model
+    engine, executor, _ = make_engine(path, redis_client, f"beam-fail-{path.name}", num_blocks=128)
+    prompt, other = make_prompts([10, 12], VOCAB, seed=15)
+    advance, calls = BeamSearch.advance, []
+
+    def failing(self, *args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OverflowError("a numeric corner")
+        return advance(self, *args)
+
+    monkeypatch.setattr(BeamSearch, "advance", failing)
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+
+    async def go():
+        beam = engine.submit("beam", prompt, beam_params(3, 30, eos=False))
+        rest = engine.submit("plain", other, plain)
+        engine.start()
+        with pytest.raises(PagedServeError, match="beam search failed: OverflowError") as info:
+            await asyncio.wait_for(drain(beam), 30)
+        assert info.value.code == "INTERNAL"
+        out = await asyncio.wait_for(drain(rest), 60)
+        await settle(engine)
+        return out
+
+    out = asyncio.run(go())
+    assert len(out.tokens[0]) == 20 and out.finish == {0: FinishReason.LENGTH}
+    assert_pool_clean(engine)
+    assert executor.requests == {}
