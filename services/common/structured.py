@@ -30,6 +30,7 @@ from pagedserve.common.json_text import MAX_DEPTH, text_nests_over, too_deep
 KINDS = ("json_schema", "json_object", "regex", "choice", "grammar")
 MAX_SPEC_CHARS = 1 << 16  # a schema or grammar larger than this is refused before compiling
 MAX_SCHEMA_DEPTH = MAX_DEPTH  # arrays and objects inside one another in a JSON schema's text
+MAX_PATTERN_REPEAT_WORK = 256**2  # sum of squared {m,n} bounds in a schema's patterns (one {0,256})
 # JSON output without free whitespace: a small model cannot spend its tokens on blank runs,
 # and ", " / ": " are the separators models see most in their training text.
 _JSON_OPTIONS = {"any_whitespace": False}
@@ -49,6 +50,14 @@ def check_shape(kind: str, spec: str, field: str = "structured") -> None:
         )
     if kind == "json_schema" and _schema_too_deep(spec):
         raise too_deep(f"{field}.json_schema", MAX_SCHEMA_DEPTH, field)
+    if kind == "json_schema" and (work := _pattern_repeat_work(spec)) > MAX_PATTERN_REPEAT_WORK:
+        raise InvalidArgument(
+            f"{field}.json_schema: the repetition counts in its patterns are too large (the squares of "
+            f"their {{m,n}} bounds add up to {work}, more than the limit of {MAX_PATTERN_REPEAT_WORK}, "
+            "which is one {0,256}): building such a pattern takes time that grows with the square of "
+            "each bound; use minLength/maxLength for long strings",
+            field=field,
+        )
 
 
 @functools.lru_cache(maxsize=256)
@@ -57,6 +66,40 @@ def _schema_too_deep(spec: str) -> bool:
     nested 800 levels deep: a minute), so its nesting is limited. Remembered per text: every
     service checks a request's schema, the gateway several times."""
     return text_nests_over(spec, MAX_SCHEMA_DEPTH)
+
+
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+@functools.lru_cache(maxsize=256)
+def _pattern_repeat_work(spec: str) -> int:
+    """The sum of the squared repetition bounds (`{m,n}`: n, `{m}` and `{m,}`: m) in every
+    `pattern` and `patternProperties` regex of a schema. The grammar library expands a schema
+    pattern's counted repetition, in time that grows with the square of its bound (`.{0,1000}`:
+    half a second, `(a|b){1,10000}`: a minute, in the gateway and again in the executor), while
+    nesting adds little. 0 for text that is not JSON (the grammar library reports that)."""
+    try:
+        schema = json.loads(spec)
+    except (ValueError, RecursionError):
+        return 0
+    work, todo = 0, [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, list):
+            todo.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        patterns = [node.get("pattern")]
+        if isinstance(node.get("patternProperties"), dict):
+            patterns.extend(node["patternProperties"])
+        for pattern in patterns:
+            if isinstance(pattern, str):
+                for m, n in _QUANTIFIER.findall(pattern):
+                    bound = int(n) if n else int(m)
+                    work += min(bound, 1 << 20) ** 2
+        todo.extend(node.values())
+    return work
 
 
 def choice_spec(choices: list[str], field: str) -> str:

@@ -3,7 +3,8 @@ INVALID_ARGUMENT naming the field): a beam length_penalty whose power overflows 
 scheduler's step and left the request hanging with its blocks), beam search with structured
 output (ignored before), non-finite temperature or repetition_penalty over gRPC, an unknown
 early_stopping number over gRPC (UNKNOWN before), a tool whose $defs is not an object (500
-before). A temperature too small to divide by samples greedily."""
+before), a JSON schema whose patterns repeat so much that building its grammar takes seconds
+to minutes. A temperature too small to divide by samples greedily."""
 
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ BAD_DEFS_TOOL = {
         ("/v1/chat/completions", {"messages": CHAT, "use_beam_search": True, "n": 2, "response_format": {"type": "json_object"}}, "structured output", "use_beam_search"),
         ("/v1/chat/completions", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "tools[0].function.parameters.$defs must be an object", "tools"),
         ("/tokenize", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "$defs must be an object", "tools"),
+        ("/v1/completions", {"prompt": "x", "guided_json": {"type": "string", "pattern": "(a|b){1,10000}"}}, "repetition counts in its patterns are too large", "guided_json"),
+        ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "patternProperties": {"^k{300}$": {"type": "string", "pattern": "[a-z]{0,200}"}}}}}}, "add up to 130000", "response_format.json_schema.schema"),
     ],
 )  # fmt: skip
 def test_http_refusals(path: str, body: dict, words: str, field: str) -> None:
@@ -46,7 +49,10 @@ def test_http_refusals(path: str, body: dict, words: str, field: str) -> None:
             if "length_penalty" in body:
                 fine = await http.post(path, json={**body, "length_penalty": 10.0})
                 assert fine.status_code == 200, fine.text
-        assert scheduler.submitted == [] or "length_penalty" in body
+            if "guided_json" in body:  # one {m,256} is within the limit
+                fine = {**body, "guided_json": {"type": "string", "pattern": "^[a-z]{1,256}$"}}
+                assert (await http.post(path, json=fine)).status_code == 200
+        assert len(scheduler.submitted) == ("length_penalty" in body or "guided_json" in body)
 
     run(scenario)
 
