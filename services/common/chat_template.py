@@ -50,6 +50,26 @@ MAX_TEMPLATE_KWARGS = 64  # keys in one request's chat_template_kwargs
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
 
 
+# What a message costs against the tokenizer's input byte limit besides its text: the template's
+# framing of it (role markers and separators), so that half a million empty messages in an 8 MB
+# body are refused by their count before they are rendered (or even sent to the tokenizer).
+MESSAGE_OVERHEAD_BYTES = 16
+
+
+def chat_bytes(messages) -> int:
+    """A conversation's size against the tokenizer's input byte limit: every field of every
+    message (a gateway `ChatMessage` or a `pagedserve.v1.ChatMessage`) plus its overhead."""
+    return sum(
+        len(m.content.encode("utf-8", errors="replace"))
+        + len(m.role.encode("utf-8", errors="replace"))
+        + len(m.tool_calls_json)
+        + len(m.tool_call_id.encode("utf-8", errors="replace"))
+        + len(m.name.encode("utf-8", errors="replace"))
+        + MESSAGE_OVERHEAD_BYTES
+        for m in messages
+    )
+
+
 def check_template_kwargs(value: object, field: str = "chat_template_kwargs") -> dict:
     """`value` as the template's extra variables, or InvalidArgument naming `field`."""
     if not isinstance(value, dict):

@@ -331,8 +331,9 @@ def _check_in_vocabulary(field: str, token_ids: Iterable[int], vocab_size: int, 
     """InvalidArgument naming `field` for the first id outside [0, vocab_size)."""
     for tid in token_ids:
         if not 0 <= tid < vocab_size:
+            shown = tid if tid.bit_length() <= 64 else f"an integer of {tid.bit_length()} bits"
             raise InvalidArgument(
-                f"{field}: {what}{tid} is outside the vocabulary [0, {vocab_size})", field=field
+                f"{field}: {what}{shown} is outside the vocabulary [0, {vocab_size})", field=field
             )
 
 

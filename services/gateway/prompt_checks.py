@@ -5,7 +5,9 @@ within max_model_len, and vLLM's truncate_prompt_tokens."""
 from __future__ import annotations
 
 from pagedserve.common import structured
+from pagedserve.common.chat_template import chat_bytes
 from pagedserve.common.errors import InvalidArgument
+from pagedserve.gateway.body_fields import show
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.datatypes import GenerationRequest, Prompt, PromptKind, TokenizerInfo
 
@@ -29,7 +31,7 @@ def check_vocabulary(token_ids: list[int], vocab_size: int, field: str) -> None:
     if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
         bad = next(t for t in token_ids if not 0 <= t < vocab_size)
         raise InvalidArgument(
-            f"{field} token id {bad} is outside the vocabulary [0, {vocab_size})", field=field
+            f"{field} token id {show(bad)} is outside the vocabulary [0, {vocab_size})", field=field
         )
 
 
@@ -86,7 +88,7 @@ def check_encodable(prompt: Prompt, field: str, info: TokenizerInfo) -> None:
         raise InvalidArgument("tools: the served model's chat template does not support tools", field="tools")
     size = (
         len(prompt.text.encode())
-        + sum(len(m.content.encode()) + len(m.tool_calls_json) for m in prompt.messages)
+        + chat_bytes(prompt.messages)
         + len(prompt.tools_json)
         + len(prompt.template_kwargs_json)
     )

@@ -19,6 +19,7 @@ import jinja2
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from pagedserve.common.chat_template import (
+    chat_bytes,
     chat_template_is_file,
     check_template_kwargs,
     generation_prompt,
@@ -222,13 +223,10 @@ class ServedTokenizer:
             )
         if not messages:
             raise InvalidArgument("chat.messages is empty", field="chat.messages")
-        content_bytes = 0
         for i, message in enumerate(messages):
             if not message.role:
                 raise InvalidArgument(f"chat.messages[{i}].role is empty", field="chat.messages.role")
-            content_bytes += len(message.content.encode("utf-8", errors="replace")) + len(
-                message.tool_calls_json
-            )
+        content_bytes = chat_bytes(messages)
         template_kwargs = check_template_kwargs(template_kwargs or {}, "chat.chat_template_kwargs_json")
         if template_kwargs:
             content_bytes += len(template_kwargs_to_json(template_kwargs).encode())

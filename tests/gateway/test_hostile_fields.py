@@ -83,3 +83,35 @@ def test_grpc_refusals() -> None:
         assert 0 < tiny.temperature < 1e-37 and tiny.greedy, "a temperature too small to divide by is greedy"
 
     run(scenario)
+
+
+def test_a_chats_every_field_and_message_count_against_the_tokenizer_limit() -> None:
+    """The stand-in tokenizer takes 1,000 bytes: 60 empty messages (16 bytes of framing each,
+    and their roles) or one 2,000-byte name are over it, refused before anything is sent."""
+
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["ok"])
+        async with serving(scheduler) as (url, engine), httpx.AsyncClient(base_url=url) as http:
+            many = {"messages": [{"role": "user", "content": ""}] * 60, "max_tokens": 2}
+            assert_error(await http.post("/v1/chat/completions", json=many), 400, "1200 bytes", "messages")
+            named = {"messages": [{"role": "user", "content": "x", "name": "n" * 2000}], "max_tokens": 2}
+            assert_error(
+                await http.post("/v1/chat/completions", json=named), 400, "more than the limit", "messages"
+            )
+            assert engine.tokenizer.encoded == []
+            few = {"messages": [{"role": "user", "content": ""}] * 10, "max_tokens": 2}
+            assert (await http.post("/v1/chat/completions", json=few)).status_code == 200
+        assert len(scheduler.submitted) == 1
+
+    run(scenario)
+
+
+def test_a_huge_token_id_is_named_by_its_size_not_its_digits() -> None:
+    async def scenario() -> None:
+        async with serving(FakeScheduler(["ok"])) as (url, _), httpx.AsyncClient(base_url=url) as http:
+            for body in ({"prompt": [1, 10**4000]}, {"prompt": "x", "allowed_token_ids": [10**4000]}):
+                reply = await http.post("/v1/completions", json=body)
+                error = assert_error(reply, 400, "an integer of 13288 bits is outside the vocabulary")
+                assert len(error["message"]) < 200
+
+    run(scenario)

@@ -105,8 +105,10 @@ def test_text_byte_limit(tokenizer_dirs: dict[str, Path]) -> None:
         served.encode("你好世界!!!")
     with pytest.raises(InvalidArgument, match="chat is .* bytes, over the limit of 12 bytes"):
         served.encode([ChatMessage("user", "hi")])  # the rendered template is over the limit
-    with pytest.raises(InvalidArgument, match="chat is 13 bytes, over the limit of 12 bytes"):
-        served.encode([ChatMessage("user", "a" * 13)])
+    with pytest.raises(
+        InvalidArgument, match="chat is 33 bytes, over the limit of 12 bytes"
+    ):  # 13 + "user" + 16
+        served.encode([ChatMessage("user", "a" * 13)])  # every field counts, and each message 16 more
     with pytest.raises(InvalidArgument, match="not valid UTF-8"):
         served.encode("\ud800")
     with pytest.raises(InvalidArgument, match="max_input_bytes must be >= 1"):
