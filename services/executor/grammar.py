@@ -195,6 +195,10 @@ class StructuredOutputs:
             matcher = self.matchers.get(request_id)
             if matcher is None or matcher.grammar is None:
                 continue
+            if matcher.grammar.is_terminated():
+                # A step planned ahead ran the request once more after the token that ended it:
+                # the scheduler drops what it sampled, and there is nothing left to match.
+                continue
             if not matcher.grammar.accept_token(token):
                 log.error(
                     "request %s: sampled token %d does not fit its constraint; it may only end",

@@ -4,6 +4,7 @@ on the bundled model (its tokenizer gives the grammar its vocabulary)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import jsonschema
 import pytest
@@ -51,7 +52,7 @@ def test_compile_once_per_spec(outputs: StructuredOutputs) -> None:
     assert outputs.compile("regex", "[a-z]+") is not first
 
 
-def test_mask_advance_and_end(outputs: StructuredOutputs, tokenizer) -> None:
+def test_mask_advance_and_end(outputs: StructuredOutputs, tokenizer, caplog) -> None:
     eos = tokenizer.eos_token_id
     matcher = outputs.start("r", _params("json_schema", json.dumps(SCHEMA)), [])
     allowed = _allowed(outputs, matcher)
@@ -63,6 +64,14 @@ def test_mask_advance_and_end(outputs: StructuredOutputs, tokenizer) -> None:
         assert token in _allowed(outputs, matcher)
         outputs.commit([], [matcher] if "r" not in outputs.matchers else [], {"r": token})
     # The object is complete: EOS is the only token left, which ends the sequence.
+    assert _allowed(outputs, matcher) == {eos}
+    outputs.commit([], [], {"r": eos})
+    assert matcher.grammar.is_terminated()
+    # A step planned ahead runs the request once more after its EOS: its token is no error (the
+    # matcher stays as it was, and nothing is logged) and the mask still allows only EOS.
+    with caplog.at_level(logging.ERROR, logger="pagedserve.executor.grammar"):
+        outputs.commit([], [], {"r": eos})
+    assert caplog.records == [] and matcher.grammar is not None
     assert _allowed(outputs, matcher) == {eos}
     outputs.commit(["r"], [], {})
     assert not outputs.matchers
