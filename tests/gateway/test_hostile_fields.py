@@ -4,7 +4,8 @@ scheduler's step and left the request hanging with its blocks), beam search with
 output (ignored before), non-finite temperature or repetition_penalty over gRPC, an unknown
 early_stopping number over gRPC (UNKNOWN before), a tool whose $defs is not an object (500
 before), a JSON schema whose patterns repeat so much that building its grammar takes seconds
-to minutes. A temperature too small to divide by samples greedily."""
+to minutes, or one that only fails to compile (a minLength of -5: a 200 with an empty answer
+before). A temperature too small to divide by samples greedily."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ BAD_DEFS_TOOL = {
         ("/v1/chat/completions", {"messages": CHAT, "use_beam_search": True, "n": 2, "response_format": {"type": "json_object"}}, "structured output", "use_beam_search"),
         ("/v1/chat/completions", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "tools[0].function.parameters.$defs must be an object", "tools"),
         ("/tokenize", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "$defs must be an object", "tools"),
+        ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "string", "minLength": -5}}}}, "Invalid repetition range", "response_format.json_schema.schema"),
         ("/v1/completions", {"prompt": "x", "guided_json": {"type": "string", "pattern": "(a|b){1,10000}"}}, "repetition counts in its patterns are too large", "guided_json"),
         ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "patternProperties": {"^k{300}$": {"type": "string", "pattern": "[a-z]{0,200}"}}}}}}, "add up to 130000", "response_format.json_schema.schema"),
     ],
