@@ -104,6 +104,8 @@ def env_values(container: dict) -> dict[str, str]:
             values[var["name"]] = stand_ins.get(path, "0" if "pod-index" in path else "x")
         elif "secretKeyRef" in source:
             ref = source["secretKeyRef"]
+            if ref.get("optional") is True and ref["name"] not in secret_keys():
+                continue  # a Secret the operator may create (the API key): absent, the variable is unset
             assert ref["key"] in secret_keys()[ref["name"]], (
                 f"{var['name']}: no key {ref['key']} in {ref['name']}"
             )

@@ -190,6 +190,15 @@ def test_gateway_discovers_the_pools_in_redis():
             )
 
 
+def test_gateways_take_an_optional_api_key_secret():
+    """Absent, the gateways are open (as before); created, they all require its key."""
+    (container,) = pod_spec(named("Deployment", "gateway"))["containers"]
+    (var,) = [v for v in container["env"] if v["name"] == "PAGEDSERVE_API_KEY"]
+    ref = var["valueFrom"]["secretKeyRef"]
+    assert (ref["name"], ref["key"], ref["optional"]) == ("pagedserve-api-key", "key", True)
+    assert "--api-key" not in flags(container), "the key stays off the command line"
+
+
 def test_redis_url_points_at_the_redis_service():
     (secret,) = [d for d in BASE if d["kind"] == "Secret"]
     url = secret["stringData"]["url"]
