@@ -190,6 +190,19 @@ def _no_chat_options(add_generation_prompt, continue_final_message, chat_templat
             raise errors.InvalidArgument(f"{name} goes with messages=, not a text prompt", field=name)
 
 
+def _message(message: Any, position: int) -> tokenizer_pb2.ChatMessage:
+    """One chat message: a dict with a role and (as over HTTP) a content that may be left out."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise errors.InvalidArgument(
+            f"messages[{position}] must be a dict with a role and a content", field="messages.role"
+        )
+    content = message.get("content")
+    return tokenizer_pb2.ChatMessage(
+        role=_text("messages.role", message["role"]),
+        content="" if content is None else _text("messages.content", content),
+    )
+
+
 def _chat(
     messages: Sequence[dict[str, str]],
     add_generation_prompt: bool | None,
@@ -199,12 +212,7 @@ def _chat(
     """A chat with its template options; `add_generation_prompt` None leaves it to the gateway (true,
     or false with `continue_final_message`); `template_kwargs` are checked here as the gateway will."""
     chat = tokenizer_pb2.ChatMessages(
-        messages=[
-            tokenizer_pb2.ChatMessage(
-                role=_text("messages.role", m["role"]), content=_text("messages.content", m["content"])
-            )
-            for m in messages
-        ],
+        messages=[_message(m, i) for i, m in enumerate(messages)],
         continue_final_message=_bool("continue_final_message", continue_final_message),
     )
     if add_generation_prompt is not None:

@@ -155,6 +155,13 @@ def test_sdk_api_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
             "prompt is not valid Unicode: a lone surrogate \\ud800 at character 1",
         ),
         ({"messages": [{"role": "user", "content": "\udfff"}]}, "messages.content", "not valid Unicode"),
+        ({"messages": [{"content": "hi"}]}, "messages.role", "messages[0] must be a dict with a role"),
+        ({"messages": ["hi"]}, "messages.role", "messages[0] must be a dict with a role"),
+        (
+            {"messages": [{"role": "user", "content": ["a"]}]},
+            "messages.content",
+            "must be a string, got list",
+        ),
         ({"stop": ["\ud800"]}, "stop", "stop is not valid Unicode"),
     ],
 )
@@ -165,6 +172,11 @@ def test_sdk_refuses_values_protobuf_cannot_carry(kwargs: dict, field: str, mess
     with pytest.raises(errors.InvalidArgument) as info:
         build_request(prompt, **kwargs)
     assert info.value.field == field and message in info.value.message
+
+
+def test_sdk_takes_a_message_without_content_as_http_does() -> None:
+    (message,) = build_request(messages=[{"role": "user"}]).chat.messages
+    assert (message.role, message.content) == ("user", "")
 
 
 def test_sdk_sends_only_the_fields_given() -> None:
