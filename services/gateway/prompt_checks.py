@@ -86,13 +86,17 @@ def check_encodable(prompt: Prompt, field: str, info: TokenizerInfo) -> None:
         raise InvalidArgument("the served model has no chat template", field="messages")
     if prompt.tools_json and not info.chat_template_supports_tools:
         raise InvalidArgument("tools: the served model's chat template does not support tools", field="tools")
-    size = (
-        len(prompt.text.encode())
-        + chat_bytes(prompt.messages)
-        + len(prompt.tools_json)
-        + len(prompt.template_kwargs_json)
-    )
+    parts = {  # the error names the biggest
+        field: len(prompt.text.encode()) + chat_bytes(prompt.messages),
+        "tools": len(prompt.tools_json),
+        "chat_template_kwargs": len(prompt.template_kwargs_json),
+    }
+    size = sum(parts.values())
     if info.max_input_bytes and size > info.max_input_bytes:
+        biggest = max(parts, key=parts.__getitem__)
         raise InvalidArgument(
-            f"{field} is {size} bytes, more than the limit of {info.max_input_bytes}", field=field
+            f"{field} is {size} bytes"
+            + (f" ({biggest}: {parts[biggest]})" if biggest != field else "")
+            + f", more than the limit of {info.max_input_bytes}",
+            field=biggest,
         )

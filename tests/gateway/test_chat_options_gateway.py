@@ -252,10 +252,14 @@ def test_http_chat_and_tokenize_pass_the_options_to_the_tokenizer() -> None:
             for prompt in tokenizer.encoded:
                 assert prompt.continue_final_message and not prompt.add_generation_prompt
                 assert json.loads(prompt.template_kwargs_json) == {"enable_thinking": False}
-            # the variables count toward the tokenizer's input limit (1,000 bytes here)
+            # the variables count toward the tokenizer's input limit (1,000 bytes here), and the
+            # error names them when they are the biggest part
             big = {"messages": [USER], "chat_template_kwargs": {"notes": "x" * 1000}}
             assert_error(
-                await http.post("/tokenize", json=big), 400, "more than the limit of 1000", "messages"
+                await http.post("/tokenize", json=big),
+                400,
+                "more than the limit of 1000",
+                "chat_template_kwargs",
             )
             text = {"prompt": "x", "continue_final_message": True}
             assert_error(

@@ -100,6 +100,11 @@ def test_a_chats_every_field_and_message_count_against_the_tokenizer_limit() -> 
             assert_error(
                 await http.post("/v1/chat/completions", json=named), 400, "more than the limit", "messages"
             )
+            kwargs = {"messages": CHAT, "max_tokens": 2, "chat_template_kwargs": {"k": "v" * 2000}}
+            error = assert_error(
+                await http.post("/v1/chat/completions", json=kwargs), 400, "more than the limit"
+            )
+            assert error["param"] == "chat_template_kwargs", "the biggest part is named"
             assert engine.tokenizer.encoded == []
             few = {"messages": [{"role": "user", "content": ""}] * 10, "max_tokens": 2}
             assert (await http.post("/v1/chat/completions", json=few)).status_code == 200
