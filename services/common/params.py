@@ -34,7 +34,9 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # in (0, 1]
-    top_k: int = 0  # 0 or -1: disabled
+    top_k: int = (
+        0  # 0 or -1: disabled; at or above the vocabulary size it keeps every token (off), as in vLLM
+    )
     min_p: float = 0.0  # in [0, 1]
     repetition_penalty: float = 1.0  # > 0; 1 disables
     presence_penalty: float = 0.0  # in [-2, 2]
@@ -143,10 +145,6 @@ class SamplingParams:
         if vocab_size is not None:
             _check_in_vocabulary("allowed_token_ids", self.allowed_token_ids, vocab_size)
             _check_in_vocabulary("stop_token_ids", self.stop_token_ids, vocab_size)
-        if self.top_k > 0 and vocab_size is not None and self.top_k > vocab_size:
-            raise InvalidArgument(
-                f"top_k must be <= vocab_size={vocab_size}, got {self.top_k}", field="top_k"
-            )
 
     def _validate_logit_bias(self, vocab_size: int | None) -> None:
         if len(self.logit_bias) > MAX_LOGIT_BIAS:

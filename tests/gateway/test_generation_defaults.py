@@ -149,3 +149,23 @@ def test_the_servers_submit_the_defaults() -> None:
         assert (grpc_sampling.temperature, grpc_sampling.top_p, grpc_sampling.top_k) == (0.0, 0.8, 20)
 
     run(scenario)
+
+
+def test_a_top_k_above_the_vocabulary_keeps_every_token() -> None:
+    """As in vLLM, top_k at or above the vocabulary size (300 for the stand-in tokenizer) is the
+    same as off, whether a request or the model's file sets it: no request is refused for a
+    default it never sent."""
+
+    async def scenario() -> None:
+        scheduler = FakeScheduler(["ok"])
+        async with serving(scheduler, sampling_defaults={"top_k": 50000}) as (url, _):
+            async with httpx.AsyncClient(base_url=url) as http:
+                for body in (
+                    {"prompt": "p", "max_tokens": 2},
+                    {"prompt": "p", "max_tokens": 2, "top_k": 301},
+                ):
+                    reply = await http.post("/v1/completions", json=body)
+                    assert reply.status_code == 200, reply.text
+        assert [s.top_k for _, _, s in scheduler.submitted] == [50000, 301]
+
+    run(scenario)
