@@ -68,7 +68,8 @@ def _schema_too_deep(spec: str) -> bool:
     return text_nests_over(spec, MAX_SCHEMA_DEPTH)
 
 
-_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+# The grammar library reads `{ 5 , 9 }` as `{5,9}`, so spaces around the numbers are allowed here too.
+_QUANTIFIER = re.compile(r"\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
 
 
 @functools.lru_cache(maxsize=256)

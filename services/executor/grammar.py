@@ -200,7 +200,11 @@ class StructuredOutputs:
                 # the scheduler drops what it sampled, and there is nothing left to match.
                 continue
             if not matcher.grammar.accept_token(token):
-                log.error(
+                # EOS that the grammar did not allow: the sampler's answer to a row that the mask and
+                # the request's allowed_token_ids or bad words left with nothing (a request's doing)
+                level = logging.INFO if token in self.eos_token_ids else logging.ERROR
+                log.log(
+                    level,
                     "request %s: sampled token %d does not fit its constraint; it may only end",
                     request_id,
                     token,

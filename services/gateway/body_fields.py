@@ -128,14 +128,18 @@ def read_model(body: dict) -> str:
 
 def read_request_id(header: str | None, body: dict) -> str | None:
     """The id the client chose for an HTTP request: its `X-Request-Id` header, else the body's
-    `request_id` (as vLLM reads them); None for neither."""
-    if header is not None:
-        check_request_id(header, "X-Request-Id", HTTP_REQUEST_ID_CHARS)
-        return header
-    value = get_field(body, "request_id")
-    if value is MISSING:
-        return None
-    if not isinstance(value, str):
-        raise InvalidArgument(f"request_id must be a string, got {show(value)}", field="request_id")
-    check_request_id(value, "request_id", HTTP_REQUEST_ID_CHARS)
+    `request_id` (as vLLM reads them); None for neither. It comes back as a response header, so
+    it must be one: printable ASCII, no space at either end."""
+    field, value = "X-Request-Id", header
+    if header is None:
+        field, value = "request_id", get_field(body, "request_id")
+        if value is MISSING:
+            return None
+        if not isinstance(value, str):
+            raise InvalidArgument(f"request_id must be a string, got {show(value)}", field=field)
+    check_request_id(value, field, HTTP_REQUEST_ID_CHARS)
+    if not value.isascii() or value != value.strip():
+        raise InvalidArgument(
+            f"{field} must be ASCII without a space at either end (it is sent back as a header)", field=field
+        )
     return value

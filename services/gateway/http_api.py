@@ -318,7 +318,7 @@ async def _serve_call(
         body = await read_json(request, config.limits)
         call = parse(body, config.limits, defaults=config.sampling_defaults)
         client_id = read_request_id(request.headers.get("x-request-id"), body)
-        call.reasoning = config.reasoning_parser if call.chat else None
+        call.reasoning = call.reasoning_for(config.reasoning_parser)
     except PagedServeError as err:
         return error_response(err)
     except ClientDisconnect:

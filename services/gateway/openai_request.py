@@ -80,6 +80,11 @@ class ApiCall:
         """The first (usually the only) request; its sampling is every request's."""
         return self.requests[0]
 
+    def reasoning_for(self, parser: str | None) -> str | None:
+        """The gateway's reasoning parser for this call: chat only, and not when the answer is
+        constrained (structured output, a named or required tool), which cannot hold a thought."""
+        return parser if self.chat and not self.request.sampling.constrained else None
+
     @property
     def num_choices(self) -> int:
         return len(self.requests) * self.request.sampling.n

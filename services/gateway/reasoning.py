@@ -12,7 +12,9 @@ message's (or the stream delta's) `reasoning` field, as vLLM names it, and only 
   `</think>`; an output that does not (Qwen3 with `enable_thinking: false`) is all answer. For a
   model whose template opens the thought in the prompt, use `deepseek_r1`.
 
-The tags themselves are in neither field. Streamed, a choice's text is split as it grows
+A constrained chat (structured output, or a tool_choice that is named or "required") is not
+split: its grammar starts with the first token, so it never thinks aloud, and its answer is
+the content (or the tool calls). The tags themselves are in neither field. Streamed, a choice's text is split as it grows
 (`ReasoningStream`): what could still turn out to be a tag is held back until it is known, so
 the pieces sent are exactly the split of the whole text.
 """

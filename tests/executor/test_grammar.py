@@ -198,3 +198,22 @@ def test_engine_json_schema_output_and_restart(make_engine, bundled_model_path: 
     assert _drive(engine, "p", prompt, plain, max_new=8) == _drive(
         make_engine(bundled_model_path, max_model_len=256), "p", prompt, plain, max_new=8
     )
+
+
+def test_eos_the_grammar_did_not_allow_ends_the_matcher_without_an_error(
+    outputs: StructuredOutputs, tokenizer, caplog
+) -> None:
+    """The sampler's EOS for a row that its mask and allowed_token_ids left with nothing: the
+    request's own doing, logged at INFO; any other token the grammar refuses is still an ERROR."""
+    eos = tokenizer.eos_token_id
+    for token, level in (
+        (eos, logging.INFO),
+        (tokenizer.encode("x", add_special_tokens=False)[0], logging.ERROR),
+    ):
+        outputs.commit(["r"], [], {})
+        matcher = outputs.start("r", _params("json_schema", json.dumps(SCHEMA)), [])
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="pagedserve.executor.grammar"):
+            outputs.commit([], [matcher], {"r": token})  # the object has not even started
+        assert matcher.grammar is None, "the request may only end now"
+        assert [r.levelno for r in caplog.records] == [level]

@@ -38,6 +38,7 @@ BAD_DEFS_TOOL = {
         ("/v1/chat/completions", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "tools[0].function.parameters.$defs must be an object", "tools"),
         ("/tokenize", {"messages": CHAT, "tools": [BAD_DEFS_TOOL], "tool_choice": "required"}, "$defs must be an object", "tools"),
         ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "string", "minLength": -5}}}}, "Invalid repetition range", "response_format.json_schema.schema"),
+        ("/v1/completions", {"prompt": "x", "guided_json": {"type": "string", "pattern": "(a|b){0, 3000}"}}, "add up to 9000000", "guided_json"),
         ("/v1/completions", {"prompt": "x", "guided_json": {"type": "string", "pattern": "(a|b){1,10000}"}}, "repetition counts in its patterns are too large", "guided_json"),
         ("/v1/chat/completions", {"messages": CHAT, "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "object", "patternProperties": {"^k{300}$": {"type": "string", "pattern": "[a-z]{0,200}"}}}}}}, "add up to 130000", "response_format.json_schema.schema"),
     ],

@@ -107,5 +107,11 @@ def test_chat_over_http_whole_and_streamed() -> None:
             assert not any("think>" in json.dumps(d) for d in deltas)
             completion = await http.post("/v1/completions", json={"prompt": "x", "max_tokens": len(text)})
             assert completion.json()["choices"][0]["text"] == text, "completions keep the raw text"
+            # a constrained chat cannot think aloud (its grammar starts at the first token): not split
+            constrained = {**chat, "response_format": {"type": "json_object"}}
+            message = (await http.post("/v1/chat/completions", json=constrained)).json()["choices"][0][
+                "message"
+            ]
+            assert message["content"] == text and "reasoning" not in message
 
     run(scenario)

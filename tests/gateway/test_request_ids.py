@@ -77,6 +77,11 @@ def test_bad_or_busy_ids_are_400_naming_the_header_or_field() -> None:
                 ({"X-Request-Id": ""}, {}, "got 0 characters", "X-Request-Id"),
                 ({}, {"request_id": 5}, "request_id must be a string, got 5", "request_id"),
                 ({}, {"request_id": "a\x07b"}, "request_id must be 1 to 128 printable", "request_id"),
+                # sent back as a header: ASCII, no space at either end (a 500 after the whole
+                # generation, or a dropped connection, before)
+                ({}, {"request_id": "日本"}, "request_id must be ASCII without a space", "request_id"),
+                ({}, {"request_id": "a "}, "request_id must be ASCII without a space", "request_id"),
+                ({}, {"request_id": " "}, "request_id must be ASCII", "request_id"),
             ]
             for headers, extra, words, field in cases:
                 reply = await http.post("/v1/completions", json={**TEXT, **extra}, headers=headers)
