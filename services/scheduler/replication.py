@@ -115,11 +115,16 @@ class Replicator:
         try:
             got = self.replica.apply(ops, token).counts
         except Fenced:
-            if self.lease is not None and self.lease.token > token:
-                # We took the lease again meanwhile (it had lapsed, e.g. while this process was
-                # stopped): this write's token is our own old one. A whole write follows.
-                self.stale = True
-                return
+            if self.lease is not None:
+                # Did we take the lease again meanwhile (it had lapsed, e.g. while this process was
+                # stopped)? Then this write's token is our own old one, and a whole write follows.
+                # The lock waits out a retake under way in the renewer's thread: its new token is
+                # in Redis before it is in `lease.token`.
+                with self.lease.lock:
+                    retaken = self.lease.token > token
+                if retaken:
+                    self.stale = True
+                    return
             raise
         self.num_writes += 1
         if got != expected:

@@ -79,6 +79,47 @@ def test_stale_writer_is_refused(redis_client) -> None:
     assert pool.check() == []
 
 
+def test_a_write_racing_our_own_retake_of_the_lease_is_not_fenced(redis_client) -> None:
+    """The lease lapsed (the process was stopped) and the renewer's thread is taking it again: the
+    pool is at the new token in Redis before `lease.token` says so. A step's write with the old
+    token, refused meanwhile, must find it was our own retake (a whole write follows), not stop
+    the scheduler as if another had taken over (an e2e fault test failed so once)."""
+    import threading
+    import time
+
+    from pagedserve.scheduler.block_pool import StepOps
+
+    pool_id = new_pool_id()
+    fake = FakeExecutor(32, 4, VOCAB)
+
+    async def go() -> None:
+        engine = await leased_engine(redis_client, pool_id, fake)
+        replicator, lease = engine.replicator, engine.replicator.lease
+        old = lease.token
+        retaking, done = threading.Event(), threading.Event()
+
+        def retake() -> None:  # as the renewer does, with the token's assignment held back
+            with lease.lock:
+                redis_client.delete(lease.lease_key)
+                assert lease.acquire() == 0.0 and lease.token == old + 1
+                lease.token = old
+                retaking.set()
+                time.sleep(0.3)
+                lease.token = old + 1
+            done.set()
+
+        threading.Thread(target=retake).start()
+        assert await asyncio.to_thread(retaking.wait, 5)
+        ops = StepOps()
+        ops.allocate("r", 1)
+        await asyncio.to_thread(replicator._apply, ops, engine.scheduler.blocks.counts())
+        assert await asyncio.to_thread(done.wait, 5)
+        assert lease.token == old + 1 and replicator.stale and not replicator.fenced
+        await engine.stop()
+
+    asyncio.run(go())
+
+
 def test_a_fenced_scheduler_stops_and_fails_its_streams(redis_client) -> None:
     pool_id = new_pool_id()
     fake = FakeExecutor(32, 4, VOCAB)
