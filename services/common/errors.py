@@ -8,6 +8,14 @@ and the HTTP layer into status codes of its own.
 from __future__ import annotations
 
 
+def show(value) -> str:
+    """A value for an error message: short, and never a huge integer's (slow, limited) digits."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 class PagedServeError(Exception):
     """Base class: `code` is the name of a `grpc.StatusCode` member, `http_status` the HTTP answer."""
 

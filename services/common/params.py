@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from pagedserve.common import structured
-from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.errors import InvalidArgument, show
 
 MAX_LOGPROBS = 20
 MAX_LOGIT_BIAS = 1024  # tokens one request may bias
@@ -34,9 +34,8 @@ class SamplingParams:
     max_tokens: int = 16
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0  # in (0, 1]
-    top_k: int = (
-        0  # 0 or -1: disabled; at or above the vocabulary size it keeps every token (off), as in vLLM
-    )
+    # 0 or -1: disabled; at or above the vocabulary size it keeps every token (off), as in vLLM
+    top_k: int = 0
     min_p: float = 0.0  # in [0, 1]
     repetition_penalty: float = 1.0  # > 0; 1 disables
     presence_penalty: float = 0.0  # in [-2, 2]
@@ -329,9 +328,8 @@ def _check_in_vocabulary(field: str, token_ids: Iterable[int], vocab_size: int, 
     """InvalidArgument naming `field` for the first id outside [0, vocab_size)."""
     for tid in token_ids:
         if not 0 <= tid < vocab_size:
-            shown = tid if tid.bit_length() <= 64 else f"an integer of {tid.bit_length()} bits"
             raise InvalidArgument(
-                f"{field}: {what}{shown} is outside the vocabulary [0, {vocab_size})", field=field
+                f"{field}: {what}{show(tid)} is outside the vocabulary [0, {vocab_size})", field=field
             )
 
 

@@ -156,12 +156,12 @@ def _probe_compiler():
 def _check_cached(kind: str, spec: str) -> str | None:
     try:
         grammar = build_grammar(kind, spec, field="")
-        try:
-            _probe_compiler().compile_grammar(grammar)
-        except (RuntimeError, ValueError, TypeError) as exc:
-            raise _library_error(kind, exc, "") from None
     except InvalidArgument as exc:
         return exc.message.removeprefix(": ")
+    try:
+        _probe_compiler().compile_grammar(grammar)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        return _library_error(kind, exc, "").message.removeprefix(": ")
     return None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from pagedserve.common.errors import InvalidArgument
+from pagedserve.common.errors import InvalidArgument, show
 from pagedserve.common.request_ids import check_request_id
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
@@ -19,14 +19,6 @@ MISSING = object()
 # A client's id for an HTTP request; short enough that "chatcmpl-" before it and a batch's "-i"
 # after it stay within MAX_REQUEST_ID_CHARS.
 HTTP_REQUEST_ID_CHARS = 128
-
-
-def show(value) -> str:
-    """A value for an error message: short, and never a huge integer's (slow, limited) digits."""
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def get_field(body: dict, name: str):

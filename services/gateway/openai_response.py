@@ -288,7 +288,7 @@ class ChunkFormatter:
         stream = self.reasoning.setdefault(d.index, ReasoningStream(self.call.reasoning))
         reasoning, content = stream.feed(d.text, final=d.finish_reason is not FinishReason.NONE)
         delta = {"reasoning": reasoning} if reasoning else {}
-        if content or not reasoning and d.finish_reason is FinishReason.NONE:
+        if content or (not reasoning and d.finish_reason is FinishReason.NONE):
             delta["content"] = content
         return delta
 

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 from pagedserve.common import structured
 from pagedserve.common.chat_template import chat_bytes
-from pagedserve.common.errors import InvalidArgument
-from pagedserve.gateway.body_fields import show
+from pagedserve.common.errors import InvalidArgument, show
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.datatypes import GenerationRequest, Prompt, PromptKind, TokenizerInfo
 

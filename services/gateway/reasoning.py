@@ -13,10 +13,10 @@ message's (or the stream delta's) `reasoning` field, as vLLM names it, and only 
   model whose template opens the thought in the prompt, use `deepseek_r1`.
 
 A constrained chat (structured output, or a tool_choice that is named or "required") is not
-split: its grammar starts with the first token, so it never thinks aloud, and its answer is
-the content (or the tool calls). The tags themselves are in neither field. Streamed, a choice's text is split as it grows
-(`ReasoningStream`): what could still turn out to be a tag is held back until it is known, so
-the pieces sent are exactly the split of the whole text.
+split: its grammar starts with the first token, so it never thinks aloud, and its answer is the
+content (or the tool calls). The tags themselves are in neither field. Streamed, a choice's text
+is split as it grows (`ReasoningStream`): what could still turn out to be a tag is held back
+until it is known, so the pieces sent are exactly the split of the whole text.
 """
 
 from __future__ import annotations
