@@ -113,11 +113,15 @@ class Bench:
 
 # "torch-gather": the torch backend without the native CPU decode kernel (kernels/cpu_native.py);
 # "torch-unpacked": without the packed linears (kernels/packed_gemm.py); each for a side-by-side row.
+# "triton" serves decode steps from CUDA graphs, as the executor does on a GPU; "triton-eager" is
+# the same with --enforce-eager. "transformers" is the peer: the model's own forward and KV cache.
 VARIANT_ENV = {
     "torch": {},
     "torch-gather": {NATIVE_SWITCH: "0"},
     "torch-unpacked": {PACKED_SWITCH: "0"},
     "triton": {},
+    "triton-eager": {},
+    "transformers": {},
 }
 BENCH_BACKENDS = tuple(VARIANT_ENV)
 
@@ -141,8 +145,8 @@ def environment(values: dict[str, str]):
 def usable_backends(requested: Sequence[str], device: torch.device) -> tuple[list[str], list[str]]:
     usable, notes = [], []
     for name in requested:
-        if name == "triton" and device.type != "cuda":
-            notes.append("triton: not measured on CPU (it runs there only under the Triton interpreter)")
+        if name.startswith("triton") and device.type != "cuda":
+            notes.append(f"{name}: not measured on CPU (it runs there only under the Triton interpreter)")
         else:
             usable.append(name)
     return usable, notes
@@ -159,13 +163,17 @@ def run_backend(
     total_len: int,
 ) -> tuple[dict[int, float], float]:
     """One backend's decode step seconds per batch size (median) and prefill tokens/s (best of three)."""
+    if backend == "transformers":
+        return run_transformers(args, device, batch_sizes, decode_steps, warmup)
     config = ExecutorConfig(
         model=args.model,
         device=str(device),
-        attention_backend="triton" if backend == "triton" else "torch",
+        attention_backend="triton" if backend.startswith("triton") else "torch",
+        enforce_eager=backend == "triton-eager",
         dtype=args.dtype,
         block_size=args.block_size,
         num_kv_blocks=num_blocks,
+        max_model_len=max(total_len, args.prefill_len + 1),  # what the pool is sized for
         max_num_batched_tokens=max(args.prefill_len, 8192),
         cpu_threads=args.threads or None,  # None: the executor's own default, as it serves
         compile=args.compile,
@@ -182,6 +190,56 @@ def run_backend(
         decode[batch] = statistics.median(bench.decode(decode_steps))
         bench.reset()
         print(f"{backend} batch {batch}: {decode[batch] * 1e3:.2f} ms/step", file=sys.stderr)
+    return decode, args.prefill_len / min(prefill)
+
+
+def run_transformers(
+    args: argparse.Namespace, device: torch.device, batch_sizes: Sequence[int], decode_steps: int, warmup: int
+) -> tuple[dict[int, float], float]:
+    """The same figures from transformers' own forward and KV cache, as a static batch: `batch`
+    prompts of --prompt-len tokens prefilled together, then one step is the model on the last
+    tokens with the cache, a greedy pick and the tokens on the host (what a step of `generate` does)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if device.type != "cuda" and args.dtype == "auto":
+        dtype = torch.float32  # as the executor's auto on CPU
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    gen = torch.Generator().manual_seed(0)
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def prompts(batch: int, length: int) -> torch.Tensor:
+        return torch.randint(3, model.config.vocab_size, (batch, length), generator=gen).to(device)
+
+    prefill = []
+    decode = {}
+    with torch.inference_mode():
+        for _ in range(1 if args.quick else 3):
+            ids = prompts(1, args.prefill_len)
+            sync()
+            start = time.perf_counter()
+            model(ids, use_cache=True).logits[:, -1].argmax(-1).tolist()
+            sync()
+            prefill.append(time.perf_counter() - start)
+        for batch in batch_sizes:
+            out = model(prompts(batch, args.prompt_len), use_cache=True)
+            cache, next_ids = out.past_key_values, out.logits[:, -1].argmax(-1)  # [B]
+            times = []
+            for i in range(warmup + decode_steps):
+                sync()
+                start = time.perf_counter()
+                out = model(next_ids[:, None], past_key_values=cache, use_cache=True)
+                next_ids = out.logits[:, -1].argmax(-1)
+                next_ids.tolist()
+                sync()
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+            decode[batch] = statistics.median(times)
+            del out, cache
+            print(f"transformers batch {batch}: {decode[batch] * 1e3:.2f} ms/step", file=sys.stderr)
     return decode, args.prefill_len / min(prefill)
 
 
@@ -209,11 +267,17 @@ def run(args: argparse.Namespace) -> str:
     prompt_desc = (
         str(args.prompt_len) if args.min_prompt_len is None else f"{args.min_prompt_len}-{args.prompt_len}"
     )
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     lines = [
-        f"model `{args.model}`, device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads "
+        f"model `{args.model}`, device {device}{gpu}, torch {torch.__version__}, {torch.get_num_threads()} threads "
         f"(load average {load_average:.1f} on {os.cpu_count()} CPUs at start), "
         f"block size {args.block_size}, prompt {prompt_desc} tokens, {decode_steps} timed decode steps "
-        f"after {warmup} warm-up, {'compiled' if args.compile else 'eager'}",
+        f"after {warmup} warm-up, {'compiled' if args.compile else 'eager'}"
+        + (
+            f"; transformers: a static batch of {args.prompt_len}-token prompts and its own KV cache"
+            if "transformers" in backends
+            else ""
+        ),
         "",
     ]
     lines.append("| batch | " + " | ".join(f"{b} ms/step | {b} tokens/s" for b in backends) + " |")

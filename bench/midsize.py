@@ -1,11 +1,15 @@
-"""A mid-size random-weight Llama with the bundled model's tokenizer, for benchmark rows where
-the forward pass, not the serving overhead, dominates.
+"""Random-weight Llamas for benchmark rows where the forward pass, not the serving overhead, dominates.
 
-8 layers, hidden 512, 16 heads of 32 (8 KV heads, the bundled model's GQA ratio), MLP 1376,
-tied embeddings, vocabulary 4096: 25.3 M parameters, float32, seed 0. Built once and saved
-under the bench cache (never committed); no download is needed.
+The mid-size model: 8 layers, hidden 512, 16 heads of 32 (8 KV heads, the bundled model's GQA
+ratio), MLP 1376, tied embeddings, the bundled model's tokenizer and vocabulary (4096): 25.3 M
+parameters, float32, seed 0. Built once and saved under the bench cache (never committed); no
+download is needed.
 
-    python -m pagedserve.bench.midsize [DIR]
+The 1B-class model of the GPU figures (`--llama-1b`, bench/gpu_device_check.sh): TinyLlama's
+shape, 22 layers, hidden 2048, 32 heads of 64 with 4 KV heads, MLP 5632, vocabulary 32,000,
+untied: 1.10 B parameters, bfloat16, no tokenizer (the executor bench needs none).
+
+    python -m pagedserve.bench.midsize [--llama-1b] [DIR]
 """
 
 from __future__ import annotations
@@ -69,5 +73,36 @@ def build_midsize(
     return out
 
 
+def llama_1b_config(num_layers: int = 22):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=num_layers,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=64, max_position_embeddings=2048,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, dtype="bfloat16",
+    )  # fmt: skip
+
+
+def build_llama_1b(out_dir: str | Path, seed: int = 0, num_layers: int = 22) -> Path:
+    """Save a random-weight `llama_1b_config()` model (safetensors, bfloat16) in `out_dir`,
+    initialized on the GPU when there is one (seconds, where a CPU takes minutes); reuse it if there."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    out = Path(out_dir)
+    if (out / "config.json").exists():
+        return out
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(llama_1b_config(num_layers)).to(torch.bfloat16).eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
-    print(build_midsize(sys.argv[1] if len(sys.argv) > 1 else None))
+    args = sys.argv[1:]
+    if args[:1] == ["--llama-1b"]:
+        print(build_llama_1b(args[1] if len(args) > 1 else default_midsize_dir().parent / "llama-1b-random"))
+    else:
+        print(build_midsize(args[0] if args else None))

@@ -84,16 +84,19 @@ class DecodeBuffers:
     def fill(self, seqs: list[ScheduledSeq], batch: int, block_size: int) -> None:
         """Write a decode step of len(seqs) <= batch sequences, padded to `batch` rows."""
         n = len(seqs)
-        ids, positions, slots, lens = [], [], [], []
-        table = self.host_table[:batch]
-        table.zero_()
-        for row, s in enumerate(seqs):
+        ids, positions, slots, lens, rows = [], [], [], [], []
+        for s in seqs:
             ids.append(s.token_ids[s.start])
             positions.append(s.start)
-            num_blocks = cdiv(s.start + 1, block_size)
             slots.append(s.block_ids[s.start // block_size] * block_size + s.start % block_size)
             lens.append(s.start + 1)
-            table[row, :num_blocks] = torch.tensor(s.block_ids[:num_blocks], dtype=torch.int32)
+            rows.append(s.block_ids[: cdiv(s.start + 1, block_size)])
+        table = self.host_table[:batch]
+        table.zero_()
+        if rows:  # one host tensor for the whole table, not one per row
+            width = max(map(len, rows))
+            flat = [b for row in rows for b in (*row, *[0] * (width - len(row)))]
+            table[:n, :width] = torch.tensor(flat, dtype=torch.int32).view(n, width)
         pad = batch - n
         self.host_ids[:batch] = torch.tensor(ids + [0] * pad)
         self.host_positions[:batch] = torch.tensor(positions + [0] * pad)

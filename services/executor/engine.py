@@ -157,14 +157,23 @@ class ExecutorEngine:
         log.info(pool.describe(limits.max_model_len))
         if device.type == "cuda" and runner.backend.name == "triton" and not config.enforce_eager:
             graphs = DecodeGraphs(runner, pool, limits.max_num_batched_tokens, limits.max_model_len)
-            seconds = graphs.capture()
-            runner.decode_graphs = graphs
-            log.info(
-                "captured CUDA graphs of decode steps for %d batch sizes (1-%d) in %.1f s (--enforce-eager: none)",
-                len(graphs.sizes),
-                graphs.sizes[-1],
-                seconds,
-            )
+            try:
+                seconds = graphs.capture()
+            except Exception as exc:  # e.g. a forward that reads a tensor on the host mid-step
+                log.warning(
+                    "CUDA graphs of decode steps could not be captured (%s: %s); decode steps run eagerly",
+                    type(exc).__name__,
+                    exc,
+                )
+            else:
+                runner.decode_graphs = graphs
+                log.info(
+                    "captured CUDA graphs of decode steps for %d batch sizes (1-%d) in %.1f s "
+                    "(--enforce-eager: none)",
+                    len(graphs.sizes),
+                    graphs.sizes[-1],
+                    seconds,
+                )
         engine = cls(runner, pool, limits, num_cpu_blocks(spec, config.swap_space, device))
         engine.prefill_threads = prefill_threads
         if wide is not None:

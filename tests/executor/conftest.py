@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,18 +33,28 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
     return get
 
 
+# PAGEDSERVE_TEST_DEVICE=cuda builds every engine on the GPU with the Triton kernels and CUDA graphs
+# of decode steps, as the executor serves there (bench/gpu_device_check.sh runs the token-identity
+# tests so); CI and every machine without a GPU use the CPU and the torch backend.
+TEST_DEVICE = os.environ.get("PAGEDSERVE_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture
 def make_engine() -> Callable[..., ExecutorEngine]:
-    """`make_engine(model_path, **ExecutorConfig fields)`: a CPU engine built the way the server builds it."""
+    """`make_engine(model_path, **ExecutorConfig fields)`: an engine built the way the server builds
+    it, on the CPU (or on TEST_DEVICE)."""
 
     def make(model: str | Path, **overrides) -> ExecutorEngine:
         fields = {
-            "device": "cpu",
-            "attention_backend": "torch",
+            "device": TEST_DEVICE,
+            "attention_backend": "triton" if TEST_DEVICE == "cuda" else "torch",
             "block_size": 8,
             "num_kv_blocks": 128,
             **overrides,
         }
-        return ExecutorEngine.from_config(ExecutorConfig(model=str(model), **fields))
+        engine = ExecutorEngine.from_config(ExecutorConfig(model=str(model), **fields))
+        if TEST_DEVICE == "cuda" and not fields.get("enforce_eager"):
+            assert engine.runner.decode_graphs is not None, "CUDA graphs were not captured (see the log)"
+        return engine
 
     return make
