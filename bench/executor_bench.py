@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import random
 import statistics
@@ -328,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="batch sizes 1,4,16,64 and few steps")
     args = parser.parse_args(argv)
+    # the engine's start-up lines (CUDA graph capture, compile) on stderr, as the executor logs them
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("pagedserve.executor.engine").setLevel(logging.INFO)
     if args.min_prompt_len is not None and not 1 <= args.min_prompt_len <= args.prompt_len:
         parser.error(f"--min-prompt-len must be in [1, --prompt-len={args.prompt_len}]")
     print(run(args))

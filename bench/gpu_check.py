@@ -40,12 +40,18 @@ ATTENTION_SHAPES = [
 
 
 def batch_kinds(rng: random.Random) -> dict[str, tuple[list[int], list[int]]]:
-    """(q_lens, seq_lens): 64 decodes with contexts up to 4096 (block edges included); and a step
-    mixing decodes, chunked prefills and whole prompts."""
+    """(q_lens, seq_lens): 64 decodes with contexts up to 4096 (block edges included); 3 decodes,
+    whose contexts the kernel splits (see paged_attention.default_num_splits); and a step mixing
+    decodes, chunked prefills and whole prompts."""
     decode_lens = [rng.randint(1, 4096) for _ in range(60)] + [1, 16, 17, 4096]
+    few_lens = [4096, rng.randint(1, 4096), 5]
     mixed_q = [1] * 12 + [256, 300, 1, 37, 512]
     mixed_s = [rng.randint(1, 2048) for _ in range(12)] + [1000, 300, 3000, 37, 2048]
-    return {"decode": ([1] * len(decode_lens), decode_lens), "mixed": (mixed_q, mixed_s)}
+    return {
+        "decode": ([1] * len(decode_lens), decode_lens),
+        "decode, split": ([1] * len(few_lens), few_lens),
+        "mixed": (mixed_q, mixed_s),
+    }
 
 
 def paged_batch(
@@ -201,6 +207,7 @@ def attention_figures(rows: list[str]) -> None:
     import torch.nn.functional as F
 
     from pagedserve.kernels import paged_attention
+    from pagedserve.kernels.paged_attention import default_num_splits
 
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(2)
@@ -211,17 +218,23 @@ def attention_figures(rows: list[str]) -> None:
     rows += [
         f"Device copy of 1 GiB: {copy_ms:.3f} ms, {copy_gbs:.0f} GB/s counting bytes read and written.",
         "",
-        "| batch x context | paged_attention ms | GB/s of K/V read | of copy bandwidth | SDPA on contiguous K/V ms | paged / SDPA |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| batch x context | splits | paged_attention ms | GB/s of K/V read | of copy bandwidth | unsplit ms | "
+        "SDPA on contiguous K/V ms | paged / SDPA |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     heads, kv_heads, head_dim, block_size = 32, 8, 64, 16
-    for batch, context in ((1, 1024), (32, 1024), (256, 1024), (256, 4096)):
+    for batch, context in ((1, 1024), (1, 4096), (8, 2048), (32, 1024), (256, 1024), (256, 4096)):
         q, k_cache, v_cache, table, lens, cu = paged_batch(
             [1] * batch, [context] * batch, heads, kv_heads, head_dim, block_size, torch.bfloat16, gen
         )
         out = torch.empty_like(q)
         scale = head_dim**-0.5
         paged_ms = time_ms(partial(paged_attention, q, k_cache, v_cache, table, lens, cu, scale, out=out))
+        unsplit_ms = time_ms(
+            partial(paged_attention, q, k_cache, v_cache, table, lens, cu, scale, out=out, num_splits=1)
+        )
+        tiles = batch // max(1, 16 // (heads // kv_heads)) + batch  # the kernel's grid, as it sizes it
+        splits = default_num_splits(tiles * kv_heads, table.size(1) * block_size, dev)
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         # the same contexts, contiguous: [B, Hkv, L, D], as a dense flash attention reads them
         blocks = table[:, : context // block_size].long()
@@ -231,7 +244,8 @@ def attention_figures(rows: list[str]) -> None:
         sdpa_ms = time_ms(partial(F.scaled_dot_product_attention, q4, k, v, scale=scale, enable_gqa=True))
         gbs = kv_bytes / paged_ms / 1e6
         rows.append(
-            f"| {batch} x {context} | {paged_ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | {sdpa_ms:.4f} | "
+            f"| {batch} x {context} | {splits} | {paged_ms:.4f} | {gbs:.0f} | {gbs / copy_gbs:.0%} | "
+            f"{unsplit_ms:.4f} | {sdpa_ms:.4f} | "
             f"{paged_ms / sdpa_ms:.2f}x |"
         )
 

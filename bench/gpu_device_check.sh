@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything pagedserve checks and measures on a CUDA GPU, in one run from the repository root:
 #   1. the decode-step figures of a 1B-class random-weight Llama in bf16 (bench/midsize.py
-#      --llama-1b): CUDA graphs, --enforce-eager and transformers, at batch 1, 32 and 256;
+#      --llama-1b): CUDA graphs, --enforce-eager and transformers, at batch 1, 32 and 256 with
+#      128-token contexts, and at batch 1 to 256 with 1,024-token contexts;
 #   2. the Triton kernels, compiled, at real model shapes against their references, and the decode
 #      attention's bandwidth (bench/gpu_check.py);
 #   3. the executor's token-identity tests with every engine on the GPU (Triton kernels, CUDA
@@ -38,13 +39,15 @@ cat "$OUT/env.log"
 stage model 120 $PY -m pagedserve.bench.midsize --llama-1b "$MODEL"
 stage decode 240 $PY -m pagedserve.bench.executor_bench --model "$MODEL" --dtype bfloat16 \
     --backends triton triton-eager transformers --batch-sizes 1 32 256 --prompt-len 128 --decode-steps 20
+stage decode-long 240 $PY -m pagedserve.bench.executor_bench --model "$MODEL" --dtype bfloat16 \
+    --backends triton triton-eager transformers --batch-sizes 1 8 32 256 --prompt-len 1024 --decode-steps 20
 stage kernels 180 $PY -m pagedserve.bench.gpu_check --out "$OUT/kernels.md"
 PAGEDSERVE_TEST_DEVICE=cuda stage identity 180 $PY -m pytest -q -p no:cacheprovider --timeout 170 \
     tests/executor/test_token_identity.py tests/executor/test_decode_graphs.py -k "not compiled"
 PAGEDSERVE_TEST_DEVICE=cuda stage compiled 240 $PY -m pytest -q -p no:cacheprovider --timeout 230 \
     tests/executor/test_token_identity.py -k compiled
 
-for name in decode kernels identity compiled; do
+for name in decode decode-long kernels identity compiled; do
     echo "==== $name"
-    tail -n 60 "$OUT/$name.log"
+    grep -v "Loading weights" "$OUT/$name.log" | tail -n 45
 done

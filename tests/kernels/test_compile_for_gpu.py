@@ -45,7 +45,8 @@ SCRIPT = textwrap.dedent(
         pointers = ("out_ptr", "query_ptr", "k_cache_ptr", "v_cache_ptr")
         types = {name: "*" + dtype for name in pointers}
         types.update(block_table_ptr="*i32", seq_lens_ptr="*i32", cu_seqlens_q_ptr="*i32",
-                     qk_scale="fp32", num_seqs="i32")
+                     part_out_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32",
+                     qk_scale="fp32", num_seqs="i32", num_heads="i32", num_splits="i32")
         return types
 
 
@@ -59,7 +60,11 @@ SCRIPT = textwrap.dedent(
             HEAD_DIM=head_dim, HEAD_DIM_PADDED=padded, QUERIES_PER_KV=queries_per_kv,
             BLOCK_SIZE=block_size, BLOCK_Q=block_m // queries_per_kv, BLOCK_M=block_m,
             TILE_N=64 if padded <= 128 else 32, DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
-            DOT_IN_FP32=False))
+            DOT_IN_FP32=False, SPLIT=head_dim != 80))
+    compile_kernel(modules["paged_attention"]._combine_splits_kernel,
+                   dict(out_ptr="*bf16", part_out_ptr="*fp32", part_max_ptr="*fp32", part_sum_ptr="*fp32",
+                        num_heads="i32", num_splits="i32"),
+                   dict(HEAD_DIM=80, HEAD_DIM_PADDED=128, SPLITS_PADDED=16))
 
     compile_kernel(modules["reshape_and_cache"]._reshape_and_cache_kernel,
                    dict(key_ptr="*bf16", value_ptr="*bf16", k_cache_ptr="*bf16", v_cache_ptr="*bf16",

@@ -9,6 +9,7 @@ the full product; the torch backend is fast and takes the full product.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 
 import pytest
@@ -180,6 +181,36 @@ def test_strided_query_and_out(paged_batch, impl: str) -> None:
     assert result.data_ptr() == out.data_ptr()
     torch.testing.assert_close(out, paged_attention_ref(*batch.args(), scale), **TOLERANCES[torch.float32])
     assert bool((out_buffer[:, 0] == 7.0).all()) and bool((out_buffer[:, 5] == 7.0).all())
+
+
+@pytest.mark.parametrize(
+    ("kind", "num_splits", "dtype"),
+    [("decode", 2, torch.float32), ("decode", 5, torch.bfloat16), ("mixed", 3, torch.float16)],
+    ids=case_id,
+)
+def test_triton_split_context(paged_batch, kind: str, num_splits: int, dtype: torch.dtype) -> None:
+    # Each context in num_splits parts, combined after: parts of one tile, of several, and empty
+    # ones (a context of 1 in 5 parts); out poisoned, so every row must be written by the combine.
+    # parts are whole 64-position tiles: contexts past 64 * num_splits split everywhere
+    q_lens, seq_lens = ([1, 1, 1, 1], [1, 65, 200, 333]) if kind == "decode" else MIXED
+    batch = paged_batch(q_lens, seq_lens, num_heads=8, num_kv_heads=2, head_dim=64, block_size=8, dtype=dtype)
+    scale = 64**-0.5
+    out = torch.full_like(batch.query, float("nan"))
+    paged_attention(*batch.args(), scale, out=out, num_splits=num_splits)
+    expected = paged_attention_ref(*batch.args(), scale)
+    torch.testing.assert_close(out.float(), expected.float(), **TOLERANCES[dtype])
+
+
+def test_split_count_follows_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
+    module = importlib.import_module("pagedserve.kernels.paged_attention")  # the package exports the function
+    monkeypatch.setattr(module, "_multiprocessors", lambda index: 132)
+    cuda = torch.device("cuda", 0)
+    assert module.default_num_splits(4, 2048, cuda) == module.MAX_SPLITS  # batch 1, 4 KV heads
+    assert module.default_num_splits(4, 528, cuda) == 4  # no part under MIN_SPLIT_TOKENS
+    assert module.default_num_splits(128, 2048, cuda) == 3  # batch 32
+    assert module.default_num_splits(1024, 2048, cuda) == 1  # batch 256: the grid fills the card
+    assert module.default_num_splits(4, 100, cuda) == 1
+    assert module.default_num_splits(4, 2048, torch.device("cpu")) == 1
 
 
 def test_torch_backend_reuses_workspace_safely(paged_batch) -> None:
