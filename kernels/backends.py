@@ -7,8 +7,10 @@ modules for the tensor contracts.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import NamedTuple, Protocol
 
 import torch
@@ -93,6 +95,24 @@ class AttentionBackend(NamedTuple):
         if self.step_type is None:
             return KernelStep(self, slot_mapping, block_table, seq_lens, cu_seqlens_q, block_size)
         return self.step_type(slot_mapping, block_table, seq_lens, cu_seqlens_q, block_size)
+
+
+_SPLIT_DECODE = contextvars.ContextVar("pagedserve_split_decode_contexts", default=False)
+
+
+@contextlib.contextmanager
+def splitting_decode_contexts() -> Iterator[None]:
+    """Inside: the Triton paged attention splits the contexts of decode steps of few sequences
+    (kernels/paged_attention.py; what CUDA graphs of decode steps are captured under)."""
+    token = _SPLIT_DECODE.set(True)
+    try:
+        yield
+    finally:
+        _SPLIT_DECODE.reset(token)
+
+
+def decode_contexts_split() -> bool:
+    return _SPLIT_DECODE.get()
 
 
 def is_triton_interpreted() -> bool:

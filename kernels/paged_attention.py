@@ -27,6 +27,11 @@ computed per sequence in the kernel from its own length; each part's program wri
 output, running max and sum to an fp32 workspace, and `_combine_splits_kernel` rescales and adds
 them. The number of splits depends only on shapes (sequences, KV heads, the block table's width),
 never on the contexts' values, so a CUDA graph captured for a batch size stays valid.
+
+Steps split only inside `backends.splitting_decode_contexts()`, under which the executor captures
+its CUDA graphs of decode steps: launched from Python one at a time, the combine kernel and the
+workspace cost more host time than the split saves on the GPU (measured on an H200, see
+docs/BENCHMARKS.md), while a graph replays them with no launch cost.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import triton
 import triton.language as tl
 
 from ._checks import check_paged_attention
-from .backends import is_triton_interpreted
+from .backends import decode_contexts_split, is_triton_interpreted
 
 LOG2E = 1.4426950408889634
 
@@ -259,7 +264,7 @@ def paged_attention(
     """Causal attention of each sequence's new tokens over its paged context (Triton); returns `out`.
 
     `num_splits` parts per context (see the module's docstring); None: `default_num_splits` for a
-    step of one token per sequence (a decode step), 1 for any other."""
+    step of one token per sequence (a decode step) inside `splitting_decode_contexts()`, else 1."""
     dims = check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     if dims.head_dim > 256:
         raise ValueError(
@@ -277,7 +282,7 @@ def paged_attention(
     # Sequence s's tiles start at cu[s] // block_q + s (see _find_seq_idx), so this many suffice.
     tiles = dims.num_tokens // block_q + dims.num_seqs
     if num_splits is None:
-        decode = dims.num_tokens == dims.num_seqs
+        decode = dims.num_tokens == dims.num_seqs and decode_contexts_split()
         max_context = block_table.size(1) * dims.block_size
         num_splits = default_num_splits(tiles * dims.num_kv_heads, max_context, query.device) if decode else 1
     if num_splits > 1:

@@ -26,6 +26,7 @@ import torch
 
 from pagedserve.common.sizes import cdiv
 from pagedserve.executor.inputs import ScheduledSeq, StepInputs
+from pagedserve.kernels.backends import splitting_decode_contexts
 
 if TYPE_CHECKING:
     from pagedserve.executor.kv_pool import KVPool
@@ -146,6 +147,12 @@ class DecodeGraphs:
             return 0.0
         mempool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.runner.device)
+        with splitting_decode_contexts():  # launch-free in a graph: few sequences split their contexts
+            self._capture_all(mempool, stream)
+        torch.cuda.synchronize(self.runner.device)
+        return time.perf_counter() - start
+
+    def _capture_all(self, mempool, stream: torch.cuda.Stream) -> None:
         for batch in reversed(self.sizes):
             self.buffers.fill([], batch, self.block_size)  # every row padding: no KV is written
             inputs = self.buffers.inputs(batch)
@@ -157,8 +164,6 @@ class DecodeGraphs:
             with torch.cuda.graph(graph, pool=mempool):
                 logits = self.runner.forward(inputs, self.pool)  # [batch, V], a static output
             self.graphs[batch] = (graph, logits)
-        torch.cuda.synchronize(self.runner.device)
-        return time.perf_counter() - start
 
     def run(self, seqs: list[ScheduledSeq]) -> torch.Tensor | None:
         """Logits [len(seqs), V] of a decode step from a graph, or None when it does not fit one."""

@@ -213,6 +213,28 @@ def test_split_count_follows_the_grid(monkeypatch: pytest.MonkeyPatch) -> None:
     assert module.default_num_splits(4, 2048, torch.device("cpu")) == 1
 
 
+def test_decode_steps_split_only_where_asked(paged_batch, monkeypatch: pytest.MonkeyPatch) -> None:
+    # what CUDA graphs capture under (splitting_decode_contexts) splits; an eager launch does not
+    from pagedserve.kernels.backends import splitting_decode_contexts
+
+    module = importlib.import_module("pagedserve.kernels.paged_attention")
+    asked = []
+    monkeypatch.setattr(module, "default_num_splits", lambda *args: asked.append(args) or 3)
+    decode = paged_batch(
+        [1, 1], [200, 90], num_heads=4, num_kv_heads=2, head_dim=32, block_size=8, dtype=torch.float32
+    )
+    prefill = paged_batch([5, 1], [200, 90], num_heads=4, num_kv_heads=2, head_dim=32, block_size=8, dtype=torch.float32)  # fmt: skip
+    check_against_ref(paged_attention, decode, torch.float32)
+    assert asked == []
+    with splitting_decode_contexts():
+        check_against_ref(paged_attention, decode, torch.float32)
+        assert len(asked) == 1 and asked[0][1] == decode.block_table.size(1) * 8  # the table's reach
+        check_against_ref(paged_attention, prefill, torch.float32)  # not a decode step: whole
+        assert len(asked) == 1
+    check_against_ref(paged_attention, decode, torch.float32)
+    assert len(asked) == 1
+
+
 def test_torch_backend_reuses_workspace_safely(paged_batch) -> None:
     # A big call then a small one: the small one must not see the big one's leftovers.
     big = paged_batch(
