@@ -276,8 +276,8 @@ recomputation after a preemption counts as lookups).
     text = text if old is None else replace_section(text, old)
     sharing = sharing_report.existing_section(previous)  # written by sharing_bench, kept in its place
     text = text if sharing is None else sharing_report.replace_section(text, sharing)
-    # Written by hand or by their own benchmarks (swap_bench, hostile_bench): kept, at the end.
-    for name in ("swap", "hostile"):
+    # Written by hand or by their own benchmarks (swap_bench, hostile_bench, the GPU run): kept, at the end.
+    for name in ("swap", "hostile", "gpu"):
         kept = doc_sections.existing_section(previous, name)
         if kept is not None:
             text = doc_sections.replace_section(text, name, kept)

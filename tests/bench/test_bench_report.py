@@ -66,11 +66,15 @@ def test_write_report(tmp_path) -> None:
     hostile = f"{hostile_bench.BEGIN}\nattack\n{hostile_bench.END}"
     begin, end = doc_sections.markers("swap")
     swap = f"{begin}\n## Swap vs recompute\nfigures\n{end}"
-    docs.write_text(sharing_report.replace_section(text, mine) + "\n" + swap + "\n\n" + hostile + "\n")
+    begin, end = doc_sections.markers("gpu")
+    gpu = f"{begin}\n## GPU\nfigures by hand\n{end}"
+    docs.write_text(
+        sharing_report.replace_section(text, mine) + "\n" + swap + "\n\n" + hostile + "\n\n" + gpu + "\n"
+    )
     write_report(docs, results, peers, contiguous, shipped, by_rate, cap, share, sizes)
     again = docs.read_text()
     assert again.index("## (c) Sharing") < again.index(mine) < again.index("## (d)")
-    assert again.count(sharing_report.BEGIN) == 1 and hostile in again and swap in again
+    assert again.count(sharing_report.BEGIN) == 1 and hostile in again and swap in again and gpu in again
 
 
 def test_table() -> None:
