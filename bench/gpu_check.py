@@ -23,6 +23,8 @@ from functools import partial
 
 import torch
 
+from pagedserve.kernels.testing import build_paged_batch
+
 # relative error allowed per dtype: fp32 runs IEEE dots; half types round P to the cache dtype
 REL_TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -54,41 +56,6 @@ def batch_kinds(rng: random.Random) -> dict[str, tuple[list[int], list[int]]]:
     }
 
 
-def paged_batch(
-    q_lens: list[int],
-    seq_lens: list[int],
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    block_size: int,
-    dtype: torch.dtype,
-    gen: torch.Generator,
-) -> tuple[torch.Tensor, ...]:
-    """(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q) on the GPU: shuffled blocks,
-    tables padded with -1, the pool NaN outside every context."""
-    dev = torch.device("cuda")
-    per_seq = [-(-s // block_size) for s in seq_lens]
-    num_blocks = sum(per_seq) + 3
-    ids = torch.randperm(num_blocks, device=dev, generator=gen)[: sum(per_seq)]
-    table = torch.full((len(seq_lens), max(per_seq) + 2), -1, dtype=torch.int32, device=dev)
-    k_cache = torch.full((num_blocks, block_size, kv_heads, head_dim), float("nan"), dtype=dtype, device=dev)
-    v_cache = torch.full_like(k_cache, float("nan"))
-    start = 0
-    for row, (seq_len, n) in enumerate(zip(seq_lens, per_seq, strict=True)):
-        blocks = ids[start : start + n]
-        start += n
-        table[row, :n] = blocks.to(torch.int32)
-        slots = (blocks[:, None] * block_size + torch.arange(block_size, device=dev)).flatten()[:seq_len]
-        for cache in (k_cache, v_cache):
-            values = torch.randn(seq_len, kv_heads, head_dim, device=dev, generator=gen)
-            cache.view(-1, kv_heads, head_dim)[slots] = values.to(dtype)
-    query = torch.randn(sum(q_lens), heads, head_dim, device=dev, generator=gen).to(dtype)
-    cu = torch.zeros(len(q_lens) + 1, dtype=torch.int32, device=dev)
-    cu[1:] = torch.tensor(q_lens, device=dev).cumsum(0)
-    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
-    return query, k_cache, v_cache, table, lens, cu
-
-
 def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double(), ref.double()
     return float((got - ref).norm() / ref.norm())
@@ -99,14 +66,18 @@ def check_attention(rows: list[str]) -> bool:
 
     ok = True
     rng = random.Random(0)
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    seed = 0
     rows += [
         "| shape | heads / KV / head_dim, block | dtype | batch | tokens | rel. error | limit | max abs | ok |",
         "|---|---|---|---|---:|---:|---:|---:|---|",
     ]
     for name, heads, kv_heads, head_dim, block_size, dtype in ATTENTION_SHAPES:
         for kind, (q_lens, seq_lens) in batch_kinds(rng).items():
-            batch = paged_batch(q_lens, seq_lens, heads, kv_heads, head_dim, block_size, dtype, gen)
+            seed += 1
+            batch = build_paged_batch(
+                q_lens, seq_lens, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                block_size=block_size, dtype=dtype, seed=seed, device="cuda",
+            )  # fmt: skip
             scale = head_dim**-0.5
             out = torch.full_like(batch[0], float("nan"))  # poisoned: every element must be written
             paged_attention(*batch, scale, out=out)
@@ -216,7 +187,6 @@ def attention_figures(rows: list[str]) -> None:
     from pagedserve.kernels.paged_attention import default_num_splits
 
     dev = torch.device("cuda")
-    gen = torch.Generator(device=dev).manual_seed(2)
     big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB
     copy_target = torch.empty_like(big)
     copy_ms = time_ms(partial(copy_target.copy_, big))
@@ -230,9 +200,10 @@ def attention_figures(rows: list[str]) -> None:
     ]
     heads, kv_heads, head_dim, block_size = 32, 8, 64, 16
     for batch, context in ((1, 1024), (1, 4096), (8, 2048), (32, 1024), (256, 1024), (256, 4096)):
-        q, k_cache, v_cache, table, lens, cu = paged_batch(
-            [1] * batch, [context] * batch, heads, kv_heads, head_dim, block_size, torch.bfloat16, gen
-        )
+        q, k_cache, v_cache, table, lens, cu = build_paged_batch(
+            [1] * batch, [context] * batch, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            block_size=block_size, dtype=torch.bfloat16, seed=batch + context, device=dev,
+        )  # fmt: skip
         out = torch.empty_like(q)
         scale = head_dim**-0.5
         call = partial(paged_attention, q, k_cache, v_cache, table, lens, cu, scale, out=out)
