@@ -64,9 +64,19 @@ def read_sampling(
         length_penalty=read_float(body, "length_penalty", 1.0),
         early_stopping=_early_stopping(body),
         logit_bias=_logit_bias(body),
-        allowed_token_ids=read_int_list(body, "allowed_token_ids"),
+        allowed_token_ids=_allowed_token_ids(body),
         bad_words=_bad_words(body),
     )
+
+
+def _allowed_token_ids(body: dict) -> list[int]:
+    """An empty list would allow nothing (vLLM refuses it too); leaving the field out allows all."""
+    ids = read_int_list(body, "allowed_token_ids")
+    if not ids and get_field(body, "allowed_token_ids") is not MISSING:
+        raise InvalidArgument(
+            "allowed_token_ids must not be empty: leave it out to allow every token", field="allowed_token_ids"
+        )
+    return ids
 
 
 def _bad_words(body: dict) -> list[str]:

@@ -95,6 +95,10 @@ def test_allowed_token_ids_reach_the_scheduler_and_are_checked() -> None:
             )
             reply = await http.post("/v1/completions", json={**body, "allowed_token_ids": ["a"]})
             assert_error(reply, 400, "allowed_token_ids must be a list of integers", "allowed_token_ids")
-        assert [s.allowed_token_ids for _, _, s in scheduler.submitted] == [[65, 66]]
+            reply = await http.post("/v1/completions", json={**body, "allowed_token_ids": []})
+            assert_error(reply, 400, "allowed_token_ids must not be empty", "allowed_token_ids")
+            null = await http.post("/v1/completions", json={**body, "allowed_token_ids": None})
+            assert null.status_code == 200  # null is left out, as every optional field
+        assert [s.allowed_token_ids for _, _, s in scheduler.submitted] == [[65, 66], []]
 
     run(scenario)
