@@ -74,7 +74,8 @@ def _allowed_token_ids(body: dict) -> list[int]:
     ids = read_int_list(body, "allowed_token_ids")
     if not ids and get_field(body, "allowed_token_ids") is not MISSING:
         raise InvalidArgument(
-            "allowed_token_ids must not be empty: leave it out to allow every token", field="allowed_token_ids"
+            "allowed_token_ids must not be empty: leave it out to allow every token",
+            field="allowed_token_ids",
         )
     return ids
 
