@@ -8,6 +8,7 @@ range, text be valid Unicode, so that a bad value is a 400 here and never a fail
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from pagedserve.common.errors import InvalidArgument, show
 from pagedserve.common.request_ids import check_request_id
@@ -116,6 +117,15 @@ def read_model(body: dict) -> str:
     if not isinstance(model, str):
         raise InvalidArgument("model must be a string", field="model")
     return check_text(model, "model", "model")
+
+
+def header_request_id(headers: Mapping[str, str]) -> str | None:
+    """A valid `X-Request-Id` header, else None: what an error answered before the body was read
+    (or while it was) sends back."""
+    try:
+        return read_request_id(headers.get("x-request-id"), {})
+    except InvalidArgument:
+        return None
 
 
 def read_request_id(header: str | None, body: dict) -> str | None:

@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pagedserve import __version__
 from pagedserve.common.errors import InvalidArgument, PagedServeError
 from pagedserve.common.json_text import depth_over
-from pagedserve.gateway.body_fields import check_object, read_request_id
+from pagedserve.gateway.body_fields import check_object, header_request_id, read_request_id
 from pagedserve.gateway.config import RequestLimits
 from pagedserve.gateway.dashboard import add_dashboard_routes
 from pagedserve.gateway.datatypes import (
@@ -304,7 +304,7 @@ async def _answer(
 async def _serve(engine: Engine, request: Request, parse: Callable[..., ApiCall], id_prefix: str) -> Response:
     """A completions or chat call; the response's `X-Request-Id` is the client's id, or its own."""
     response = await _serve_call(engine, request, parse, id_prefix)
-    request_id = getattr(request.state, "request_id", None)
+    request_id = getattr(request.state, "request_id", None) or header_request_id(request.headers)
     if request_id is not None:
         response.headers["X-Request-Id"] = request_id
     return response

@@ -87,6 +87,14 @@ def test_bad_or_busy_ids_are_400_naming_the_header_or_field() -> None:
                 reply = await http.post("/v1/completions", json={**TEXT, **extra}, headers=headers)
                 assert_error(reply, 400, words, field)
                 assert "x-request-id" not in reply.headers, "an id refused is not echoed"
+            # a good id on a request refused while its body is read still comes back
+            for content in ('{"prompt": "x", "max_tokens": -1}', "{not json"):
+                reply = await http.post(
+                    "/v1/completions",
+                    content=content,
+                    headers={"X-Request-Id": "trace-7", "Content-Type": "application/json"},
+                )
+                assert reply.status_code == 400 and reply.headers["x-request-id"] == "trace-7"
             assert scheduler.submitted == []
             # the same id twice at once: the second is refused, the first goes on
             header = {"X-Request-Id": "same"}
