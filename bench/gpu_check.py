@@ -184,7 +184,7 @@ def attention_figures(rows: list[str]) -> None:
 
     from pagedserve.kernels import paged_attention
     from pagedserve.kernels.backends import splitting_decode_contexts
-    from pagedserve.kernels.paged_attention import default_num_splits
+    from pagedserve.kernels.paged_attention import decode_num_splits
 
     dev = torch.device("cuda")
     big = torch.empty(1 << 30, dtype=torch.uint8, device=dev)  # 1 GiB
@@ -211,8 +211,7 @@ def attention_figures(rows: list[str]) -> None:
             split_ms = time_ms(call, graphed=True)
         whole_ms = time_ms(partial(call, num_splits=1), graphed=True)
         launched_ms = time_ms(call)
-        tiles = batch // max(1, 16 // (heads // kv_heads)) + batch  # the kernel's grid, as it sizes it
-        splits = default_num_splits(tiles * kv_heads, table.size(1) * block_size, dev)
+        splits = decode_num_splits(batch, heads, kv_heads, table.size(1) * block_size, dev)
         kv_bytes = 2 * batch * context * kv_heads * head_dim * 2
         # the same contexts, contiguous: [B, Hkv, L, D], as a dense flash attention reads them
         blocks = table[:, : context // block_size].long()

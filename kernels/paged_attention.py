@@ -240,6 +240,22 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def _tile_rows(num_heads: int, num_kv_heads: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_Q): a program's rows, a power of two of at least 16, and the query tokens
+    whose heads of one KV group they hold."""
+    block_m = max(16, triton.next_power_of_2(num_heads // num_kv_heads))
+    return block_m, block_m // (num_heads // num_kv_heads)
+
+
+def decode_num_splits(
+    num_seqs: int, num_heads: int, num_kv_heads: int, max_context: int, device: torch.device
+) -> int:
+    """The parts per context of a decode step (one token per sequence) of `num_seqs` sequences,
+    when it splits: `default_num_splits` for the kernel's grid of that step."""
+    tiles = num_seqs // _tile_rows(num_heads, num_kv_heads)[1] + num_seqs
+    return default_num_splits(tiles * num_kv_heads, max_context, device)
+
+
 def default_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
     """Parts per context for a launch of `num_programs` programs (tiles x KV heads) over contexts
     of at most `max_context` positions: enough for about two programs per multiprocessor, at most
@@ -263,7 +279,7 @@ def paged_attention(
 ) -> torch.Tensor:
     """Causal attention of each sequence's new tokens over its paged context (Triton); returns `out`.
 
-    `num_splits` parts per context (see the module's docstring); None: `default_num_splits` for a
+    `num_splits` parts per context (see the module's docstring); None: `decode_num_splits` for a
     step of one token per sequence (a decode step) inside `splitting_decode_contexts()`, else 1."""
     dims = check_paged_attention(query, k_cache, v_cache, block_table, seq_lens, cu_seqlens_q, out)
     if dims.head_dim > 256:
@@ -276,15 +292,17 @@ def paged_attention(
         return out
 
     queries_per_kv = dims.num_heads // dims.num_kv_heads
-    block_m = max(16, triton.next_power_of_2(queries_per_kv))
-    block_q = block_m // queries_per_kv
+    block_m, block_q = _tile_rows(dims.num_heads, dims.num_kv_heads)
     head_dim_padded = max(16, triton.next_power_of_2(dims.head_dim))
     # Sequence s's tiles start at cu[s] // block_q + s (see _find_seq_idx), so this many suffice.
     tiles = dims.num_tokens // block_q + dims.num_seqs
     if num_splits is None:
-        decode = dims.num_tokens == dims.num_seqs and decode_contexts_split()
-        max_context = block_table.size(1) * dims.block_size
-        num_splits = default_num_splits(tiles * dims.num_kv_heads, max_context, query.device) if decode else 1
+        num_splits = 1
+        if dims.num_tokens == dims.num_seqs and decode_contexts_split():
+            max_context = block_table.size(1) * dims.block_size
+            num_splits = decode_num_splits(
+                dims.num_seqs, dims.num_heads, dims.num_kv_heads, max_context, query.device
+            )
     if num_splits > 1:
         part_out = torch.empty(
             dims.num_tokens,
