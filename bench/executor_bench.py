@@ -27,6 +27,7 @@ from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import CachedRequestData, NewRequestData, StepInput
 from pagedserve.executor.config import ExecutorConfig
 from pagedserve.executor.engine import ExecutorEngine
+from pagedserve.executor.model_runner import resolve_dtype
 from pagedserve.executor.placement import keep_freed_memory
 from pagedserve.kernels.cpu_native import ENV_SWITCH as NATIVE_SWITCH
 from pagedserve.kernels.packed_gemm import ENV_SWITCH as PACKED_SWITCH
@@ -200,11 +201,10 @@ def run_transformers(
     """The same figures from transformers' own forward and KV cache, as a static batch: `batch`
     prompts of --prompt-len tokens prefilled together, then one step is the model on the last
     tokens with the cache, a greedy pick and the tokens on the host (what a step of `generate` does)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    if device.type != "cuda" and args.dtype == "auto":
-        dtype = torch.float32  # as the executor's auto on CPU
+    checkpoint_dtype = getattr(AutoConfig.from_pretrained(args.model), "dtype", None)
+    dtype = resolve_dtype(args.dtype, device, checkpoint_dtype)  # as the executor picks it
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
     gen = torch.Generator().manual_seed(0)
 
