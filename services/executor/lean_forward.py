@@ -11,6 +11,8 @@ One exception, on by default: float32 linears on CPU run on weights packed once 
 (`kernels.packed_gemm`, 1.2-1.45x faster at decode batch sizes). Their sums may be split
 differently from `F.linear`'s, so logits then differ from the modules' in the last bits (tested
 to stay within 1e-5, and greedy tokens the same); PAGEDSERVE_PACKED_LINEARS=0 keeps `F.linear`.
+Packed, q, k and v are one weight and gate and up another: three calls fewer per layer, each of
+which costs a decode step as much Python and helper hand-off as the small matmul itself.
 
 It takes a model only when every layer is one of the known classes with the expected parts and no
 hooks; anything else (and `PAGEDSERVE_LEAN_FORWARD=0`) keeps transformers' forward.
@@ -61,6 +63,11 @@ class _Layer(NamedTuple):
     up: Linear
     down: Linear
     act: nn.Module
+    qkv: PackedLinear | None  # q, k and v in one packed weight (None: the three above)
+    gate_up: PackedLinear | None  # gate and up in one packed weight
+    q_width: int
+    kv_width: int
+    ffn_width: int
 
 
 def _hooked(module: nn.Module) -> bool:
@@ -80,6 +87,16 @@ def _linear(module: nn.Module, pack: bool) -> Linear:
     if packed is not None:
         return packed
     return lambda x: F.linear(x, weight, bias)
+
+
+def _fused(modules: tuple[nn.Module, ...], pack: bool) -> PackedLinear | None:
+    """One packed linear for modules that read the same input, their outputs side by side; None
+    where they do not pack (then each runs on its own)."""
+    biases = [m.bias for m in modules]
+    if not pack or (any(b is None for b in biases) and any(b is not None for b in biases)):
+        return None
+    bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
+    return packed_linear(torch.cat([m.weight.detach() for m in modules]), bias)
 
 
 def _rms_norm_parts(module: nn.Module) -> tuple[torch.Tensor, float]:
@@ -126,21 +143,27 @@ class LeanForward:
         self.layers = []
         for layer in base.layers:
             attn, mlp = layer.self_attn, layer.mlp
+            # q, k and v (gate and up) read the same input: one packed weight each, where they
+            # pack; the separate linears then stay unpacked, for the fallback only.
+            qkv = _fused((attn.q_proj, attn.k_proj, attn.v_proj), pack)
+            gate_up = _fused((mlp.gate_proj, mlp.up_proj), pack)
             self.layers.append(
                 _Layer(
                     getattr(attn, LAYER_ATTR),
                     *_rms_norm_parts(layer.input_layernorm),
-                    _linear(attn.q_proj, pack),
-                    _linear(attn.k_proj, pack),
-                    _linear(attn.v_proj, pack),
+                    *(_linear(m, pack and qkv is None) for m in (attn.q_proj, attn.k_proj, attn.v_proj)),
                     _linear(attn.o_proj, pack),
                     float(attn.scaling),
                     int(attn.head_dim),
                     *_rms_norm_parts(layer.post_attention_layernorm),
-                    _linear(mlp.gate_proj, pack),
-                    _linear(mlp.up_proj, pack),
+                    *(_linear(m, pack and gate_up is None) for m in (mlp.gate_proj, mlp.up_proj)),
                     _linear(mlp.down_proj, pack),
                     mlp.act_fn,
+                    qkv,
+                    gate_up,
+                    attn.q_proj.out_features,
+                    attn.k_proj.out_features,
+                    mlp.gate_proj.out_features,
                 )
             )
 
@@ -148,7 +171,7 @@ class LeanForward:
         """For the start-up log: whether the linears run on packed weights, and what that costs."""
         linears = [
             self.lm_head,
-            *(f for p in self.layers for f in (p.q, p.k, p.v, p.o, p.gate, p.up, p.down)),
+            *(f for p in self.layers for f in (p.q, p.k, p.v, p.o, p.gate, p.up, p.down, p.qkv, p.gate_up)),
         ]
         packed = [f for f in linears if isinstance(f, PackedLinear)]
         if not packed:
@@ -173,13 +196,18 @@ class LeanForward:
             residual = hidden
             x = _rms_norm(hidden, p.norm1, p.eps1)
             shape = (*x.shape[:-1], -1, p.head_dim)  # [1, T, heads, D]
-            q, k = p.q(x), p.k(x)  # [1, T, heads * D]
+            if p.qkv is not None:
+                qkv = p.qkv(x)
+                nq = p.q_width
+                q, k, v = qkv[..., :nq], qkv[..., nq : nq + p.kv_width], qkv[..., nq + p.kv_width :]
+            else:
+                q, k, v = p.q(x), p.k(x), p.v(x)  # [1, T, heads * D]
             # in place, the same bits as the tensor ops below, in one pass (cpu_native)
             q_done = rotary_in_place(q.view(shape)[0], flat_cos, flat_sin)
             k_done = rotary_in_place(k.view(shape)[0], flat_cos, flat_sin)
             q = q.view(shape).transpose(1, 2)  # [1, H, T, D]
             k = k.view(shape).transpose(1, 2)  # [1, Hkv, T, D]
-            v = p.v(x).view(shape).transpose(1, 2)
+            v = v.view(shape).transpose(1, 2)
             if not q_done:
                 q = (q * cos) + (_rotate_half(q) * sin)
             if not k_done:
@@ -189,7 +217,12 @@ class LeanForward:
             hidden = residual + p.o(out)
             residual = hidden
             x = _rms_norm(hidden, p.norm2, p.eps2)
-            hidden = residual + p.down(p.act(p.gate(x)) * p.up(x))
+            if p.gate_up is not None:
+                gate_up = p.gate_up(x)
+                gate, up = gate_up[..., : p.ffn_width], gate_up[..., p.ffn_width :]
+            else:
+                gate, up = p.gate(x), p.up(x)
+            hidden = residual + p.down(p.act(gate) * up)
         hidden = _rms_norm(hidden, self.norm, self.norm_eps)
         return self.lm_head(hidden[:, keep, :])  # [1, N, V]
 

@@ -83,7 +83,10 @@ def test_lean_forward_is_bit_identical(family, tiny_model_dir, make_engine, monk
 def test_packed_linears_match_transformers_to_rounding(family, tiny_model_dir, make_engine) -> None:
     runner = make_engine(tiny_model_dir(family)).runner
     lean = runner.lean
-    assert lean is not None and isinstance(lean.layers[0].q, PackedLinear), "packed by default on CPU"
+    assert lean is not None, "packed by default on CPU"
+    layer = lean.layers[0]  # q, k, v in one packed weight, gate and up in another
+    assert all(isinstance(f, PackedLinear) for f in (layer.qkv, layer.o, layer.gate_up, layer.down))
+    assert layer.qkv.out_features == layer.q_width + 2 * layer.kv_width
     assert isinstance(lean.lm_head, PackedLinear)
     prompts = make_prompts((5, 17, 30), VOCAB, seed=3)
     (lean_logits, lean_pool), (hf_logits, hf_pool) = _lean_against_transformers(runner, lean, prompts)
