@@ -33,6 +33,11 @@ from pagedserve.scheduler.replication import Replicator
 from pagedserve.scheduler.scheduler import ScheduledStep, Scheduler
 from pagedserve.scheduler.swap import DEFAULT_SWAP_MIN_TOKENS
 
+# A step of at least this many tokens (a prefill) runs long enough that requests arriving
+# meanwhile should join the step after it, not the one after that: the next step is then planned
+# when it returns, not while it runs (`step_ahead`).
+LATE_PLAN_TOKENS = 128
+
 log = logging.getLogger(__name__)
 
 
@@ -271,7 +276,8 @@ class SchedulerEngine(ExecutorWatchMixin):
         (vLLM's async scheduling): when its output arrives the next step is sent at once, and
         the output is taken in while that one runs. The executor appends the tokens it samples
         itself, so a decode step needs no token values; a sequence that stopped meanwhile
-        computes one token too many, which is dropped. Whether the executor ran a step."""
+        computes one token too many, which is dropped. After a long step (LATE_PLAN_TOKENS) the
+        next is planned when it returns instead. Whether the executor ran a step."""
         self._follow_lease()
         if self._in_flight is None:
             scheduled = self.scheduler.schedule()
@@ -283,6 +289,13 @@ class SchedulerEngine(ExecutorWatchMixin):
             await asyncio.sleep(0)  # the call is on its way before the planning below
         scheduled, call = self._in_flight
         self._in_flight = None
+        if sum(n for _, n in scheduled.seqs) >= LATE_PLAN_TOKENS:
+            # planned once it returns (the next call), with the requests that came while it ran
+            output = await self._receive(scheduled, call)
+            if output is not None:
+                self.scheduler.update(scheduled, output)
+                self.scheduler.publish()
+            return True
         planned = self.scheduler.schedule()  # step k + 1, while step k runs
         await self.replicator.ship(self.scheduler)
         output = await self._receive(scheduled, call)
