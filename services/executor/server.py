@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 
-from pagedserve.common import internal_tls
+from pagedserve.common import event_loop, internal_tls
 from pagedserve.common.cpus import parse_cpu_list
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
@@ -178,7 +177,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("%s", e)
         return 2
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except ValueError as e:  # a model or pool that cannot work: say why, no traceback
         log.error("%s", e)
         return 1

@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from pagedserve.common import internal_tls, structured
+from pagedserve.common import event_loop, internal_tls, structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.gateway import generation_defaults
@@ -239,7 +239,7 @@ def main(args: argparse.Namespace) -> int:
     from pagedserve.common.redis_connect import RedisSetupError
 
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except (OSError, RedisSetupError) as err:
         log.error("%s", err)
         return 1

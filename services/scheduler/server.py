@@ -9,7 +9,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from pagedserve.common import internal_tls
+from pagedserve.common import event_loop, internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.redis_connect import url_arg
@@ -319,7 +319,7 @@ def main(args: argparse.Namespace) -> int:
     from pagedserve.common.redis_connect import RedisSetupError, explain
 
     try:
-        asyncio.run(serve(config))
+        event_loop.run(serve(config))
     except RedisSetupError as e:
         log.error("%s", e)
         return 1

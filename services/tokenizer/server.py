@@ -9,12 +9,11 @@ Flags override the environment, which overrides the defaults:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 from dataclasses import dataclass
 
-from pagedserve.common import internal_tls
+from pagedserve.common import event_loop, internal_tls
 from pagedserve.common.grpc_utils import GrpcServer, run_until_signal
 from pagedserve.common.logs import setup_logging
 from pagedserve.common.models import default_model
@@ -131,7 +130,7 @@ def main(args: argparse.Namespace) -> int:
         log.error("could not load the tokenizer of %s: %s", config.model, exc)
         return 1
     try:
-        asyncio.run(serve(tokenizer, config))
+        event_loop.run(serve(tokenizer, config))
     except OSError as exc:  # the port is taken
         log.error("tokenizer failed: %s", exc)
         return 1
