@@ -43,7 +43,7 @@ from pagedserve.common.switches import switched_on
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "paged_decode_cpu.c", CSRC / "core_share.c", CSRC / "rotary_cpu.c")
+SOURCES = tuple(CSRC / name for name in ("paged_decode_cpu.c", "core_share.c", "rotary_cpu.c", "gemm_cpu.c"))
 HEADERS = (CSRC / "core_share.h",)
 SYMBOL = "pagedserve_decode_attention_f32"
 ENV_SWITCH = "PAGEDSERVE_NATIVE_KERNELS"

@@ -1,4 +1,4 @@
-"""float32 linears on CPU with the weight packed once, through MKL's packed GEMM API.
+"""float32 linears on CPU with the weight packed once, through a packed GEMM: MKL's or our own.
 
 `F.linear` on CPU calls MKL's sgemm, which copies ("packs") the weight into its kernel's tiled layout
 on every call. A decode step multiplies a few rows by every weight of the model, so that copy is
@@ -8,10 +8,20 @@ and 16 ms with the weights packed once at load (1.2-1.45x from 4 to 512 rows; do
 the copy (a few percent faster, measured), so those keep F.linear. MKL exports the API (`cblas_sgemm_pack`,
 `cblas_sgemm_compute`) from the libtorch_cpu that torch's x86 wheels ship; it is looked up there.
 
+MKL takes its AVX-512 kernels on Intel CPUs only: on an AVX-512 AMD EPYC its packed GEMM ran at
+the speed of F.linear (about 85 GFLOP/s a core at 32 rows). There the native AVX-512 kernel
+(`csrc/gemm_cpu.c`, built with the other native kernels) runs at 105-115, and at twice F.linear's
+speed for one or two rows, so it takes every row count. At the first packing each is timed on a
+decode-sized call and the faster one serves the process (logged); PAGEDSERVE_PACKED_GEMM=mkl or
+native forces one. The native kernel uses the calling core only: a call on more than one torch
+thread (a prefill step's `--prefill-threads`) goes to F.linear instead.
+
 Two properties matter for serving:
-- from `MIN_ROWS` rows up, a row's result does not depend on how many rows are multiplied with it
-  (checked up to 64 rows in tests/kernels/test_packed_gemm.py). `F.linear` switches kernels with the
-  row count (at 16 rows on an AVX-512 Xeon), and its bits with them. MKL's packed kernels keep a
+- on one thread, from the GEMM's `min_rows` up (MKL: `MIN_ROWS`; native AVX-512: 1), a row's
+  result does not depend on how many rows are multiplied with it (checked up to 64 rows in
+  tests/kernels/test_packed_gemm.py); the native kernel keeps it by construction. `F.linear`
+  switches kernels with the row count (at 16 rows on an AVX-512 Xeon), and its bits with them.
+  MKL's packed kernels keep a
   row's bits on some CPUs and not on others: on an AVX2 EPYC, 5-7 and 9-11 rows summed in another
   order than the same rows among 64, while 4, 8 and 12 or more did not. So at the first packing a
   probe finds the smallest row multiple that keeps every row's bits from 3 to 64 rows (1 on the
@@ -25,8 +35,8 @@ slices instead, and a one-thread call shares the slices with the helpers: each s
 one core only, and a column's sums are the same whichever slice holds it (tested).
 
 The packed copy lives beside the model's own weight (which the rest of the model may still use):
-it costs about as much memory again as the packed matrices. Optional by design: without the
-symbols (another BLAS, a non-x86 build), for non-float32 weights, or with
+it costs about as much memory again as the packed matrices. Optional by design: with neither GEMM
+(another BLAS and no native kernels), for non-float32 weights, or with
 PAGEDSERVE_PACKED_LINEARS=0, `packed_linear()` returns None and callers keep `F.linear`.
 """
 
@@ -36,6 +46,7 @@ import ctypes
 import logging
 import os
 import threading
+import time
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +58,7 @@ from . import cpu_native
 log = logging.getLogger(__name__)
 
 ENV_SWITCH = "PAGEDSERVE_PACKED_LINEARS"
+GEMM_ENV = "PAGEDSERVE_PACKED_GEMM"  # mkl, native, or auto (the default): see _choose
 
 # CBLAS enum values (mkl_cblas.h)
 _ROW_MAJOR, _NO_TRANS, _TRANS, _PACKED, _B_MATRIX = 101, 111, 112, 151, 162
@@ -71,16 +83,39 @@ def slice_starts(out_features: int, workers: int) -> list[int]:
 
 
 _lock = threading.Lock()
-_loaded: dict[str, object] = {}  # "lib" -> ctypes.CDLL | None, once decided
+_loaded: dict[str, object] = {}  # "gemm" -> Gemm | None, once decided; "granule:<name>" -> int
 
 
-def _load() -> ctypes.CDLL | None:
+# cblas_sgemm_compute's: layout, transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc
+_COMPUTE_ARGS = [*[ctypes.c_int] * 6, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_float,
+                 ctypes.c_void_p, ctypes.c_int]  # fmt: skip
+
+
+class Gemm:
+    """One packed GEMM: how large a packed weight slice is, how to pack it, and the compute call
+    (cblas_sgemm_compute's signature, so core_share.c can share its column slices out).
+    `threaded`: whether compute uses torch's threads (MKL's does; the native one runs on the
+    calling core only, so a call on more threads goes to F.linear instead)."""
+
+    def __init__(self, name: str, size, pack, compute, min_rows: int, threaded: bool) -> None:
+        self.name, self.min_rows, self.threaded = name, min_rows, threaded
+        self._size, self._pack, self.compute = size, pack, compute
+
+    def pack(self, weight: torch.Tensor, c0: int, c1: int) -> torch.Tensor:
+        """Columns c0 .. c1 of a contiguous [out, in] weight, packed."""
+        k = weight.shape[1]
+        packed = torch.empty(self._size(c1 - c0, k), dtype=torch.float32)
+        self._pack(weight[c0].data_ptr(), c1 - c0, k, packed.data_ptr())
+        return packed
+
+
+def _mkl() -> Gemm | None:
     path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
     try:
         lib = ctypes.CDLL(path)
         get_size, pack, compute = lib.cblas_sgemm_pack_get_size, lib.cblas_sgemm_pack, lib.cblas_sgemm_compute
     except (OSError, AttributeError) as e:
-        log.info("packed linears unavailable (%s); using F.linear", e)
+        log.info("MKL's packed GEMM unavailable (%s)", e)
         return None
     c_int, c_float, ptr = ctypes.c_int, ctypes.c_float, ctypes.c_void_p
     get_size.restype = ctypes.c_size_t
@@ -88,26 +123,94 @@ def _load() -> ctypes.CDLL | None:
     pack.restype = None
     # layout, identifier, trans, m, n, k, alpha, src, ld, dest
     pack.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, c_float, ptr, c_int, ptr]
-    compute.restype = None
-    # layout, transa, transb, m, n, k, a, lda, b, ldb, beta, c, ldc
-    compute.argtypes = [c_int, c_int, c_int, c_int, c_int, c_int, ptr, c_int, ptr, c_int, c_float, ptr, c_int]
-    return lib
+    compute.restype, compute.argtypes = None, _COMPUTE_ARGS
+    # MKL's size has room for its widest tiling; only what it writes becomes resident.
+    return Gemm(
+        "mkl",
+        lambda n, k: -(-get_size(_B_MATRIX, _PACK_ROWS, n, k) // 4),
+        lambda src, n, k, dst: pack(_ROW_MAJOR, _B_MATRIX, _TRANS, _PACK_ROWS, n, k, 1.0, src, k, dst),
+        compute,
+        MIN_ROWS,
+        threaded=True,
+    )
 
 
-def _library() -> ctypes.CDLL | None:
+def _native() -> Gemm | None:
+    """csrc/gemm_cpu.c from the native kernels' library (AVX-512, or its portable loop)."""
+    kernel = cpu_native.decode_kernel()
+    if kernel is None:
+        return None
+    lib, c_int, ptr = kernel.lib, ctypes.c_int, ctypes.c_void_p
+    lib.pagedserve_gemm_pack_size.restype = ctypes.c_int64
+    lib.pagedserve_gemm_pack_size.argtypes = [c_int, c_int]
+    lib.pagedserve_gemm_pack.restype = None
+    lib.pagedserve_gemm_pack.argtypes = [ptr, c_int, c_int, c_int, ptr]  # w, n, k, ldw, dest
+    compute = lib.pagedserve_gemm_compute
+    compute.restype, compute.argtypes = None, _COMPUTE_ARGS
+    vector = bool(lib.pagedserve_gemm_avx512())
+    return Gemm(
+        "native-avx512" if vector else "native-portable",
+        lib.pagedserve_gemm_pack_size,
+        lambda src, n, k, dst: lib.pagedserve_gemm_pack(src, n, k, k, dst),
+        compute,
+        1 if vector else MIN_ROWS,  # one AVX-512 row is still twice F.linear's speed
+        threaded=False,
+    )
+
+
+def _decode_seconds(gemm: Gemm) -> float:
+    """Best time of a decode-sized call (32 rows, a 1024 x 512 weight) on this core."""
+    gen = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(1024, 512, generator=gen), torch.randn(32, 512, generator=gen)
+    packed, out = gemm.pack(weight, 0, 1024), torch.empty(32, 1024)
+    args = (_ROW_MAJOR, _NO_TRANS, _PACKED, 32, 1024, 512, x.data_ptr(), 512, packed.data_ptr(), 512, 0.0,
+            out.data_ptr(), 1024)  # fmt: skip
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(8):
+            gemm.compute(*args)
+        best = min(best, time.perf_counter() - start)
+    return best / 8
+
+
+def _choose() -> Gemm | None:
+    """PAGEDSERVE_PACKED_GEMM=mkl or native forces one; by default the faster of MKL's and the
+    native AVX-512 one on this CPU (MKL takes its AVX-512 path on Intel CPUs only)."""
+    forced = os.environ.get(GEMM_ENV, "auto").strip().lower()
+    if forced == "mkl":
+        return _mkl()
+    if forced == "native":
+        return _native()
+    mkl, native = _mkl(), _native()
+    if native is not None and native.name != "native-avx512":
+        native = None  # its portable loop is for checking, not for speed
+    if mkl is None or native is None:
+        return mkl or native
+    times = {gemm.name: _decode_seconds(gemm) for gemm in (mkl, native)}
+    chosen = native if times[native.name] < times[mkl.name] else mkl
+    log.info(
+        "packed linears: %s's GEMM (32 rows x 1024 x 512: MKL %.0f us, native AVX-512 %.0f us)",
+        chosen.name, times["mkl"] * 1e6, times["native-avx512"] * 1e6,
+    )  # fmt: skip
+    return chosen
+
+
+def gemm() -> Gemm | None:
+    """The packed GEMM this process uses (decided once), or None where there is none."""
     with _lock:
-        if "lib" not in _loaded:
-            _loaded["lib"] = _load()
-        return _loaded["lib"]  # type: ignore[return-value]
+        if "gemm" not in _loaded:
+            _loaded["gemm"] = _choose()
+        return _loaded["gemm"]  # type: ignore[return-value]
 
 
-def _granule_keeps_bits(lib: ctypes.CDLL, granule: int) -> bool:
+def _granule_keeps_bits(gemm: Gemm, granule: int) -> bool:
     """Whether rows padded up to a multiple of `granule` keep their bits from 3 to 64 rows, on two
     shapes (square-ish and wide, one inner dimension no power of two)."""
     gen = torch.Generator().manual_seed(0)
     for out_features, in_features in ((176, 64), (96, 40)):
         linear = PackedLinear(
-            lib, torch.randn(out_features, in_features, generator=gen), None, granule=granule
+            gemm, torch.randn(out_features, in_features, generator=gen), None, granule=granule
         )
         x = torch.randn(_PROBE_ROWS, in_features, generator=gen)
         full = linear(x)
@@ -117,11 +220,12 @@ def _granule_keeps_bits(lib: ctypes.CDLL, granule: int) -> bool:
     return True
 
 
-def row_granule(lib: ctypes.CDLL) -> int:
+def row_granule(gemm: Gemm) -> int:
     """The row multiple this CPU's packed kernels keep a row's bits at (probed once per process)."""
+    key = f"granule:{gemm.name}"
     with _lock:
-        if "granule" not in _loaded:
-            granule = next((g for g in _GRANULES if _granule_keeps_bits(lib, g)), None)
+        if key not in _loaded:
+            granule = next((g for g in _GRANULES if _granule_keeps_bits(gemm, g)), None)
             if granule is None:
                 log.warning(
                     "packed linears: no row multiple up to %d keeps a row's bits on this CPU", _GRANULES[-1]
@@ -131,36 +235,30 @@ def row_granule(lib: ctypes.CDLL) -> int:
                     "packed linears: row counts padded to a multiple of %d (it keeps a row's bits on this CPU)",
                     granule,
                 )
-            _loaded["granule"] = granule or 1
-        return _loaded["granule"]  # type: ignore[return-value]
+            _loaded[key] = granule or 1
+        return _loaded[key]  # type: ignore[return-value]
 
 
 class PackedLinear:
     """y = x @ weight.T (+ bias) for float32 CPU tensors, the weight [out, in] packed at construction
     (a model's weights do not change while it serves; a later change would reach only F.linear's
-    calls of fewer than MIN_ROWS rows)."""
+    calls, of fewer than `gemm.min_rows` rows or on more threads than a single-core GEMM uses)."""
 
     def __init__(
-        self, lib: ctypes.CDLL, weight: torch.Tensor, bias: torch.Tensor | None, granule: int | None = None
+        self, gemm: Gemm, weight: torch.Tensor, bias: torch.Tensor | None, granule: int | None = None
     ) -> None:
-        self.granule = row_granule(lib) if granule is None else granule  # rows padded to a multiple
-        self.weight = weight.detach()  # the module's own tensor, for F.linear below MIN_ROWS rows
+        self.gemm = gemm
+        self.granule = row_granule(gemm) if granule is None else granule  # rows padded to a multiple
+        self.weight = weight.detach()  # the module's own tensor, for F.linear's calls
         weight = self.weight.contiguous()
         self.out_features, self.in_features = weight.shape
         self.bias = None if bias is None else bias.detach().contiguous()
-        self._compute = lib.cblas_sgemm_compute
+        self._compute = gemm.compute
         self.helpers = cpu_native.helpers()
-        n, k = self.out_features, self.in_features
-        self.starts = slice_starts(n, self.helpers.workers if self.helpers is not None else 1)
-        self.slices = []
-        for c0, c1 in zip(self.starts[:-1], self.starts[1:], strict=True):
-            size = lib.cblas_sgemm_pack_get_size(_B_MATRIX, _PACK_ROWS, c1 - c0, k)
-            # MKL's size has room for its widest tiling; only what it writes becomes resident.
-            packed = torch.empty(-(-size // 4), dtype=torch.float32)
-            lib.cblas_sgemm_pack(
-                _ROW_MAJOR, _B_MATRIX, _TRANS, _PACK_ROWS, c1 - c0, k, 1.0, weight[c0].data_ptr(), k, packed.data_ptr()
-            )  # fmt: skip
-            self.slices.append(packed)
+        self.starts = slice_starts(self.out_features, self.helpers.workers if self.helpers is not None else 1)
+        self.slices = [
+            gemm.pack(weight, c0, c1) for c0, c1 in zip(self.starts[:-1], self.starts[1:], strict=True)
+        ]
         if len(self.slices) > 1:
             self._slice_ptrs = (ctypes.c_void_p * len(self.slices))(*(t.data_ptr() for t in self.slices))
             self._slice_starts = (ctypes.c_int64 * len(self.starts))(*self.starts)
@@ -172,7 +270,8 @@ class PackedLinear:
             raise ValueError(f"input has {x.shape[-1]} features, the weight takes {k}")
         rows = x.reshape(-1, k).contiguous()
         m = rows.shape[0]
-        if m < MIN_ROWS:
+        threads = torch.get_num_threads()
+        if m < self.gemm.min_rows or (threads > 1 and not self.gemm.threaded):
             return F.linear(x, self.weight, self.bias)
         if m % self.granule:  # zero rows up to the multiple that keeps every row's bits
             padded = rows.new_zeros((m + self.granule - m % self.granule, k))
@@ -182,7 +281,7 @@ class PackedLinear:
         if m and len(self.slices) > 1:
             # on one torch thread shared with the helpers; with more (a heavy step), torch's
             # threads run each slice in turn
-            pool = self.helpers.handle if torch.get_num_threads() == 1 else None
+            pool = self.helpers.handle if threads == 1 else None
             self.helpers.sgemm_slices(
                 pool, self._compute_addr, m, n, k, rows.data_ptr(), self._slice_ptrs, self._slice_starts,
                 len(self.slices), out.data_ptr(),
@@ -206,5 +305,5 @@ def packed_linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Pac
         return None
     if weight.dim() != 2 or min(weight.shape) < 1:
         return None
-    lib = _library()
-    return None if lib is None else PackedLinear(lib, weight, bias)
+    chosen = gemm()
+    return None if chosen is None else PackedLinear(chosen, weight, bias)

@@ -1,5 +1,7 @@
 """Linears on packed weights (kernels/packed_gemm.py): F.linear's values to float32 rounding, a
-row's bits independent of the batch around it, and None wherever F.linear has to stay."""
+row's bits independent of the batch around it, and None wherever F.linear has to stay; each test
+on both GEMMs, MKL's and the native one (its AVX-512 kernel where the CPU has it, else its
+portable loop)."""
 
 from __future__ import annotations
 
@@ -7,15 +9,37 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pagedserve.kernels.packed_gemm import ENV_SWITCH, MIN_ROWS, PackedLinear, packed_linear
+from pagedserve.kernels import packed_gemm
+from pagedserve.kernels.packed_gemm import ENV_SWITCH, GEMM_ENV, PackedLinear, gemm, packed_linear
 
 # (out, in): square, wide, narrow, and an inner dimension that is no power of two
 SHAPES = [(64, 64), (176, 64), (16, 64), (64, 176), (96, 40)]
 
 
+@pytest.fixture(autouse=True, params=["mkl", "native"])
+def backend(request, monkeypatch):
+    """Each test on one GEMM, chosen as PAGEDSERVE_PACKED_GEMM chooses it, the process's choice
+    restored afterwards."""
+    monkeypatch.setenv(GEMM_ENV, request.param)
+    monkeypatch.delitem(packed_gemm._loaded, "gemm", raising=False)
+    chosen = gemm()
+    assert chosen is not None and chosen.name.startswith(request.param), "both GEMMs should load here"
+    yield chosen
+    packed_gemm._loaded.pop("gemm", None)
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread, as a decode step runs (the native GEMM leaves calls on more to F.linear)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _packed(weight: torch.Tensor, bias: torch.Tensor | None = None) -> PackedLinear:
     linear = packed_linear(weight, bias)
-    assert linear is not None, "MKL's packed GEMM should be found in this torch build"
+    assert linear is not None, "a packed GEMM should be found in this torch build"
     return linear
 
 
@@ -36,29 +60,30 @@ def test_matches_f_linear(shape, with_bias) -> None:
     assert linear(torch.empty(0, shape[1])).shape == (0, shape[0])
 
 
-def test_a_rows_bits_do_not_depend_on_its_batch() -> None:
+def test_a_rows_bits_do_not_depend_on_its_batch(one_thread) -> None:
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(176, 64, generator=gen)
     linear = _packed(weight, torch.randn(176, generator=gen))
     x = torch.randn(64, 64, generator=gen)
     full = linear(x)
-    for rows in (MIN_ROWS, 4, 5, 8, 16, 17, 32, 63):
+    min_rows = linear.gemm.min_rows
+    for rows in (min_rows, 3, 4, 5, 8, 16, 17, 32, 63):
         assert torch.equal(linear(x[:rows]), full[:rows]), f"{rows} rows"
         assert torch.equal(linear(x[-rows:]), full[-rows:]), f"the last {rows} rows"
-    for rows in range(1, MIN_ROWS):  # F.linear's own
+    for rows in range(1, min_rows):  # F.linear's own
         assert torch.equal(linear(x[:rows]), F.linear(x[:rows], linear.weight, linear.bias))
 
 
-def test_rows_padded_to_the_granule() -> None:
+def test_rows_padded_to_the_granule(one_thread) -> None:
     """Where the probe finds that a CPU keeps a row's bits only at some row multiple (4 on an AVX2
     EPYC), a call is padded with zero rows up to it; forced here, so every CPU runs that path."""
-    from pagedserve.kernels.packed_gemm import _library, row_granule
+    from pagedserve.kernels.packed_gemm import row_granule
 
-    assert row_granule(_library()) in (1, 2, 4, 8, 16)
+    assert row_granule(gemm()) in (1, 2, 4, 8, 16)
     gen = torch.Generator().manual_seed(1)
     weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
-    padded = PackedLinear(_library(), weight, bias, granule=4)
-    plain = PackedLinear(_library(), weight, bias, granule=1)
+    padded = PackedLinear(gemm(), weight, bias, granule=4)
+    plain = PackedLinear(gemm(), weight, bias, granule=1)
     x = torch.randn(2, 4, 40, generator=gen)
     for rows in (3, 5, 6, 7):
         got = padded(x.reshape(8, 40)[:rows])
@@ -124,3 +149,32 @@ def test_column_slices_shared_with_a_core_helper_give_the_same_bits() -> None:
         torch.set_num_threads(threads)
         cpu_native.stop_helpers()
     assert cpu_native.helpers() is None
+
+
+def test_a_single_core_gemm_leaves_calls_on_more_threads_to_f_linear(backend) -> None:
+    # The native GEMM runs on the calling core only; a call on two torch threads (a prefill step's
+    # --prefill-threads) is F.linear's, bit for bit. MKL's uses the threads itself.
+    gen = torch.Generator().manual_seed(5)
+    weight, x = torch.randn(96, 64, generator=gen), torch.randn(40, 64, generator=gen)
+    linear = _packed(weight)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = linear(x)
+    finally:
+        torch.set_num_threads(threads)
+    if backend.threaded:
+        torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, F.linear(x, weight))
+
+
+def test_by_default_the_faster_gemm_is_chosen_and_logged(monkeypatch, caplog) -> None:
+    monkeypatch.setenv(GEMM_ENV, "auto")
+    monkeypatch.delitem(packed_gemm._loaded, "gemm")
+    with caplog.at_level("INFO", logger=packed_gemm.__name__):
+        chosen = gemm()
+    assert chosen is not None and chosen.name in ("mkl", "native-avx512")
+    if packed_gemm._native().name == "native-avx512":  # both were timed
+        (line,) = [r.getMessage() for r in caplog.records if "32 rows x 1024 x 512" in r.getMessage()]
+        assert line.startswith(f"packed linears: {chosen.name}'s GEMM") and "MKL" in line, line
