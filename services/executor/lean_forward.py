@@ -91,12 +91,21 @@ def _linear(module: nn.Module, pack: bool) -> Linear:
 
 def _fused(modules: tuple[nn.Module, ...], pack: bool) -> PackedLinear | None:
     """One packed linear for modules that read the same input, their outputs side by side; None
-    where they do not pack (then each runs on its own)."""
+    where they do not pack (then each runs on its own). Packed, each module's weight becomes its
+    rows of the joined weight (the same values), so the join costs no second copy of them."""
     biases = [m.bias for m in modules]
     if not pack or (any(b is None for b in biases) and any(b is not None for b in biases)):
         return None
     bias = None if biases[0] is None else torch.cat([b.detach() for b in biases])
-    return packed_linear(torch.cat([m.weight.detach() for m in modules]), bias)
+    weight = torch.cat([m.weight.detach() for m in modules])
+    fused = packed_linear(weight, bias)
+    if fused is not None:
+        start = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight.data = weight[start : start + rows]
+            start += rows
+    return fused
 
 
 def _rms_norm_parts(module: nn.Module) -> tuple[torch.Tensor, float]:

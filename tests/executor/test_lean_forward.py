@@ -87,6 +87,10 @@ def test_packed_linears_match_transformers_to_rounding(family, tiny_model_dir, m
     layer = lean.layers[0]  # q, k, v in one packed weight, gate and up in another
     assert all(isinstance(f, PackedLinear) for f in (layer.qkv, layer.o, layer.gate_up, layer.down))
     assert layer.qkv.out_features == layer.q_width + 2 * layer.kv_width
+    # the model's own q and gate weights are rows of the joined ones, not a second copy
+    attn, mlp = runner.model.model.layers[0].self_attn, runner.model.model.layers[0].mlp
+    assert attn.q_proj.weight.data_ptr() == layer.qkv.weight.data_ptr()
+    assert mlp.gate_proj.weight.data_ptr() == layer.gate_up.weight.data_ptr()
     assert isinstance(lean.lm_head, PackedLinear)
     prompts = make_prompts((5, 17, 30), VOCAB, seed=3)
     (lean_logits, lean_pool), (hf_logits, hf_pool) = _lean_against_transformers(runner, lean, prompts)
