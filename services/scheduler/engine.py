@@ -289,7 +289,7 @@ class SchedulerEngine(ExecutorWatchMixin):
             await asyncio.sleep(0)  # the call is on its way before the planning below
         scheduled, call = self._in_flight
         self._in_flight = None
-        if sum(n for _, n in scheduled.seqs) >= LATE_PLAN_TOKENS:
+        if scheduled.step_input.total_num_scheduled_tokens >= LATE_PLAN_TOKENS:
             # planned once it returns (the next call), with the requests that came while it ran
             output = await self._receive(scheduled, call)
             if output is not None:
