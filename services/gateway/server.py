@@ -15,11 +15,9 @@ import contextlib
 import logging
 
 import grpc
-import h11
 import uvicorn
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from pagedserve.common import event_loop, internal_tls, structured
 from pagedserve.common.grpc_utils import GrpcServer, full_names, run_until_signal
@@ -34,56 +32,13 @@ from pagedserve.gateway.flags import add_arguments as add_arguments  # `pagedser
 from pagedserve.gateway.flags import config_from_args
 from pagedserve.gateway.grpc_service import GatewayServicer
 from pagedserve.gateway.http_api import build_app
+from pagedserve.gateway.http_protocol import http_protocol
 from pagedserve.gateway.local_detokenize import LocalDetokenizer
 from pagedserve.gateway.metrics import GatewayMetrics
 from pagedserve.gateway.routing import PoolRouter
 from pagedserve.v1 import gateway_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-
-def http_protocol(header_timeout: float) -> type[H11Protocol]:
-    """uvicorn's h11 protocol with a deadline on request headers, which uvicorn lacks: a
-    connection must send a request's whole headers within `header_timeout` seconds of opening
-    (or of its last response), else it is closed. Slow bodies are the app's (`read_json`)."""
-
-    class H11WithHeaderTimeout(H11Protocol):
-        header_deadline: asyncio.TimerHandle | None = None
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
-        def data_received(self, data: bytes) -> None:
-            super().data_received(data)
-            if self.conn.their_state is not h11.IDLE:  # the headers are in
-                self._disarm()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
-        def _arm(self) -> None:
-            self._disarm()
-            self.header_deadline = self.loop.call_later(header_timeout, self._expire)
-
-        def _disarm(self) -> None:
-            if self.header_deadline is not None:
-                self.header_deadline.cancel()
-                self.header_deadline = None
-
-        def _expire(self) -> None:
-            self.header_deadline = None
-            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
-                log.info("closing an HTTP connection that sent no complete headers in %ss", header_timeout)
-                self.transport.close()
-
-    return H11WithHeaderTimeout
 
 
 class _HttpServer(uvicorn.Server):

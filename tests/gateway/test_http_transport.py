@@ -14,6 +14,15 @@ from gateway_fakes import FakeScheduler, FakeTokenizer
 from gateway_harness import JSON, assert_error, raw_exchange, run, serving
 
 from pagedserve.gateway.config import RequestLimits
+from pagedserve.gateway.http_protocol import PARSER_ENV, http_protocol
+
+
+@pytest.fixture(autouse=True, params=["httptools", "h11"])
+def http_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs on both HTTP parsers the gateway can use."""
+    monkeypatch.setenv(PARSER_ENV, request.param)
+    return request.param
+
 
 # ---- bodies refused before they are read or parsed ----
 
@@ -127,6 +136,28 @@ def test_slow_or_missing_headers_are_cut_off_after_the_read_timeout() -> None:
                     await asyncio.sleep(0.4)
 
     run(scenario)
+
+
+def test_pipelined_requests_are_answered_in_order_then_the_idle_connection_closes(http_parser: str) -> None:
+    async def scenario() -> None:
+        async with serving(FakeScheduler(["ok"]), limits=RequestLimits(read_timeout=0.3)) as (url, _):
+            request = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+            started = time.monotonic()
+            reply = await raw_exchange(url, request * 3, wait=5.0)
+            took = time.monotonic() - started
+            assert reply.count(b"HTTP/1.1 200 OK\r\n") == 3, reply
+            assert 0.25 < took < 3.0, took  # closed by the header deadline once idle
+
+    run(scenario)
+
+
+def test_the_parser_is_named_by_the_environment(http_parser: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert http_protocol(1.0).__name__.lower().startswith(http_parser)
+    monkeypatch.setenv(PARSER_ENV, "picohttp")
+    with pytest.raises(
+        ValueError, match="PAGEDSERVE_HTTP_PARSER must be one of auto, httptools, h11, got 'picohttp'"
+    ):
+        http_protocol(1.0)
 
 
 # ---- JSON nesting, routes, unexpected errors ----
