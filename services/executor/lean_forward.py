@@ -187,9 +187,14 @@ class LeanForward:
             return "lean forward"
         mib = sum(f.out_features * f.in_features * 4 for f in packed) / 2**20
         sliced = sum(len(f.slices) > 1 for f in packed)
+        onednn = (
+            sum(f.out_features * f.in_features * 4 for f in packed if f.onednn_weight is not None) / 2**20
+        )
         return (
             f"lean forward, {len(packed)} linears on packed weights (about {mib:.0f} MiB beside the model's"
-            + (f"; {sliced} in column slices for the core helpers)" if sliced else ")")
+            + (f"; {sliced} in column slices for the core helpers" if sliced else "")
+            + (f"; {onednn:.0f} MiB more in oneDNN's layout for steps on several threads" if onednn else "")
+            + ")"
         )
 
     def __call__(

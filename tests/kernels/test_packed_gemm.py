@@ -151,22 +151,28 @@ def test_column_slices_shared_with_a_core_helper_give_the_same_bits() -> None:
     assert cpu_native.helpers() is None
 
 
-def test_a_single_core_gemm_leaves_calls_on_more_threads_to_f_linear(backend) -> None:
+@pytest.mark.parametrize("onednn", ["1", "0"])
+def test_a_single_core_gemm_leaves_calls_on_more_threads_to_onednn(backend, onednn, monkeypatch) -> None:
     # The native GEMM runs on the calling core only; a call on two torch threads (a prefill step's
-    # --prefill-threads) is F.linear's, bit for bit. MKL's uses the threads itself.
+    # --prefill-threads) goes to oneDNN's linear on its own copy of the weight, or with
+    # PAGEDSERVE_ONEDNN_LINEARS=0 to F.linear, bit for bit. MKL's uses the threads itself.
+    monkeypatch.setenv(packed_gemm.ONEDNN_SWITCH, onednn)
     gen = torch.Generator().manual_seed(5)
-    weight, x = torch.randn(96, 64, generator=gen), torch.randn(40, 64, generator=gen)
-    linear = _packed(weight)
+    weight, bias = torch.randn(96, 64, generator=gen), torch.randn(96, generator=gen)
+    x = torch.randn(3, 40, 64, generator=gen)
+    linear = _packed(weight, bias)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        got = linear(x)
+        got, empty = linear(x), linear(x[:, :0])
     finally:
         torch.set_num_threads(threads)
-    if backend.threaded:
-        torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert got.shape == (3, 40, 96) and empty.shape == (3, 0, 96)
+    assert (linear.onednn_weight is not None) == (onednn == "1" and not backend.threaded)
+    if linear.onednn_weight is None and not backend.threaded:
+        assert torch.equal(got, F.linear(x, weight, bias))
     else:
-        assert torch.equal(got, F.linear(x, weight))
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_by_default_the_faster_gemm_is_chosen_and_logged(monkeypatch, caplog) -> None:
