@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -49,16 +50,18 @@ class GrpcExecutorClient:
 
 
 class InProcessExecutorClient:
-    """An engine in this process (tests, single-process runs); the step runs in a worker thread."""
+    """An engine in this process (tests, single-process runs); steps run in one worker thread, in
+    the order they were sent (the scheduler may send a step while the one before it runs)."""
 
     def __init__(self, engine: ExecutorEngine) -> None:
         self.engine = engine
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="in-process-step")
 
     async def info(self) -> ExecutorInfo:
         return self.engine.info()
 
     async def execute_step(self, step: StepInput) -> StepOutput:
-        return await asyncio.to_thread(self.engine.execute_step, step)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self.engine.execute_step, step)
 
     async def close(self) -> None:
-        return None
+        self._thread.shutdown(wait=False)

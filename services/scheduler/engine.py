@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pagedserve.common.errors import FailedPrecondition, Fenced, InvalidArgument, Unavailable
 from pagedserve.common.params import SamplingParams
 from pagedserve.common.step import ExecutorClient, ExecutorInfo, StepOutput
+from pagedserve.common.switches import switched_on
 from pagedserve.scheduler.block_pool import BlockPool
 from pagedserve.scheduler.config import SchedulerLimits
 from pagedserve.scheduler.executor_watch import ExecutorWatchMixin, wait_for_info
@@ -37,8 +38,16 @@ from pagedserve.scheduler.swap import DEFAULT_SWAP_MIN_TOKENS
 # meanwhile should join the step after it, not the one after that: the next step is then planned
 # when it returns, not while it runs (`step_ahead`).
 LATE_PLAN_TOKENS = 128
+# PAGEDSERVE_SEND_EARLY=0: step k + 1 is sent only once step k has returned (see step_ahead).
+SEND_EARLY_SWITCH = "PAGEDSERVE_SEND_EARLY"
 
 log = logging.getLogger(__name__)
+
+
+def _discard(call: asyncio.Future) -> None:
+    """A step sent after one that failed: its result (or error) is of no use."""
+    if not call.cancelled():
+        call.exception()
 
 
 class SchedulerEngine(ExecutorWatchMixin):
@@ -68,6 +77,7 @@ class SchedulerEngine(ExecutorWatchMixin):
         self._started_at = time.monotonic()
         self.executor_down_since: float | None = None
         self.plan_ahead = True  # plan step k + 1 while step k runs (step_ahead)
+        self.send_early = switched_on(SEND_EARLY_SWITCH)  # ... and send it before k returns
         self._in_flight: tuple[ScheduledStep, asyncio.Future] | None = None
         self.control_seconds = 0.0  # scheduling time of the last step on its critical path
 
@@ -298,12 +308,17 @@ class SchedulerEngine(ExecutorWatchMixin):
             return True
         planned = self.scheduler.schedule()  # step k + 1, while step k runs
         await self.replicator.ship(self.scheduler)
+        early = None
+        if planned.step_input is not None and self.send_early:
+            early = self._send(planned)  # queued behind step k at the executor
         output = await self._receive(scheduled, call)
         if output is None:  # the pool was reset: the plan counted on step k
+            if early is not None:
+                early.add_done_callback(_discard)
             return True
         t0 = time.perf_counter()
         if planned.step_input is not None:
-            self._in_flight = (planned, self._send(planned))
+            self._in_flight = (planned, early or self._send(planned))
             await asyncio.sleep(0)  # on its way before step k's output is taken in
         self.control_seconds = time.perf_counter() - t0  # all that stands between two steps
         self.scheduler.update(scheduled, output)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 from array import array
 
@@ -61,6 +62,9 @@ class FakeExecutor:
         self.steps: list[StepInput] = []
         self.restart_before_step: int | None = None  # restart when this many steps have run
         self.step_delay = 0.0  # seconds each step takes (a model forward)
+        self._one_at_a_time = asyncio.Lock()
+        self.arrived: list[float] = []  # when each step call came (steps run in that order) ...
+        self.finished: list[float] = []  # ... and when it ended
         self.restart()
 
     def restart(self) -> None:
@@ -88,6 +92,16 @@ class FakeExecutor:
         )
 
     async def execute_step(self, step: StepInput) -> StepOutput:
+        # One step at a time, in the order they came, as the real executor runs them (the
+        # scheduler may send a step while the one before it still runs).
+        self.arrived.append(time.monotonic())
+        async with self._one_at_a_time:
+            try:
+                return await self._execute_step(step)
+            finally:
+                self.finished.append(time.monotonic())
+
+    async def _execute_step(self, step: StepInput) -> StepOutput:
         if self.restart_before_step is not None and len(self.steps) == self.restart_before_step:
             self.restart_before_step = None
             self.restart()

@@ -16,7 +16,7 @@ from pagedserve.common.errors import InvalidArgument, ResourceExhausted
 from pagedserve.common.outputs import FinishReason
 from pagedserve.common.params import SamplingParams
 from pagedserve.scheduler import hashing
-from pagedserve.scheduler.engine import LATE_PLAN_TOKENS, SchedulerEngine
+from pagedserve.scheduler.engine import SchedulerEngine
 from pagedserve.scheduler.request import choice_seed
 
 from .conftest import make_pool
@@ -271,7 +271,6 @@ def test_abort_frees_blocks(build):
         assert engine.scheduler.blocks.counts().num_used > 0
         assert engine.abort("a") and engine.abort("q")
         assert not engine.abort("nope")
-        from .helpers import drain
 
         out = await asyncio.wait_for(drain(stream), 10)
         qout = await asyncio.wait_for(drain(queued), 10)
@@ -331,36 +330,4 @@ def test_a_failed_replica_write_is_rewritten_whole(build, lost):
     assert engine.replicator.num_full_writes >= 1
     assert engine.scheduler.stats.executor_restarts == 0
     assert fake.requests == {}
-    assert_pool_clean(engine)
-
-
-@pytest.mark.parametrize("first_len", [LATE_PLAN_TOKENS, 8])
-def test_a_request_that_comes_during_a_long_step_joins_the_next(build, first_len):
-    """The next step is planned while one runs, except after a long step (a prefill of at least
-    LATE_PLAN_TOKENS): a request that comes while such a step runs is in the step right after it,
-    not in the one after that. A short step keeps planning ahead (the executor never waits)."""
-    engine, fake = build(num_blocks=256, block_size=4)
-    fake.step_delay = 0.05
-    first, second = prompts([first_len, 5])
-
-    async def go():
-        a = engine.submit("a", first, greedy(4))
-        engine.start()
-        try:
-            while not fake.steps:  # a's prefill is running
-                await asyncio.sleep(0.001)
-            b = engine.submit("b", second, greedy(4))
-            outs = await asyncio.wait_for(asyncio.gather(drain(a), drain(b)), 30)
-        finally:
-            await engine.stop()
-        await settle(engine)
-        return outs
-
-    out_a, out_b = asyncio.run(go())
-    assert out_a.tokens[0] == reference(first, 4, VOCAB) and out_b.tokens[0] == reference(second, 4, VOCAB)
-    joined = next(i for i, s in enumerate(fake.steps) if any(r.request_id == "b" for r in s.new_requests))
-    # after a long step, b is in step 1; after a short one, step 1 was planned before b came
-    assert joined == (1 if first_len >= LATE_PLAN_TOKENS else 2), [
-        s.total_num_scheduled_tokens for s in fake.steps
-    ]
     assert_pool_clean(engine)
