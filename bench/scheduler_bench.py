@@ -43,7 +43,7 @@ class NoOpExecutorClient:
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int = 8192, vocab_size: int = 32000,
                  step_seconds: float = 0.0):  # fmt: skip
         self.step_seconds = step_seconds  # a model forward's time, slept (the loop runs meanwhile)
-        self.step_starts: list[float] = []  # perf_counter when each step reached the executor
+        self.step_starts: list[float] = []  # perf_counter when each step started running
         self.step_ends: list[float] = []  # ... and when its output was ready
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -51,6 +51,7 @@ class NoOpExecutorClient:
         self.vocab_size = vocab_size
         self.epoch = uuid.uuid4().hex
         self.known: dict[str, list[int]] = {}  # request id -> [tokens known, tokens computed]
+        self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None  # per loop
 
     async def info(self) -> ExecutorInfo:
         return ExecutorInfo(
@@ -59,6 +60,15 @@ class NoOpExecutorClient:
         )  # fmt: skip
 
     async def execute_step(self, step: StepInput) -> StepOutput:
+        # One step at a time, in the order they came, as an executor runs them: the loop sends
+        # step k + 1 while step k runs, and k + 1 starts when k ends.
+        loop = asyncio.get_running_loop()
+        if self._one_at_a_time is None or self._one_at_a_time[0] is not loop:
+            self._one_at_a_time = (loop, asyncio.Lock())
+        async with self._one_at_a_time[1]:
+            return await self._execute_step(step)
+
+    async def _execute_step(self, step: StepInput) -> StepOutput:
         self.step_starts.append(time.perf_counter())
         if self.step_seconds:
             await asyncio.sleep(self.step_seconds)
@@ -190,7 +200,7 @@ async def exposed_control(pool: BlockPool, batch: int, *, steps: int, block_size
     executor.step_ends.clear()
     for _ in range(steps):
         await engine.step_ahead()
-    # From one step's output being ready to the next step reaching the executor. A step was in
+    # From one step's output being ready to the next step starting at the executor. A step was in
     # flight when the lists were cleared: the i-th end recorded is the step before the i-th start.
     n = min(len(executor.step_ends), len(executor.step_starts))
     ends, starts = executor.step_ends[:n], executor.step_starts[:n]

@@ -59,7 +59,7 @@ class LaunchedStack:
         cmd += list(c.extra_args)
         for name, port in self.ports.items():
             cmd += [f"--{name}-port", str(port)]
-        return cmd + list(c.extra_args)
+        return cmd
 
     def start(self) -> LaunchedStack:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}

@@ -31,11 +31,20 @@ PARSERS = ("auto", "httptools", "h11")
 
 
 class _HeaderDeadline:
-    """The deadline's timer, shared by both protocols: armed when a connection opens or its last
-    response ends, disarmed when a request's headers are complete."""
+    """The deadline's timer, shared by both protocols (listed before uvicorn's class, so these
+    methods wrap its own): armed when a connection opens or its last response ends, disarmed when
+    a request's headers are complete or the connection is gone."""
 
     header_timeout: float
     header_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
 
     def _arm(self) -> None:
         self._disarm()
@@ -58,10 +67,6 @@ class _HeaderDeadline:
 
 def _h11_protocol(header_timeout: float) -> type:
     class H11WithHeaderTimeout(_HeaderDeadline, H11Protocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             if self.conn.their_state is not h11.IDLE:  # the headers are in
@@ -72,10 +77,6 @@ def _h11_protocol(header_timeout: float) -> type:
             if not self.transport.is_closing():
                 self._arm()
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
-
         def _awaiting_headers(self) -> bool:
             return self.conn.their_state is h11.IDLE
 
@@ -85,10 +86,6 @@ def _h11_protocol(header_timeout: float) -> type:
 
 def _httptools_protocol(header_timeout: float) -> type:
     class HttpToolsWithHeaderTimeout(_HeaderDeadline, HttpToolsProtocol):
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._arm()
-
         def on_headers_complete(self) -> None:
             self._disarm()
             super().on_headers_complete()
@@ -99,10 +96,6 @@ def _httptools_protocol(header_timeout: float) -> type:
             super().on_response_complete()
             if not waiting and not self.transport.is_closing():
                 self._arm()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
 
     HttpToolsWithHeaderTimeout.header_timeout = header_timeout
     return HttpToolsWithHeaderTimeout

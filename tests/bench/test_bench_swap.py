@@ -18,4 +18,5 @@ def test_extra_flags_reach_pagedserve_up() -> None:
     command = LaunchedStack(config).command()
     assert command[command.index("--preemption-mode") + 1] == "swap"
     assert command[command.index("--swap-space") + 1] == "0.25"
+    assert command.count("--preemption-mode") == 1  # once, not repeated after the ports
     assert "--swap-space" not in LaunchedStack(StackConfig("m", 48)).command()

@@ -62,7 +62,7 @@ class FakeExecutor:
         self.steps: list[StepInput] = []
         self.restart_before_step: int | None = None  # restart when this many steps have run
         self.step_delay = 0.0  # seconds each step takes (a model forward)
-        self._one_at_a_time = asyncio.Lock()
+        self._one_at_a_time: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None  # per loop
         self.arrived: list[float] = []  # when each step call came (steps run in that order) ...
         self.finished: list[float] = []  # ... and when it ended
         self.restart()
@@ -95,7 +95,10 @@ class FakeExecutor:
         # One step at a time, in the order they came, as the real executor runs them (the
         # scheduler may send a step while the one before it still runs).
         self.arrived.append(time.monotonic())
-        async with self._one_at_a_time:
+        loop = asyncio.get_running_loop()
+        if self._one_at_a_time is None or self._one_at_a_time[0] is not loop:
+            self._one_at_a_time = (loop, asyncio.Lock())
+        async with self._one_at_a_time[1]:
             try:
                 return await self._execute_step(step)
             finally:

@@ -18,6 +18,23 @@ from .test_policy import VOCAB, greedy, prompts
 build = test_policy.build  # the fixture: (scheduler engine, fake executor) on each block pool
 
 
+def generate_and_check(engine, asks: list[list[int]], max_tokens: int) -> None:
+    """Runs the step loop on greedy requests for `asks` and checks every output."""
+
+    async def go():
+        streams = [engine.submit(f"r{i}", p, greedy(max_tokens)) for i, p in enumerate(asks)]
+        engine.start()
+        try:
+            outs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 30)
+        finally:
+            await engine.stop()
+        await settle(engine)
+        return outs
+
+    for out, p in zip(asyncio.run(go()), asks, strict=True):
+        assert out.tokens[0] == reference(p, max_tokens, VOCAB)
+
+
 @pytest.mark.parametrize("send_early", [True, False])
 def test_the_next_step_reaches_the_executor_before_the_last_one_ends(build, send_early, monkeypatch):
     """With the step after k sent while k runs, the executor never waits for the scheduler
@@ -27,20 +44,7 @@ def test_the_next_step_reaches_the_executor_before_the_last_one_ends(build, send
     engine, fake = build(num_blocks=256, block_size=4)
     fake.step_delay = 0.01
     asks = prompts([7, 12, 5])
-
-    async def go():
-        streams = [engine.submit(f"r{i}", p, greedy(12)) for i, p in enumerate(asks)]
-        engine.start()
-        try:
-            outs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 30)
-        finally:
-            await engine.stop()
-        await settle(engine)
-        return outs
-
-    outs = asyncio.run(go())
-    for out, p in zip(outs, asks, strict=True):
-        assert out.tokens[0] == reference(p, 12, VOCAB)
+    generate_and_check(engine, asks, 12)
     # the decode steps: each one after the first (the prefill) and before the last
     early = [fake.arrived[i + 1] < fake.finished[i] for i in range(1, len(fake.steps) - 2)]
     assert len(early) >= 8
@@ -56,20 +60,7 @@ def test_a_step_sent_after_one_that_failed_is_dropped(build, monkeypatch):
     fake.step_delay = 0.005
     fake.restart_before_step = 4  # a decode step, with the step after it already on its way
     asks = prompts([6, 9])
-
-    async def go():
-        streams = [engine.submit(f"r{i}", p, greedy(10)) for i, p in enumerate(asks)]
-        engine.start()
-        try:
-            outs = await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 30)
-        finally:
-            await engine.stop()
-        await settle(engine)
-        return outs
-
-    outs = asyncio.run(go())
-    for out, p in zip(outs, asks, strict=True):
-        assert out.tokens[0] == reference(p, 10, VOCAB)
+    generate_and_check(engine, asks, 10)
     assert fake.restart_before_step is None  # the restart happened
     assert len(fake.arrived) - len(fake.steps) == 2  # refused: step 4, and the one sent behind it
     assert any(s.new_requests and s.step_id > 4 for s in fake.steps)  # recomputed after it
