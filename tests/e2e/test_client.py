@@ -44,7 +44,7 @@ def test_sync_client_all_prompt_forms(stack: Stack) -> None:
 
 def test_timeout_raises_and_aborts(stack: Stack) -> None:
     with Client(stack.grpc_address, timeout=0.5) as client, pytest.raises(DeadlineExceeded):
-        client.generate("import ", max_tokens=300, ignore_eos=True)
+        client.generate("import ", max_tokens=370, n=16, ignore_eos=True)  # 2.5 s here, deadline 0.5 s
     _wait_idle_within(stack, 3.0)  # one step after the deadline; slack for a loaded 2-core machine
 
 

@@ -22,7 +22,7 @@ SYSTEM_PROMPT = "You are a careful assistant. Answer in short, plain sentences. 
 
 
 class Streams:
-    """Streaming completions held open in threads until `close()` (which aborts them)."""
+    """Streaming completions kept running in threads until `close()` (which aborts them)."""
 
     def __init__(self, base_url: str) -> None:
         self.base_url = base_url
@@ -38,11 +38,12 @@ class Streams:
             with httpx.Client(base_url=self.base_url, timeout=60.0) as http:
                 models = http.get("/v1/models").json()["data"]
                 body["model"] = models[0]["id"]
-                with http.stream("POST", "/v1/completions", json=body) as reply:
-                    for _ in reply.iter_lines():
-                        self.chunks += 1
-                        if self.stop.is_set():
-                            return  # leaving the block closes the connection: the gateway aborts
+                while not self.stop.is_set():  # a request that ends (about 1 s) is sent again
+                    with http.stream("POST", "/v1/completions", json=body) as reply:
+                        for _ in reply.iter_lines():
+                            self.chunks += 1
+                            if self.stop.is_set():
+                                return  # leaving the block closes the connection: the gateway aborts
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()

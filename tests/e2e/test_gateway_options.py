@@ -134,7 +134,9 @@ def test_sigterm_drains_then_ends_what_is_left_with_an_error(stack: Stack, tmp_p
 
     with gateway(stack, tmp_path, "--shutdown-timeout", "1") as (grpc_address, url, child):
         with httpx.Client(base_url=url, timeout=60) as http:
-            long = {"prompt": "def f():", "max_tokens": 370, "ignore_eos": True, "stream": True}
+            # 16 choices of 370 tokens took 2.5 s here (one choice alone: 0.9 s, under the deadline
+            # once decoding got faster), so this request is surely cut at the 1 s deadline.
+            long = {"prompt": "def f():", "max_tokens": 370, "n": 16, "ignore_eos": True, "stream": True}
             short = {"prompt": "def g():", "max_tokens": 4, "ignore_eos": True, "stream": True}
             with http.stream("POST", "/v1/completions", json=long) as running:
                 assert running.status_code == 200
