@@ -188,8 +188,9 @@ KEEP_ALLOCATIONS_BELOW = 1 << 30
 def keep_freed_memory() -> bool:
     """Makes glibc's malloc keep freed blocks for reuse instead of handing large ones back to
     the kernel; whether it could (glibc only). A forward allocates activations of several MB per
-    op; by default each is a fresh mmap, page-faulted in as it is first written and unmapped at
-    free, so a prefill step spends a large share of its elementwise ops taking page faults (the
+    op; by default many are fresh mmaps, page-faulted in as they are first written and unmapped at
+    free (glibc raises its mmap threshold as large blocks are freed, so how many varies from step
+    to step), and a prefill step spends a large share of its elementwise ops taking page faults (the
     reason vLLM's CPU docs preload tcmalloc). Kept in the heap, the next step reuses the same pages:
     a 2,048-token prefill step ran 10-20% faster (docs/EXECUTOR_BENCH.md), bit for bit the same.
     The executor's resident memory stays at its peak instead of shrinking between steps."""
